@@ -1,0 +1,30 @@
+//! The `jobhost` command line. `main.rs` only parses and dispatches here.
+
+mod run_phase;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "jobhost",
+    version,
+    about = "A job platform whose phases are sandboxed WebAssembly components"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one phase of a plugin component locally and print its output,
+    /// logs and outcome. Exits non-zero when the phase fails.
+    RunPhase(run_phase::RunPhaseArgs),
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::RunPhase(args) => run_phase::run_phase(args).await,
+    }
+}

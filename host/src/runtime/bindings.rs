@@ -1,0 +1,10 @@
+//! Host-side bindings generated from `wit/plugin.wit`.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "plugin",
+    exports: { default: async },
+});
+
+pub(super) use exports::jobhost::plugin::phase;
+pub(super) use jobhost::plugin::host;

@@ -1,0 +1,77 @@
+//! Engine configuration and the epoch ticker.
+//!
+//! The pooling allocator is sized from one setting,
+//! [`RuntimeConfig::max_concurrent_runs`], so that a semaphore with that many
+//! permits is enough to guarantee instantiation never fails for lack of slots.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::RuntimeConfig;
+
+/// Core instances one plugin instance may need: the guest's own module plus
+/// the small adapter/shim modules that component tooling adds.
+const CORE_INSTANCES_PER_RUN: u32 = 16;
+/// Linear memories and tables per plugin instance (the guest's own, plus shims).
+const MEMORIES_PER_RUN: u32 = 2;
+const TABLES_PER_RUN: u32 = 4;
+/// Wasm stack per run. Deep recursion traps with a stack overflow here.
+const MAX_WASM_STACK: usize = 1 << 20;
+
+pub(super) fn new_engine(config: &RuntimeConfig) -> wasmtime::Result<Engine> {
+    let runs = config.max_concurrent_runs.max(1);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(runs)
+        .total_core_instances(runs * CORE_INSTANCES_PER_RUN)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_RUN)
+        .total_memories(runs * MEMORIES_PER_RUN)
+        .max_memories_per_component(MEMORIES_PER_RUN)
+        .total_tables(runs * TABLES_PER_RUN)
+        .max_tables_per_component(TABLES_PER_RUN)
+        .total_stacks(runs)
+        .max_memory_size(usize::try_from(config.memory_limit).unwrap_or(usize::MAX));
+
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&wasm)
+}
+
+/// Advances the engine's epoch every `tick` on a background thread, until
+/// dropped. Holds only a weak reference, so it never keeps an engine alive.
+pub(super) struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    pub(super) fn start(engine: &Engine, tick: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = engine.weak();
+        let stopped = stop.clone();
+        thread::Builder::new()
+            .name("jobhost-epoch".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    thread::sleep(tick);
+                    match engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .expect("spawning the epoch ticker thread");
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,112 @@
+//! The WebAssembly side of jobhost: one wasmtime [`Engine`] per process,
+//! plugins compiled once (with an on-disk cache of compiled artifacts) and
+//! pre-instantiated, and each phase run in a fresh [`wasmtime::Store`] that
+//! grants nothing but the contract, with a memory cap, bounded logs and an
+//! epoch deadline that enforces cancellation and timeouts even for guests
+//! that never yield.
+//!
+//! Only this module touches wasmtime configuration. The rest of jobhost sees
+//! [`Runtime::load`], [`Runtime::run`] and plain result types.
+
+mod bindings;
+mod cache;
+mod capture;
+mod engine;
+mod plugin;
+mod run;
+mod sandbox;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::Semaphore;
+use wasmtime::Engine;
+use wasmtime::component::Linker;
+
+pub use cache::CacheStats;
+pub use plugin::{LoadError, LoadedPlugin, PluginMetadata, content_hash};
+pub use run::{
+    LogEntry, LogLevel, PhaseFailure, PhaseLog, PhaseResult, PhaseRun, Progress, ProgressSink,
+    ResourceUsage,
+};
+pub use tokio_util::sync::CancellationToken;
+
+use sandbox::PhaseState;
+
+/// How the runtime sandboxes and bounds phase runs.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Phases that may run at once. The instance pool is sized from this, so
+    /// it is also the most instances that exist at any time.
+    pub max_concurrent_runs: u32,
+    /// Linear memory a single run may use, in bytes.
+    pub memory_limit: u64,
+    /// Period of the epoch ticker: the granularity of timeouts and forced
+    /// cancellation, and how often a busy guest yields to other tasks.
+    pub epoch_tick: Duration,
+    /// Bytes of `log()` messages kept per run; later lines are counted and dropped.
+    pub max_log_bytes: usize,
+    /// Bytes of stdout, and separately of stderr, kept per run.
+    pub max_captured_output: usize,
+    /// Where compiled artifacts are cached; `None` compiles on every load.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            max_concurrent_runs: 16,
+            memory_limit: 256 << 20,
+            epoch_tick: Duration::from_millis(10),
+            max_log_bytes: 64 << 10,
+            max_captured_output: 64 << 10,
+            cache_dir: None,
+        }
+    }
+}
+
+/// The process-wide WebAssembly runtime. Cheap to share behind an `Arc`.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<PhaseState>,
+    cache: cache::ArtifactCache,
+    /// One permit per instance slot in the pool: a run waits here rather
+    /// than fail instantiation when the pool is full.
+    slots: Arc<Semaphore>,
+    config: RuntimeConfig,
+    _ticker: engine::EpochTicker,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+        let engine = engine::new_engine(&config)
+            .map_err(anyhow::Error::from)
+            .context("configuring the wasmtime engine")?;
+        let linker = sandbox::linker(&engine)
+            .map_err(anyhow::Error::from)
+            .context("linking host imports")?;
+        let cache = cache::ArtifactCache::new(&engine, config.cache_dir.clone())
+            .context("opening the compiled-artifact cache")?;
+        let ticker = engine::EpochTicker::start(&engine, config.epoch_tick);
+        Ok(Runtime {
+            slots: Arc::new(Semaphore::new(config.max_concurrent_runs as usize)),
+            engine,
+            linker,
+            cache,
+            config,
+            _ticker: ticker,
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Counters of the compiled-artifact cache: how often a load compiled,
+    /// reused a cached artifact, or rejected a bad cache file.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+}

@@ -1,0 +1,178 @@
+//! Loading a plugin: validating the bytes, compiling (or reusing the cached
+//! artifact), checking the component against the contract, and keeping a
+//! pre-instantiated handle for fast runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::Runtime;
+use super::bindings::PluginPre;
+use super::run::sandboxed_store;
+use super::sandbox::{PhaseState, SandboxLimits};
+
+/// How long `describe()` may take when a plugin is loaded.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+const WASM_MAGIC: &[u8; 4] = b"\0asm";
+/// Bytes 4..8 of a binary: version 1, layer 0 for a core module.
+const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
+
+/// Why a plugin could not be loaded. Nothing is registered on error.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("not a WebAssembly binary: it does not start with the `\\0asm` header")]
+    NotWasm,
+    #[error(
+        "this is a core WebAssembly module, not a component: build for the \
+         wasm32-wasip2 target (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    #[error("the component imports something jobhost does not provide: {0}")]
+    UnsupportedImports(String),
+    #[error(
+        "the component does not implement the `jobhost:plugin/plugin` world \
+         (export `jobhost:plugin/phase@0.1.0`): {0}"
+    )]
+    NotAPlugin(String),
+    #[error("the component's `describe` function failed: {0}")]
+    Describe(String),
+}
+
+/// What a plugin says about itself through `describe()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginMetadata {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+}
+
+/// A plugin compiled, checked against the contract, and ready to run.
+pub struct LoadedPlugin {
+    pub metadata: PluginMetadata,
+    /// SHA-256 of the component bytes, hex.
+    pub content_hash: String,
+    /// Size of the component in bytes.
+    pub size: usize,
+    pub(super) pre: PluginPre<PhaseState>,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("metadata", &self.metadata)
+            .field("content_hash", &self.content_hash)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SHA-256 of `bytes`, hex: how plugins and their cached artifacts are keyed.
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl Runtime {
+    /// Validates and compiles `wasm` (or reuses its cached artifact), checks it
+    /// implements the plugin world, and asks it to describe itself.
+    pub async fn load(&self, wasm: &[u8]) -> Result<Arc<LoadedPlugin>, LoadError> {
+        check_header(wasm)?;
+        let hash = content_hash(wasm);
+        let component = {
+            let (cache, engine, wasm, hash) = (
+                self.cache.clone(),
+                self.engine.clone(),
+                wasm.to_vec(),
+                hash.clone(),
+            );
+            tokio::task::spawn_blocking(move || cache.load_or_compile(&engine, &wasm, &hash))
+                .await
+                .map_err(|e| LoadError::Invalid(format!("compilation did not finish: {e}")))?
+                .map_err(|e| LoadError::Invalid(format!("{e:#}")))?
+        };
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::UnsupportedImports(format!("{e:#}")))?;
+        let pre =
+            PluginPre::new(instance_pre).map_err(|e| LoadError::NotAPlugin(format!("{e:#}")))?;
+        let metadata = self.describe(&pre).await?;
+        Ok(Arc::new(LoadedPlugin {
+            metadata,
+            content_hash: hash,
+            size: wasm.len(),
+            pre,
+        }))
+    }
+
+    async fn describe(&self, pre: &PluginPre<PhaseState>) -> Result<PluginMetadata, LoadError> {
+        let limits = SandboxLimits {
+            memory: self.config.memory_limit,
+            log_bytes: 0,
+            captured_output: 0,
+        };
+        let deadline = std::time::Instant::now() + DESCRIBE_TIMEOUT;
+        let state = PhaseState::new(
+            "(loading)",
+            &limits,
+            CancellationToken::new(),
+            deadline,
+            None,
+        );
+        let mut store = sandboxed_store(self, state);
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .expect("instance slots are never closed");
+        let described = async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance
+                .jobhost_plugin_phase()
+                .call_describe(&mut store)
+                .await
+        };
+        let metadata = described
+            .await
+            .map_err(|e| LoadError::Describe(format!("{e:#}")))?;
+        Ok(PluginMetadata {
+            name: metadata.name,
+            version: metadata.version,
+            description: metadata.description,
+        })
+    }
+}
+
+fn check_header(wasm: &[u8]) -> Result<(), LoadError> {
+    if wasm.len() < 8 || &wasm[..4] != WASM_MAGIC {
+        return Err(LoadError::NotWasm);
+    }
+    if wasm[4..8] == CORE_MODULE_VERSION {
+        return Err(LoadError::CoreModule);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_tells_wasm_core_modules_and_components_apart() {
+        assert!(matches!(
+            check_header(b"hello world"),
+            Err(LoadError::NotWasm)
+        ));
+        assert!(matches!(check_header(b"\0asm"), Err(LoadError::NotWasm)));
+        assert!(matches!(
+            check_header(b"\0asm\x01\0\0\0"),
+            Err(LoadError::CoreModule)
+        ));
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+}

@@ -1,0 +1,153 @@
+//! The Rust SDK for jobhost phase plugins.
+//!
+//! It wraps the bindings that `wit-bindgen` generates from `wit/plugin.wit`
+//! behind a tiny API: implement [`Phase`] for a type, then call
+//! [`export_phase!`] on it. Name, version and description come from the
+//! plugin's `Cargo.toml`.
+//!
+//! ```ignore
+//! use jobhost_plugin::{export_phase, Context, Input, Phase, PhaseError, Value};
+//!
+//! struct Shout;
+//!
+//! impl Phase for Shout {
+//!     fn run(_ctx: &Context, input: &Input) -> Result<Value, PhaseError> {
+//!         let text: String = input.payload()?;
+//!         Ok(Value::String(text.to_uppercase()))
+//!     }
+//! }
+//!
+//! export_phase!(Shout);
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2`; the
+//! `.wasm` file under `target/wasm32-wasip2/release/` is the component to
+//! upload.
+
+use serde::de::DeserializeOwned;
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_plugin",
+        default_bindings_module: "jobhost_plugin::bindings",
+    });
+}
+
+pub use bindings::exports::jobhost::plugin::phase::{
+    Context, Error as PhaseError, Input, Metadata,
+};
+pub use bindings::jobhost::plugin::host::Level;
+pub use serde_json::{Value, json};
+
+/// A phase handler. The host calls [`Phase::run`] once per attempt, each
+/// time in a fresh sandbox: nothing survives between runs.
+pub trait Phase {
+    /// Does the work. Return the output (any JSON value), or
+    /// [`PhaseError::Retry`] for a transient failure the host should retry,
+    /// or [`PhaseError::Fail`] to fail the job at once.
+    fn run(ctx: &Context, input: &Input) -> Result<Value, PhaseError>;
+}
+
+impl PhaseError {
+    /// A failure worth retrying later (a busy dependency, a timeout).
+    pub fn retry(message: impl Into<String>) -> Self {
+        PhaseError::Retry(message.into())
+    }
+
+    /// A permanent failure: bad input or configuration.
+    pub fn fail(message: impl Into<String>) -> Self {
+        PhaseError::Fail(message.into())
+    }
+}
+
+impl Context {
+    /// This phase's configuration, decoded. An invalid configuration is a
+    /// permanent failure.
+    pub fn config<T: DeserializeOwned>(&self) -> Result<T, PhaseError> {
+        decode("config", &self.config)
+    }
+}
+
+impl Input {
+    /// The job's payload, decoded. An invalid payload is a permanent failure.
+    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, PhaseError> {
+        decode("payload", &self.payload)
+    }
+
+    /// The output of the phase just before this one, decoded: what a phase in
+    /// a pipeline usually works on.
+    pub fn previous_output<T: DeserializeOwned>(&self) -> Result<T, PhaseError> {
+        let (name, output) = self
+            .previous
+            .last()
+            .ok_or_else(|| PhaseError::fail("this phase needs an earlier phase's output"))?;
+        decode(&format!("output of phase `{name}`"), output)
+    }
+
+    /// The output of the earlier phase called `phase`, decoded.
+    pub fn output_of<T: DeserializeOwned>(&self, phase: &str) -> Result<T, PhaseError> {
+        let (_, output) = self
+            .previous
+            .iter()
+            .find(|(name, _)| name == phase)
+            .ok_or_else(|| PhaseError::fail(format!("no earlier phase is named `{phase}`")))?;
+        decode(&format!("output of phase `{phase}`"), output)
+    }
+}
+
+fn decode<T: DeserializeOwned>(what: &str, json: &str) -> Result<T, PhaseError> {
+    serde_json::from_str(json).map_err(|e| PhaseError::fail(format!("invalid {what}: {e}")))
+}
+
+/// Appends a line to this run's log (bounded by the host).
+pub fn log(level: Level, message: &str) {
+    bindings::jobhost::plugin::host::log(level, message);
+}
+
+/// Reports progress, 0 to 100, with a short note. Cheap: the host
+/// rate-limits what watchers see.
+pub fn progress(percent: u8, note: &str) {
+    bindings::jobhost::plugin::host::progress(percent, note);
+}
+
+/// True once the host asks this run to stop. Poll it in long loops.
+pub fn cancelled() -> bool {
+    bindings::jobhost::plugin::host::cancelled()
+}
+
+/// Serializes a phase's output. Plugin outputs are JSON values, so this
+/// cannot fail for them; it is public for the export macro only.
+#[doc(hidden)]
+pub fn __encode_output(value: Result<Value, PhaseError>) -> Result<String, PhaseError> {
+    value.map(|v| v.to_string())
+}
+
+/// Exports a [`Phase`] implementation as this component's `phase` interface,
+/// with metadata from the crate's `Cargo.toml` (name, version, description).
+#[macro_export]
+macro_rules! export_phase {
+    ($phase:ident) => {
+        impl $crate::bindings::exports::jobhost::plugin::phase::Guest for $phase {
+            fn describe() -> $crate::Metadata {
+                $crate::Metadata {
+                    name: env!("CARGO_PKG_NAME").into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    description: env!("CARGO_PKG_DESCRIPTION").into(),
+                }
+            }
+
+            fn run(
+                ctx: $crate::Context,
+                input: $crate::Input,
+            ) -> Result<String, $crate::PhaseError> {
+                $crate::__encode_output(<$phase as $crate::Phase>::run(&ctx, &input))
+            }
+        }
+
+        $crate::bindings::__export_plugin!($phase with_types_in $crate::bindings);
+    };
+}
