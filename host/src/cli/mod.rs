@@ -20,11 +20,14 @@ pub enum Command {
     /// Run one phase of a plugin component locally and print its output,
     /// logs and outcome. Exits non-zero when the phase fails.
     RunPhase(run_phase::RunPhaseArgs),
+    /// Run the benchmark scenarios and print their figures.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::RunPhase(args) => run_phase::run_phase(args).await,
+        Command::Bench(args) => crate::bench::bench(args).await,
     }
 }

@@ -8,6 +8,7 @@
 //! Only this module touches wasmtime configuration. The rest of jobhost sees
 //! [`Runtime::load`], [`Runtime::run`] and plain result types.
 
+mod baseline;
 mod bindings;
 mod cache;
 mod capture;
@@ -25,6 +26,7 @@ use tokio::sync::Semaphore;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
+pub use baseline::RawWasmtime;
 pub use cache::CacheStats;
 pub use plugin::{LoadError, LoadedPlugin, PluginMetadata, content_hash};
 pub use run::{

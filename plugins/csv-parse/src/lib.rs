@@ -89,7 +89,11 @@ fn typed(cell: &str) -> Value {
     if let Ok(int) = cell.parse::<i64>() {
         return json!(int);
     }
-    if let Some(number) = cell.parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+    if let Some(number) = cell
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+    {
         return Value::Number(number);
     }
     match cell {

@@ -1,0 +1,64 @@
+//! `jobhost bench`: benchmark scenarios that print figures (medians of
+//! repeated samples, and ratios against a baseline measured in the same run),
+//! never assert on time. Run with `./bench.sh` (a release build).
+
+mod runtime;
+mod stats;
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Directory holding the built plugin components.
+    #[arg(long, default_value = "plugins/target/wasm32-wasip2/release")]
+    pub plugins: PathBuf,
+    /// Scenarios to run (default: all).
+    #[arg(long, value_enum)]
+    pub only: Vec<Scenario>,
+    /// Samples per figure; the median is printed.
+    #[arg(long, default_value_t = 7)]
+    pub samples: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Instantiate + run a trivial phase, beside raw wasmtime.
+    PhaseOverhead,
+    /// A CPU-bound phase with and without epoch interruption.
+    EpochOverhead,
+    /// Time from cancel to return for a guest that never yields.
+    CancelLatency,
+    /// Loading a plugin: compiling, and reusing the cached artifact.
+    Load,
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
+    let all = [
+        Scenario::PhaseOverhead,
+        Scenario::EpochOverhead,
+        Scenario::CancelLatency,
+        Scenario::Load,
+    ];
+    let scenarios = if args.only.is_empty() {
+        all.to_vec()
+    } else {
+        args.only.clone()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "# jobhost bench: {cores} cores, {} samples per figure (medians)\n",
+        args.samples
+    );
+    for scenario in scenarios {
+        match scenario {
+            Scenario::PhaseOverhead => runtime::phase_overhead(&args).await?,
+            Scenario::EpochOverhead => runtime::epoch_overhead(&args).await?,
+            Scenario::CancelLatency => runtime::cancel_latency(&args).await?,
+            Scenario::Load => runtime::plugin_load(&args).await?,
+        }
+        println!();
+    }
+    Ok(0)
+}

@@ -1,0 +1,210 @@
+//! Runtime scenarios: phase overhead, epoch-interruption overhead,
+//! forced-cancel latency, and plugin load time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use super::BenchArgs;
+use super::stats::{median, micros, millis, percentile};
+use crate::runtime::{LoadedPlugin, PhaseRun, RawWasmtime, Runtime, RuntimeConfig};
+
+/// Runs per sample of the trivial-phase figures.
+const TRIVIAL_RUNS: usize = 400;
+/// Work for the CPU-bound phase: about 150 ms here.
+const BUSY_CONFIG: &str = r#"{"iterations": 100000000}"#;
+const CANCEL_SAMPLES: usize = 60;
+
+fn component(args: &BenchArgs, file: &str) -> anyhow::Result<Vec<u8>> {
+    let path = args.plugins.join(file);
+    std::fs::read(&path).with_context(|| {
+        format!(
+            "reading {} (build the plugins first: see ./bench.sh)",
+            path.display()
+        )
+    })
+}
+
+fn runtime(max_concurrent_runs: u32) -> anyhow::Result<Arc<Runtime>> {
+    Ok(Arc::new(Runtime::new(RuntimeConfig {
+        max_concurrent_runs,
+        ..RuntimeConfig::default()
+    })?))
+}
+
+async fn load_plugin(runtime: &Runtime, wasm: &[u8]) -> anyhow::Result<Arc<LoadedPlugin>> {
+    Ok(runtime.load(wasm).await?)
+}
+
+async fn jobhost_runs(runtime: &Runtime, plugin: &LoadedPlugin, runs: usize) -> anyhow::Result<()> {
+    for _ in 0..runs {
+        runtime
+            .run(plugin, PhaseRun::new("{}"))
+            .await
+            .outcome
+            .map_err(anyhow::Error::from)?;
+    }
+    Ok(())
+}
+
+async fn raw_runs(raw: &RawWasmtime, runs: usize) -> anyhow::Result<()> {
+    for _ in 0..runs {
+        raw.call("{}", "{}").await?;
+    }
+    Ok(())
+}
+
+pub async fn phase_overhead(args: &BenchArgs) -> anyhow::Result<()> {
+    let wasm = component(args, "echo.wasm")?;
+    let runtime = runtime(16)?;
+    let plugin = load_plugin(&runtime, &wasm).await?;
+    let raw = Arc::new(RawWasmtime::new(&wasm, false)?);
+    jobhost_runs(&runtime, &plugin, 50).await?;
+    raw_runs(&raw, 50).await?;
+
+    let (mut host_us, mut raw_us, mut host_rps, mut raw_rps) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..args.samples {
+        let t = Instant::now();
+        jobhost_runs(&runtime, &plugin, TRIVIAL_RUNS).await?;
+        host_us.push(micros(t.elapsed()) / TRIVIAL_RUNS as f64);
+        let t = Instant::now();
+        raw_runs(&raw, TRIVIAL_RUNS).await?;
+        raw_us.push(micros(t.elapsed()) / TRIVIAL_RUNS as f64);
+
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..2)
+            .map(|_| {
+                let (runtime, plugin) = (runtime.clone(), plugin.clone());
+                tokio::spawn(async move { jobhost_runs(&runtime, &plugin, TRIVIAL_RUNS).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        host_rps.push(2.0 * TRIVIAL_RUNS as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..2)
+            .map(|_| {
+                let raw = raw.clone();
+                tokio::spawn(async move { raw_runs(&raw, TRIVIAL_RUNS).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        raw_rps.push(2.0 * TRIVIAL_RUNS as f64 / t.elapsed().as_secs_f64());
+    }
+    let (h, r) = (median(&mut host_us), median(&mut raw_us));
+    let (hr, rr) = (median(&mut host_rps), median(&mut raw_rps));
+    println!("## Phase overhead: fresh store + instantiate + run of `echo`");
+    println!("| | jobhost | raw wasmtime | ratio |\n|---|---:|---:|---:|");
+    println!("| µs per run, 1 task | {h:.1} | {r:.1} | {:.2} |", h / r);
+    println!("| runs/s, 2 tasks | {hr:.0} | {rr:.0} | {:.2} |", hr / rr);
+    Ok(())
+}
+
+pub async fn epoch_overhead(args: &BenchArgs) -> anyhow::Result<()> {
+    let wasm = component(args, "busy.wasm")?;
+    let runtime = runtime(2)?;
+    let plugin = load_plugin(&runtime, &wasm).await?;
+    let raw_off = RawWasmtime::new(&wasm, false)?;
+    let raw_on = RawWasmtime::new(&wasm, true)?;
+    let (mut off, mut on, mut host) = (vec![], vec![], vec![]);
+    for _ in 0..args.samples {
+        let t = Instant::now();
+        raw_off.call(BUSY_CONFIG, "{}").await?;
+        off.push(millis(t.elapsed()));
+        let t = Instant::now();
+        raw_on.call(BUSY_CONFIG, "{}").await?;
+        on.push(millis(t.elapsed()));
+        let mut run = PhaseRun::new("{}");
+        run.config = BUSY_CONFIG.into();
+        let t = Instant::now();
+        runtime
+            .run(&plugin, run)
+            .await
+            .outcome
+            .map_err(anyhow::Error::from)?;
+        host.push(millis(t.elapsed()));
+    }
+    let (off, on, host) = (median(&mut off), median(&mut on), median(&mut host));
+    println!("## Epoch interruption on a CPU-bound phase (`busy`, {BUSY_CONFIG})");
+    println!("| | ms | ratio to raw, interruption off |\n|---|---:|---:|");
+    println!("| raw wasmtime, interruption off | {off:.1} | 1.00 |");
+    println!(
+        "| raw wasmtime, interruption on (10 ms ticks, yield) | {on:.1} | {:.3} |",
+        on / off
+    );
+    println!(
+        "| jobhost (interruption, limits, capture) | {host:.1} | {:.3} |",
+        host / off
+    );
+    Ok(())
+}
+
+pub async fn cancel_latency(args: &BenchArgs) -> anyhow::Result<()> {
+    let wasm = component(args, "spin.wasm")?;
+    let runtime = runtime(2)?;
+    let plugin = load_plugin(&runtime, &wasm).await?;
+    let tick = runtime.config().epoch_tick;
+    let mut latencies = Vec::with_capacity(CANCEL_SAMPLES);
+    for i in 0..CANCEL_SAMPLES {
+        let run = PhaseRun::new("{}");
+        let cancel = run.cancel.clone();
+        let (runtime, plugin) = (runtime.clone(), plugin.clone());
+        let task = tokio::spawn(async move { runtime.run(&plugin, run).await });
+        // Cancel at varying points within a tick, after the guest is spinning.
+        tokio::time::sleep(Duration::from_millis(30) + tick.mul_f64((i % 10) as f64 / 10.0)).await;
+        let cancelled_at = Instant::now();
+        cancel.cancel();
+        let result = task.await?;
+        latencies.push(millis(cancelled_at.elapsed()));
+        anyhow::ensure!(result.outcome.is_err(), "spin returned");
+    }
+    let tick_ms = millis(tick);
+    println!(
+        "## Forced cancel of `spin` (never yields), {CANCEL_SAMPLES} samples, tick {tick_ms} ms"
+    );
+    println!("| | ms | ticks |\n|---|---:|---:|");
+    for (label, p) in [("p50", 50.0), ("p99", 99.0), ("max", 100.0)] {
+        let ms = percentile(&mut latencies, p);
+        println!("| {label} | {ms:.2} | {:.2} |", ms / tick_ms);
+    }
+    Ok(())
+}
+
+pub async fn plugin_load(args: &BenchArgs) -> anyhow::Result<()> {
+    let wasm = component(args, "csv_parse.wasm")?;
+    let cache = tempfile::tempdir()?;
+    let (mut compile, mut cached) = (vec![], vec![]);
+    for _ in 0..args.samples {
+        let runtime = Runtime::new(RuntimeConfig {
+            max_concurrent_runs: 1,
+            ..RuntimeConfig::default()
+        })?;
+        let t = Instant::now();
+        load_plugin(&runtime, &wasm).await?;
+        compile.push(millis(t.elapsed()));
+
+        let config = RuntimeConfig {
+            max_concurrent_runs: 1,
+            cache_dir: Some(cache.path().to_path_buf()),
+            ..RuntimeConfig::default()
+        };
+        let warm = Runtime::new(config)?;
+        let t = Instant::now();
+        load_plugin(&warm, &wasm).await?;
+        if warm.cache_stats().reused == 1 {
+            cached.push(millis(t.elapsed()));
+        }
+    }
+    println!(
+        "## Loading `csv-parse` ({} KB): validate, compile or reuse, pre-instantiate, describe()",
+        wasm.len() / 1000
+    );
+    println!("| | ms |\n|---|---:|");
+    println!("| compile (no cache) | {:.1} |", median(&mut compile));
+    println!("| cached artifact | {:.2} |", median(&mut cached));
+    Ok(())
+}
