@@ -3,8 +3,18 @@
 //!
 //! - [`runtime`] loads plugin components against the WIT contract in `wit/`
 //!   and runs one phase at a time in a fresh, capped sandbox.
+//! - [`plugins`] keeps versioned plugins: validated on upload, stored,
+//!   loaded once per version, hot-swapped by moving the active version.
+//! - [`queue`] runs multi-phase jobs from durable [`storage`] (SQLite),
+//!   with retries, cancellation, recovery, retention and shutdown.
+//! - [`events`] are the typed lifecycle events every state change emits.
 //! - [`cli`] is the `jobhost` command line; [`bench`] its benchmarks.
 
 pub mod bench;
 pub mod cli;
+pub mod events;
+pub mod plugins;
+pub mod queue;
 pub mod runtime;
+pub mod storage;
+pub mod time;

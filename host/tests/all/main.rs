@@ -2,6 +2,8 @@
 //! topic. Guest plugins come from `plugins/`, built by `plugin-artifacts`.
 
 mod cache;
+mod fixture;
+mod job_semantics;
 mod limits;
 mod pipeline;
 mod sandbox;

@@ -1,0 +1,241 @@
+//! The plugin registry: versioned plugins, validated against the contract on
+//! upload, stored durably, and loaded (compiled or from the artifact cache)
+//! once per process per version.
+//!
+//! Hot swap: jobs pin a version at enqueue, and a loaded version stays loaded
+//! while the active pointer moves, so a phase that started on v1 finishes on
+//! v1 and the next job enqueued runs v2.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+
+use crate::runtime::{LoadError, LoadedPlugin, PluginMetadata, Runtime, content_hash};
+use crate::storage::{
+    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginRecord, PutOutcome, Storage,
+    StorageError,
+};
+
+/// Longest plugin name or version accepted.
+const MAX_NAME_LEN: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error(
+        "invalid plugin {what} `{value}`: use 1-{MAX_NAME_LEN} letters, digits, `.`, `_`, `-` or `+`, starting with a letter or digit"
+    )]
+    InvalidName { what: &'static str, value: String },
+    #[error(transparent)]
+    Invalid(#[from] LoadError),
+    #[error(
+        "version {version} of plugin `{name}` already exists with different content (hash {existing_hash})"
+    )]
+    VersionConflict {
+        name: String,
+        version: String,
+        existing_hash: String,
+    },
+    #[error("plugin `{name}` has no version `{version}`")]
+    NotFound { name: String, version: String },
+    #[error("version {version} of plugin `{name}` is pinned by {jobs} unfinished job(s)")]
+    InUse {
+        name: String,
+        version: String,
+        jobs: u64,
+    },
+    #[error(
+        "version {version} is the active version of plugin `{name}`: activate another version first"
+    )]
+    Active { name: String, version: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uploaded {
+    /// Stored; `activated` when it is the plugin's first version.
+    Created {
+        activated: bool,
+        metadata: PluginMetadata,
+    },
+    /// The same bytes were already stored under this version.
+    Unchanged,
+}
+
+pub struct PluginRegistry {
+    runtime: Arc<Runtime>,
+    storage: Arc<Storage>,
+    loaded: Mutex<HashMap<(String, String), Arc<LoadedPlugin>>>,
+}
+
+fn check_name(what: &'static str, value: &str) -> Result<(), PluginError> {
+    let valid = !value.is_empty()
+        && value.len() <= MAX_NAME_LEN
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
+    if valid {
+        Ok(())
+    } else {
+        Err(PluginError::InvalidName {
+            what,
+            value: value.to_owned(),
+        })
+    }
+}
+
+impl PluginRegistry {
+    pub fn new(runtime: Arc<Runtime>, storage: Arc<Storage>) -> Self {
+        PluginRegistry {
+            runtime,
+            storage,
+            loaded: Mutex::default(),
+        }
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Validates `component` against the contract, then stores it as
+    /// `name`@`version`. Nothing is stored when validation fails.
+    pub async fn upload(
+        &self,
+        name: &str,
+        version: &str,
+        component: Vec<u8>,
+    ) -> Result<Uploaded, PluginError> {
+        check_name("name", name)?;
+        check_name("version", version)?;
+        let plugin = self.runtime.load(&component).await?;
+        let new = NewPluginVersion {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            content_hash: content_hash(&component),
+            description: plugin.metadata.description.clone(),
+            component,
+        };
+        match self.storage.put_plugin_version(new).await? {
+            PutOutcome::Created { activated } => {
+                let metadata = plugin.metadata.clone();
+                self.loaded
+                    .lock()
+                    .await
+                    .insert((name.to_owned(), version.to_owned()), plugin);
+                Ok(Uploaded::Created {
+                    activated,
+                    metadata,
+                })
+            }
+            PutOutcome::Unchanged => Ok(Uploaded::Unchanged),
+            PutOutcome::Conflict { existing_hash } => Err(PluginError::VersionConflict {
+                name: name.to_owned(),
+                version: version.to_owned(),
+                existing_hash,
+            }),
+        }
+    }
+
+    /// Makes `version` the one new jobs pin (hot swap, or rollback). Returns
+    /// the previously active version.
+    pub async fn activate(&self, name: &str, version: &str) -> Result<Option<String>, PluginError> {
+        match self.storage.activate_plugin_version(name, version).await? {
+            ActivateOutcome::Activated { previous } => Ok(previous),
+            ActivateOutcome::AlreadyActive => Ok(Some(version.to_owned())),
+            ActivateOutcome::NotFound => Err(self.not_found(name, version)),
+        }
+    }
+
+    pub async fn delete_version(&self, name: &str, version: &str) -> Result<(), PluginError> {
+        let (n, v) = (name.to_owned(), version.to_owned());
+        match self.storage.delete_plugin_version(name, version).await? {
+            DeleteVersionOutcome::Deleted => {
+                self.loaded.lock().await.remove(&(n, v));
+                Ok(())
+            }
+            DeleteVersionOutcome::NotFound => Err(self.not_found(name, version)),
+            DeleteVersionOutcome::InUse { jobs } => Err(PluginError::InUse {
+                name: n,
+                version: v,
+                jobs,
+            }),
+            DeleteVersionOutcome::Active => Err(PluginError::Active {
+                name: n,
+                version: v,
+            }),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<PluginRecord>, PluginError> {
+        Ok(self.storage.plugins().await?)
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<PluginRecord>, PluginError> {
+        Ok(self.storage.plugin(name).await?)
+    }
+
+    /// The loaded, ready-to-run version, loading it from storage (and the
+    /// artifact cache) the first time.
+    pub async fn load(&self, name: &str, version: &str) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let key = (name.to_owned(), version.to_owned());
+        if let Some(plugin) = self.loaded.lock().await.get(&key) {
+            return Ok(plugin.clone());
+        }
+        let component = self
+            .storage
+            .plugin_component(name, version)
+            .await?
+            .ok_or_else(|| self.not_found(name, version))?;
+        let plugin = self.runtime.load(&component).await?;
+        Ok(self
+            .loaded
+            .lock()
+            .await
+            .entry(key)
+            .or_insert(plugin)
+            .clone())
+    }
+
+    /// Loads every stored version, so the first job of each does not pay
+    /// for it (and so a start-up reports broken artifacts early).
+    pub async fn preload(&self) -> Result<usize, PluginError> {
+        let mut count = 0;
+        for plugin in self.list().await? {
+            for version in &plugin.versions {
+                self.load(&plugin.name, &version.version).await?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    fn not_found(&self, name: &str, version: &str) -> PluginError {
+        PluginError::NotFound {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_versions_are_checked() {
+        for good in [
+            "csv-parse",
+            "a",
+            "v1.2.0",
+            "1.0.0-rc.1+build.5",
+            "my_plugin",
+        ] {
+            assert!(check_name("name", good).is_ok(), "{good}");
+        }
+        for bad in ["", "-x", "a/b", "../etc", "x y", &"a".repeat(65)] {
+            assert!(check_name("name", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The dispatcher (claims due jobs and starts a worker for each) and the
+//! retention sweep.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{QueueError, Shared, worker};
+use crate::time::now_ms;
+
+/// Pause after a storage error before claiming again.
+const ERROR_BACKOFF: Duration = Duration::from_secs(1);
+/// Jobs deleted per retention transaction.
+const PURGE_BATCH: usize = 500;
+
+/// Claims due jobs while there are free slots, then sleeps until woken (a
+/// job was enqueued or retried, a worker finished, the queue resumed) or
+/// until the earliest scheduled job is due.
+pub(super) async fn dispatch(shared: Arc<Shared>) {
+    loop {
+        let free = if shared.paused.load(Ordering::SeqCst) {
+            0
+        } else {
+            shared
+                .config
+                .concurrency
+                .saturating_sub(shared.running.lock().await.len())
+        };
+        let mut wait_for_due = free > 0;
+        if free > 0 {
+            match claim(&shared, free).await {
+                Ok(claimed) if claimed == free => wait_for_due = false,
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::error!(%error, "claiming jobs failed");
+                    tokio::time::sleep(ERROR_BACKOFF).await;
+                    continue;
+                }
+            }
+        }
+        let next_due = if wait_for_due {
+            shared.storage.next_due_at().await.ok().flatten()
+        } else {
+            None
+        };
+        let timer = async {
+            match next_due {
+                Some(at) => {
+                    let wait = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
+                    tokio::time::sleep(wait).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shared.wake.notified() => {}
+            () = timer => {}
+            () = shared.draining.cancelled() => return,
+        }
+    }
+}
+
+/// Claims up to `limit` due jobs and spawns their workers; returns how many.
+async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, QueueError> {
+    let mut running = shared.running.lock().await;
+    let jobs = shared.storage.claim_due_jobs(now_ms(), limit).await?;
+    let claimed = jobs.len();
+    for job in jobs {
+        let cancel = shared.force.child_token();
+        running.insert(job.id.clone(), cancel.clone());
+        let shared = shared.clone();
+        shared.workers.clone().spawn(async move {
+            let id = job.id.clone();
+            worker::run_job(&shared, job, cancel).await;
+            shared.running.lock().await.remove(&id);
+            shared.wake.notify_one();
+            shared.worker_done.notify_waiters();
+        });
+    }
+    Ok(claimed)
+}
+
+/// Deletes finished jobs older than the retention age, periodically.
+pub(super) async fn retention(shared: Arc<Shared>) {
+    let Some(age) = shared.config.retention else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(shared.config.retention_interval);
+    loop {
+        ticker.tick().await;
+        let cutoff = now_ms() - age.as_millis() as i64;
+        match purge(&shared, cutoff).await {
+            Ok(ids) if !ids.is_empty() => tracing::info!(deleted = ids.len(), "retention sweep"),
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "retention sweep failed"),
+        }
+    }
+}
+
+pub(super) async fn purge(shared: &Shared, cutoff: i64) -> Result<Vec<String>, QueueError> {
+    let mut deleted = Vec::new();
+    loop {
+        let batch = shared
+            .storage
+            .delete_finished_before(cutoff, PURGE_BATCH, now_ms())
+            .await?;
+        let done = batch.len() < PURGE_BATCH;
+        deleted.extend(batch);
+        if done {
+            return Ok(deleted);
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! The durable job queue: enqueue, a dispatcher that claims due jobs up to
+//! the concurrency limit (waking on a timer at the earliest `run_at`, never
+//! polling), workers that run each job's phases in order, retries with
+//! backoff, cancellation, recovery after a crash, retention, pause/resume
+//! and graceful shutdown.
+//!
+//! The worker decides each outcome; storage only records it, guarded by the
+//! state it expects (see `storage::jobs`).
+
+mod dispatch;
+mod enqueue;
+mod job;
+mod retry;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use job::{AttemptError, Job, JobSpec, JobStatus, Phase, PhaseSpec, PhaseStatus, WebhookSpec};
+pub use retry::BackoffPolicy;
+
+use crate::plugins::PluginRegistry;
+use crate::storage::{
+    CancelOutcome, CreateOutcome, DeleteOutcome, Recovered, RetryOutcome, Storage, StorageError,
+};
+use crate::time::now_ms;
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Jobs run at once.
+    pub concurrency: usize,
+    pub default_phase_timeout: Duration,
+    /// Upper bound on any phase's `timeout_ms`.
+    pub max_phase_timeout: Duration,
+    pub default_max_attempts: u32,
+    pub max_phases: usize,
+    pub max_payload_bytes: usize,
+    /// Terminal jobs older than this are deleted; `None` keeps them.
+    pub retention: Option<Duration>,
+    /// How often the retention sweep runs.
+    pub retention_interval: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            concurrency: 8,
+            default_phase_timeout: Duration::from_secs(60),
+            max_phase_timeout: Duration::from_secs(3600),
+            default_max_attempts: 3,
+            max_phases: 32,
+            max_payload_bytes: 1 << 20,
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            retention_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+    #[error("unknown plugin: {0}")]
+    UnknownPlugin(String),
+    #[error("no job with id `{0}`")]
+    NotFound(String),
+    #[error("job is {0:?}: {1}")]
+    Conflict(JobStatus, &'static str),
+    #[error("the queue is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The result of an enqueue: the job, and whether this call created it
+/// (false when an idempotency key matched an earlier job).
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub job: Job,
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancelled {
+    /// The job was pending: it is cancelled now.
+    Done,
+    /// The job is running: its phase is being stopped, and the job will be
+    /// cancelled when it has stopped (`job:cancelled` follows).
+    Stopping,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShutdownReport {
+    /// Jobs whose phases were still running at the timeout and were stopped by force.
+    pub forced: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("shutdown timed out: {} job(s) were stopped by force", .report.forced.len())]
+pub struct ShutdownTimedOut {
+    pub report: ShutdownReport,
+}
+
+pub(crate) struct Shared {
+    storage: Arc<Storage>,
+    plugins: Arc<PluginRegistry>,
+    config: QueueConfig,
+    /// Wakes the dispatcher: a job was enqueued, a worker finished, resume.
+    wake: Notify,
+    /// Notified (all waiters) whenever a worker finishes.
+    worker_done: Notify,
+    /// Cancellation token of each job this process is running. Claiming and
+    /// cancelling both hold this lock, so a cancel never misses a claim.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    paused: AtomicBool,
+    /// Stop claiming; workers hand jobs back between phases.
+    draining: CancellationToken,
+    /// Parent of every job's token: cancelled to stop running phases by force.
+    force: CancellationToken,
+    workers: TaskTracker,
+}
+
+pub struct Queue {
+    shared: Arc<Shared>,
+    background: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Queue {
+    /// Recovers jobs a crash left running, then starts the dispatcher and
+    /// the retention sweep. Returns the queue and what recovery did.
+    pub async fn start(
+        storage: Arc<Storage>,
+        plugins: Arc<PluginRegistry>,
+        config: QueueConfig,
+    ) -> Result<(Queue, Vec<Recovered>), QueueError> {
+        let recovered = storage.recover_running_jobs(now_ms()).await?;
+        for job in &recovered {
+            tracing::warn!(job = %job.job_id, phase = ?job.phase, attempt = job.attempt, requeued = job.requeued, "recovered a job interrupted by a crash");
+        }
+        let shared = Arc::new(Shared {
+            storage,
+            plugins,
+            config,
+            wake: Notify::new(),
+            worker_done: Notify::new(),
+            running: Mutex::default(),
+            paused: AtomicBool::new(false),
+            draining: CancellationToken::new(),
+            force: CancellationToken::new(),
+            workers: TaskTracker::new(),
+        });
+        let background = vec![
+            tokio::spawn(dispatch::dispatch(shared.clone())),
+            tokio::spawn(dispatch::retention(shared.clone())),
+        ];
+        Ok((
+            Queue {
+                shared,
+                background: std::sync::Mutex::new(background),
+            },
+            recovered,
+        ))
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.shared.storage
+    }
+
+    pub fn config(&self) -> &QueueConfig {
+        &self.shared.config
+    }
+
+    /// Validates and stores a job (acknowledged only after its commit).
+    pub async fn enqueue(&self, spec: JobSpec) -> Result<Enqueued, QueueError> {
+        if self.shared.draining.is_cancelled() {
+            return Err(QueueError::ShuttingDown);
+        }
+        let new = enqueue::new_job(spec, &self.shared.config, now_ms())
+            .map_err(QueueError::InvalidJob)?;
+        match self.shared.storage.create_job(new).await? {
+            CreateOutcome::Created(job) => {
+                self.shared.wake.notify_one();
+                Ok(Enqueued { job, created: true })
+            }
+            CreateOutcome::Existing(job) => Ok(Enqueued {
+                job,
+                created: false,
+            }),
+            CreateOutcome::UnknownPlugin(message) => Err(QueueError::UnknownPlugin(message)),
+        }
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Job, QueueError> {
+        self.shared
+            .storage
+            .job(id)
+            .await?
+            .ok_or_else(|| QueueError::NotFound(id.to_owned()))
+    }
+
+    /// Cancels a pending job at once, or stops a running one (cooperatively
+    /// through `cancelled()`, by force at the next epoch tick).
+    pub async fn cancel(&self, id: &str) -> Result<Cancelled, QueueError> {
+        let running = self.shared.running.lock().await;
+        if let Some(token) = running.get(id) {
+            token.cancel();
+            return Ok(Cancelled::Stopping);
+        }
+        match self.shared.storage.cancel_pending_job(id, now_ms()).await? {
+            CancelOutcome::Cancelled => Ok(Cancelled::Done),
+            CancelOutcome::NotFound => Err(QueueError::NotFound(id.to_owned())),
+            CancelOutcome::AlreadyFinished(status) => Err(QueueError::Conflict(
+                status,
+                "the job has already finished; nothing changed",
+            )),
+            CancelOutcome::Running => Err(QueueError::Conflict(
+                JobStatus::Running,
+                "the job is running on another host",
+            )),
+        }
+    }
+
+    /// Runs a failed or cancelled job again: from its first unfinished phase,
+    /// keeping completed outputs, or from the start.
+    pub async fn retry(&self, id: &str, from_start: bool) -> Result<Job, QueueError> {
+        match self
+            .shared
+            .storage
+            .retry_job(id, from_start, now_ms())
+            .await?
+        {
+            RetryOutcome::Retried(job) => {
+                self.shared.wake.notify_one();
+                Ok(*job)
+            }
+            RetryOutcome::NotRetryable(status) => Err(QueueError::Conflict(
+                status,
+                "only failed or cancelled jobs can be retried",
+            )),
+            RetryOutcome::NotFound => Err(QueueError::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Deletes a finished job and its phases.
+    pub async fn delete(&self, id: &str) -> Result<(), QueueError> {
+        match self.shared.storage.delete_job(id, now_ms()).await? {
+            DeleteOutcome::Deleted => Ok(()),
+            DeleteOutcome::NotTerminal(status) => Err(QueueError::Conflict(
+                status,
+                "cancel the job before deleting it",
+            )),
+            DeleteOutcome::NotFound => Err(QueueError::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Deletes every finished job that finished before `cutoff` (Unix ms);
+    /// returns their ids. For operators; the retention sweep does the same.
+    pub async fn purge_finished_before(&self, cutoff: i64) -> Result<Vec<String>, QueueError> {
+        dispatch::purge(&self.shared, cutoff).await
+    }
+
+    /// No new phases start while paused; running phases finish.
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.shared.paused.load(Ordering::SeqCst)
+    }
+
+    /// Jobs this process is running now.
+    pub async fn running(&self) -> usize {
+        self.shared.running.lock().await.len()
+    }
+
+    /// Waits until this process runs no job.
+    pub async fn wait_idle(&self) {
+        loop {
+            let done = self.shared.worker_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.shared.running.lock().await.is_empty() {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    /// Stops claiming work, lets running phases finish for up to `timeout`
+    /// (jobs are handed back between phases), then stops the rest by force
+    /// and requeues them. Storage is closed in every case; a timeout is
+    /// reported only after that cleanup.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<ShutdownReport, ShutdownTimedOut> {
+        let shared = &self.shared;
+        shared.draining.cancel();
+        shared.workers.close();
+        let background: Vec<_> = self.background.lock().unwrap().drain(..).collect();
+        for task in background {
+            task.abort();
+            let _ = task.await;
+        }
+        let mut forced = Vec::new();
+        if tokio::time::timeout(timeout, shared.workers.wait())
+            .await
+            .is_err()
+        {
+            forced = shared.running.lock().await.keys().cloned().collect();
+            tracing::warn!(
+                jobs = forced.len(),
+                "shutdown timeout: stopping running phases by force"
+            );
+            shared.force.cancel();
+            // Epoch interruption stops every guest within a tick; the workers
+            // then record the interruption.
+            shared.workers.wait().await;
+        }
+        shared.storage.close().await;
+        let report = ShutdownReport { forced };
+        if report.forced.is_empty() {
+            Ok(report)
+        } else {
+            Err(ShutdownTimedOut { report })
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Running one claimed job: its unfinished phases in order, each output
+//! stored as soon as its phase completes. The worker decides every outcome;
+//! storage records it only if the job is still running.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Job, Shared};
+use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, Progress};
+use crate::storage::AfterFailure;
+use crate::time::now_ms;
+
+/// Why a job stopped before its next phase.
+enum Stop {
+    /// A user cancelled it.
+    Cancelled,
+    /// Shutdown or pause: hand it back to the queue.
+    HandBack,
+}
+
+pub(super) async fn run_job(shared: &Arc<Shared>, job: Job, cancel: CancellationToken) {
+    if let Err(error) = run_phases(shared, job, &cancel).await {
+        // Storage failed under us: the job stays `running` in the database,
+        // and recovery at the next start-up requeues it.
+        tracing::error!(%error, "worker could not record a job transition");
+    }
+}
+
+fn stop_reason(shared: &Shared, cancel: &CancellationToken) -> Option<Stop> {
+    if cancel.is_cancelled() && !shared.force.is_cancelled() {
+        Some(Stop::Cancelled)
+    } else if shared.draining.is_cancelled() || shared.paused.load(Ordering::SeqCst) {
+        Some(Stop::HandBack)
+    } else {
+        None
+    }
+}
+
+async fn run_phases(
+    shared: &Arc<Shared>,
+    mut job: Job,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let storage = &shared.storage;
+    let first = job.next_phase().map_or(job.phases.len(), |p| p.index);
+    for index in first..job.phases.len() {
+        // The first phase of a claim always starts: the job was just claimed
+        // for it. Later ones check whether to stop in between.
+        if index > first || cancel.is_cancelled() {
+            match stop_reason(shared, cancel) {
+                Some(Stop::Cancelled) => {
+                    storage.cancel_running_job(&job.id, now_ms()).await?;
+                    return Ok(());
+                }
+                Some(Stop::HandBack) => {
+                    storage.release_job(&job.id, now_ms()).await?;
+                    return Ok(());
+                }
+                None => {}
+            }
+        }
+        let Some(attempt) = storage.start_phase(&job.id, index, now_ms()).await? else {
+            return Ok(()); // moved on underneath us
+        };
+        let result = run_phase(shared, &job, index, attempt, cancel).await;
+        match result.outcome {
+            Ok(output) => {
+                let value = serde_json::from_str(&output)?;
+                if !storage
+                    .complete_phase(&job.id, index, output, result.usage, now_ms())
+                    .await?
+                {
+                    return Ok(());
+                }
+                job.phases[index].output = Some(value);
+            }
+            Err(failure) => {
+                record_failure(shared, &job, index, failure, Some(result.usage), cancel).await?;
+                return Ok(());
+            }
+        }
+    }
+    storage.complete_job(&job.id, now_ms()).await?;
+    Ok(())
+}
+
+async fn run_phase(
+    shared: &Arc<Shared>,
+    job: &Job,
+    index: usize,
+    attempt: u32,
+    cancel: &CancellationToken,
+) -> PhaseResult {
+    let phase = &job.phases[index];
+    let plugin = match shared.plugins.load(&phase.plugin, &phase.version).await {
+        Ok(plugin) => plugin,
+        Err(error) => {
+            return PhaseResult {
+                outcome: Err(PhaseFailure::Fail(format!("cannot load plugin: {error}"))),
+                log: Default::default(),
+                usage: Default::default(),
+                last_progress: None,
+            };
+        }
+    };
+    // Progress goes to storage (and so to the bus) from a task of its own, so
+    // a slow write never slows the guest; the task is awaited before the
+    // phase's outcome is recorded, so its events come first.
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+    let forward = {
+        let (storage, job_id, name) = (shared.storage.clone(), job.id.clone(), phase.name.clone());
+        tokio::spawn(async move {
+            while let Some(p) = progress_rx.recv().await {
+                if let Err(error) = storage
+                    .phase_progress(&job_id, &name, p.percent, &p.note)
+                    .await
+                {
+                    tracing::warn!(%error, "could not record progress");
+                }
+            }
+        })
+    };
+    let run = PhaseRun {
+        job_id: job.id.clone(),
+        phase: phase.name.clone(),
+        attempt,
+        config: phase.config.to_string(),
+        payload: job.payload.to_string(),
+        previous: job.outputs_before(index),
+        timeout: Duration::from_millis(phase.timeout_ms),
+        cancel: cancel.clone(),
+        progress: Some(Arc::new(move |p| {
+            let _ = progress_tx.send(p);
+        })),
+    };
+    let result = shared.plugins.runtime().run(&plugin, run).await;
+    let _ = forward.await;
+    result
+}
+
+async fn record_failure(
+    shared: &Shared,
+    job: &Job,
+    index: usize,
+    failure: PhaseFailure,
+    usage: Option<crate::runtime::ResourceUsage>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let storage = &shared.storage;
+    let now = now_ms();
+    let by_shutdown = failure == PhaseFailure::Cancelled && shared.force.is_cancelled();
+    if failure == PhaseFailure::Cancelled && !by_shutdown && cancel.is_cancelled() {
+        storage.cancel_running_job(&job.id, now).await?;
+        return Ok(());
+    }
+    let message = if by_shutdown {
+        "interrupted by shutdown".to_owned()
+    } else {
+        failure.to_string()
+    };
+    let after = if (failure.is_retryable() || by_shutdown) && job.attempt < job.max_attempts {
+        let delay = job.backoff.delay(job.attempt, fastrand::f64());
+        AfterFailure::Retry {
+            run_at: now + delay.as_millis() as i64,
+        }
+    } else {
+        AfterFailure::Fail
+    };
+    storage
+        .fail_phase(&job.id, index, message, usage, after, now)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,1009 @@
+//! Jobs and their phases. Every transition is one write (one savepoint of
+//! a group commit) together with its events, and is guarded by the state it
+//! expects: a transition that finds the job elsewhere changes nothing and
+//! reports `false`, so races with cancel, retry or recovery are harmless.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde_json::{Value, json};
+
+use super::{EventLog, Result, Storage, StorageError};
+use crate::events::{EventKind, NewEvent};
+use crate::queue::{AttemptError, BackoffPolicy, Job, JobStatus, Phase, PhaseStatus};
+use crate::runtime::ResourceUsage;
+
+/// A job ready to store: validated, with plugin versions still to pin.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub payload: Value,
+    pub priority: i32,
+    pub run_at: i64,
+    pub max_attempts: u32,
+    pub backoff: BackoffPolicy,
+    pub idempotency_key: Option<String>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<String>,
+    pub phases: Vec<NewPhase>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPhase {
+    pub name: String,
+    pub plugin: String,
+    /// `None`: the plugin's active version, pinned in the same transaction.
+    pub version: Option<String>,
+    pub config: Value,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateOutcome {
+    Created(Job),
+    /// A job with the same idempotency key exists; nothing was stored.
+    Existing(Job),
+    /// A phase names a plugin or version that is not stored.
+    UnknownPlugin(String),
+}
+
+/// What happens to a job after a phase attempt failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterFailure {
+    /// Run the job again at `run_at` (Unix ms), resuming at this phase.
+    Retry { run_at: i64 },
+    /// The job fails; phases after this one will not run.
+    Fail,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The job was pending and is now cancelled, with all its phases.
+    Cancelled,
+    /// The job is running: only its worker can stop it.
+    Running,
+    /// The job had already finished; nothing changed.
+    AlreadyFinished(JobStatus),
+    NotFound,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryOutcome {
+    Retried(Box<Job>),
+    /// Only failed and cancelled jobs can be retried.
+    NotRetryable(JobStatus),
+    NotFound,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeleteOutcome {
+    Deleted,
+    /// Pending and running jobs must be cancelled first.
+    NotTerminal(JobStatus),
+    NotFound,
+}
+
+/// A job found running at start-up, and what recovery did with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recovered {
+    pub job_id: String,
+    /// The phase that was running when the process stopped, if any.
+    pub phase: Option<String>,
+    pub attempt: u32,
+    /// Requeued (true) or failed for lack of attempts (false).
+    pub requeued: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub plugin: Option<String>,
+    pub limit: usize,
+    /// Return jobs older than this id (ids sort by creation time).
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+const JOB_COLUMNS: &str = "id, status, payload, priority, run_at, attempt, max_attempts, backoff,
+    idempotency_key, webhook_url, created_at, started_at, finished_at, error";
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(format!("{what}: {e}"))
+}
+
+fn json_column(text: &str, what: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| corrupt(what, e))
+}
+
+/// A `jobs` row as SQLite holds it; [`RawJob::decode`] parses its JSON.
+struct RawJob {
+    id: String,
+    status: String,
+    payload: String,
+    priority: i32,
+    run_at: i64,
+    attempt: u32,
+    max_attempts: u32,
+    backoff: String,
+    idempotency_key: Option<String>,
+    webhook_url: Option<String>,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    error: Option<String>,
+}
+
+/// Reads a row selected with [`JOB_COLUMNS`].
+fn job_row(row: &Row<'_>) -> rusqlite::Result<RawJob> {
+    Ok(RawJob {
+        id: row.get(0)?,
+        status: row.get(1)?,
+        payload: row.get(2)?,
+        priority: row.get(3)?,
+        run_at: row.get(4)?,
+        attempt: row.get(5)?,
+        max_attempts: row.get(6)?,
+        backoff: row.get(7)?,
+        idempotency_key: row.get(8)?,
+        webhook_url: row.get(9)?,
+        created_at: row.get(10)?,
+        started_at: row.get(11)?,
+        finished_at: row.get(12)?,
+        error: row.get(13)?,
+    })
+}
+
+impl RawJob {
+    /// The job without its phases and errors.
+    fn decode(self) -> Result<Job> {
+        Ok(Job {
+            status: JobStatus::parse(&self.status)
+                .ok_or_else(|| corrupt("job status", &self.status))?,
+            payload: json_column(&self.payload, "job payload")?,
+            backoff: serde_json::from_str(&self.backoff).map_err(|e| corrupt("job backoff", e))?,
+            id: self.id,
+            priority: self.priority,
+            run_at: self.run_at,
+            attempt: self.attempt,
+            max_attempts: self.max_attempts,
+            idempotency_key: self.idempotency_key,
+            webhook_url: self.webhook_url,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            error: self.error,
+            phases: Vec::new(),
+            errors: Vec::new(),
+        })
+    }
+}
+
+fn phases_of(conn: &Connection, job_id: &str) -> Result<Vec<Phase>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT idx, name, plugin, version, config, timeout_ms, status, output, error, attempts,
+                started_at, finished_at, usage
+         FROM phases WHERE job_id = ?1 ORDER BY idx",
+    )?;
+    let rows = stmt.query_map([job_id], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, String>(3)?,
+            row.get::<_, String>(4)?,
+            row.get::<_, i64>(5)?,
+            row.get::<_, String>(6)?,
+            row.get::<_, Option<String>>(7)?,
+            row.get::<_, Option<String>>(8)?,
+            row.get::<_, i64>(9)?,
+            row.get::<_, Option<i64>>(10)?,
+            row.get::<_, Option<i64>>(11)?,
+            row.get::<_, Option<String>>(12)?,
+        ))
+    })?;
+    let mut phases = Vec::new();
+    for row in rows {
+        let (
+            index,
+            name,
+            plugin,
+            version,
+            config,
+            timeout_ms,
+            status,
+            output,
+            error,
+            attempts,
+            started,
+            finished,
+            usage,
+        ) = row?;
+        phases.push(Phase {
+            index: index as usize,
+            name,
+            plugin,
+            version,
+            config: json_column(&config, "phase config")?,
+            timeout_ms: timeout_ms as u64,
+            status: PhaseStatus::parse(&status).ok_or_else(|| corrupt("phase status", &status))?,
+            output: output
+                .map(|o| json_column(&o, "phase output"))
+                .transpose()?,
+            error,
+            attempts: attempts as u32,
+            started_at: started,
+            finished_at: finished,
+            usage: usage
+                .map(|u| serde_json::from_str::<ResourceUsage>(&u))
+                .transpose()
+                .map_err(|e| corrupt("phase usage", e))?,
+        });
+    }
+    Ok(phases)
+}
+
+fn errors_of(conn: &Connection, job_id: &str) -> Result<Vec<AttemptError>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT attempt, phase, error, at FROM attempt_errors WHERE job_id = ?1 ORDER BY attempt",
+    )?;
+    let rows = stmt.query_map([job_id], |row| {
+        Ok(AttemptError {
+            attempt: row.get(0)?,
+            phase: row.get(1)?,
+            error: row.get(2)?,
+            at: row.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub(super) fn load_job(conn: &Connection, id: &str) -> Result<Option<Job>> {
+    let raw = conn
+        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
+        .query_row([id], job_row)
+        .optional()?;
+    let Some(raw) = raw else { return Ok(None) };
+    let mut job = raw.decode()?;
+    job.phases = phases_of(conn, id)?;
+    job.errors = errors_of(conn, id)?;
+    Ok(Some(job))
+}
+
+fn must_load(conn: &Connection, id: &str) -> Result<Job> {
+    load_job(conn, id)?.ok_or_else(|| corrupt("job vanished inside its transaction", id))
+}
+
+fn job_status(conn: &Connection, id: &str) -> Result<Option<JobStatus>> {
+    let status: Option<String> = conn
+        .prepare_cached("SELECT status FROM jobs WHERE id = ?1")?
+        .query_row([id], |row| row.get(0))
+        .optional()?;
+    status
+        .map(|s| JobStatus::parse(&s).ok_or_else(|| corrupt("job status", s)))
+        .transpose()
+}
+
+fn job_event(
+    conn: &Connection,
+    log: &mut EventLog,
+    kind: EventKind,
+    job_id: &str,
+    data: Value,
+    at: i64,
+) -> Result<()> {
+    log.emit(conn, NewEvent::job(kind, job_id, data), at)
+}
+
+fn create(conn: &Connection, log: &mut EventLog, new: NewJob) -> Result<CreateOutcome> {
+    if let Some(key) = &new.idempotency_key {
+        let existing: Option<String> = conn
+            .prepare_cached("SELECT id FROM jobs WHERE idempotency_key = ?1")?
+            .query_row([key], |row| row.get(0))
+            .optional()?;
+        if let Some(id) = existing {
+            return Ok(CreateOutcome::Existing(must_load(conn, &id)?));
+        }
+    }
+    let mut pinned = Vec::with_capacity(new.phases.len());
+    for phase in &new.phases {
+        let version: Option<String> = match &phase.version {
+            Some(version) => conn
+                .prepare_cached(
+                    "SELECT version FROM plugin_versions WHERE plugin = ?1 AND version = ?2",
+                )?
+                .query_row(params![phase.plugin, version], |row| row.get(0))
+                .optional()?,
+            None => conn
+                .prepare_cached("SELECT active_version FROM plugins WHERE name = ?1")?
+                .query_row([&phase.plugin], |row| row.get(0))
+                .optional()?
+                .flatten(),
+        };
+        match version {
+            Some(version) => pinned.push(version),
+            None => {
+                let what = match &phase.version {
+                    Some(v) => format!("plugin `{}` has no version `{v}`", phase.plugin),
+                    None => format!("no plugin named `{}` is uploaded", phase.plugin),
+                };
+                return Ok(CreateOutcome::UnknownPlugin(format!(
+                    "phase `{}`: {what}",
+                    phase.name
+                )));
+            }
+        }
+    }
+    conn.prepare_cached(
+        "INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff, idempotency_key,
+                           webhook_url, webhook_secret, created_at)
+         VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        new.id,
+        new.payload.to_string(),
+        new.priority,
+        new.run_at,
+        new.max_attempts,
+        serde_json::to_string(&new.backoff).map_err(|e| corrupt("backoff", e))?,
+        new.idempotency_key,
+        new.webhook_url,
+        new.webhook_secret,
+        new.created_at,
+    ])?;
+    let mut insert_phase = conn.prepare_cached(
+        "INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending')",
+    )?;
+    for (index, (phase, version)) in new.phases.iter().zip(&pinned).enumerate() {
+        insert_phase.execute(params![
+            new.id,
+            index as i64,
+            phase.name,
+            phase.plugin,
+            version,
+            phase.config.to_string(),
+            phase.timeout_ms as i64
+        ])?;
+    }
+    let phases: Vec<Value> = new
+        .phases
+        .iter()
+        .zip(&pinned)
+        .map(|(p, v)| json!({"name": p.name, "plugin": p.plugin, "version": v}))
+        .collect();
+    let data = json!({"run_at": new.run_at, "priority": new.priority, "phases": phases});
+    job_event(
+        conn,
+        log,
+        EventKind::JobCreated,
+        &new.id,
+        data,
+        new.created_at,
+    )?;
+    Ok(CreateOutcome::Created(must_load(conn, &new.id)?))
+}
+
+fn claim(conn: &Connection, log: &mut EventLog, now: i64, limit: usize) -> Result<Vec<Job>> {
+    let ids: Vec<String> = conn
+        .prepare_cached(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, ?1)
+             WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND run_at <= ?1
+                          ORDER BY priority DESC, run_at, id LIMIT ?2)
+             RETURNING id",
+        )?
+        .query_map(params![now, limit as i64], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut jobs = Vec::with_capacity(ids.len());
+    for id in ids {
+        let job = must_load(conn, &id)?;
+        job_event(
+            conn,
+            log,
+            EventKind::JobStarted,
+            &id,
+            json!({"attempt": job.attempt}),
+            now,
+        )?;
+        jobs.push(job);
+    }
+    // RETURNING has no order: hand them out highest priority first.
+    jobs.sort_by(|a, b| (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id)));
+    Ok(jobs)
+}
+
+/// True when the job is running: every worker transition requires it.
+fn is_running(conn: &Connection, job_id: &str) -> Result<bool> {
+    Ok(job_status(conn, job_id)? == Some(JobStatus::Running))
+}
+
+fn start_phase(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    index: usize,
+    now: i64,
+) -> Result<Option<u32>> {
+    if !is_running(conn, job_id)? {
+        return Ok(None);
+    }
+    let started = conn
+        .prepare_cached(
+            "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL
+             WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'
+             RETURNING name, plugin, version, attempts",
+        )?
+        .query_row(params![job_id, index as i64, now], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, u32>(3)?))
+        })
+        .optional()?;
+    let Some((name, plugin, version, attempt)) = started else {
+        return Ok(None);
+    };
+    let data = json!({"phase": name, "index": index, "plugin": plugin, "version": version, "attempt": attempt});
+    job_event(conn, log, EventKind::PhaseStarted, job_id, data, now)?;
+    Ok(Some(attempt))
+}
+
+fn phase_name(conn: &Connection, job_id: &str, index: usize) -> Result<String> {
+    Ok(conn
+        .prepare_cached("SELECT name FROM phases WHERE job_id = ?1 AND idx = ?2")?
+        .query_row(params![job_id, index as i64], |row| row.get(0))?)
+}
+
+fn complete_phase(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    index: usize,
+    output: &str,
+    usage: &ResourceUsage,
+    now: i64,
+) -> Result<bool> {
+    if !is_running(conn, job_id)? {
+        return Ok(false);
+    }
+    let usage_json = serde_json::to_string(usage).map_err(|e| corrupt("usage", e))?;
+    let changed = conn.prepare_cached(
+        "UPDATE phases SET status = 'completed', output = ?3, error = NULL, usage = ?4, finished_at = ?5
+         WHERE job_id = ?1 AND idx = ?2 AND status = 'running'",
+    )?
+    .execute(params![job_id, index as i64, output, usage_json, now])?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    let data = json!({"phase": phase_name(conn, job_id, index)?, "index": index, "usage": usage});
+    job_event(conn, log, EventKind::PhaseCompleted, job_id, data, now)?;
+    Ok(true)
+}
+
+fn complete_job(conn: &Connection, log: &mut EventLog, job_id: &str, now: i64) -> Result<bool> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE jobs SET status = 'completed', finished_at = ?2, error = NULL
+         WHERE id = ?1 AND status = 'running'
+           AND NOT EXISTS (SELECT 1 FROM phases WHERE job_id = ?1 AND status != 'completed')",
+        )?
+        .execute(params![job_id, now])?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    job_event(conn, log, EventKind::JobCompleted, job_id, json!({}), now)?;
+    Ok(true)
+}
+
+/// Phases that have not finished will not run: mark them cancelled.
+fn cancel_unfinished_phases(conn: &Connection, job_id: &str, now: i64) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE phases SET status = 'cancelled', finished_at = COALESCE(finished_at, ?2)
+         WHERE job_id = ?1 AND status IN ('pending', 'running')",
+    )?
+    .execute(params![job_id, now])?;
+    Ok(())
+}
+
+fn record_attempt_error(
+    conn: &Connection,
+    job_id: &str,
+    phase: Option<&str>,
+    error: &str,
+    now: i64,
+) -> Result<u32> {
+    let attempt: u32 =
+        conn.query_row("SELECT attempt FROM jobs WHERE id = ?1", [job_id], |row| {
+            row.get(0)
+        })?;
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO attempt_errors (job_id, attempt, phase, error, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![job_id, attempt, phase, error, now])?;
+    Ok(attempt)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fail_phase(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    index: usize,
+    error: &str,
+    usage: Option<&ResourceUsage>,
+    after: &AfterFailure,
+    now: i64,
+) -> Result<bool> {
+    if !is_running(conn, job_id)? {
+        return Ok(false);
+    }
+    let retrying = matches!(after, AfterFailure::Retry { .. });
+    let usage_json = usage
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| corrupt("usage", e))?;
+    let changed = conn
+        .prepare_cached(
+            "UPDATE phases SET status = ?3, error = ?4, usage = ?5, finished_at = ?6
+         WHERE job_id = ?1 AND idx = ?2 AND status = 'running'",
+        )?
+        .execute(params![
+            job_id,
+            index as i64,
+            if retrying { "pending" } else { "failed" },
+            error,
+            usage_json,
+            now
+        ])?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    let phase = phase_name(conn, job_id, index)?;
+    let attempt = record_attempt_error(conn, job_id, Some(&phase), error, now)?;
+    let data = json!({"phase": phase, "index": index, "attempt": attempt, "error": error, "retrying": retrying});
+    job_event(conn, log, EventKind::PhaseFailed, job_id, data, now)?;
+    match after {
+        AfterFailure::Retry { run_at } => {
+            conn.execute(
+                "UPDATE jobs SET status = 'pending', run_at = ?2, error = ?3 WHERE id = ?1",
+                params![job_id, run_at, error],
+            )?;
+            let data = json!({"attempt": attempt, "next_attempt": attempt + 1, "run_at": run_at, "error": error});
+            job_event(conn, log, EventKind::JobRetrying, job_id, data, now)?;
+        }
+        AfterFailure::Fail => {
+            cancel_unfinished_phases(conn, job_id, now)?;
+            conn.execute(
+                "UPDATE jobs SET status = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
+                params![job_id, now, error],
+            )?;
+            job_event(
+                conn,
+                log,
+                EventKind::JobFailed,
+                job_id,
+                json!({"phase": phase, "error": error}),
+                now,
+            )?;
+        }
+    }
+    Ok(true)
+}
+
+/// Moves a job from `expected` to cancelled, with every unfinished phase.
+fn cancel(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    expected: JobStatus,
+    now: i64,
+) -> Result<bool> {
+    let changed = conn.prepare_cached(
+        "UPDATE jobs SET status = 'cancelled', finished_at = ?2, error = 'cancelled' WHERE id = ?1 AND status = ?3",
+    )?
+    .execute(params![job_id, now, expected.as_str()])?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    cancel_unfinished_phases(conn, job_id, now)?;
+    job_event(
+        conn,
+        log,
+        EventKind::JobCancelled,
+        job_id,
+        json!({"was": expected}),
+        now,
+    )?;
+    Ok(true)
+}
+
+fn cancel_if_pending(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    now: i64,
+) -> Result<CancelOutcome> {
+    Ok(match job_status(conn, job_id)? {
+        None => CancelOutcome::NotFound,
+        Some(JobStatus::Pending) => {
+            cancel(conn, log, job_id, JobStatus::Pending, now)?;
+            CancelOutcome::Cancelled
+        }
+        Some(JobStatus::Running) => CancelOutcome::Running,
+        Some(status) => CancelOutcome::AlreadyFinished(status),
+    })
+}
+
+/// Shutdown hands a running job back between phases: it was not a failed
+/// attempt, so the attempt is not counted.
+fn release(conn: &Connection, job_id: &str, now: i64) -> Result<bool> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE jobs SET status = 'pending', run_at = ?2, attempt = MAX(attempt - 1, 0)
+         WHERE id = ?1 AND status = 'running'
+           AND NOT EXISTS (SELECT 1 FROM phases WHERE job_id = ?1 AND status = 'running')",
+        )?
+        .execute(params![job_id, now])?;
+    Ok(changed == 1)
+}
+
+fn retry(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    from_start: bool,
+    now: i64,
+) -> Result<RetryOutcome> {
+    match job_status(conn, job_id)? {
+        None => return Ok(RetryOutcome::NotFound),
+        Some(JobStatus::Failed | JobStatus::Cancelled) => {}
+        Some(status) => return Ok(RetryOutcome::NotRetryable(status)),
+    }
+    if from_start {
+        conn.execute(
+            "UPDATE phases SET status = 'pending', output = NULL, error = NULL, usage = NULL, attempts = 0,
+                               started_at = NULL, finished_at = NULL
+             WHERE job_id = ?1",
+            [job_id],
+        )?;
+    } else {
+        conn.execute(
+            "UPDATE phases SET status = 'pending', error = NULL, started_at = NULL, finished_at = NULL
+             WHERE job_id = ?1 AND status != 'completed'",
+            [job_id],
+        )?;
+    }
+    conn.execute(
+        "UPDATE jobs SET status = 'pending', run_at = ?2, attempt = 0, finished_at = NULL, error = NULL WHERE id = ?1",
+        params![job_id, now],
+    )?;
+    let data = json!({"manual": true, "from_start": from_start, "run_at": now});
+    job_event(conn, log, EventKind::JobRetrying, job_id, data, now)?;
+    Ok(RetryOutcome::Retried(Box::new(must_load(conn, job_id)?)))
+}
+
+fn delete(conn: &Connection, log: &mut EventLog, job_id: &str, now: i64) -> Result<DeleteOutcome> {
+    match job_status(conn, job_id)? {
+        None => Ok(DeleteOutcome::NotFound),
+        Some(status) if !status.is_terminal() => Ok(DeleteOutcome::NotTerminal(status)),
+        Some(_) => {
+            delete_row(conn, log, job_id, now)?;
+            Ok(DeleteOutcome::Deleted)
+        }
+    }
+}
+
+/// `job:deleted` carries only the deleted job's id.
+fn delete_row(conn: &Connection, log: &mut EventLog, job_id: &str, now: i64) -> Result<()> {
+    conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+        .execute([job_id])?;
+    job_event(
+        conn,
+        log,
+        EventKind::JobDeleted,
+        job_id,
+        json!({"id": job_id}),
+        now,
+    )
+}
+
+fn recover(conn: &Connection, log: &mut EventLog, now: i64) -> Result<Vec<Recovered>> {
+    let running: Vec<(String, u32, u32)> = conn
+        .prepare("SELECT id, attempt, max_attempts FROM jobs WHERE status = 'running' ORDER BY id")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut recovered = Vec::with_capacity(running.len());
+    for (job_id, attempt, max_attempts) in running {
+        let interrupted: Option<(i64, String)> = conn
+            .query_row(
+                "SELECT idx, name FROM phases WHERE job_id = ?1 AND status = 'running'",
+                [&job_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let phase = interrupted.as_ref().map(|(_, name)| name.clone());
+        let error = match &phase {
+            Some(name) => {
+                format!("interrupted: the host stopped during phase `{name}` (attempt {attempt})")
+            }
+            None => format!("interrupted: the host stopped between phases (attempt {attempt})"),
+        };
+        let requeued = attempt < max_attempts;
+        record_attempt_error(conn, &job_id, phase.as_deref(), &error, now)?;
+        if let Some((index, _)) = &interrupted {
+            let status = if requeued { "pending" } else { "failed" };
+            conn.execute(
+                "UPDATE phases SET status = ?3, error = ?4, finished_at = ?5 WHERE job_id = ?1 AND idx = ?2",
+                params![job_id, index, status, error, now],
+            )?;
+        }
+        if requeued {
+            conn.execute(
+                "UPDATE jobs SET status = 'pending', run_at = ?2, error = ?3 WHERE id = ?1",
+                params![job_id, now, error],
+            )?;
+            let data = json!({"attempt": attempt, "next_attempt": attempt + 1, "run_at": now, "error": error, "recovered": true});
+            job_event(conn, log, EventKind::JobRetrying, &job_id, data, now)?;
+        } else {
+            cancel_unfinished_phases(conn, &job_id, now)?;
+            conn.execute(
+                "UPDATE jobs SET status = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
+                params![job_id, now, error],
+            )?;
+            job_event(
+                conn,
+                log,
+                EventKind::JobFailed,
+                &job_id,
+                json!({"phase": phase, "error": error, "recovered": true}),
+                now,
+            )?;
+        }
+        recovered.push(Recovered {
+            job_id,
+            phase,
+            attempt,
+            requeued,
+        });
+    }
+    Ok(recovered)
+}
+
+fn delete_finished_before(
+    conn: &Connection,
+    log: &mut EventLog,
+    cutoff: i64,
+    limit: usize,
+    now: i64,
+) -> Result<Vec<String>> {
+    let ids: Vec<String> = conn
+        .prepare_cached(
+            "SELECT id FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at < ?1
+             ORDER BY finished_at LIMIT ?2",
+        )?
+        .query_map(params![cutoff, limit as i64], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in &ids {
+        delete_row(conn, log, id, now)?;
+    }
+    Ok(ids)
+}
+
+fn list(conn: &Connection, filter: &JobFilter) -> Result<JobPage> {
+    let limit = filter.limit.clamp(1, 1000);
+    let raws: Vec<_> = conn
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE (?1 IS NULL OR status = ?1)
+               AND (?2 IS NULL OR EXISTS (SELECT 1 FROM phases WHERE job_id = jobs.id AND plugin = ?2))
+               AND (?3 IS NULL OR id < ?3)
+             ORDER BY id DESC LIMIT ?4"
+        ))?
+        .query_map(
+            params![filter.status.map(JobStatus::as_str), filter.plugin, filter.cursor, limit as i64 + 1],
+            job_row,
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut jobs = Vec::with_capacity(raws.len());
+    for raw in raws {
+        let mut job = raw.decode()?;
+        job.phases = phases_of(conn, &job.id)?;
+        jobs.push(job);
+    }
+    let next_cursor = if jobs.len() > limit {
+        jobs.truncate(limit);
+        jobs.last().map(|j| j.id.clone())
+    } else {
+        None
+    };
+    Ok(JobPage { jobs, next_cursor })
+}
+
+impl Storage {
+    pub async fn create_job(&self, new: NewJob) -> Result<CreateOutcome> {
+        self.write(move |conn, log| create(conn, log, new)).await
+    }
+
+    /// Claims up to `limit` due pending jobs, highest priority first, and
+    /// marks them running (one more attempt each).
+    pub async fn claim_due_jobs(&self, now: i64, limit: usize) -> Result<Vec<Job>> {
+        self.write(move |conn, log| claim(conn, log, now, limit))
+            .await
+    }
+
+    /// The earliest `run_at` of any pending job.
+    pub async fn next_due_at(&self) -> Result<Option<i64>> {
+        self.read(|conn| {
+            Ok(conn.query_row(
+                "SELECT MIN(run_at) FROM jobs WHERE status = 'pending'",
+                [],
+                |row| row.get(0),
+            )?)
+        })
+        .await
+    }
+
+    /// Marks a pending phase of a running job as running; returns the
+    /// phase's attempt number, or `None` if the job or phase moved on.
+    pub async fn start_phase(&self, job_id: &str, index: usize, now: i64) -> Result<Option<u32>> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| start_phase(conn, log, &job_id, index, now))
+            .await
+    }
+
+    /// Records a progress update of a running phase as an event.
+    pub async fn phase_progress(
+        &self,
+        job_id: &str,
+        phase: &str,
+        percent: u8,
+        note: &str,
+    ) -> Result<()> {
+        let data = json!({"phase": phase, "percent": percent, "note": note});
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| {
+            job_event(
+                conn,
+                log,
+                EventKind::PhaseProgress,
+                &job_id,
+                data,
+                crate::time::now_ms(),
+            )
+        })
+        .await
+    }
+
+    pub async fn complete_phase(
+        &self,
+        job_id: &str,
+        index: usize,
+        output: String,
+        usage: ResourceUsage,
+        now: i64,
+    ) -> Result<bool> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| complete_phase(conn, log, &job_id, index, &output, &usage, now))
+            .await
+    }
+
+    /// Completes a running job whose phases all completed.
+    pub async fn complete_job(&self, job_id: &str, now: i64) -> Result<bool> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| complete_job(conn, log, &job_id, now))
+            .await
+    }
+
+    /// Records a failed attempt of a running phase, then retries or fails the job.
+    pub async fn fail_phase(
+        &self,
+        job_id: &str,
+        index: usize,
+        error: String,
+        usage: Option<ResourceUsage>,
+        after: AfterFailure,
+        now: i64,
+    ) -> Result<bool> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| {
+            fail_phase(
+                conn,
+                log,
+                &job_id,
+                index,
+                &error,
+                usage.as_ref(),
+                &after,
+                now,
+            )
+        })
+        .await
+    }
+
+    /// Cancels a job its worker is running (the worker calls this once the
+    /// phase has stopped).
+    pub async fn cancel_running_job(&self, job_id: &str, now: i64) -> Result<bool> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| cancel(conn, log, &job_id, JobStatus::Running, now))
+            .await
+    }
+
+    /// Cancels a job if it is pending; otherwise says where it is.
+    pub async fn cancel_pending_job(&self, job_id: &str, now: i64) -> Result<CancelOutcome> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| cancel_if_pending(conn, log, &job_id, now))
+            .await
+    }
+
+    /// Hands a running job with no running phase back to pending (shutdown).
+    pub async fn release_job(&self, job_id: &str, now: i64) -> Result<bool> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, _| release(conn, &job_id, now)).await
+    }
+
+    pub async fn retry_job(
+        &self,
+        job_id: &str,
+        from_start: bool,
+        now: i64,
+    ) -> Result<RetryOutcome> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| retry(conn, log, &job_id, from_start, now))
+            .await
+    }
+
+    pub async fn delete_job(&self, job_id: &str, now: i64) -> Result<DeleteOutcome> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| delete(conn, log, &job_id, now))
+            .await
+    }
+
+    /// At start-up: requeues (or fails, when out of attempts) every job a
+    /// crash left running, recording which phase and attempt it interrupted.
+    pub async fn recover_running_jobs(&self, now: i64) -> Result<Vec<Recovered>> {
+        self.write(move |conn, log| recover(conn, log, now)).await
+    }
+
+    /// Deletes up to `limit` terminal jobs that finished before `cutoff`.
+    pub async fn delete_finished_before(
+        &self,
+        cutoff: i64,
+        limit: usize,
+        now: i64,
+    ) -> Result<Vec<String>> {
+        self.write(move |conn, log| delete_finished_before(conn, log, cutoff, limit, now))
+            .await
+    }
+
+    pub async fn job(&self, job_id: &str) -> Result<Option<Job>> {
+        let job_id = job_id.to_owned();
+        self.read(move |conn| load_job(conn, &job_id)).await
+    }
+
+    /// Jobs newest first, filtered, one page at a time.
+    pub async fn jobs(&self, filter: JobFilter) -> Result<JobPage> {
+        self.read(move |conn| list(conn, &filter)).await
+    }
+
+    /// Number of jobs in each status.
+    pub async fn job_counts(&self) -> Result<Vec<(JobStatus, u64)>> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })?;
+            let mut counts = Vec::new();
+            for row in rows {
+                let (status, count) = row?;
+                counts.push((
+                    JobStatus::parse(&status).ok_or_else(|| corrupt("job status", &status))?,
+                    count as u64,
+                ));
+            }
+            Ok(counts)
+        })
+        .await
+    }
+}

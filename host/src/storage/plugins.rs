@@ -1,0 +1,261 @@
+//! Plugins and their versions: the component bytes, content hash and which
+//! version is active.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde_json::json;
+
+use super::{EventLog, Result, Storage};
+use crate::events::{EventKind, NewEvent};
+use crate::time::now_ms;
+
+/// A validated plugin version to store.
+pub struct NewPluginVersion {
+    pub name: String,
+    pub version: String,
+    pub content_hash: String,
+    pub description: String,
+    pub component: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Stored; `activated` when it became the active version (the first one).
+    Created { activated: bool },
+    /// The same bytes were already stored under this version.
+    Unchanged,
+    /// Other bytes are already stored under this version.
+    Conflict { existing_hash: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActivateOutcome {
+    Activated { previous: Option<String> },
+    AlreadyActive,
+    NotFound,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeleteVersionOutcome {
+    Deleted,
+    NotFound,
+    /// Non-terminal jobs pin it.
+    InUse {
+        jobs: u64,
+    },
+    /// It is the active version while other versions exist.
+    Active,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PluginRecord {
+    pub name: String,
+    pub active_version: Option<String>,
+    /// Oldest upload first.
+    pub versions: Vec<VersionRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VersionRecord {
+    pub version: String,
+    pub content_hash: String,
+    pub size: u64,
+    pub description: String,
+    pub uploaded_at: i64,
+}
+
+fn active_version(conn: &Connection, name: &str) -> rusqlite::Result<Option<Option<String>>> {
+    conn.prepare_cached("SELECT active_version FROM plugins WHERE name = ?1")?
+        .query_row([name], |row| row.get(0))
+        .optional()
+}
+
+fn put(conn: &Connection, log: &mut EventLog, new: NewPluginVersion) -> Result<PutOutcome> {
+    let existing: Option<String> = conn
+        .prepare_cached(
+            "SELECT content_hash FROM plugin_versions WHERE plugin = ?1 AND version = ?2",
+        )?
+        .query_row(params![new.name, new.version], |row| row.get(0))
+        .optional()?;
+    match existing {
+        Some(hash) if hash == new.content_hash => return Ok(PutOutcome::Unchanged),
+        Some(existing_hash) => return Ok(PutOutcome::Conflict { existing_hash }),
+        None => {}
+    }
+    let now = now_ms();
+    conn.execute(
+        "INSERT OR IGNORE INTO plugins (name, active_version, created_at) VALUES (?1, NULL, ?2)",
+        params![new.name, now],
+    )?;
+    conn.execute(
+        "INSERT INTO plugin_versions (plugin, version, content_hash, size, description, component, uploaded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![new.name, new.version, new.content_hash, new.component.len() as i64, new.description, new.component, now],
+    )?;
+    let data = json!({"plugin": new.name, "version": new.version, "content_hash": new.content_hash, "size": new.component.len()});
+    log.emit(conn, NewEvent::plugin(EventKind::PluginUploaded, data), now)?;
+    let activated = active_version(conn, &new.name)?.flatten().is_none();
+    if activated {
+        conn.execute(
+            "UPDATE plugins SET active_version = ?2 WHERE name = ?1",
+            params![new.name, new.version],
+        )?;
+        let data = json!({"plugin": new.name, "version": new.version, "previous": null});
+        log.emit(
+            conn,
+            NewEvent::plugin(EventKind::PluginActivated, data),
+            now,
+        )?;
+    }
+    Ok(PutOutcome::Created { activated })
+}
+
+fn activate(
+    conn: &Connection,
+    log: &mut EventLog,
+    name: &str,
+    version: &str,
+) -> Result<ActivateOutcome> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM plugin_versions WHERE plugin = ?1 AND version = ?2)",
+        params![name, version],
+        |row| row.get(0),
+    )?;
+    if !exists {
+        return Ok(ActivateOutcome::NotFound);
+    }
+    let previous = active_version(conn, name)?.flatten();
+    if previous.as_deref() == Some(version) {
+        return Ok(ActivateOutcome::AlreadyActive);
+    }
+    conn.execute(
+        "UPDATE plugins SET active_version = ?2 WHERE name = ?1",
+        params![name, version],
+    )?;
+    let data = json!({"plugin": name, "version": version, "previous": previous});
+    log.emit(
+        conn,
+        NewEvent::plugin(EventKind::PluginActivated, data),
+        now_ms(),
+    )?;
+    Ok(ActivateOutcome::Activated { previous })
+}
+
+fn delete_version(conn: &Connection, name: &str, version: &str) -> Result<DeleteVersionOutcome> {
+    let Some(active) = active_version(conn, name)? else {
+        return Ok(DeleteVersionOutcome::NotFound);
+    };
+    let versions: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM plugin_versions WHERE plugin = ?1",
+        [name],
+        |row| row.get(0),
+    )?;
+    let jobs: i64 = conn.query_row(
+        "SELECT COUNT(DISTINCT p.job_id) FROM phases p JOIN jobs j ON j.id = p.job_id
+         WHERE p.plugin = ?1 AND p.version = ?2 AND j.status IN ('pending', 'running')",
+        params![name, version],
+        |row| row.get(0),
+    )?;
+    if jobs > 0 {
+        return Ok(DeleteVersionOutcome::InUse { jobs: jobs as u64 });
+    }
+    if active.as_deref() == Some(version) && versions > 1 {
+        return Ok(DeleteVersionOutcome::Active);
+    }
+    let deleted = conn.execute(
+        "DELETE FROM plugin_versions WHERE plugin = ?1 AND version = ?2",
+        params![name, version],
+    )?;
+    if deleted == 0 {
+        return Ok(DeleteVersionOutcome::NotFound);
+    }
+    if versions == 1 {
+        conn.execute("DELETE FROM plugins WHERE name = ?1", [name])?;
+    }
+    Ok(DeleteVersionOutcome::Deleted)
+}
+
+fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at
+         FROM plugins p JOIN plugin_versions v ON v.plugin = p.name
+         WHERE ?1 IS NULL OR p.name = ?1
+         ORDER BY p.name, v.uploaded_at, v.version",
+    )?;
+    let mut plugins: Vec<PluginRecord> = Vec::new();
+    let rows = stmt.query_map([name], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, Option<String>>(1)?,
+            VersionRecord {
+                version: row.get(2)?,
+                content_hash: row.get(3)?,
+                size: row.get::<_, i64>(4)? as u64,
+                description: row.get(5)?,
+                uploaded_at: row.get(6)?,
+            },
+        ))
+    })?;
+    for row in rows {
+        let (name, active_version, version) = row?;
+        match plugins.last_mut() {
+            Some(last) if last.name == name => last.versions.push(version),
+            _ => plugins.push(PluginRecord {
+                name,
+                active_version,
+                versions: vec![version],
+            }),
+        }
+    }
+    Ok(plugins)
+}
+
+impl Storage {
+    pub async fn put_plugin_version(&self, new: NewPluginVersion) -> Result<PutOutcome> {
+        self.write(move |conn, log| put(conn, log, new)).await
+    }
+
+    pub async fn activate_plugin_version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<ActivateOutcome> {
+        let (name, version) = (name.to_owned(), version.to_owned());
+        self.write(move |conn, log| activate(conn, log, &name, &version))
+            .await
+    }
+
+    pub async fn delete_plugin_version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<DeleteVersionOutcome> {
+        let (name, version) = (name.to_owned(), version.to_owned());
+        self.write(move |conn, _| delete_version(conn, &name, &version))
+            .await
+    }
+
+    pub async fn plugins(&self) -> Result<Vec<PluginRecord>> {
+        self.read(|conn| records(conn, None)).await
+    }
+
+    pub async fn plugin(&self, name: &str) -> Result<Option<PluginRecord>> {
+        let name = name.to_owned();
+        self.read(move |conn| Ok(records(conn, Some(&name))?.pop()))
+            .await
+    }
+
+    /// The component bytes of a stored version.
+    pub async fn plugin_component(&self, name: &str, version: &str) -> Result<Option<Vec<u8>>> {
+        let (name, version) = (name.to_owned(), version.to_owned());
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT component FROM plugin_versions WHERE plugin = ?1 AND version = ?2",
+                )?
+                .query_row(params![name, version], |row| row.get(0))
+                .optional()?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,40 @@
+//! Wall-clock time as stored: Unix milliseconds, shown as RFC 3339.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Unix milliseconds as RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(ms: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// Parses RFC 3339 (e.g. `2026-11-30T12:00:00Z`) into Unix milliseconds.
+pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
+    let time = humantime::parse_rfc3339_weak(text)
+        .map_err(|e| format!("`{text}` is not an RFC 3339 time: {e}"))?;
+    Ok(time
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_rfc3339() {
+        assert_eq!(rfc3339(1_764_504_000_123), "2025-11-30T12:00:00.123Z");
+        assert_eq!(
+            parse_rfc3339("2025-11-30T12:00:00.123Z"),
+            Ok(1_764_504_000_123)
+        );
+        assert!(parse_rfc3339("next tuesday").is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! One fixture for queue tests: a temporary data directory with a real
+//! SQLite file, a runtime, the plugin registry and the queue, plus helpers
+//! that wait on events (never on sleeps).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobhost::events::{Bus, Event, EventKind};
+use jobhost::plugins::PluginRegistry;
+use jobhost::queue::{Job, JobSpec, PhaseSpec, Queue, QueueConfig};
+use jobhost::runtime::{Runtime, RuntimeConfig};
+use jobhost::storage::{Durability, EventFilter, Recovered, Storage};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+/// Longest any test waits for an event before failing.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Host {
+    pub dir: Arc<tempfile::TempDir>,
+    pub storage: Arc<Storage>,
+    pub plugins: Arc<PluginRegistry>,
+    pub queue: Queue,
+    pub recovered: Vec<Recovered>,
+    events: broadcast::Receiver<Event>,
+}
+
+pub fn config(concurrency: usize) -> QueueConfig {
+    QueueConfig {
+        concurrency,
+        ..QueueConfig::default()
+    }
+}
+
+impl Host {
+    pub async fn start(config: QueueConfig) -> Host {
+        Host::open(Arc::new(tempfile::tempdir().unwrap()), config).await
+    }
+
+    /// Opens the host on an existing data directory, as a restart would.
+    pub async fn open(dir: Arc<tempfile::TempDir>, config: QueueConfig) -> Host {
+        let bus = Bus::default();
+        let events = bus.subscribe();
+        let storage = Arc::new(
+            Storage::open(&dir.path().join("jobhost.db"), Durability::Process, bus).unwrap(),
+        );
+        let runtime_config = RuntimeConfig {
+            max_concurrent_runs: config.concurrency as u32 + 1,
+            memory_limit: 64 << 20,
+            cache_dir: Some(dir.path().join("compiled")),
+            ..RuntimeConfig::default()
+        };
+        let runtime = Arc::new(Runtime::new(runtime_config).unwrap());
+        let plugins = Arc::new(PluginRegistry::new(runtime, storage.clone()));
+        let (queue, recovered) = Queue::start(storage.clone(), plugins.clone(), config)
+            .await
+            .unwrap();
+        Host {
+            dir,
+            storage,
+            plugins,
+            queue,
+            recovered,
+            events,
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("jobhost.db")
+    }
+
+    /// Uploads a component from `plugins/` under `name`@`version`.
+    pub async fn upload(&self, name: &str, version: &str, component: &str) {
+        self.plugins
+            .upload(name, version, plugin_artifacts::bytes(component))
+            .await
+            .unwrap();
+    }
+
+    pub async fn enqueue(&self, spec: JobSpec) -> Job {
+        self.queue.enqueue(spec).await.unwrap().job
+    }
+
+    /// Waits for the next event of `kind` about `job_id` on the bus.
+    pub async fn wait_for(&mut self, job_id: &str, kind: EventKind) -> Event {
+        let wait = async {
+            loop {
+                match self.events.recv().await {
+                    Ok(event) if event.kind == kind && event.job_id.as_deref() == Some(job_id) => {
+                        return event;
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => panic!("event bus closed"),
+                }
+            }
+        };
+        tokio::time::timeout(EVENT_TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} for job {job_id} within {EVENT_TIMEOUT:?}"))
+    }
+
+    /// Waits until the job has ended, returning its final state.
+    pub async fn wait_until_finished(&mut self, job_id: &str) -> Job {
+        loop {
+            let job = self.queue.job(job_id).await.unwrap();
+            if job.status.is_terminal() {
+                return job;
+            }
+            let wait = async {
+                loop {
+                    match self.events.recv().await {
+                        Ok(e)
+                            if e.kind.is_job_terminal() && e.job_id.as_deref() == Some(job_id) =>
+                        {
+                            return;
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => panic!("event bus closed"),
+                    }
+                }
+            };
+            tokio::time::timeout(EVENT_TIMEOUT, wait)
+                .await
+                .unwrap_or_else(|_| panic!("job {job_id} did not finish within {EVENT_TIMEOUT:?}"));
+        }
+    }
+
+    /// Every logged event about `job_id`, oldest first.
+    pub async fn job_events(&self, job_id: &str) -> Vec<Event> {
+        let filter = EventFilter {
+            job_id: Some(job_id.to_owned()),
+            kinds: vec![],
+        };
+        self.storage.events_after(0, filter, 10_000).await.unwrap()
+    }
+
+    /// Waits until no worker of this queue holds a job.
+    pub async fn wait_idle(&self) {
+        tokio::time::timeout(EVENT_TIMEOUT, self.queue.wait_idle())
+            .await
+            .expect("workers did not go idle");
+    }
+}
+
+pub fn kinds(events: &[Event]) -> Vec<&'static str> {
+    events.iter().map(|e| e.kind.name()).collect()
+}
+
+pub fn phase(name: &str, plugin: &str, config: Value) -> PhaseSpec {
+    PhaseSpec {
+        name: name.into(),
+        plugin: plugin.into(),
+        config: Some(config),
+        ..PhaseSpec::default()
+    }
+}
+
+pub fn job(phases: Vec<PhaseSpec>, payload: Value) -> JobSpec {
+    JobSpec {
+        phases,
+        payload,
+        ..JobSpec::default()
+    }
+}
+
+/// A job of `n` echo phases named p0, p1, ….
+pub fn echo_job(n: usize) -> JobSpec {
+    job(
+        (0..n)
+            .map(|i| phase(&format!("p{i}"), "echo", json!({})))
+            .collect(),
+        json!({"n": n}),
+    )
+}

@@ -1,0 +1,362 @@
+//! The job semantics of DESIGN.md section 4 that must hold, one named
+//! regression test each (webhook behaviours 6 and 7 live with the webhooks).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobhost::events::EventKind;
+use jobhost::queue::{Cancelled, JobSpec, JobStatus, PhaseStatus};
+use jobhost::storage::{Durability, Storage};
+use jobhost::time::now_ms;
+use serde_json::json;
+
+use crate::fixture::{Host, config, echo_job, job, kinds, phase};
+
+/// Behaviour 1.
+#[tokio::test]
+async fn cancelling_a_job_that_has_not_started_cancels_every_phase() {
+    let host = Host::start(config(2)).await;
+    host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let spec = JobSpec {
+        delay_ms: Some(3_600_000),
+        ..echo_job(3)
+    };
+    let created = host.enqueue(spec).await;
+
+    assert_eq!(
+        host.queue.cancel(&created.id).await.unwrap(),
+        Cancelled::Done
+    );
+
+    let job = host.queue.job(&created.id).await.unwrap();
+    assert_eq!(job.status, JobStatus::Cancelled);
+    assert!(
+        job.phases
+            .iter()
+            .all(|p| p.status == PhaseStatus::Cancelled),
+        "{:?}",
+        job.phases
+    );
+    let events = host.job_events(&created.id).await;
+    assert_eq!(kinds(&events), ["job:created", "job:cancelled"]);
+    // Cancelling again changes nothing, and says so.
+    let again = host.queue.cancel(&created.id).await.unwrap_err();
+    assert!(again.to_string().contains("already finished"), "{again}");
+    assert_eq!(host.job_events(&created.id).await.len(), 2);
+}
+
+/// Behaviour 2: a cancel landing as one phase completes and the next is
+/// about to start gives exactly one `job:cancelled`, whichever side wins.
+#[tokio::test]
+async fn cancel_between_phases_emits_exactly_one_cancelled_event() {
+    let mut host = Host::start(config(2)).await;
+    host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
+    for _ in 0..5 {
+        let spec = job(
+            vec![
+                phase("first", "echo", json!({})),
+                phase("second", "sleep", json!({"ms": 2000, "steps": 200})),
+            ],
+            json!({}),
+        );
+        let created = host.enqueue(spec).await;
+        host.wait_for(&created.id, EventKind::PhaseCompleted).await;
+        host.queue.cancel(&created.id).await.unwrap();
+        let job = host.wait_until_finished(&created.id).await;
+        host.wait_idle().await;
+
+        assert_eq!(job.status, JobStatus::Cancelled);
+        assert_eq!(job.phases[0].status, PhaseStatus::Completed);
+        assert_eq!(job.phases[1].status, PhaseStatus::Cancelled);
+        let events = host.job_events(&created.id).await;
+        let cancelled = events
+            .iter()
+            .filter(|e| e.kind == EventKind::JobCancelled)
+            .count();
+        assert_eq!(cancelled, 1, "{:?}", kinds(&events));
+        assert_eq!(
+            events.last().unwrap().kind,
+            EventKind::JobCancelled,
+            "nothing after the terminal event"
+        );
+    }
+}
+
+/// Behaviour 3.
+#[tokio::test]
+async fn retry_keeps_completed_phases_unless_from_start() {
+    let mut host = Host::start(config(2)).await;
+    host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    host.upload("flaky", "1.0.0", plugin_artifacts::FLAKY).await;
+    let spec = JobSpec {
+        max_attempts: Some(1),
+        ..job(
+            vec![
+                phase("first", "echo", json!({})),
+                phase("second", "flaky", json!({"fail_times": 1})),
+            ],
+            json!({"k": 1}),
+        )
+    };
+    let created = host.enqueue(spec).await;
+    let failed = host.wait_until_finished(&created.id).await;
+    assert_eq!(failed.status, JobStatus::Failed);
+    let first_output = failed.phases[0]
+        .output
+        .clone()
+        .expect("first phase output stored");
+
+    // from_start: false resumes at `second`; `first` keeps its stored output
+    // and is not run again.
+    let retried = host.queue.retry(&created.id, false).await.unwrap();
+    assert_eq!(retried.phases[0].status, PhaseStatus::Completed);
+    assert_eq!(retried.phases[0].output.as_ref(), Some(&first_output));
+    let done = host.wait_until_finished(&created.id).await;
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.errors);
+    assert_eq!(done.phases[0].output.as_ref(), Some(&first_output));
+    assert_eq!(
+        done.phases[0].attempts, 1,
+        "the completed phase did not run again"
+    );
+    assert_eq!(done.phases[1].output, Some(json!({"attempt": 2})));
+
+    // from_start: true is refused for a completed job, so fail it first: a
+    // cancelled job can be retried from the start, which clears outputs.
+    let spec = JobSpec {
+        delay_ms: Some(3_600_000),
+        ..echo_job(2)
+    };
+    let pending = host.enqueue(spec).await;
+    host.queue.cancel(&pending.id).await.unwrap();
+    let cleared = host.queue.retry(&failed.id, true).await;
+    assert!(cleared.is_err(), "a completed job cannot be retried");
+    let restarted = host.queue.retry(&pending.id, true).await.unwrap();
+    assert!(
+        restarted
+            .phases
+            .iter()
+            .all(|p| p.status == PhaseStatus::Pending && p.output.is_none())
+    );
+}
+
+/// Behaviour 3, the other half: from_start clears stored results.
+#[tokio::test]
+async fn retry_from_start_clears_stored_results() {
+    let mut host = Host::start(config(2)).await;
+    host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    host.upload("fail", "1.0.0", plugin_artifacts::FAIL).await;
+    let spec = job(
+        vec![
+            phase("first", "echo", json!({})),
+            phase("second", "fail", json!({})),
+        ],
+        json!({}),
+    );
+    let created = host.enqueue(spec).await;
+    let failed = host.wait_until_finished(&created.id).await;
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert!(failed.phases[0].output.is_some());
+
+    let retried = host.queue.retry(&created.id, true).await.unwrap();
+    assert!(
+        retried
+            .phases
+            .iter()
+            .all(|p| p.output.is_none() && p.status == PhaseStatus::Pending),
+        "{:?}",
+        retried.phases
+    );
+    let again = host.wait_until_finished(&created.id).await;
+    assert_eq!(
+        again.phases[0].attempts, 1,
+        "the first phase ran again from scratch"
+    );
+    assert_eq!(again.status, JobStatus::Failed);
+}
+
+/// Behaviour 4: jobs found running at start-up are requeued, or failed when
+/// out of attempts, and the failure record names the phase and attempt.
+#[tokio::test]
+async fn jobs_left_running_by_a_crash_are_recovered() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let (requeued_id, exhausted_id) = {
+        let host = Host::open(dir.clone(), config(2)).await;
+        host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+        host.queue.pause();
+        let a = host.enqueue(echo_job(2)).await;
+        let b = host
+            .enqueue(JobSpec {
+                max_attempts: Some(1),
+                ..echo_job(2)
+            })
+            .await;
+        host.queue.shutdown(Duration::from_secs(5)).await.unwrap();
+        // Simulate a crash mid-phase: claim both jobs and start their first
+        // phase, then never finish them.
+        let storage =
+            Storage::open(&host.db_path(), Durability::Process, Default::default()).unwrap();
+        let claimed = storage.claim_due_jobs(now_ms(), 10).await.unwrap();
+        assert_eq!(claimed.len(), 2);
+        for job in &claimed {
+            storage
+                .start_phase(&job.id, 0, now_ms())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        storage.close().await;
+        (a.id, b.id)
+    };
+
+    let mut host = Host::open(dir, config(2)).await;
+    let mut recovered = host.recovered.clone();
+    recovered.sort_by_key(|r| r.job_id != requeued_id);
+    assert_eq!(recovered.len(), 2);
+    assert_eq!(
+        (
+            recovered[0].phase.as_deref(),
+            recovered[0].attempt,
+            recovered[0].requeued
+        ),
+        (Some("p0"), 1, true)
+    );
+    assert_eq!(
+        (recovered[1].phase.as_deref(), recovered[1].requeued),
+        (Some("p0"), false)
+    );
+
+    let exhausted = host.queue.job(&exhausted_id).await.unwrap();
+    assert_eq!(exhausted.status, JobStatus::Failed);
+    assert_eq!(exhausted.errors.len(), 1);
+    assert_eq!(exhausted.errors[0].phase.as_deref(), Some("p0"));
+    assert_eq!(exhausted.errors[0].attempt, 1);
+    assert!(
+        exhausted.errors[0]
+            .error
+            .contains("during phase `p0` (attempt 1)"),
+        "{}",
+        exhausted.errors[0].error
+    );
+
+    let finished = host.wait_until_finished(&requeued_id).await;
+    assert_eq!(finished.status, JobStatus::Completed);
+    assert_eq!(finished.attempt, 2);
+    assert!(
+        finished.errors[0].error.contains("interrupted"),
+        "{:?}",
+        finished.errors
+    );
+    assert_eq!(finished.phases[0].attempts, 2);
+}
+
+/// Behaviour 5: shutdown stops claiming, waits up to its timeout, stops the
+/// rest by force (even a guest that never yields), always closes storage,
+/// and reports the timeout after that cleanup.
+#[tokio::test]
+async fn shutdown_forces_stuck_phases_and_always_cleans_up() {
+    let mut host = Host::start(config(2)).await;
+    host.upload("spin", "1.0.0", plugin_artifacts::SPIN).await;
+    let created = host
+        .enqueue(job(vec![phase("forever", "spin", json!({}))], json!({})))
+        .await;
+    host.wait_for(&created.id, EventKind::PhaseStarted).await;
+
+    let timed_out = host
+        .queue
+        .shutdown(Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert_eq!(timed_out.report.forced, [created.id.clone()]);
+    // Storage was closed even though the wait timed out.
+    assert!(
+        host.storage.job(&created.id).await.is_err(),
+        "storage still open after shutdown"
+    );
+    assert!(
+        host.queue.enqueue(echo_job(1)).await.is_err(),
+        "still accepting jobs"
+    );
+
+    // The interrupted job was requeued, with the interruption on record.
+    let reopened = Storage::open(&host.db_path(), Durability::Process, Default::default()).unwrap();
+    let job = reopened.job(&created.id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Pending);
+    assert_eq!(job.errors[0].error, "interrupted by shutdown");
+    assert_eq!(job.errors[0].phase.as_deref(), Some("forever"));
+    reopened.close().await;
+}
+
+/// Behaviour 5, the graceful half: within the timeout, a running job is
+/// handed back between phases and nothing is forced.
+#[tokio::test]
+async fn graceful_shutdown_hands_jobs_back_between_phases() {
+    let mut host = Host::start(config(2)).await;
+    host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
+    let spec = job(
+        vec![
+            phase("one", "sleep", json!({"ms": 300, "steps": 3})),
+            phase("two", "sleep", json!({"ms": 300})),
+        ],
+        json!({}),
+    );
+    let created = host.enqueue(spec).await;
+    host.wait_for(&created.id, EventKind::PhaseStarted).await;
+    let report = host.queue.shutdown(Duration::from_secs(20)).await.unwrap();
+    assert!(report.forced.is_empty());
+
+    let reopened = Storage::open(&host.db_path(), Durability::Process, Default::default()).unwrap();
+    let job = reopened.job(&created.id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Pending);
+    assert_eq!(
+        job.phases[0].status,
+        PhaseStatus::Completed,
+        "the running phase finished"
+    );
+    assert_eq!(
+        job.phases[1].status,
+        PhaseStatus::Pending,
+        "the next phase did not start"
+    );
+    assert!(job.errors.is_empty());
+    reopened.close().await;
+}
+
+/// Behaviour 8.
+#[tokio::test]
+async fn retention_deletes_old_terminal_jobs_with_id_only_events() {
+    let mut host = Host::start(config(2)).await;
+    host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let done = host.enqueue(echo_job(1)).await;
+    host.wait_until_finished(&done.id).await;
+    let waiting = host
+        .enqueue(JobSpec {
+            delay_ms: Some(3_600_000),
+            ..echo_job(1)
+        })
+        .await;
+
+    let deleted = host
+        .queue
+        .purge_finished_before(now_ms() + 1)
+        .await
+        .unwrap();
+    assert_eq!(deleted, [done.id.clone()]);
+    assert!(host.queue.job(&done.id).await.is_err());
+    assert_eq!(
+        host.queue.job(&waiting.id).await.unwrap().status,
+        JobStatus::Pending
+    );
+    let events = host.job_events(&done.id).await;
+    let deleted_event = events.last().unwrap();
+    assert_eq!(deleted_event.kind, EventKind::JobDeleted);
+    assert_eq!(deleted_event.data, json!({"id": done.id}));
+    // Nothing finished before an hour ago: nothing more to delete.
+    assert!(
+        host.queue
+            .purge_finished_before(now_ms() - 3_600_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
