@@ -267,7 +267,7 @@ async fn shutdown_forces_stuck_phases_and_always_cleans_up() {
         .shutdown(Duration::from_millis(200))
         .await
         .unwrap_err();
-    assert_eq!(timed_out.report.forced, [created.id.clone()]);
+    assert_eq!(timed_out.report.forced, vec![created.id.clone()]);
     // Storage was closed even though the wait timed out.
     assert!(
         host.storage.job(&created.id).await.is_err(),
@@ -341,7 +341,7 @@ async fn retention_deletes_old_terminal_jobs_with_id_only_events() {
         .purge_finished_before(now_ms() + 1)
         .await
         .unwrap();
-    assert_eq!(deleted, [done.id.clone()]);
+    assert_eq!(deleted, vec![done.id.clone()]);
     assert!(host.queue.job(&done.id).await.is_err());
     assert_eq!(
         host.queue.job(&waiting.id).await.unwrap().status,
