@@ -7,6 +7,7 @@ mod job_semantics;
 mod limits;
 mod pipeline;
 mod sandbox;
+mod scheduling;
 mod stopping;
 mod validation;
 
