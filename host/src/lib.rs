@@ -8,11 +8,15 @@
 //! - [`queue`] runs multi-phase jobs from durable [`storage`] (SQLite),
 //!   with retries, cancellation, recovery, retention and shutdown.
 //! - [`events`] are the typed lifecycle events every state change emits.
+//! - [`http`] is the API (axum) and [`app`] wires everything for `jobhost serve`.
 //! - [`cli`] is the `jobhost` command line; [`bench`] its benchmarks.
 
+pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod config;
 pub mod events;
+pub mod http;
 pub mod plugins;
 pub mod queue;
 pub mod runtime;

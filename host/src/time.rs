@@ -38,3 +38,31 @@ mod tests {
         assert!(parse_rfc3339("next tuesday").is_err());
     }
 }
+
+/// Serde helpers: Unix-ms fields shown as RFC 3339 in JSON.
+pub mod as_rfc3339 {
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(ms: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::rfc3339(*ms))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+        super::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use serde::Serializer;
+
+        pub fn serialize<S: Serializer>(
+            ms: &Option<i64>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match ms {
+                Some(ms) => serializer.serialize_str(&super::super::rfc3339(*ms)),
+                None => serializer.serialize_none(),
+            }
+        }
+    }
+}

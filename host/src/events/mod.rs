@@ -138,10 +138,15 @@ impl NewEvent {
 pub struct Event {
     /// Monotonically increasing across all events; the SSE `id:`.
     pub seq: i64,
+    #[serde(rename = "type")]
     pub kind: EventKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
-    /// Unix time in milliseconds.
+    /// Unix time in milliseconds (RFC 3339 in JSON).
+    #[serde(
+        serialize_with = "crate::time::as_rfc3339::serialize",
+        deserialize_with = "crate::time::as_rfc3339::deserialize"
+    )]
     pub at: i64,
     pub data: Value,
 }

@@ -161,6 +161,7 @@ pub struct Job {
     pub payload: Value,
     pub priority: i32,
     /// Unix ms: when it is due (pending) or was last due.
+    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
     pub run_at: i64,
     /// Attempts started so far.
     pub attempt: u32,
@@ -170,8 +171,11 @@ pub struct Job {
     pub idempotency_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
     pub created_at: i64,
+    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
     pub started_at: Option<i64>,
+    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
     pub finished_at: Option<i64>,
     /// Why the job failed or was cancelled.
     pub error: Option<String>,
@@ -211,16 +215,19 @@ pub struct Phase {
     pub error: Option<String>,
     /// Times this phase was started.
     pub attempts: u32,
+    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
     pub started_at: Option<i64>,
+    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
     pub finished_at: Option<i64>,
     pub usage: Option<ResourceUsage>,
 }
 
 /// Why one attempt of a job failed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AttemptError {
     pub attempt: u32,
     pub phase: Option<String>,
     pub error: String,
+    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
     pub at: i64,
 }

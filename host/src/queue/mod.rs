@@ -71,8 +71,11 @@ pub enum QueueError {
     UnknownPlugin(String),
     #[error("no job with id `{0}`")]
     NotFound(String),
-    #[error("job is {0:?}: {1}")]
-    Conflict(JobStatus, &'static str),
+    #[error("job is {}: {reason}", .status.as_str())]
+    Conflict {
+        status: JobStatus,
+        reason: &'static str,
+    },
     #[error("the queue is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -217,14 +220,14 @@ impl Queue {
         match self.shared.storage.cancel_pending_job(id, now_ms()).await? {
             CancelOutcome::Cancelled => Ok(Cancelled::Done),
             CancelOutcome::NotFound => Err(QueueError::NotFound(id.to_owned())),
-            CancelOutcome::AlreadyFinished(status) => Err(QueueError::Conflict(
+            CancelOutcome::AlreadyFinished(status) => Err(QueueError::Conflict {
                 status,
-                "the job has already finished; nothing changed",
-            )),
-            CancelOutcome::Running => Err(QueueError::Conflict(
-                JobStatus::Running,
-                "the job is running on another host",
-            )),
+                reason: "the job has already finished; nothing changed",
+            }),
+            CancelOutcome::Running => Err(QueueError::Conflict {
+                status: JobStatus::Running,
+                reason: "the job is running on another host",
+            }),
         }
     }
 
@@ -241,10 +244,10 @@ impl Queue {
                 self.shared.wake.notify_one();
                 Ok(*job)
             }
-            RetryOutcome::NotRetryable(status) => Err(QueueError::Conflict(
+            RetryOutcome::NotRetryable(status) => Err(QueueError::Conflict {
                 status,
-                "only failed or cancelled jobs can be retried",
-            )),
+                reason: "only failed or cancelled jobs can be retried",
+            }),
             RetryOutcome::NotFound => Err(QueueError::NotFound(id.to_owned())),
         }
     }
@@ -253,10 +256,10 @@ impl Queue {
     pub async fn delete(&self, id: &str) -> Result<(), QueueError> {
         match self.shared.storage.delete_job(id, now_ms()).await? {
             DeleteOutcome::Deleted => Ok(()),
-            DeleteOutcome::NotTerminal(status) => Err(QueueError::Conflict(
+            DeleteOutcome::NotTerminal(status) => Err(QueueError::Conflict {
                 status,
-                "cancel the job before deleting it",
-            )),
+                reason: "cancel the job before deleting it",
+            }),
             DeleteOutcome::NotFound => Err(QueueError::NotFound(id.to_owned())),
         }
     }

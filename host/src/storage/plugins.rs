@@ -61,6 +61,7 @@ pub struct VersionRecord {
     pub content_hash: String,
     pub size: u64,
     pub description: String,
+    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
     pub uploaded_at: i64,
 }
 

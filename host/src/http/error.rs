@@ -1,0 +1,138 @@
+//! One error type for every route, mapped to a status in one place. The
+//! body is always `{"error": {"code": "...", "message": "..."}}`.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::plugins::PluginError;
+use crate::queue::QueueError;
+use crate::runtime::LoadError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            error.to_string(),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(error: QueueError) -> Self {
+        let message = error.to_string();
+        match error {
+            QueueError::InvalidJob(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_job", message)
+            }
+            QueueError::UnknownPlugin(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_plugin", message)
+            }
+            QueueError::NotFound(_) => ApiError::not_found(message),
+            QueueError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            QueueError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
+            }
+            QueueError::Storage(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<PluginError> for ApiError {
+    fn from(error: PluginError) -> Self {
+        let message = error.to_string();
+        match error {
+            PluginError::InvalidName { .. } => ApiError::bad_request(message),
+            PluginError::Invalid(load) => {
+                let code = match load {
+                    LoadError::NotWasm => "not_wasm",
+                    LoadError::CoreModule => "core_module",
+                    LoadError::Invalid(_) => "invalid_component",
+                    LoadError::UnsupportedImports(_) => "unsupported_imports",
+                    LoadError::NotAPlugin(_) => "not_a_plugin",
+                    LoadError::Describe(_) => "describe_failed",
+                };
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+            }
+            PluginError::VersionConflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "version_conflict", message)
+            }
+            PluginError::NotFound { .. } => ApiError::not_found(message),
+            PluginError::InUse { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "version_in_use", message)
+            }
+            PluginError::Active { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "version_active", message)
+            }
+            PluginError::Storage(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<crate::storage::StorageError> for ApiError {
+    fn from(error: crate::storage::StorageError) -> Self {
+        ApiError::internal(error)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::BytesRejection(_)
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    rejection.body_text(),
+                )
+            }
+            JsonRejection::JsonDataError(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_json",
+                rejection.body_text(),
+            ),
+            _ => ApiError::new(rejection.status(), "invalid_json", rejection.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::bad_request(rejection.body_text())
+    }
+}
