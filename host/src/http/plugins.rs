@@ -2,6 +2,7 @@
 //! rollback), delete a version.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -26,8 +27,9 @@ pub async fn upload(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
     Query(query): Query<UploadQuery>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let body = body?;
     let (hash, size) = (content_hash(&body), body.len());
     let uploaded = state.plugins.upload(&name, &version, body.to_vec()).await?;
     let mut active = matches!(

@@ -1,0 +1,156 @@
+//! Bad input on every route gets the right status and a JSON error body,
+//! and nothing is half-stored.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::server::Server;
+
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_store_nothing() {
+    let server = Server::start(&["--max-body-kb", "16", "--max-plugin-mb", "1"]).await;
+    let c = &server.client;
+
+    let malformed = c
+        .post(server.url("/jobs"))
+        .header("content-type", "application/json")
+        .body("{not json");
+    let (status, body) = server.send(malformed).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_json");
+
+    let (status, body) = server.post("/jobs", &json!({"phases": "nope"})).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_json",
+    );
+
+    let (status, body) = server
+        .post(
+            "/jobs",
+            &json!({"phases": [{"name": "a", "plugin": "ghost"}]}),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_plugin",
+    );
+
+    let (status, body) = server.post("/jobs", &json!({"phases": []})).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_job",
+    );
+
+    let huge =
+        json!({"phases": [{"name": "a", "plugin": "echo"}], "payload": "x".repeat(64 << 10)});
+    let (status, body) = server.post("/jobs", &huge).await;
+    assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+
+    let (status, body) = server.get("/jobs/no-such-job").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = server.post("/jobs/no-such-job/cancel", &json!({})).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = server.get("/jobs?status=sleeping").await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "bad_request");
+
+    let upload = |bytes: Vec<u8>| c.put(server.url("/plugins/bad/versions/1.0.0")).body(bytes);
+    let (status, body) = server.send(upload(b"plain text".to_vec())).await;
+    assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "not_wasm");
+    let (status, body) = server.send(upload(b"\0asm\x01\0\0\0".to_vec())).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "core_module",
+    );
+    let (status, body) = server
+        .send(upload(plugin_artifacts::bytes(
+            plugin_artifacts::WRONG_WORLD,
+        )))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "not_a_plugin",
+    );
+    let (status, body) = server.send(upload(vec![0; 2 << 20])).await;
+    assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+    let (status, body) = server
+        .send(
+            c.put(server.url("/plugins/bad/active"))
+                .json(&json!({"version": "1.0.0"})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+
+    assert_eq!(server.get("/plugins").await.1, json!({"plugins": []}));
+    assert_eq!(
+        server.get("/jobs").await.1,
+        json!({"jobs": [], "next_cursor": null})
+    );
+}
+
+#[tokio::test]
+async fn tokens_guard_mutating_routes() {
+    let server = Server::start(&["--tokens", "s3cret,other"]).await;
+    let c = &server.client;
+    let url = server.url("/plugins/echo/versions/1.0.0");
+    let bytes = plugin_artifacts::bytes(plugin_artifacts::ECHO);
+
+    let response = c.put(&url).body(bytes.clone()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let response = c
+        .put(&url)
+        .bearer_auth("wrong")
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden");
+    let response = c
+        .put(&url)
+        .bearer_auth("other")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    // Reads stay open.
+    assert_eq!(
+        c.get(server.url("/plugins")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_cleanly() {
+    let mut server = Server::start(&[]).await;
+    assert_eq!(server.get("/readyz").await.0, StatusCode::OK);
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        server.log()
+    );
+    assert!(server.log().contains("shutting down"));
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `jobhost` binary on an ephemeral port, driven
+//! over HTTP with a real client and SSE parser. One binary, a module per topic.
+
+mod api_errors;
+mod crash;
+mod server;
+mod streaming;
+mod user_path;
