@@ -13,9 +13,10 @@ use crate::config::Config;
 use crate::events::Bus;
 use crate::http::{AppState, router};
 use crate::plugins::PluginRegistry;
-use crate::queue::Queue;
+use crate::queue::{Queue, QueueConfig};
 use crate::runtime::Runtime;
 use crate::storage::Storage;
+use crate::webhooks::{Secret, WebhookConfig};
 
 pub struct App {
     pub state: AppState,
@@ -35,8 +36,15 @@ impl App {
         let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
         let plugins = Arc::new(PluginRegistry::new(runtime, storage.clone()));
         let loaded = plugins.preload().await.context("loading stored plugins")?;
+        let mut webhooks = WebhookConfig::new(webhook_secret(&config)?);
+        webhooks.timeout = config.webhook_timeout;
+        webhooks.max_attempts = config.webhook_max_attempts;
+        let queue_config = QueueConfig {
+            webhooks: Some(webhooks),
+            ..config.queue.clone()
+        };
         let (queue, recovered) =
-            Queue::start(storage.clone(), plugins.clone(), config.queue.clone()).await?;
+            Queue::start(storage.clone(), plugins.clone(), queue_config).await?;
         tracing::info!(plugins = loaded, recovered = recovered.len(), db = %db.display(), "jobhost started");
         let state = AppState {
             queue: Arc::new(queue),
@@ -78,6 +86,40 @@ impl App {
             }
         }
     }
+}
+
+/// The configured default webhook secret, or the one kept in the data
+/// directory (generated on first start, readable only by its owner).
+fn webhook_secret(config: &Config) -> anyhow::Result<Secret> {
+    if let Some(secret) = &config.webhook_secret {
+        return Ok(secret.clone());
+    }
+    let path = config.data_dir.join("webhook-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            Secret::parse(text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = Secret::generate();
+            write_private(&path, &secret.to_whsec())?;
+            tracing::info!(path = %path.display(), "generated the default webhook secret");
+            Ok(secret)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{text}")?;
+    Ok(())
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::queue::QueueConfig;
 use crate::runtime::RuntimeConfig;
 use crate::storage::Durability;
+use crate::webhooks::Secret;
 
 /// A duration written for people: `500ms`, `30s`, `7d`; `0` or `off` for none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +89,16 @@ pub struct ServeArgs {
     /// Largest job payload, in KiB [default: 1024].
     #[arg(long, env = "JOBHOST_MAX_PAYLOAD_KB")]
     pub max_payload_kb: Option<usize>,
+    /// Signs webhooks of jobs that give no secret (`whsec_<base64>`)
+    /// [default: generated once, kept in <data-dir>/webhook-secret].
+    #[arg(long, env = "JOBHOST_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Timeout of one webhook delivery attempt [default: 10s].
+    #[arg(long, env = "JOBHOST_WEBHOOK_TIMEOUT")]
+    pub webhook_timeout: Option<HumanDuration>,
+    /// Attempts per webhook delivery before it is marked failed [default: 8].
+    #[arg(long, env = "JOBHOST_WEBHOOK_MAX_ATTEMPTS")]
+    pub webhook_max_attempts: Option<u32>,
     /// How long shutdown waits for running phases before stopping them [default: 30s].
     #[arg(long, env = "JOBHOST_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<HumanDuration>,
@@ -103,6 +114,10 @@ pub struct Config {
     pub max_plugin_bytes: usize,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// `None`: use (or create) the secret kept in the data directory.
+    pub webhook_secret: Option<Secret>,
+    pub webhook_timeout: Duration,
+    pub webhook_max_attempts: u32,
     pub queue: QueueConfig,
     pub runtime: RuntimeConfig,
 }
@@ -179,6 +194,23 @@ impl ServeArgs {
                 Some(Duration::from_secs(30)),
             )
             .unwrap_or(Duration::ZERO),
+            webhook_secret: self
+                .webhook_secret
+                .or(file.webhook_secret)
+                .map(|s| Secret::parse(&s))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("webhook-secret: {e}"))?,
+            webhook_timeout: duration(
+                self.webhook_timeout,
+                file.webhook_timeout,
+                Some(Duration::from_secs(10)),
+            )
+            .unwrap_or(Duration::from_secs(10)),
+            webhook_max_attempts: self
+                .webhook_max_attempts
+                .or(file.webhook_max_attempts)
+                .unwrap_or(8)
+                .max(1),
             data_dir,
             queue,
             runtime,

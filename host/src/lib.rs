@@ -7,6 +7,7 @@
 //!   loaded once per version, hot-swapped by moving the active version.
 //! - [`queue`] runs multi-phase jobs from durable [`storage`] (SQLite),
 //!   with retries, cancellation, recovery, retention and shutdown.
+//! - [`webhooks`] delivers signed, durable webhooks when jobs end.
 //! - [`events`] are the typed lifecycle events every state change emits.
 //! - [`http`] is the API (axum) and [`app`] wires everything for `jobhost serve`.
 //! - [`cli`] is the `jobhost` command line; [`bench`] its benchmarks.
@@ -22,3 +23,5 @@ pub mod queue;
 pub mod runtime;
 pub mod storage;
 pub mod time;
+pub mod tls;
+pub mod webhooks;

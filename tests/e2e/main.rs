@@ -3,6 +3,8 @@
 
 mod api_errors;
 mod crash;
+mod receiver;
 mod server;
 mod streaming;
 mod user_path;
+mod webhooks;

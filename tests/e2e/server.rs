@@ -66,6 +66,7 @@ impl Server {
             .windows(2)
             .find(|w| w[0] == "--tokens")
             .map(|w| w[1].split(',').next().unwrap().to_owned());
+        jobhost::tls::init();
         Server {
             url,
             dir,

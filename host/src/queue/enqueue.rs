@@ -74,10 +74,13 @@ pub(super) fn new_job(spec: JobSpec, config: &QueueConfig, now: i64) -> Result<N
             "idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY} characters"
         ));
     }
-    if let Some(webhook) = &spec.webhook
-        && !(webhook.url.starts_with("http://") || webhook.url.starts_with("https://"))
-    {
-        return Err("webhook.url must be an http:// or https:// URL".into());
+    if let Some(webhook) = &spec.webhook {
+        if !(webhook.url.starts_with("http://") || webhook.url.starts_with("https://")) {
+            return Err("webhook.url must be an http:// or https:// URL".into());
+        }
+        if let Some(secret) = &webhook.secret {
+            crate::webhooks::Secret::parse(secret).map_err(|e| format!("webhook.secret: {e}"))?;
+        }
     }
     let default_timeout = config.default_phase_timeout.as_millis() as u64;
     let phases = spec

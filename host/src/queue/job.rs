@@ -182,6 +182,9 @@ pub struct Job {
     pub phases: Vec<Phase>,
     /// One record per failed attempt, oldest first.
     pub errors: Vec<AttemptError>,
+    /// The latest webhook delivery, once the job has ended (not in listings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<crate::storage::WebhookStatus>,
 }
 
 impl Job {

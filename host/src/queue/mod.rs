@@ -31,6 +31,7 @@ use crate::storage::{
     CancelOutcome, CreateOutcome, DeleteOutcome, Recovered, RetryOutcome, Storage, StorageError,
 };
 use crate::time::now_ms;
+use crate::webhooks::{Deliverer, WebhookConfig};
 
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
@@ -46,6 +47,8 @@ pub struct QueueConfig {
     pub retention: Option<Duration>,
     /// How often the retention sweep runs.
     pub retention_interval: Duration,
+    /// Webhook delivery; `None` leaves deliveries in the outbox.
+    pub webhooks: Option<WebhookConfig>,
 }
 
 impl Default for QueueConfig {
@@ -59,6 +62,7 @@ impl Default for QueueConfig {
             max_payload_bytes: 1 << 20,
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_interval: Duration::from_secs(60),
+            webhooks: None,
         }
     }
 }
@@ -134,6 +138,8 @@ pub(crate) struct Shared {
 pub struct Queue {
     shared: Arc<Shared>,
     background: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The webhook deliverer and how to stop it.
+    deliverer: std::sync::Mutex<Option<(JoinHandle<()>, CancellationToken)>>,
 }
 
 impl Queue {
@@ -164,13 +170,23 @@ impl Queue {
             tokio::spawn(dispatch::dispatch(shared.clone())),
             tokio::spawn(dispatch::retention(shared.clone())),
         ];
-        Ok((
-            Queue {
-                shared,
-                background: std::sync::Mutex::new(background),
-            },
-            recovered,
-        ))
+        let deliverer = match &shared.config.webhooks {
+            Some(config) => {
+                let deliverer =
+                    Deliverer::new(shared.storage.clone(), config.clone()).map_err(|e| {
+                        QueueError::InvalidJob(format!("cannot start webhook delivery: {e}"))
+                    })?;
+                let stop = CancellationToken::new();
+                Some((tokio::spawn(deliverer.run(stop.clone())), stop))
+            }
+            None => None,
+        };
+        let queue = Queue {
+            shared,
+            background: std::sync::Mutex::new(background),
+            deliverer: std::sync::Mutex::new(deliverer),
+        };
+        Ok((queue, recovered))
     }
 
     pub fn storage(&self) -> &Arc<Storage> {
@@ -289,6 +305,26 @@ impl Queue {
         self.shared.running.lock().await.len()
     }
 
+    /// Lets deliveries in flight finish (each is bounded by its timeout);
+    /// anything left stays pending in the outbox for the next start.
+    async fn stop_deliverer(&self) {
+        let Some((task, stop)) = self.deliverer.lock().unwrap().take() else {
+            return;
+        };
+        stop.cancel();
+        let bound = self
+            .shared
+            .config
+            .webhooks
+            .as_ref()
+            .map_or(Duration::ZERO, |w| w.timeout)
+            + Duration::from_secs(1);
+        let abort = task.abort_handle();
+        if tokio::time::timeout(bound, task).await.is_err() {
+            abort.abort();
+        }
+    }
+
     /// Waits until this process runs no job.
     pub async fn wait_idle(&self) {
         loop {
@@ -330,6 +366,7 @@ impl Queue {
             // then record the interruption.
             shared.workers.wait().await;
         }
+        self.stop_deliverer().await;
         shared.storage.close().await;
         let report = ShutdownReport { forced };
         if report.forced.is_empty() {

@@ -179,6 +179,7 @@ impl RawJob {
             error: self.error,
             phases: Vec::new(),
             errors: Vec::new(),
+            webhook: None,
         })
     }
 }
@@ -271,6 +272,7 @@ pub(super) fn load_job(conn: &Connection, id: &str) -> Result<Option<Job>> {
     let mut job = raw.decode()?;
     job.phases = phases_of(conn, id)?;
     job.errors = errors_of(conn, id)?;
+    job.webhook = super::webhooks::latest_for_job(conn, id)?;
     Ok(Some(job))
 }
 
@@ -288,6 +290,8 @@ fn job_status(conn: &Connection, id: &str) -> Result<Option<JobStatus>> {
         .transpose()
 }
 
+/// Emits a job event. A terminal one also writes the job's webhook delivery
+/// to the outbox, in the same transaction as the terminal state.
 fn job_event(
     conn: &Connection,
     log: &mut EventLog,
@@ -296,6 +300,9 @@ fn job_event(
     data: Value,
     at: i64,
 ) -> Result<()> {
+    if kind.is_job_terminal() {
+        super::webhooks::enqueue(conn, job_id, kind, at)?;
+    }
     log.emit(conn, NewEvent::job(kind, job_id, data), at)
 }
 

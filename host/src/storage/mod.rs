@@ -19,6 +19,7 @@ mod events;
 mod jobs;
 mod plugins;
 mod schema;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -39,6 +40,7 @@ pub use plugins::{
     VersionRecord,
 };
 pub use schema::VERSION as SCHEMA_VERSION;
+pub use webhooks::{AttemptOutcome, Delivery, WebhookStatus};
 
 /// Most writes committed in one transaction.
 pub const MAX_BATCH: usize = 256;

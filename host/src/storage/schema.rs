@@ -80,6 +80,27 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_job ON events (job_id, seq);
     ",
+    // 2: the webhook outbox. No foreign key to jobs: a delivery outlives
+    // the job's retention.
+    "
+    CREATE TABLE webhook_deliveries (
+        id              TEXT PRIMARY KEY,
+        job_id          TEXT NOT NULL,
+        url             TEXT NOT NULL,
+        secret          TEXT,
+        event           TEXT NOT NULL,
+        body            TEXT NOT NULL,
+        status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        last_status     INTEGER,
+        last_error      TEXT,
+        created_at      INTEGER NOT NULL,
+        finished_at     INTEGER
+    );
+    CREATE INDEX webhook_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX webhook_job ON webhook_deliveries (job_id, created_at);
+    ",
 ];
 
 /// Brings the database up to the latest schema.
