@@ -143,6 +143,13 @@ async fn a_receiver_down_across_a_restart_gets_the_webhook_after_it() {
     let server = server.restart();
     let delivery = &receiver.wait_for(1).await[0];
     verify(SECRET, delivery);
+    let mut events = server
+        .events(
+            &format!("/events?job={id}&types=job:webhook:delivered"),
+            None,
+        )
+        .await;
+    events.next_event().await.expect("delivered event");
     let (_, job) = server.get(&format!("/jobs/{id}")).await;
     assert_eq!(job["webhook"]["status"], "delivered");
 }

@@ -57,7 +57,8 @@ pub struct WebhookStatus {
 /// Adds a delivery for a job that just reached a terminal state, if the job
 /// has a webhook. Runs inside that transition's transaction.
 pub(super) fn enqueue(conn: &Connection, job_id: &str, kind: EventKind, now: i64) -> Result<()> {
-    let target: Option<(Option<String>, Option<String>, i64, i64, Option<String>)> = conn
+    type Target = (Option<String>, Option<String>, i64, i64, Option<String>);
+    let target: Option<Target> = conn
         .prepare_cached("SELECT webhook_url, webhook_secret, attempt, created_at, error FROM jobs WHERE id = ?1")?
         .query_row([job_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))
         .optional()?;
