@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::events::Bus;
 use crate::http::{AppState, router};
+use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
 use crate::queue::{Queue, QueueConfig};
 use crate::runtime::Runtime;
@@ -39,8 +40,10 @@ impl App {
         let mut webhooks = WebhookConfig::new(webhook_secret(&config)?);
         webhooks.timeout = config.webhook_timeout;
         webhooks.max_attempts = config.webhook_max_attempts;
+        let metrics = Arc::new(Metrics::default());
         let queue_config = QueueConfig {
             webhooks: Some(webhooks),
+            metrics: metrics.clone(),
             ..config.queue.clone()
         };
         let (queue, recovered) =
@@ -54,6 +57,7 @@ impl App {
             shutdown: CancellationToken::new(),
             max_body_bytes: config.max_body_bytes,
             max_plugin_bytes: config.max_plugin_bytes,
+            metrics,
         };
         Ok(App { state, config })
     }

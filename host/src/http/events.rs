@@ -114,6 +114,22 @@ fn sse(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }
 
+/// Counts a connected client in the `sse_clients` gauge while alive.
+struct ClientGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl ClientGauge {
+    fn connect(state: &AppState) -> Self {
+        state.metrics.sse_clients.inc();
+        ClientGauge(state.metrics.sse_clients.clone())
+    }
+}
+
+impl Drop for ClientGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Why a feeder stops.
 enum Done {
     /// The client went away, or the job's stream reached its end.
@@ -127,6 +143,7 @@ async fn feed(
     end_after_terminal: bool,
     tx: mpsc::Sender<Event>,
 ) {
+    let _client = ClientGauge::connect(&state);
     let mut live = state.storage.bus().subscribe();
     let mut last = after;
     if catch_up(&state, &filter, &mut last, end_after_terminal, &tx)

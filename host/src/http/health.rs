@@ -2,6 +2,12 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use crate::metrics::StatusLabel;
+use crate::queue::JobStatus;
+use crate::time::now_ms;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
@@ -9,6 +15,30 @@ use super::{ApiError, AppState};
 /// The process is up.
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// Prometheus metrics; job counts and queue depth are read at scrape time.
+pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let metrics = &state.metrics;
+    let counts = state.storage.job_counts().await?;
+    for status in JobStatus::ALL {
+        let count = counts
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, n)| *n);
+        metrics
+            .jobs
+            .get_or_create(&StatusLabel {
+                status: status.as_str().into(),
+            })
+            .set(count as i64);
+    }
+    metrics
+        .queue_depth
+        .set(state.storage.due_count(now_ms()).await? as i64);
+    metrics.running_jobs.set(state.queue.running().await as i64);
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    Ok(([(header::CONTENT_TYPE, content_type)], metrics.encode()))
 }
 
 /// The process can serve: storage answers and the queue is accepting work.

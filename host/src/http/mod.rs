@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 
+use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
 use crate::queue::Queue;
 use crate::storage::Storage;
@@ -32,6 +33,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub max_body_bytes: usize,
     pub max_plugin_bytes: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 /// `Json` whose rejections become [`ApiError`]s with our error body.
@@ -68,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 pub use job::{AttemptError, Job, JobSpec, JobStatus, Phase, PhaseSpec, PhaseStatus, WebhookSpec};
 pub use retry::BackoffPolicy;
 
+use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
 use crate::storage::{
     CancelOutcome, CreateOutcome, DeleteOutcome, Recovered, RetryOutcome, Storage, StorageError,
@@ -49,6 +50,7 @@ pub struct QueueConfig {
     pub retention_interval: Duration,
     /// Webhook delivery; `None` leaves deliveries in the outbox.
     pub webhooks: Option<WebhookConfig>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for QueueConfig {
@@ -63,6 +65,7 @@ impl Default for QueueConfig {
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_interval: Duration::from_secs(60),
             webhooks: None,
+            metrics: Arc::default(),
         }
     }
 }
@@ -172,10 +175,14 @@ impl Queue {
         ];
         let deliverer = match &shared.config.webhooks {
             Some(config) => {
-                let deliverer =
-                    Deliverer::new(shared.storage.clone(), config.clone()).map_err(|e| {
-                        QueueError::InvalidJob(format!("cannot start webhook delivery: {e}"))
-                    })?;
+                let deliverer = Deliverer::new(
+                    shared.storage.clone(),
+                    config.clone(),
+                    shared.config.metrics.clone(),
+                )
+                .map_err(|e| {
+                    QueueError::InvalidJob(format!("cannot start webhook delivery: {e}"))
+                })?;
                 let stop = CancellationToken::new();
                 Some((tokio::spawn(deliverer.run(stop.clone())), stop))
             }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{Job, Shared};
+use crate::metrics::PhaseLabels;
 use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, Progress};
 use crate::storage::AfterFailure;
 use crate::time::now_ms;
@@ -138,6 +139,20 @@ async fn run_phase(
     };
     let result = shared.plugins.runtime().run(&plugin, run).await;
     let _ = forward.await;
+    let outcome = result
+        .outcome
+        .as_ref()
+        .map_or_else(PhaseFailure::kind, |_| "completed");
+    let labels = PhaseLabels {
+        plugin: phase.plugin.clone(),
+        outcome: outcome.into(),
+    };
+    shared
+        .config
+        .metrics
+        .phase_duration
+        .get_or_create(&labels)
+        .observe(result.usage.wall_ms as f64 / 1000.0);
     result
 }
 

@@ -97,6 +97,22 @@ pub enum PhaseFailure {
 }
 
 impl PhaseFailure {
+    /// A short machine-readable name of the failure, e.g. `timed_out`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PhaseFailure::Retry(_) => "retry",
+            PhaseFailure::Fail(_) => "fail",
+            PhaseFailure::Cancelled => "cancelled",
+            PhaseFailure::TimedOut(_) => "timed_out",
+            PhaseFailure::MemoryExhausted(_) => "memory_exhausted",
+            PhaseFailure::StackOverflow => "stack_overflow",
+            PhaseFailure::Panicked(_) => "panicked",
+            PhaseFailure::Trapped(_) => "trapped",
+            PhaseFailure::InvalidInput(_) => "invalid_input",
+            PhaseFailure::InvalidOutput(_) => "invalid_output",
+        }
+    }
+
     /// Whether trying again may succeed: the guest said so, or it ran out
     /// of time. Cancellation is the caller's call (shutdown retries, a user's
     /// cancel does not).

@@ -993,6 +993,19 @@ impl Storage {
         self.read(move |conn| list(conn, &filter)).await
     }
 
+    /// Pending jobs that are due by `now`: the queue's backlog.
+    pub async fn due_count(&self, now: i64) -> Result<u64> {
+        self.read(move |conn| {
+            let count: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'pending' AND run_at <= ?1",
+                [now],
+                |row| row.get(0),
+            )?;
+            Ok(count as u64)
+        })
+        .await
+    }
+
     /// Number of jobs in each status.
     pub async fn job_counts(&self) -> Result<Vec<(JobStatus, u64)>> {
         self.read(|conn| {

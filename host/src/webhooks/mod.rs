@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use signing::Secret;
 
+use crate::metrics::{Metrics, OutcomeLabel};
 use crate::queue::BackoffPolicy;
 use crate::storage::{AttemptOutcome, Delivery, Storage};
 use crate::time::now_ms;
@@ -55,10 +56,15 @@ pub struct Deliverer {
     storage: Arc<Storage>,
     config: WebhookConfig,
     client: reqwest::Client,
+    metrics: Arc<Metrics>,
 }
 
 impl Deliverer {
-    pub fn new(storage: Arc<Storage>, config: WebhookConfig) -> anyhow::Result<Self> {
+    pub fn new(
+        storage: Arc<Storage>,
+        config: WebhookConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         crate::tls::init();
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -69,6 +75,7 @@ impl Deliverer {
             storage,
             config,
             client,
+            metrics,
         })
     }
 
@@ -125,6 +132,17 @@ impl Deliverer {
 
     async fn attempt(&self, delivery: Delivery) {
         let outcome = self.send(&delivery).await;
+        let label = match &outcome {
+            AttemptOutcome::Delivered { .. } => "delivered",
+            AttemptOutcome::Retry { .. } => "retry",
+            AttemptOutcome::Failed { .. } => "failed",
+        };
+        self.metrics
+            .webhook_attempts
+            .get_or_create(&OutcomeLabel {
+                outcome: label.into(),
+            })
+            .inc();
         match &outcome {
             AttemptOutcome::Delivered { status } => {
                 tracing::info!(webhook = %delivery.id, job = %delivery.job_id, status, "webhook delivered")

@@ -1,0 +1,99 @@
+//! Prometheus metrics (the `prometheus-client` crate), served at `/metrics`.
+//! Counters and histograms are updated where things happen; job counts and
+//! queue depth are read from storage when scraped, so they are never stale.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub plugin: String,
+    /// `completed` or a failure kind (`retry`, `fail`, `timed_out`, …).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub phase_duration: Family<PhaseLabels, Histogram>,
+    pub webhook_attempts: Family<OutcomeLabel, Counter>,
+    pub sse_clients: Gauge,
+    pub jobs: Family<StatusLabel, Gauge>,
+    pub queue_depth: Gauge,
+    pub running_jobs: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("jobhost");
+        let phase_duration = Family::<PhaseLabels, Histogram>::new_with_constructor(|| {
+            // 1 ms to ~65 s.
+            Histogram::new(exponential_buckets(0.001, 2.0, 17))
+        });
+        registry.register(
+            "phase_duration_seconds",
+            "Wall time of phase runs",
+            phase_duration.clone(),
+        );
+        let webhook_attempts = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by outcome (delivered, retry, failed)",
+            webhook_attempts.clone(),
+        );
+        let sse_clients = Gauge::default();
+        registry.register("sse_clients", "Connected SSE clients", sse_clients.clone());
+        let jobs = Family::<StatusLabel, Gauge>::default();
+        registry.register("jobs", "Stored jobs by status", jobs.clone());
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Pending jobs that are due now",
+            queue_depth.clone(),
+        );
+        let running_jobs = Gauge::default();
+        registry.register(
+            "running_jobs",
+            "Jobs this process is running",
+            running_jobs.clone(),
+        );
+        Metrics {
+            registry,
+            phase_duration,
+            webhook_attempts,
+            sse_clients,
+            jobs,
+            queue_depth,
+            running_jobs,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String");
+        text
+    }
+}
