@@ -3,6 +3,7 @@
 
 mod api_errors;
 mod crash;
+mod jobs_api;
 mod observability;
 mod receiver;
 mod server;

@@ -21,28 +21,40 @@ pub async fn require_token(
     if !mutating || state.tokens.is_empty() {
         return Ok(next.run(request).await);
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    let Some(presented) = presented else {
-        return Err(ApiError::new(
+    let refusal = match bearer_token(&request) {
+        None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "this route needs `Authorization: Bearer <token>`",
-        ));
-    };
-    // Compare against every token, in constant time per token.
-    let matched = state.tokens.iter().fold(false, |found, token| {
-        found | bool::from(token.as_bytes().ct_eq(presented.as_bytes()))
-    });
-    if !matched {
-        return Err(ApiError::new(
+        ),
+        Some(presented) if is_valid(&state.tokens, presented) => {
+            return Ok(next.run(request).await);
+        }
+        Some(_) => ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "the bearer token is not valid",
-        ));
-    }
-    Ok(next.run(request).await)
+        ),
+    };
+    // Read (and drop) the body before refusing: a client still sending an
+    // upload would otherwise see a reset connection instead of the error.
+    let limit = state.max_plugin_bytes.max(state.max_body_bytes);
+    let _ = axum::body::to_bytes(request.into_body(), limit).await;
+    Err(refusal)
+}
+
+fn bearer_token(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// Compares against every token, each in constant time.
+fn is_valid(tokens: &[String], presented: &str) -> bool {
+    tokens.iter().fold(false, |found, token| {
+        found | bool::from(token.as_bytes().ct_eq(presented.as_bytes()))
+    })
 }

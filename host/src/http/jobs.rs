@@ -1,6 +1,7 @@
 //! Job routes: submit, list, show, cancel, retry, delete.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -97,8 +98,9 @@ pub struct RetryBody {
 pub async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let body = body?;
     let body: RetryBody = if body.iter().all(u8::is_ascii_whitespace) {
         RetryBody::default()
     } else {

@@ -6,5 +6,5 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub(super) use exports::jobhost::plugin::phase;
-pub(super) use jobhost::plugin::host;
+pub(super) use self::exports::jobhost::plugin::phase;
+pub(super) use self::jobhost::plugin::host;
