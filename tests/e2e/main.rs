@@ -5,6 +5,7 @@ mod api_errors;
 mod crash;
 mod jobs_api;
 mod observability;
+mod openapi;
 mod receiver;
 mod server;
 mod streaming;

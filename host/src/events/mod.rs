@@ -134,11 +134,12 @@ impl NewEvent {
 }
 
 /// A committed event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Monotonically increasing across all events; the SSE `id:`.
     pub seq: i64,
     #[serde(rename = "type")]
+    #[schema(value_type = String, example = "job:completed")]
     pub kind: EventKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
@@ -147,6 +148,7 @@ pub struct Event {
         serialize_with = "crate::time::as_rfc3339::serialize",
         deserialize_with = "crate::time::as_rfc3339::deserialize"
     )]
+    #[schema(value_type = String, format = DateTime)]
     pub at: i64,
     pub data: Value,
 }

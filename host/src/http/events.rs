@@ -15,6 +15,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
+use utoipa::IntoParams;
 
 use super::{ApiError, AppState};
 use crate::events::{Event, EventKind};
@@ -26,7 +27,7 @@ const CATCH_UP_PAGE: usize = 500;
 const CLIENT_BUFFER: usize = 64;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct StreamQuery {
     /// Only events about this job.
@@ -37,7 +38,15 @@ pub struct StreamQuery {
     last_event_id: Option<i64>,
 }
 
-/// `GET /events?job=&types=`
+/// Stream events (Server-Sent Events).
+///
+/// Each SSE message has `id:` (the event's sequence number), `event:` (its
+/// type) and `data:` (the event as JSON). Send `Last-Event-ID` (or the
+/// `last_event_id` parameter) to resume: missed events are replayed from the
+/// log, then live ones follow, with no gap and no duplicate.
+#[utoipa::path(get, path = "/events", tag = "events",
+    params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event")),
+    responses((status = 200, description = "An event stream", content_type = "text/event-stream", body = Event)))]
 pub async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -52,7 +61,13 @@ pub async fn stream(
     Ok(sse(state, filter, after, false))
 }
 
-/// `GET /jobs/{id}/events`: one job's events; ends after its terminal event.
+/// Stream one job's events (SSE); the stream ends after its terminal event.
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "events",
+    params(("id" = String, Path), StreamQuery, ("Last-Event-ID" = Option<i64>, Header)),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = Event),
+        (status = 404, body = super::ErrorBody),
+    ))]
 pub async fn job_stream(
     State(state): State<AppState>,
     Path(id): Path<String>,

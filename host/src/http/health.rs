@@ -12,12 +12,15 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
 
-/// The process is up.
+/// Liveness: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// Prometheus metrics; job counts and queue depth are read at scrape time.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let metrics = &state.metrics;
     let counts = state.storage.job_counts().await?;
@@ -41,7 +44,9 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
     Ok(([(header::CONTENT_TYPE, content_type)], metrics.encode()))
 }
 
-/// The process can serve: storage answers and the queue is accepting work.
+/// Readiness: storage answers and the server is not shutting down.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "Ready"), (status = 503, body = super::ErrorBody)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let last_event = state.storage.last_event_seq().await?;
     if state.shutdown.is_cancelled() {

@@ -1,22 +1,33 @@
 //! Job routes: submit, list, show, cancel, retry, delete.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppJson, AppState};
-use crate::queue::{Cancelled, JobSpec, JobStatus};
+use super::{ApiError, AppJson, AppState, ErrorBody};
+use crate::queue::{Cancelled, Job, JobSpec, JobStatus};
 use crate::storage::JobFilter;
 
+const TAG: &str = "jobs";
 /// Jobs per page unless `limit` says otherwise.
 const DEFAULT_PAGE: usize = 50;
 
-/// `POST /jobs`: 201 with the job; 200 with the earlier job when the
-/// idempotency key was seen before.
+/// Submit a job.
+///
+/// Each phase's plugin version is pinned now (the active one when the spec
+/// names none). A second submit with the same `idempotency_key` returns the
+/// first job with 200 and stores nothing.
+#[utoipa::path(post, path = "/jobs", tag = TAG, request_body = JobSpec,
+    responses(
+        (status = 201, description = "Created", body = Job),
+        (status = 200, description = "An earlier job with the same idempotency key", body = Job),
+        (status = 413, body = ErrorBody),
+        (status = 422, description = "Invalid job spec or unknown plugin", body = ErrorBody),
+    ))]
 pub async fn create(
     State(state): State<AppState>,
     AppJson(spec): AppJson<JobSpec>,
@@ -30,6 +41,9 @@ pub async fn create(
     Ok((status, AppJson(enqueued.job)))
 }
 
+/// Show a job: phases, outputs, errors, attempts and webhook status.
+#[utoipa::path(get, path = "/jobs/{id}", tag = TAG, params(("id" = String, Path)),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
 pub async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -37,19 +51,32 @@ pub async fn show(
     Ok(AppJson(state.queue.job(&id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// pending, running, completed, failed or cancelled.
     status: Option<String>,
+    /// Only jobs with a phase running this plugin.
     plugin: Option<String>,
+    /// Page size (1-1000, default 50).
     limit: Option<usize>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
-/// `GET /jobs?status=&plugin=&limit=&cursor=`: newest first.
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// List jobs, newest first.
+#[utoipa::path(get, path = "/jobs", tag = TAG, params(ListQuery),
+    responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(query) = query?;
     let status = match query.status.as_deref() {
@@ -67,13 +94,23 @@ pub async fn list(
         cursor: query.cursor,
     };
     let page = state.storage.jobs(filter).await?;
-    Ok(AppJson(
-        json!({"jobs": page.jobs, "next_cursor": page.next_cursor}),
-    ))
+    Ok(AppJson(JobList {
+        jobs: page.jobs,
+        next_cursor: page.next_cursor,
+    }))
 }
 
-/// `POST /jobs/{id}/cancel`: 200 when cancelled, 202 while a running phase
-/// is being stopped (`job:cancelled` follows), 409 when already finished.
+/// Cancel a job.
+///
+/// A pending job is cancelled at once (200). A running phase is asked to
+/// stop through `cancelled()` and stopped by force at the next epoch tick
+/// if it does not (202; `job:cancelled` follows). A finished job is left
+/// as it is (409).
+#[utoipa::path(post, path = "/jobs/{id}/cancel", tag = TAG, params(("id" = String, Path)),
+    responses(
+        (status = 200, body = Job), (status = 202, body = Job),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+    ))]
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -86,23 +123,27 @@ pub async fn cancel(
     Ok((status, AppJson(state.queue.job(&id).await?)))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RetryBody {
+pub struct RetryRequest {
+    /// Run every phase again, clearing stored outputs. By default the job
+    /// resumes at its first unfinished phase and keeps completed outputs.
     #[serde(default)]
     from_start: bool,
 }
 
-/// `POST /jobs/{id}/retry` `{"from_start": false}` (an empty body means
-/// `from_start: false`).
+/// Retry a failed or cancelled job (an empty body means `from_start: false`).
+#[utoipa::path(post, path = "/jobs/{id}/retry", tag = TAG, params(("id" = String, Path)),
+    request_body(content = Option<RetryRequest>),
+    responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body?;
-    let body: RetryBody = if body.iter().all(u8::is_ascii_whitespace) {
-        RetryBody::default()
+    let request: RetryRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RetryRequest::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| {
             ApiError::new(
@@ -112,9 +153,12 @@ pub async fn retry(
             )
         })?
     };
-    Ok(AppJson(state.queue.retry(&id, body.from_start).await?))
+    Ok(AppJson(state.queue.retry(&id, request.from_start).await?))
 }
 
+/// Delete a finished job with its phases (its events stay in the log).
+#[utoipa::path(delete, path = "/jobs/{id}", tag = TAG, params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, description = "Not finished", body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,

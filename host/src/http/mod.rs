@@ -1,5 +1,7 @@
-//! The HTTP API (axum): plugins, jobs, SSE, health. [`router`] builds it
-//! from an [`AppState`]; `crate::app` serves it.
+//! The HTTP API (axum): plugins, jobs, SSE, health, metrics. [`router`]
+//! builds it from an [`AppState`]; `crate::app` serves it. The OpenAPI
+//! document at `/openapi.json` is generated from the same route table
+//! (utoipa), so it lists exactly the routes that exist.
 
 mod auth;
 mod error;
@@ -12,8 +14,13 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest};
-use axum::routing::{get, post, put};
+use axum::routing::get;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use utoipa::openapi::OpenApi;
+use utoipa::{OpenApi as _, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 
@@ -47,30 +54,80 @@ impl<T: serde::Serialize> axum::response::IntoResponse for AppJson<T> {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    let plugin_upload = Router::new()
-        .route(
-            "/plugins/{name}/versions/{version}",
-            put(plugins::upload).delete(plugins::delete_version),
-        )
+/// Every error response: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `not_found`, `invalid_job`.
+    code: String,
+    message: String,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "jobhost", description = "Run multi-phase jobs whose phases are sandboxed WebAssembly components."),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "plugins", description = "Upload, list, activate (hot swap) and delete plugin versions"),
+        (name = "jobs", description = "Submit, inspect, cancel, retry and delete jobs"),
+        (name = "events", description = "Live lifecycle events over Server-Sent Events"),
+        (name = "operations", description = "Health, readiness and metrics"),
+    )
+)]
+struct ApiDoc;
+
+/// Declares the bearer scheme that mutating routes need when tokens are set.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some(
+                "Needed on PUT, POST and DELETE routes when the server is started with tokens",
+            ));
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme.build()));
+    }
+}
+
+/// The route table, with its OpenAPI description.
+fn routes(state: &AppState) -> OpenApiRouter<AppState> {
+    let uploads = OpenApiRouter::new()
+        .routes(routes!(plugins::upload, plugins::delete_version))
         .layer(DefaultBodyLimit::max(state.max_plugin_bytes));
-    let api = Router::new()
-        .route("/plugins", get(plugins::list))
-        .route("/plugins/{name}", get(plugins::show))
-        .route("/plugins/{name}/active", put(plugins::activate))
-        .route("/jobs", post(jobs::create).get(jobs::list))
-        .route("/jobs/{id}", get(jobs::show).delete(jobs::delete))
-        .route("/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/jobs/{id}/retry", post(jobs::retry))
-        .route("/jobs/{id}/events", get(events::job_stream))
-        .route("/events", get(events::stream))
+    let api = OpenApiRouter::new()
+        .routes(routes!(plugins::list))
+        .routes(routes!(plugins::show))
+        .routes(routes!(plugins::activate))
+        .routes(routes!(jobs::create, jobs::list))
+        .routes(routes!(jobs::show, jobs::delete))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(events::job_stream))
+        .routes(routes!(events::stream))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
-    Router::new()
-        .merge(plugin_upload)
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(uploads)
         .merge(api)
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+}
+
+pub fn router(state: AppState) -> Router {
+    let (router, openapi) = routes(&state).split_for_parts();
+    let openapi = Arc::new(openapi);
+    router
+        .route(
+            "/openapi.json",
+            get(move || async move { axum::Json(openapi.as_ref().clone()) }),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

@@ -6,23 +6,52 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppJson, AppState};
+use super::{ApiError, AppJson, AppState, ErrorBody};
 use crate::plugins::Uploaded;
-use crate::runtime::content_hash;
+use crate::runtime::{PluginMetadata, content_hash};
+use crate::storage::PluginRecord;
 
-#[derive(Deserialize)]
+const TAG: &str = "plugins";
+
+#[derive(Deserialize, IntoParams)]
 pub struct UploadQuery {
     /// Make this version active right after the upload.
     #[serde(default)]
     activate: bool,
 }
 
-/// `PUT /plugins/{name}/versions/{version}`: 201 when stored, 200 when the
-/// same bytes were already there, 409 when other bytes are, 422 when the
-/// component is not a valid jobhost plugin (nothing is stored).
+#[derive(Serialize, ToSchema)]
+pub struct UploadResponse {
+    plugin: String,
+    version: String,
+    content_hash: String,
+    size: usize,
+    /// False when the same bytes were already stored under this version.
+    created: bool,
+    /// Whether this version is now the active one.
+    active: bool,
+    /// What the component says about itself (on creation).
+    metadata: Option<PluginMetadata>,
+}
+
+/// Upload a plugin version.
+///
+/// The body is the WebAssembly component. It is validated against the
+/// contract before anything is stored; the first version of a plugin
+/// becomes active.
+#[utoipa::path(put, path = "/plugins/{name}/versions/{version}", tag = TAG,
+    params(("name" = String, Path), ("version" = String, Path), UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses(
+        (status = 201, description = "Stored", body = UploadResponse),
+        (status = 200, description = "The same bytes were already stored", body = UploadResponse),
+        (status = 409, description = "Other bytes are stored under this version", body = ErrorBody),
+        (status = 413, description = "The component is too large", body = ErrorBody),
+        (status = 422, description = "Not a valid jobhost plugin component", body = ErrorBody),
+    ))]
 pub async fn upload(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
@@ -47,18 +76,30 @@ pub async fn upload(
         Uploaded::Created { metadata, .. } => (StatusCode::CREATED, Some(metadata)),
         Uploaded::Unchanged => (StatusCode::OK, None),
     };
-    let body = json!({
-        "plugin": name,
-        "version": version,
-        "content_hash": hash,
-        "size": size,
-        "created": status == StatusCode::CREATED,
-        "active": active,
-        "metadata": metadata,
-    });
+    let created = status == StatusCode::CREATED;
+    let body = UploadResponse {
+        plugin: name,
+        version,
+        content_hash: hash,
+        size,
+        created,
+        active,
+        metadata,
+    };
     Ok((status, AppJson(body)))
 }
 
+/// Delete a plugin version.
+///
+/// Refused while an unfinished job pins the version, and for the active
+/// version while other versions exist.
+#[utoipa::path(delete, path = "/plugins/{name}/versions/{version}", tag = TAG,
+    params(("name" = String, Path), ("version" = String, Path)),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such version", body = ErrorBody),
+        (status = 409, description = "Pinned by an unfinished job, or active", body = ErrorBody),
+    ))]
 pub async fn delete_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
@@ -67,10 +108,22 @@ pub async fn delete_version(
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    Ok(AppJson(json!({"plugins": state.plugins.list().await?})))
+#[derive(Serialize, ToSchema)]
+pub struct PluginList {
+    plugins: Vec<PluginRecord>,
 }
 
+/// List plugins with their versions and the active version.
+#[utoipa::path(get, path = "/plugins", tag = TAG, responses((status = 200, body = PluginList)))]
+pub async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(AppJson(PluginList {
+        plugins: state.plugins.list().await?,
+    }))
+}
+
+/// Show one plugin.
+#[utoipa::path(get, path = "/plugins/{name}", tag = TAG, params(("name" = String, Path)),
+    responses((status = 200, body = PluginRecord), (status = 404, body = ErrorBody)))]
 pub async fn show(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -81,21 +134,35 @@ pub async fn show(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Activate {
+pub struct ActivateRequest {
     version: String,
 }
 
-/// `PUT /plugins/{name}/active` `{"version": "..."}`: new jobs pin this
-/// version; phases already running finish on theirs.
+#[derive(Serialize, ToSchema)]
+pub struct ActivateResponse {
+    plugin: String,
+    active_version: String,
+    previous: Option<String>,
+}
+
+/// Activate a version (hot swap or rollback).
+///
+/// Jobs enqueued from now on pin this version; phases already running
+/// finish on the version they started with.
+#[utoipa::path(put, path = "/plugins/{name}/active", tag = TAG, params(("name" = String, Path)),
+    request_body = ActivateRequest,
+    responses((status = 200, body = ActivateResponse), (status = 404, body = ErrorBody)))]
 pub async fn activate(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    AppJson(body): AppJson<Activate>,
+    AppJson(body): AppJson<ActivateRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let previous = state.plugins.activate(&name, &body.version).await?;
-    Ok(AppJson(
-        json!({"plugin": name, "active_version": body.version, "previous": previous}),
-    ))
+    Ok(AppJson(ActivateResponse {
+        plugin: name,
+        active_version: body.version,
+        previous,
+    }))
 }

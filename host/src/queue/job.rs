@@ -8,7 +8,7 @@ use super::retry::BackoffPolicy;
 use crate::runtime::ResourceUsage;
 
 /// Where a job is in its life. Each state says who moves a job in and out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     /// Waiting to run, now or at its `run_at`. Entered on enqueue, when the
@@ -62,7 +62,7 @@ impl JobStatus {
 }
 
 /// Where a phase is. Terminal jobs have no pending or running phases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PhaseStatus {
     /// Not run yet, or waiting to be run again after a retryable failure.
@@ -105,7 +105,7 @@ impl PhaseStatus {
 }
 
 /// A job as submitted (`POST /jobs`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub phases: Vec<PhaseSpec>,
@@ -131,7 +131,7 @@ pub struct JobSpec {
     pub idempotency_key: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PhaseSpec {
     pub name: String,
@@ -145,7 +145,7 @@ pub struct PhaseSpec {
     pub config: Option<Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
     pub url: String,
@@ -154,14 +154,15 @@ pub struct WebhookSpec {
 }
 
 /// A job as stored, with its phases and its attempts' errors.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: String,
     pub status: JobStatus,
     pub payload: Value,
     pub priority: i32,
-    /// Unix ms: when it is due (pending) or was last due.
+    /// When it is due (pending) or was last due.
     #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[schema(value_type = String, format = DateTime)]
     pub run_at: i64,
     /// Attempts started so far.
     pub attempt: u32,
@@ -172,10 +173,13 @@ pub struct Job {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
     #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
     #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<i64>,
     #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
     /// Why the job failed or was cancelled.
     pub error: Option<String>,
@@ -204,7 +208,7 @@ impl Job {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Phase {
     pub index: usize,
     pub name: String,
@@ -219,18 +223,21 @@ pub struct Phase {
     /// Times this phase was started.
     pub attempts: u32,
     #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<i64>,
     #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
     pub usage: Option<ResourceUsage>,
 }
 
 /// Why one attempt of a job failed.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AttemptError {
     pub attempt: u32,
     pub phase: Option<String>,
     pub error: String,
     #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[schema(value_type = String, format = DateTime)]
     pub at: i64,
 }

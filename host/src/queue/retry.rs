@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// Exponential backoff: `initial_ms * multiplier^(attempt-1)`, capped at
 /// `max_ms`; with `jitter`, a uniformly random delay between half of that
 /// and all of it, so retries of many jobs do not arrive in lockstep.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackoffPolicy {
     pub initial_ms: u64,

@@ -45,7 +45,7 @@ pub enum LoadError {
 }
 
 /// What a plugin says about itself through `describe()`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PluginMetadata {
     pub name: String,
     pub version: String,

@@ -167,7 +167,7 @@ pub struct PhaseLog {
 }
 
 /// What a run used, stored with the phase.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResourceUsage {
     pub wall_ms: u64,
     /// Epoch ticks during which guest code was running: CPU time in units

@@ -47,7 +47,7 @@ pub enum DeleteVersionOutcome {
     Active,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PluginRecord {
     pub name: String,
     pub active_version: Option<String>,
@@ -55,13 +55,14 @@ pub struct PluginRecord {
     pub versions: Vec<VersionRecord>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct VersionRecord {
     pub version: String,
     pub content_hash: String,
     pub size: u64,
     pub description: String,
     #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[schema(value_type = String, format = DateTime)]
     pub uploaded_at: i64,
 }
 

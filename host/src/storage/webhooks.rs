@@ -42,7 +42,7 @@ pub enum AttemptOutcome {
 }
 
 /// A job's latest webhook delivery, as `GET /jobs/{id}` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct WebhookStatus {
     pub id: String,
     pub url: String,
@@ -51,6 +51,7 @@ pub struct WebhookStatus {
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
     #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
 }
 
