@@ -2,6 +2,7 @@
 //! repeated samples, and ratios against a baseline measured in the same run),
 //! never assert on time. Run with `./bench.sh` (a release build).
 
+mod queue;
 mod runtime;
 mod stats;
 
@@ -32,6 +33,10 @@ pub enum Scenario {
     CancelLatency,
     /// Loading a plugin: compiling, and reusing the cached artifact.
     Load,
+    /// Trivial jobs through the durable queue, beside raw SQLite.
+    QueueThroughput,
+    /// Enqueue → completed at low load.
+    QueueLatency,
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
@@ -40,6 +45,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Scenario::EpochOverhead,
         Scenario::CancelLatency,
         Scenario::Load,
+        Scenario::QueueThroughput,
+        Scenario::QueueLatency,
     ];
     let scenarios = if args.only.is_empty() {
         all.to_vec()
@@ -57,6 +64,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
             Scenario::EpochOverhead => runtime::epoch_overhead(&args).await?,
             Scenario::CancelLatency => runtime::cancel_latency(&args).await?,
             Scenario::Load => runtime::plugin_load(&args).await?,
+            Scenario::QueueThroughput => queue::queue_throughput(&args).await?,
+            Scenario::QueueLatency => queue::queue_latency(&args).await?,
         }
         println!();
     }

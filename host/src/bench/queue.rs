@@ -1,0 +1,246 @@
+//! Queue scenarios: end-to-end throughput of trivial jobs through the
+//! durable queue (1 and 3 phases; concurrency 1, 8, 64; both durability
+//! levels) beside a raw SQLite lifecycle loop, and enqueue → `job:completed`
+//! latency at low load.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use rusqlite::params;
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use super::BenchArgs;
+use super::stats::{median, millis, percentile};
+use crate::events::{Bus, Event, EventKind};
+use crate::plugins::PluginRegistry;
+use crate::queue::{JobSpec, PhaseSpec, Queue, QueueConfig};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::storage::{Durability, Storage};
+
+const JOBS: usize = 400;
+const LATENCY_SAMPLES: usize = 100;
+
+struct Bench {
+    queue: Queue,
+    events: broadcast::Receiver<Event>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(
+    args: &BenchArgs,
+    concurrency: usize,
+    durability: Durability,
+) -> anyhow::Result<Bench> {
+    let dir = tempfile::tempdir()?;
+    let bus = Bus::default();
+    let events = bus.subscribe();
+    let storage = Arc::new(Storage::open(
+        &dir.path().join("bench.db"),
+        durability,
+        bus,
+    )?);
+    let runtime = Arc::new(Runtime::new(RuntimeConfig {
+        max_concurrent_runs: concurrency as u32 + 1,
+        cache_dir: Some(dir.path().join("compiled")),
+        ..RuntimeConfig::default()
+    })?);
+    let plugins = Arc::new(PluginRegistry::new(runtime, storage.clone()));
+    let echo = std::fs::read(args.plugins.join("echo.wasm"))
+        .context("reading echo.wasm (see ./bench.sh)")?;
+    plugins.upload("echo", "1.0.0", echo).await?;
+    let config = QueueConfig {
+        concurrency,
+        retention: None,
+        ..QueueConfig::default()
+    };
+    let (queue, _) = Queue::start(storage, plugins, config).await?;
+    Ok(Bench {
+        queue,
+        events,
+        _dir: dir,
+    })
+}
+
+fn spec(phases: usize) -> JobSpec {
+    JobSpec {
+        phases: (0..phases)
+            .map(|i| PhaseSpec {
+                name: format!("p{i}"),
+                plugin: "echo".into(),
+                ..PhaseSpec::default()
+            })
+            .collect(),
+        payload: json!({"n": 1}),
+        ..JobSpec::default()
+    }
+}
+
+/// Waits for `count` more `job:completed` events.
+async fn completions(
+    events: &mut broadcast::Receiver<Event>,
+    mut count: usize,
+) -> anyhow::Result<()> {
+    while count > 0 {
+        match events.recv().await {
+            Ok(event) if event.kind == EventKind::JobCompleted => count -= 1,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => anyhow::bail!("event bus: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Jobs per second: `JOBS` jobs submitted by concurrent clients, until the
+/// last completes.
+async fn throughput(
+    args: &BenchArgs,
+    phases: usize,
+    concurrency: usize,
+    durability: Durability,
+) -> anyhow::Result<f64> {
+    let mut samples = Vec::new();
+    for _ in 0..args.samples.min(3) {
+        let mut bench = start(args, concurrency, durability).await?;
+        let queue = Arc::new(bench.queue);
+        let started = Instant::now();
+        let submitters: Vec<_> = (0..JOBS)
+            .map(|_| {
+                let queue = queue.clone();
+                tokio::spawn(async move { queue.enqueue(spec(phases)).await })
+            })
+            .collect();
+        for submitter in submitters {
+            submitter.await??;
+        }
+        completions(&mut bench.events, JOBS).await?;
+        samples.push(JOBS as f64 / started.elapsed().as_secs_f64());
+        if let Ok(queue) = Arc::try_unwrap(queue) {
+            let _ = queue.shutdown(std::time::Duration::from_secs(5)).await;
+        }
+    }
+    Ok(median(&mut samples))
+}
+
+/// The storage limit: the same lifecycle (insert job and phases, claim,
+/// start/complete each phase, complete the job) as plain SQLite statements,
+/// one transaction per transition like the queue, no wasm and no async.
+fn raw_sqlite(phases: usize, durability: Durability) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let conn = rusqlite::Connection::open(dir.path().join("raw.db"))?;
+    conn.pragma_update(None, "journal_mode", "wal")?;
+    let sync = if durability == Durability::Full {
+        "full"
+    } else {
+        "normal"
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.execute_batch(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT, payload TEXT);
+         CREATE TABLE phases (job INTEGER, idx INTEGER, status TEXT, output TEXT, PRIMARY KEY (job, idx));
+         CREATE TABLE events (seq INTEGER PRIMARY KEY, kind TEXT, job INTEGER, data TEXT);",
+    )?;
+    let started = Instant::now();
+    for job in 0..JOBS as i64 {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO jobs VALUES (?1, 'pending', '{\"n\":1}')",
+            [job],
+        )?;
+        for idx in 0..phases as i64 {
+            tx.execute(
+                "INSERT INTO phases VALUES (?1, ?2, 'pending', NULL)",
+                params![job, idx],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO events (kind, job, data) VALUES ('created', ?1, '{}')",
+            [job],
+        )?;
+        tx.commit()?;
+        let tx = conn.unchecked_transaction()?;
+        tx.execute("UPDATE jobs SET status = 'running' WHERE id = ?1", [job])?;
+        tx.execute(
+            "INSERT INTO events (kind, job, data) VALUES ('started', ?1, '{}')",
+            [job],
+        )?;
+        tx.commit()?;
+        for idx in 0..phases as i64 {
+            for status in ["running", "completed"] {
+                let tx = conn.unchecked_transaction()?;
+                tx.execute(
+                    "UPDATE phases SET status = ?3, output = '{}' WHERE job = ?1 AND idx = ?2",
+                    params![job, idx, status],
+                )?;
+                tx.execute(
+                    "INSERT INTO events (kind, job, data) VALUES (?2, ?1, '{}')",
+                    params![job, status],
+                )?;
+                tx.commit()?;
+            }
+        }
+        let tx = conn.unchecked_transaction()?;
+        tx.execute("UPDATE jobs SET status = 'completed' WHERE id = ?1", [job])?;
+        tx.execute(
+            "INSERT INTO events (kind, job, data) VALUES ('completed', ?1, '{}')",
+            [job],
+        )?;
+        tx.commit()?;
+    }
+    Ok(JOBS as f64 / started.elapsed().as_secs_f64())
+}
+
+pub async fn queue_throughput(args: &BenchArgs) -> anyhow::Result<()> {
+    println!(
+        "## Queue throughput: {JOBS} trivial `echo` jobs, submitted concurrently, until the last completes (jobs/s)"
+    );
+    println!(
+        "| durability | phases | raw SQLite loop | concurrency 1 | concurrency 8 | concurrency 64 | best / raw |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for durability in [Durability::Process, Durability::Full] {
+        for phases in [1, 3] {
+            let raw = raw_sqlite(phases, durability)?;
+            let mut row = Vec::new();
+            for concurrency in [1, 8, 64] {
+                row.push(throughput(args, phases, concurrency, durability).await?);
+            }
+            let best = row.iter().copied().fold(0.0, f64::max);
+            println!(
+                "| {durability:?} | {phases} | {raw:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                row[0],
+                row[1],
+                row[2],
+                best / raw
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
+    let mut bench = start(args, 8, Durability::Process).await?;
+    let mut latencies = Vec::with_capacity(LATENCY_SAMPLES);
+    for _ in 0..LATENCY_SAMPLES {
+        let started = Instant::now();
+        bench.queue.enqueue(spec(1)).await?;
+        completions(&mut bench.events, 1).await?;
+        latencies.push(millis(started.elapsed()));
+    }
+    println!(
+        "## Latency, enqueue → `job:completed`, one 1-phase job at a time ({LATENCY_SAMPLES} jobs)"
+    );
+    println!("| p50 ms | p99 ms | max ms |\n|---:|---:|---:|");
+    println!(
+        "| {:.2} | {:.2} | {:.2} |",
+        percentile(&mut latencies, 50.0),
+        percentile(&mut latencies, 99.0),
+        percentile(&mut latencies, 100.0)
+    );
+    let _ = bench
+        .queue
+        .shutdown(std::time::Duration::from_secs(5))
+        .await;
+    Ok(())
+}
