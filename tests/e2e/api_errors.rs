@@ -146,11 +146,37 @@ async fn tokens_guard_mutating_routes() {
 async fn sigterm_shuts_down_cleanly() {
     let mut server = Server::start(&[]).await;
     assert_eq!(server.get("/readyz").await.0, StatusCode::OK);
+    server
+        .upload("sleep", "1.0.0", plugin_artifacts::SLEEP)
+        .await;
+    let spec = json!({"phases": [
+        {"name": "one", "plugin": "sleep", "config": {"ms": 300, "steps": 3}},
+        {"name": "two", "plugin": "sleep", "config": {"ms": 300}}
+    ]});
+    let id = server.submit(&spec).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut events = server.events("/events", None).await;
+    events.until(&id, "job:phase:started").await;
+
     let status = server.terminate();
     assert!(
         status.success(),
         "exit status {status}; log:\n{}",
         server.log()
     );
+    // The SSE stream ended cleanly rather than hanging or erroring.
+    while events.next_event().await.is_some() {}
     assert!(server.log().contains("shutting down"));
+
+    // The running phase finished; the job waits for the next start.
+    let server = server.restart();
+    let job = server.wait_finished(&id).await;
+    assert_eq!(job["status"], "completed");
+    assert_eq!(
+        job["phases"][0]["attempts"], 1,
+        "the first phase was not interrupted"
+    );
+    assert_eq!(job["errors"], json!([]));
 }

@@ -6,6 +6,7 @@ mod crash;
 mod jobs_api;
 mod observability;
 mod openapi;
+mod queue_admin;
 mod receiver;
 mod server;
 mod streaming;

@@ -3,6 +3,7 @@
 //! document at `/openapi.json` is generated from the same route table
 //! (utoipa), so it lists exactly the routes that exist.
 
+mod admin;
 mod auth;
 mod error;
 mod events;
@@ -75,6 +76,7 @@ pub struct ErrorDetail {
         (name = "plugins", description = "Upload, list, activate (hot swap) and delete plugin versions"),
         (name = "jobs", description = "Submit, inspect, cancel, retry and delete jobs"),
         (name = "events", description = "Live lifecycle events over Server-Sent Events"),
+        (name = "queue", description = "Operators: queue state, pause and resume, purge"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
@@ -114,6 +116,10 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))
+        .routes(routes!(admin::show))
+        .routes(routes!(admin::pause))
+        .routes(routes!(admin::resume))
+        .routes(routes!(admin::purge))
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(uploads)

@@ -1,0 +1,78 @@
+//! Operator routes for the queue: state, pause/resume, purge.
+
+use axum::extract::State;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{ApiError, AppJson, AppState, ErrorBody};
+use crate::time::{now_ms, parse_rfc3339};
+
+const TAG: &str = "queue";
+
+#[derive(Serialize, ToSchema)]
+pub struct QueueState {
+    /// While paused no new phase starts; running phases finish.
+    paused: bool,
+    /// Jobs this server is running now.
+    running: usize,
+    /// Pending jobs that are due now.
+    due: u64,
+    concurrency: usize,
+}
+
+async fn queue_state(state: &AppState) -> Result<QueueState, ApiError> {
+    Ok(QueueState {
+        paused: state.queue.is_paused(),
+        running: state.queue.running().await,
+        due: state.storage.due_count(now_ms()).await?,
+        concurrency: state.queue.config().concurrency,
+    })
+}
+
+/// The queue's state.
+#[utoipa::path(get, path = "/queue", tag = TAG, responses((status = 200, body = QueueState)))]
+pub async fn show(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(AppJson(queue_state(&state).await?))
+}
+
+/// Pause: no new phase starts until resumed; running phases finish and
+/// their jobs wait, keeping completed phases.
+#[utoipa::path(post, path = "/queue/pause", tag = TAG, responses((status = 200, body = QueueState)))]
+pub async fn pause(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    state.queue.pause();
+    Ok(AppJson(queue_state(&state).await?))
+}
+
+/// Resume after a pause.
+#[utoipa::path(post, path = "/queue/resume", tag = TAG, responses((status = 200, body = QueueState)))]
+pub async fn resume(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    state.queue.resume();
+    Ok(AppJson(queue_state(&state).await?))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// Delete finished jobs that finished before this time (RFC 3339).
+    finished_before: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PurgeResponse {
+    deleted: Vec<String>,
+}
+
+/// Delete every finished job that finished before a time (each emits
+/// `job:deleted`). The retention sweep does the same periodically.
+#[utoipa::path(post, path = "/queue/purge", tag = TAG, request_body = PurgeRequest,
+    responses((status = 200, body = PurgeResponse), (status = 400, body = ErrorBody)))]
+pub async fn purge(
+    State(state): State<AppState>,
+    AppJson(request): AppJson<PurgeRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let cutoff = parse_rfc3339(&request.finished_before).map_err(ApiError::bad_request)?;
+    Ok(AppJson(PurgeResponse {
+        deleted: state.queue.purge_finished_before(cutoff).await?,
+    }))
+}
