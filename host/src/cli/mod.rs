@@ -1,8 +1,13 @@
 //! The `jobhost` command line. `main.rs` only parses and dispatches here.
 
+mod client;
+mod remote;
 mod run_phase;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+
+use remote::{JobAction, PluginAction, Remote};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +27,31 @@ pub enum Command {
     /// Run one phase of a plugin component locally and print its output,
     /// logs and outcome. Exits non-zero when the phase fails.
     RunPhase(run_phase::RunPhaseArgs),
+    /// Upload, list, show and activate plugins on a server.
+    Plugin {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: PluginAction,
+    },
+    /// Submit, follow, show, list, cancel and retry jobs on a server.
+    Job {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: JobAction,
+    },
+    /// Tail a server's event stream.
+    Events {
+        #[command(flatten)]
+        remote: Remote,
+        /// Only this job's events.
+        #[arg(long)]
+        job: Option<String>,
+        /// Comma-separated event types, e.g. job:completed,job:failed.
+        #[arg(long)]
+        types: Option<String>,
+    },
     /// Run the benchmark scenarios and print their figures.
     Bench(crate::bench::BenchArgs),
 }
@@ -31,12 +61,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::RunPhase(args) => run_phase::run_phase(args).await,
+        Command::Plugin { remote, action } => remote::plugin(&remote, action).await,
+        Command::Job { remote, action } => remote::job(&remote, action).await,
+        Command::Events { remote, job, types } => remote::events(&remote, job, types).await,
         Command::Bench(args) => crate::bench::bench(args).await,
     }
 }
 
 async fn serve(args: crate::config::ServeArgs) -> anyhow::Result<i32> {
-    use anyhow::Context as _;
     let config = args.resolve()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -1,0 +1,507 @@
+//! Client commands: `jobhost plugin …`, `jobhost job …`, `jobhost events`.
+//! Human-readable by default, `--json` for scripts. Exit codes: 0 success,
+//! 1 a job that failed or was cancelled (`submit --wait`), 2 any error.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use super::client::Client;
+use crate::queue::{JobSpec, PhaseSpec};
+
+/// Where the server is, and how to print.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// The jobhost server.
+    #[arg(
+        long,
+        env = "JOBHOST_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    /// Bearer token for mutating requests.
+    #[arg(long, env = "JOBHOST_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Remote {
+    fn client(&self) -> Client {
+        Client::new(&self.url, self.token.clone())
+    }
+
+    fn print(&self, value: &Value, human: impl FnOnce(&Value)) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            );
+        } else {
+            human(value);
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginAction {
+    /// Upload a component as a plugin version (validated by the server).
+    Push {
+        name: String,
+        file: PathBuf,
+        /// The version to store [default: the version the component reports].
+        #[arg(long)]
+        version: Option<String>,
+        /// Make it the active version right away.
+        #[arg(long)]
+        activate: bool,
+    },
+    /// List plugins and their versions.
+    List,
+    /// Show one plugin.
+    Show { name: String },
+    /// Make a version active (hot swap or rollback).
+    Activate { name: String, version: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobAction {
+    /// Submit a job from a spec file, or from --phase/--payload.
+    Submit {
+        /// A job spec (JSON file); `-` reads standard input.
+        spec: Option<PathBuf>,
+        /// A phase as NAME=PLUGIN or NAME=PLUGIN@VERSION; repeat in order.
+        #[arg(long = "phase", value_name = "NAME=PLUGIN[@VERSION]")]
+        phases: Vec<String>,
+        /// The payload: JSON text or @file.
+        #[arg(long)]
+        payload: Option<String>,
+        /// Follow the job live and exit non-zero unless it completes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Follow a job live until it ends; exits non-zero unless it completes.
+    Watch { id: String },
+    /// Show a job with its phases, outputs and errors.
+    Show { id: String },
+    /// List jobs, newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        plugin: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Cancel a job.
+    Cancel { id: String },
+    /// Retry a failed or cancelled job.
+    Retry {
+        id: String,
+        /// Run every phase again instead of resuming.
+        #[arg(long)]
+        from_start: bool,
+    },
+}
+
+pub async fn plugin(remote: &Remote, action: PluginAction) -> anyhow::Result<i32> {
+    let client = remote.client();
+    match action {
+        PluginAction::Push {
+            name,
+            file,
+            version,
+            activate,
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let version = match version {
+                Some(version) => version,
+                None => component_version(&bytes)
+                    .await
+                    .with_context(|| format!("loading {}", file.display()))?,
+            };
+            let query = if activate { "?activate=true" } else { "" };
+            let (status, body) = client
+                .put_bytes(&format!("/plugins/{name}/versions/{version}{query}"), bytes)
+                .await?;
+            remote.print(&body, |b| {
+                let what = if status.as_u16() == 201 {
+                    "uploaded"
+                } else {
+                    "already uploaded (same bytes)"
+                };
+                let active = if b["active"] == true { ", active" } else { "" };
+                println!(
+                    "{name} {version} {what}{active} ({} bytes, sha256 {})",
+                    b["size"],
+                    text(&b["content_hash"])
+                );
+            });
+        }
+        PluginAction::List => {
+            let body = client.get("/plugins").await?;
+            remote.print(&body, |b| {
+                for plugin in b["plugins"].as_array().into_iter().flatten() {
+                    print_plugin(plugin);
+                }
+            });
+        }
+        PluginAction::Show { name } => {
+            let body = client.get(&format!("/plugins/{name}")).await?;
+            remote.print(&body, print_plugin);
+        }
+        PluginAction::Activate { name, version } => {
+            let body = client
+                .put_json(
+                    &format!("/plugins/{name}/active"),
+                    &json!({"version": version}),
+                )
+                .await?;
+            remote.print(&body, |b| {
+                println!(
+                    "{name}: active version {version} (was {})",
+                    text(&b["previous"])
+                );
+            });
+        }
+    }
+    Ok(0)
+}
+
+/// The version a component reports through `describe()`, read by loading
+/// it locally (which also validates it before the upload).
+async fn component_version(bytes: &[u8]) -> anyhow::Result<String> {
+    let runtime = crate::runtime::Runtime::new(crate::runtime::RuntimeConfig {
+        max_concurrent_runs: 1,
+        ..Default::default()
+    })?;
+    Ok(runtime.load(bytes).await?.metadata.version.clone())
+}
+
+fn print_plugin(plugin: &Value) {
+    let active = plugin["active_version"].as_str().unwrap_or("-");
+    println!("{} (active {active})", text(&plugin["name"]));
+    for version in plugin["versions"].as_array().into_iter().flatten() {
+        let marker = if version["version"].as_str() == Some(active) {
+            "*"
+        } else {
+            " "
+        };
+        println!(
+            "  {marker} {:<12} {:>8} bytes  {}  {}",
+            text(&version["version"]),
+            version["size"],
+            text(&version["uploaded_at"]),
+            text(&version["description"])
+        );
+    }
+}
+
+pub async fn job(remote: &Remote, action: JobAction) -> anyhow::Result<i32> {
+    let client = remote.client();
+    match action {
+        JobAction::Submit {
+            spec,
+            phases,
+            payload,
+            wait,
+        } => {
+            let spec = build_spec(spec, &phases, payload)?;
+            let job = client.post("/jobs", &serde_json::to_value(&spec)?).await?;
+            let id = text(&job["id"]).to_owned();
+            if !wait {
+                remote.print(&job, |j| {
+                    println!("submitted job {id} ({})", text(&j["status"]))
+                });
+                return Ok(0);
+            }
+            if !remote.json {
+                eprintln!("submitted job {id}");
+            }
+            return follow(remote, &client, &job).await;
+        }
+        JobAction::Watch { id } => {
+            let job = client.get(&format!("/jobs/{id}")).await?;
+            return follow(remote, &client, &job).await;
+        }
+        JobAction::Show { id } => {
+            let job = client.get(&format!("/jobs/{id}")).await?;
+            remote.print(&job, print_job);
+        }
+        JobAction::List {
+            status,
+            plugin,
+            limit,
+        } => {
+            let mut query = format!("/jobs?limit={limit}");
+            if let Some(status) = status {
+                query.push_str(&format!("&status={status}"));
+            }
+            if let Some(plugin) = plugin {
+                query.push_str(&format!("&plugin={plugin}"));
+            }
+            let body = client.get(&query).await?;
+            remote.print(&body, |b| {
+                for job in b["jobs"].as_array().into_iter().flatten() {
+                    let phases: Vec<&str> = job["phases"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| text(&p["name"]))
+                        .collect();
+                    println!(
+                        "{}  {:<9}  {}  {}",
+                        text(&job["id"]),
+                        text(&job["status"]),
+                        text(&job["created_at"]),
+                        phases.join(" → ")
+                    );
+                }
+            });
+        }
+        JobAction::Cancel { id } => {
+            let job = client
+                .post(&format!("/jobs/{id}/cancel"), &json!({}))
+                .await?;
+            remote.print(&job, |j| println!("job {id}: {}", text(&j["status"])));
+        }
+        JobAction::Retry { id, from_start } => {
+            let job = client
+                .post(
+                    &format!("/jobs/{id}/retry"),
+                    &json!({"from_start": from_start}),
+                )
+                .await?;
+            remote.print(&job, |j| {
+                println!("job {id}: {} (retrying)", text(&j["status"]))
+            });
+        }
+    }
+    Ok(0)
+}
+
+fn build_spec(
+    file: Option<PathBuf>,
+    phases: &[String],
+    payload: Option<String>,
+) -> anyhow::Result<JobSpec> {
+    let mut spec: JobSpec = match &file {
+        Some(path) if path.as_os_str() == "-" => {
+            serde_json::from_reader(std::io::stdin()).context("reading the spec")?
+        }
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid job spec", path.display()))?
+        }
+        None => JobSpec::default(),
+    };
+    for phase in phases {
+        let (name, target) = phase
+            .split_once('=')
+            .with_context(|| format!("--phase {phase:?} is not NAME=PLUGIN[@VERSION]"))?;
+        let (plugin, version) = match target.split_once('@') {
+            Some((plugin, version)) => (plugin, Some(version.to_owned())),
+            None => (target, None),
+        };
+        spec.phases.push(PhaseSpec {
+            name: name.into(),
+            plugin: plugin.into(),
+            version,
+            ..PhaseSpec::default()
+        });
+    }
+    if let Some(payload) = payload {
+        let text = match payload.strip_prefix('@') {
+            Some(path) => {
+                std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+            }
+            None => payload,
+        };
+        spec.payload = serde_json::from_str(&text).context("--payload is not valid JSON")?;
+    }
+    anyhow::ensure!(
+        !spec.phases.is_empty(),
+        "give a spec file or at least one --phase"
+    );
+    Ok(spec)
+}
+
+/// Follows a job's event stream with a progress bar per phase; the exit
+/// code says how it ended.
+async fn follow(remote: &Remote, client: &Client, job: &Value) -> anyhow::Result<i32> {
+    let id = text(&job["id"]).to_owned();
+    let bars = MultiProgress::new();
+    if remote.json {
+        bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos:>3}% {msg}")
+        .expect("valid template")
+        .progress_chars("=> ");
+    let phase_bars: Vec<(String, ProgressBar)> = job["phases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|phase| {
+            let bar = bars.add(ProgressBar::new(100).with_style(style.clone()));
+            let name = text(&phase["name"]).to_owned();
+            bar.set_prefix(name.clone());
+            bar.set_message(format!(
+                "pending ({}@{})",
+                text(&phase["plugin"]),
+                text(&phase["version"])
+            ));
+            (name, bar)
+        })
+        .collect();
+    let bar_of = |name: &str| {
+        phase_bars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, bar)| bar)
+    };
+    let mut stream = std::pin::pin!(client.events(&format!("/jobs/{id}/events")).await?);
+    let mut outcome = None;
+    while let Some(event) = stream.next().await {
+        let (_, kind, event) = event?;
+        let data = &event["data"];
+        let bar = data["phase"].as_str().and_then(bar_of);
+        match (kind.as_str(), bar) {
+            ("job:phase:started", Some(bar)) => {
+                bar.set_message(format!("running (attempt {})", data["attempt"]))
+            }
+            ("job:phase:progress", Some(bar)) => {
+                bar.set_position(data["percent"].as_u64().unwrap_or(0));
+                bar.set_message(text(&data["note"]).to_owned());
+            }
+            ("job:phase:completed", Some(bar)) => {
+                bar.set_position(100);
+                bar.finish_with_message(format!("done in {} ms", data["usage"]["wall_ms"]));
+            }
+            ("job:phase:failed", Some(bar)) => {
+                let next = if data["retrying"] == true {
+                    "will retry"
+                } else {
+                    "failed"
+                };
+                bar.set_message(format!("{next}: {}", text(&data["error"])));
+            }
+            ("job:completed" | "job:failed" | "job:cancelled", _) => {
+                outcome = Some(kind.trim_start_matches("job:").to_owned());
+            }
+            _ => {}
+        }
+    }
+    for (_, bar) in &phase_bars {
+        if !bar.is_finished() {
+            bar.abandon();
+        }
+    }
+    let final_job = client.get(&format!("/jobs/{id}")).await?;
+    let outcome = outcome.unwrap_or_else(|| text(&final_job["status"]).to_owned());
+    remote.print(&final_job, |j| {
+        println!("job {id} {outcome}");
+        if let Some(error) = j["error"].as_str() {
+            println!("error: {error}");
+        }
+        if let Some(last) = j["phases"].as_array().and_then(|p| p.last())
+            && !last["output"].is_null()
+        {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&last["output"]).unwrap_or_default()
+            );
+        }
+    });
+    Ok(if outcome == "completed" { 0 } else { 1 })
+}
+
+fn print_job(job: &Value) {
+    println!("job {}  {}", text(&job["id"]), text(&job["status"]));
+    println!(
+        "  created {}  attempt {}/{}",
+        text(&job["created_at"]),
+        job["attempt"],
+        job["max_attempts"]
+    );
+    if let Some(error) = job["error"].as_str() {
+        println!("  error: {error}");
+    }
+    for phase in job["phases"].as_array().into_iter().flatten() {
+        println!(
+            "  - {} ({}@{}): {}, {} attempt(s)",
+            text(&phase["name"]),
+            text(&phase["plugin"]),
+            text(&phase["version"]),
+            text(&phase["status"]),
+            phase["attempts"]
+        );
+        if let Some(error) = phase["error"].as_str() {
+            println!("      error: {error}");
+        }
+        if !phase["output"].is_null() {
+            let output = phase["output"].to_string();
+            let shown: String = output.chars().take(200).collect();
+            println!(
+                "      output: {shown}{}",
+                if output.len() > shown.len() {
+                    "…"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if !job["webhook"].is_null() {
+        let w = &job["webhook"];
+        println!(
+            "  webhook: {} after {} attempt(s)",
+            text(&w["status"]),
+            w["attempts"]
+        );
+    }
+}
+
+/// Follows the event stream, printing one line per event.
+pub async fn events(
+    remote: &Remote,
+    job: Option<String>,
+    types: Option<String>,
+) -> anyhow::Result<i32> {
+    let client = remote.client();
+    let mut query = Vec::new();
+    if let Some(job) = &job {
+        query.push(format!("job={job}"));
+    }
+    if let Some(types) = &types {
+        query.push(format!("types={types}"));
+    }
+    let path = format!("/events?{}", query.join("&"));
+    let mut stream = std::pin::pin!(client.events(&path).await?);
+    while let Some(event) = stream.next().await {
+        let (id, kind, event) = event?;
+        if remote.json {
+            println!("{event}");
+        } else {
+            let subject = event["job_id"].as_str().unwrap_or("");
+            println!(
+                "{id:>6} {} {kind:<22} {subject} {}",
+                text(&event["at"]),
+                event["data"]
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn text(value: &Value) -> &str {
+    value.as_str().unwrap_or("-")
+}

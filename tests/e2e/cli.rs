@@ -1,0 +1,206 @@
+//! The CLI's user path against a real server: push, activate, submit
+//! --wait (exit codes), show, list, watch, cancel, retry, and clear errors.
+
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::server::Server;
+
+fn jobhost(url: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_jobhost"));
+    command
+        .args(args)
+        .env("JOBHOST_URL", url)
+        .env_remove("JOBHOST_TOKEN");
+    command
+}
+
+/// Runs a CLI command to completion (on a blocking thread).
+async fn run(url: &str, args: &[&str]) -> Output {
+    let mut command = jobhost(url, args);
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(output), stderr(output)))
+}
+
+#[tokio::test]
+async fn cli_user_path() {
+    let server = Server::start(&[]).await;
+    let url = server.url.as_str();
+
+    // push: the version defaults to the one the component reports.
+    let pushed = run(url, &["plugin", "push", "echo", plugin_artifacts::ECHO]).await;
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    assert!(
+        stdout(&pushed).starts_with("echo 0.1.0 uploaded, active"),
+        "{}",
+        stdout(&pushed)
+    );
+    for (name, file) in [
+        ("fail", plugin_artifacts::FAIL),
+        ("spin", plugin_artifacts::SPIN),
+    ] {
+        assert!(
+            run(url, &["plugin", "push", name, file])
+                .await
+                .status
+                .success()
+        );
+    }
+
+    // submit --wait: 0 when the job completes, 1 when it fails.
+    let ok = run(
+        url,
+        &[
+            "job",
+            "submit",
+            "--phase",
+            "e=echo",
+            "--payload",
+            r#"{"x": 1}"#,
+            "--wait",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    let done = json(&ok);
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["phases"][0]["output"]["payload"]["x"], 1);
+
+    let failed = run(
+        url,
+        &[
+            "job",
+            "submit",
+            "--phase",
+            "f=fail@0.1.0",
+            "--wait",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+    let id = json(&failed)["id"].as_str().unwrap().to_owned();
+    let shown = run(url, &["job", "show", &id]).await;
+    assert!(stdout(&shown).contains("failed"), "{}", stdout(&shown));
+    assert!(
+        stdout(&shown).contains("this phase always fails"),
+        "{}",
+        stdout(&shown)
+    );
+    let retried = run(url, &["job", "retry", &id, "--json"]).await;
+    assert!(retried.status.success(), "{}", stderr(&retried));
+    assert_eq!(json(&retried)["status"], "pending");
+
+    // cancel: a watcher of a job that never yields exits non-zero.
+    let submitted = run(url, &["job", "submit", "--phase", "s=spin", "--json"]).await;
+    let spin_id = json(&submitted)["id"].as_str().unwrap().to_owned();
+    let watcher = jobhost(url, &["job", "watch", &spin_id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut events = server
+        .events(&format!("/jobs/{spin_id}/events"), None)
+        .await;
+    events.until(&spin_id, "job:phase:started").await;
+    let cancelled = run(url, &["job", "cancel", &spin_id]).await;
+    assert!(cancelled.status.success(), "{}", stderr(&cancelled));
+    let watched = tokio::task::spawn_blocking(move || watcher.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        watched.status.code(),
+        Some(1),
+        "a cancelled job is not a success"
+    );
+
+    // activate: hot swap from the CLI.
+    assert!(
+        run(
+            url,
+            &[
+                "plugin",
+                "push",
+                "echo",
+                plugin_artifacts::SLEEP,
+                "--version",
+                "2.0.0"
+            ]
+        )
+        .await
+        .status
+        .success()
+    );
+    let activated = run(url, &["plugin", "activate", "echo", "2.0.0"]).await;
+    assert!(
+        stdout(&activated).contains("active version 2.0.0 (was 0.1.0)"),
+        "{}",
+        stdout(&activated)
+    );
+    let shown = json(&run(url, &["plugin", "show", "echo", "--json"]).await);
+    assert_eq!(shown["active_version"], "2.0.0");
+    let listed = run(url, &["job", "list", "--status", "completed"]).await;
+    assert_eq!(stdout(&listed).lines().count(), 1, "{}", stdout(&listed));
+}
+
+#[tokio::test]
+async fn cli_errors_are_clear() {
+    let server = Server::start(&["--tokens", "s3cret"]).await;
+    let url = server.url.as_str();
+    let missing = run(url, &["plugin", "show", "ghost"]).await;
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("no plugin named `ghost`"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let refused = run(url, &["plugin", "push", "echo", plugin_artifacts::ECHO]).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("--token or JOBHOST_TOKEN"),
+        "{}",
+        stderr(&refused)
+    );
+    let allowed = run(
+        url,
+        &[
+            "plugin",
+            "push",
+            "echo",
+            plugin_artifacts::ECHO,
+            "--token",
+            "s3cret",
+        ],
+    )
+    .await;
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let unreachable = run(&format!("http://{closed}"), &["job", "list"]).await;
+    assert_eq!(unreachable.status.code(), Some(2));
+    assert!(
+        stderr(&unreachable).contains("cannot reach jobhost"),
+        "{}",
+        stderr(&unreachable)
+    );
+}
