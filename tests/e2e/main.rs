@@ -7,6 +7,7 @@ mod crash;
 mod jobs_api;
 mod observability;
 mod openapi;
+mod polyglot;
 mod queue_admin;
 mod receiver;
 mod server;
