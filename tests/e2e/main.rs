@@ -10,6 +10,7 @@ mod openapi;
 mod polyglot;
 mod queue_admin;
 mod receiver;
+mod scaffold;
 mod server;
 mod streaming;
 mod user_path;

@@ -1,6 +1,7 @@
 //! The `jobhost` command line. `main.rs` only parses and dispatches here.
 
 mod client;
+mod new_plugin;
 mod remote;
 mod run_phase;
 
@@ -27,6 +28,8 @@ pub enum Command {
     /// Run one phase of a plugin component locally and print its output,
     /// logs and outcome. Exits non-zero when the phase fails.
     RunPhase(run_phase::RunPhaseArgs),
+    /// Scaffold a Rust plugin crate that builds into a component.
+    NewPlugin(new_plugin::NewPluginArgs),
     /// Upload, list, show and activate plugins on a server.
     Plugin {
         #[command(flatten)]
@@ -61,6 +64,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::RunPhase(args) => run_phase::run_phase(args).await,
+        Command::NewPlugin(args) => new_plugin::new_plugin(args),
         Command::Plugin { remote, action } => remote::plugin(&remote, action).await,
         Command::Job { remote, action } => remote::job(&remote, action).await,
         Command::Events { remote, job, types } => remote::events(&remote, job, types).await,
