@@ -60,3 +60,10 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         json!({"status": "ready", "last_event": last_event, "paused": state.queue.is_paused()}),
     ))
 }
+
+/// The dashboard: one self-contained page (no external assets) that lists
+/// plugins and jobs and follows them live over SSE.
+#[utoipa::path(get, path = "/", tag = "operations", responses((status = 200, description = "HTML", content_type = "text/html")))]
+pub async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
+}

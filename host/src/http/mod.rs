@@ -116,6 +116,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))
+        .routes(routes!(health::dashboard))
         .routes(routes!(admin::show))
         .routes(routes!(admin::pause))
         .routes(routes!(admin::resume))

@@ -1,0 +1,52 @@
+// Opens the dashboard in headless Chromium, submits a job through the API,
+// and checks that it appears on the page and turns completed live (through
+// the page's EventSource, without reloading). Saves a screenshot.
+//
+//   node dashboard.mjs <server url> <screenshot.png>
+import { chromium } from "playwright-core";
+
+const [url, screenshot] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 720 } });
+  page.on("pageerror", error => { console.error("page error:", error); process.exitCode = 1; });
+  await page.goto(url);
+  await page.locator("#live.on").waitFor({ timeout: 10000 });
+  await page.locator(".plugin", { hasText: "sleep" }).waitFor();
+
+  const response = await fetch(url + "/jobs", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ phases: [
+      { name: "warm-up", plugin: "sleep", config: { ms: 600, steps: 6 } },
+      { name: "report", plugin: "echo" },
+    ] }),
+  });
+  if (response.status !== 201) throw new Error("submit failed: " + response.status);
+  const job = await response.json();
+  const row = page.locator(`tr[data-job="${job.id}"]`);
+  await row.waitFor({ timeout: 10000 });
+  console.log("the job appeared on the page with status", await row.getAttribute("data-status"));
+  // Live progress reaches the page while the first phase runs.
+  await row.locator('.phase[data-phase="warm-up"] .note', { hasText: "step" }).waitFor({ timeout: 10000 });
+  await page.locator(`tr[data-job="${job.id}"][data-status="completed"]`).waitFor({ timeout: 20000 });
+  console.log("the job turned completed live");
+
+  // A failing job shows a Retry button; a scheduled one a Cancel button that works.
+  const later = await (await fetch(url + "/jobs", { method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ phases: [{ name: "later", plugin: "echo" }], delay_ms: 3600000 }) })).json();
+  const laterRow = page.locator(`tr[data-job="${later.id}"]`);
+  await laterRow.locator("button", { hasText: "Cancel" }).click();
+  await page.locator(`tr[data-job="${later.id}"][data-status="cancelled"]`).waitFor({ timeout: 10000 });
+  await laterRow.locator("button", { hasText: "Retry" }).waitFor();
+  console.log("cancel from the page worked");
+
+  await page.screenshot({ path: screenshot, fullPage: true });
+  console.log("screenshot:", screenshot);
+} finally {
+  await browser.close();
+}
