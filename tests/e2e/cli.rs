@@ -192,10 +192,7 @@ async fn cli_errors_are_clear() {
     .await;
     assert!(allowed.status.success(), "{}", stderr(&allowed));
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = crate::receiver::closed_address();
     let unreachable = run(&format!("http://{closed}"), &["job", "list"]).await;
     assert_eq!(unreachable.status.code(), Some(2));
     assert!(

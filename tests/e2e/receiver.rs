@@ -15,6 +15,14 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::server::TIMEOUT;
 
+/// A loopback address nobody listens on (yet): connections are refused.
+pub fn closed_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub headers: HeaderMap,

@@ -121,11 +121,7 @@ async fn failing_receiver_gets_retries_with_the_same_webhook_id() {
 
 #[tokio::test]
 async fn a_receiver_down_across_a_restart_gets_the_webhook_after_it() {
-    // A port with nobody listening: connections are refused.
-    let address = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let address = crate::receiver::closed_address();
     let url = format!("http://{address}/hook");
     let mut server = Server::start(&[]).await;
     server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
@@ -158,10 +154,7 @@ async fn a_receiver_down_across_a_restart_gets_the_webhook_after_it() {
 /// would): webhook bookkeeping for a deleted job does not fail.
 #[tokio::test]
 async fn webhook_for_a_deleted_job_is_still_delivered() {
-    let address = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let address = crate::receiver::closed_address();
     let url = format!("http://{address}/hook");
     let server = Server::start(&[]).await;
     server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;

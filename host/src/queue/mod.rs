@@ -236,11 +236,12 @@ impl Queue {
     /// through `cancelled()`, by force at the next epoch tick).
     pub async fn cancel(&self, id: &str) -> Result<Cancelled, QueueError> {
         let running = self.shared.running.lock().await;
-        if let Some(token) = running.get(id) {
-            token.cancel();
-            return Ok(Cancelled::Stopping);
-        }
         match self.shared.storage.cancel_pending_job(id, now_ms()).await? {
+            // This process runs it: its worker stops the phase and records the cancel.
+            CancelOutcome::Running if running.contains_key(id) => {
+                running[id].cancel();
+                Ok(Cancelled::Stopping)
+            }
             CancelOutcome::Cancelled => Ok(Cancelled::Done),
             CancelOutcome::NotFound => Err(QueueError::NotFound(id.to_owned())),
             CancelOutcome::AlreadyFinished(status) => Err(QueueError::Conflict {

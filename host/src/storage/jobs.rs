@@ -570,32 +570,54 @@ fn fail_phase(
     let attempt = record_attempt_error(conn, job_id, Some(&phase), error, now)?;
     let data = json!({"phase": phase, "index": index, "attempt": attempt, "error": error, "retrying": retrying});
     job_event(conn, log, EventKind::PhaseFailed, job_id, data, now)?;
+    end_attempt(
+        conn,
+        log,
+        job_id,
+        Some(&phase),
+        attempt,
+        error,
+        after,
+        false,
+        now,
+    )?;
+    Ok(true)
+}
+
+/// After a failed attempt: the job waits for its retry at `run_at`, or
+/// fails with its unfinished phases marked as never to run. `recovered` marks
+/// the events of jobs a crash interrupted.
+#[allow(clippy::too_many_arguments)]
+fn end_attempt(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    phase: Option<&str>,
+    attempt: u32,
+    error: &str,
+    after: &AfterFailure,
+    recovered: bool,
+    now: i64,
+) -> Result<()> {
     match after {
         AfterFailure::Retry { run_at } => {
-            conn.execute(
+            conn.prepare_cached(
                 "UPDATE jobs SET status = 'pending', run_at = ?2, error = ?3 WHERE id = ?1",
-                params![job_id, run_at, error],
-            )?;
-            let data = json!({"attempt": attempt, "next_attempt": attempt + 1, "run_at": run_at, "error": error});
-            job_event(conn, log, EventKind::JobRetrying, job_id, data, now)?;
+            )?
+            .execute(params![job_id, run_at, error])?;
+            let data = json!({"attempt": attempt, "next_attempt": attempt + 1, "run_at": run_at, "error": error, "recovered": recovered});
+            job_event(conn, log, EventKind::JobRetrying, job_id, data, now)
         }
         AfterFailure::Fail => {
             cancel_unfinished_phases(conn, job_id, now)?;
-            conn.execute(
+            conn.prepare_cached(
                 "UPDATE jobs SET status = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
-                params![job_id, now, error],
-            )?;
-            job_event(
-                conn,
-                log,
-                EventKind::JobFailed,
-                job_id,
-                json!({"phase": phase, "error": error}),
-                now,
-            )?;
+            )?
+            .execute(params![job_id, now, error])?;
+            let data = json!({"phase": phase, "error": error, "recovered": recovered});
+            job_event(conn, log, EventKind::JobFailed, job_id, data, now)
         }
     }
-    Ok(true)
 }
 
 /// Moves a job from `expected` to cancelled, with every unfinished phase.
@@ -745,28 +767,22 @@ fn recover(conn: &Connection, log: &mut EventLog, now: i64) -> Result<Vec<Recove
                 params![job_id, index, status, error, now],
             )?;
         }
-        if requeued {
-            conn.execute(
-                "UPDATE jobs SET status = 'pending', run_at = ?2, error = ?3 WHERE id = ?1",
-                params![job_id, now, error],
-            )?;
-            let data = json!({"attempt": attempt, "next_attempt": attempt + 1, "run_at": now, "error": error, "recovered": true});
-            job_event(conn, log, EventKind::JobRetrying, &job_id, data, now)?;
+        let after = if requeued {
+            AfterFailure::Retry { run_at: now }
         } else {
-            cancel_unfinished_phases(conn, &job_id, now)?;
-            conn.execute(
-                "UPDATE jobs SET status = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
-                params![job_id, now, error],
-            )?;
-            job_event(
-                conn,
-                log,
-                EventKind::JobFailed,
-                &job_id,
-                json!({"phase": phase, "error": error, "recovered": true}),
-                now,
-            )?;
-        }
+            AfterFailure::Fail
+        };
+        end_attempt(
+            conn,
+            log,
+            &job_id,
+            phase.as_deref(),
+            attempt,
+            &error,
+            &after,
+            true,
+            now,
+        )?;
         recovered.push(Recovered {
             job_id,
             phase,
