@@ -724,8 +724,12 @@ fn delete(conn: &Connection, log: &mut EventLog, job_id: &str, now: i64) -> Resu
 }
 
 /// `job:deleted` carries only the deleted job's id.
+/// Deletes a job with its history: its phases, attempt errors and logged
+/// events. Only the `job:deleted` event is left, for watchers to replay.
 fn delete_row(conn: &Connection, log: &mut EventLog, job_id: &str, now: i64) -> Result<()> {
     conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+        .execute([job_id])?;
+    conn.prepare_cached("DELETE FROM events WHERE job_id = ?1")?
         .execute([job_id])?;
     job_event(
         conn,
@@ -807,6 +811,13 @@ fn delete_finished_before(
         )?
         .query_map(params![cutoff, limit as i64], |row| row.get(0))?
         .collect::<rusqlite::Result<_>>()?;
+    // The log's other old entries go first: plugin events, and what was
+    // logged about jobs that no longer exist (their `job:deleted`, late
+    // webhook outcomes). Events of jobs still stored stay with them.
+    conn.prepare_cached(
+        "DELETE FROM events WHERE at < ?1 AND (job_id IS NULL OR job_id NOT IN (SELECT id FROM jobs))",
+    )?
+    .execute([cutoff])?;
     for id in &ids {
         delete_row(conn, log, id, now)?;
     }
