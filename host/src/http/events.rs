@@ -180,9 +180,9 @@ async fn feed(
             }
             Ok(_) => Ok(()),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::debug!(
+                tracing::info!(
                     missed,
-                    "SSE client fell behind the bus; catching up from the log"
+                    "an SSE client fell behind the bus; catching it up from the log"
                 );
                 catch_up(&state, &filter, &mut last, end_after_terminal, &tx).await
             }
