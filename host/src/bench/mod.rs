@@ -2,8 +2,10 @@
 //! repeated samples, and ratios against a baseline measured in the same run),
 //! never assert on time. Run with `./bench.sh` (a release build).
 
+mod http;
 mod queue;
 mod runtime;
+mod startup;
 mod stats;
 
 use std::path::PathBuf;
@@ -37,6 +39,10 @@ pub enum Scenario {
     QueueThroughput,
     /// Enqueue → completed at low load.
     QueueLatency,
+    /// The queue through the HTTP API and SSE, beside the library.
+    HttpThroughput,
+    /// Loading 50 stored plugin versions, with and without the artifact cache.
+    Startup,
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
@@ -47,6 +53,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Scenario::Load,
         Scenario::QueueThroughput,
         Scenario::QueueLatency,
+        Scenario::HttpThroughput,
+        Scenario::Startup,
     ];
     let scenarios = if args.only.is_empty() {
         all.to_vec()
@@ -66,6 +74,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
             Scenario::Load => runtime::plugin_load(&args).await?,
             Scenario::QueueThroughput => queue::queue_throughput(&args).await?,
             Scenario::QueueLatency => queue::queue_latency(&args).await?,
+            Scenario::HttpThroughput => http::http_throughput(&args).await?,
+            Scenario::Startup => startup::startup(&args).await?,
         }
         println!();
     }

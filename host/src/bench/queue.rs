@@ -94,7 +94,7 @@ async fn completions(
 
 /// Jobs per second: `JOBS` jobs submitted by concurrent clients, until the
 /// last completes.
-async fn throughput(
+pub(super) async fn throughput(
     args: &BenchArgs,
     phases: usize,
     concurrency: usize,

@@ -84,7 +84,11 @@ async fn run_phases(
             }
         }
     }
-    storage.complete_job(&job.id, now_ms()).await?;
+    if first == job.phases.len() {
+        // Nothing was left to run (the last phase's completion completes
+        // the job otherwise).
+        storage.complete_job(&job.id, now_ms()).await?;
+    }
     Ok(())
 }
 

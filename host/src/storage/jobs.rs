@@ -485,6 +485,8 @@ fn complete_phase(
     }
     let data = json!({"phase": phase_name(conn, job_id, index)?, "index": index, "usage": usage});
     job_event(conn, log, EventKind::PhaseCompleted, job_id, data, now)?;
+    // The job completes in the same write when this was its last phase.
+    complete_job(conn, log, job_id, now)?;
     Ok(true)
 }
 
@@ -909,6 +911,8 @@ impl Storage {
         .await
     }
 
+    /// Stores a running phase's output; completes the job as well when
+    /// that was its last phase.
     pub async fn complete_phase(
         &self,
         job_id: &str,
