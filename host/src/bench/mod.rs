@@ -2,6 +2,7 @@
 //! repeated samples, and ratios against a baseline measured in the same run),
 //! never assert on time. Run with `./bench.sh` (a release build).
 
+mod fanout;
 mod http;
 mod queue;
 mod runtime;
@@ -43,6 +44,8 @@ pub enum Scenario {
     HttpThroughput,
     /// Loading 50 stored plugin versions, with and without the artifact cache.
     Startup,
+    /// 1,000 SSE clients: delivery rate, delay, server memory.
+    SseFanout,
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
@@ -55,6 +58,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Scenario::QueueLatency,
         Scenario::HttpThroughput,
         Scenario::Startup,
+        Scenario::SseFanout,
     ];
     let scenarios = if args.only.is_empty() {
         all.to_vec()
@@ -76,6 +80,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
             Scenario::QueueLatency => queue::queue_latency(&args).await?,
             Scenario::HttpThroughput => http::http_throughput(&args).await?,
             Scenario::Startup => startup::startup(&args).await?,
+            Scenario::SseFanout => fanout::sse_fanout(&args).await?,
         }
         println!();
     }
