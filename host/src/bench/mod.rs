@@ -3,6 +3,7 @@
 //! never assert on time. Run with `./bench.sh` (a release build).
 
 mod fanout;
+mod hotswap;
 mod http;
 mod queue;
 mod runtime;
@@ -46,6 +47,8 @@ pub enum Scenario {
     Startup,
     /// 1,000 SSE clients: delivery rate, delay, server memory.
     SseFanout,
+    /// Activating a new plugin version while jobs stream in.
+    HotSwap,
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
@@ -59,6 +62,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Scenario::HttpThroughput,
         Scenario::Startup,
         Scenario::SseFanout,
+        Scenario::HotSwap,
     ];
     let scenarios = if args.only.is_empty() {
         all.to_vec()
@@ -81,6 +85,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
             Scenario::HttpThroughput => http::http_throughput(&args).await?,
             Scenario::Startup => startup::startup(&args).await?,
             Scenario::SseFanout => fanout::sse_fanout(&args).await?,
+            Scenario::HotSwap => hotswap::hot_swap(&args).await?,
         }
         println!();
     }

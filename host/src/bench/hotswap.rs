@@ -1,0 +1,141 @@
+//! Hot swap under load: while 16 clients keep submitting jobs (each one
+//! every 50 ms, about 300 jobs/s: steady load below capacity, so no backlog
+//! of old-version jobs hides the swap), activate a new plugin version;
+//! measure the time from the activation's response to the first phase
+//! started on the new version, and count failed jobs (which must be 0).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use super::BenchArgs;
+use super::stats::{median, millis};
+use crate::app::App;
+use crate::config::ServeArgs;
+
+const CLIENTS: usize = 16;
+/// Pause between one client's submissions.
+const PACE: Duration = Duration::from_millis(50);
+
+async fn sample(args: &BenchArgs) -> anyhow::Result<(f64, u64, u64)> {
+    let dir = tempfile::tempdir()?;
+    let serve = ServeArgs {
+        data_dir: Some(dir.path().to_path_buf()),
+        concurrency: Some(8),
+        ..ServeArgs::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let app = App::start(serve.resolve()?).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            app.serve(listener, async move { stop.cancelled().await })
+                .await
+        }
+    });
+    crate::tls::init();
+    let http = reqwest::Client::new();
+    let echo = std::fs::read(args.plugins.join("echo.wasm"))
+        .context("reading echo.wasm (see ./bench.sh)")?;
+    for version in ["1.0.0", "2.0.0"] {
+        http.put(format!("{base}/plugins/echo/versions/{version}"))
+            .body(echo.clone())
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+
+    let load = Arc::new(AtomicBool::new(true));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (http, base, load) = (http.clone(), base.clone(), load.clone());
+            tokio::spawn(async move {
+                let spec = json!({"phases": [{"name": "e", "plugin": "echo"}]});
+                while load.load(Ordering::Relaxed) {
+                    http.post(format!("{base}/jobs"))
+                        .json(&spec)
+                        .send()
+                        .await?
+                        .error_for_status()?;
+                    tokio::time::sleep(PACE).await;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    let started = http
+        .get(format!("{base}/events?types=job:phase:started"))
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut started = started.bytes_stream().eventsource();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let activate = http
+        .put(format!("{base}/plugins/echo/active"))
+        .json(&json!({"version": "2.0.0"}));
+    activate.send().await?.error_for_status()?;
+    let answered = Instant::now();
+    let mut to_first_v2 = None;
+    while to_first_v2.is_none() {
+        let event = started.next().await.context("stream ended")??;
+        let data: Value = serde_json::from_str(&event.data)?;
+        if data["data"]["version"] == "2.0.0" {
+            to_first_v2 = Some(millis(answered.elapsed()));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.store(false, Ordering::Relaxed);
+    for client in clients {
+        client.await??;
+    }
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let count = |status: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("jobhost_jobs{{status=\"{status}\"}} ")))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (failed, total) = (
+        count("failed"),
+        ["pending", "running", "completed", "failed", "cancelled"]
+            .map(count)
+            .iter()
+            .sum(),
+    );
+    stop.cancel();
+    server.await??;
+    Ok((to_first_v2.unwrap_or_default(), failed, total))
+}
+
+pub async fn hot_swap(args: &BenchArgs) -> anyhow::Result<()> {
+    let (mut delays, mut failed, mut jobs) = (Vec::new(), 0, 0);
+    for _ in 0..args.samples.min(5) {
+        let (delay, f, total) = sample(args).await?;
+        delays.push(delay);
+        failed += f;
+        jobs += total;
+    }
+    println!(
+        "## Hot swap under load: {CLIENTS} clients each submitting a 1-phase job every {} ms, `PUT /plugins/echo/active` mid-stream",
+        PACE.as_millis()
+    );
+    println!(
+        "| activation → first phase on the new version, ms | jobs submitted | jobs failed |\n|---:|---:|---:|"
+    );
+    println!("| {:.1} | {jobs} | {failed} |", median(&mut delays));
+    Ok(())
+}
