@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::Barrier;
 
 use super::BenchArgs;
+use super::server::upload_echo;
 use super::stats::percentile;
 use crate::time::{now_ms, parse_rfc3339};
 
@@ -58,13 +59,7 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;
-    let echo = std::fs::read(args.plugins.join("echo.wasm"))
-        .context("reading echo.wasm (see ./bench.sh)")?;
-    http.put(format!("{base}/plugins/echo/versions/1.0.0"))
-        .body(echo)
-        .send()
-        .await?
-        .error_for_status()?;
+    upload_echo(&http, args, base, "1.0.0").await?;
     let rss_idle = rss_mib(pid)?;
 
     let connected = Arc::new(Barrier::new(CLIENTS + 1));

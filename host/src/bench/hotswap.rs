@@ -14,42 +14,20 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::BenchArgs;
+use super::server::{LocalServer, upload_echo};
 use super::stats::{median, millis};
-use crate::app::App;
-use crate::config::ServeArgs;
 
 const CLIENTS: usize = 16;
 /// Pause between one client's submissions.
 const PACE: Duration = Duration::from_millis(50);
 
 async fn sample(args: &BenchArgs) -> anyhow::Result<(f64, u64, u64)> {
-    let dir = tempfile::tempdir()?;
-    let serve = ServeArgs {
-        data_dir: Some(dir.path().to_path_buf()),
-        concurrency: Some(8),
-        ..ServeArgs::default()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let app = App::start(serve.resolve()?).await?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            app.serve(listener, async move { stop.cancelled().await })
-                .await
-        }
-    });
+    let server = LocalServer::start(8).await?;
+    let base = server.base.clone();
     crate::tls::init();
     let http = reqwest::Client::new();
-    let echo = std::fs::read(args.plugins.join("echo.wasm"))
-        .context("reading echo.wasm (see ./bench.sh)")?;
     for version in ["1.0.0", "2.0.0"] {
-        http.put(format!("{base}/plugins/echo/versions/{version}"))
-            .body(echo.clone())
-            .send()
-            .await?
-            .error_for_status()?;
+        upload_echo(&http, args, &base, version).await?;
     }
 
     let load = Arc::new(AtomicBool::new(true));
@@ -116,8 +94,7 @@ async fn sample(args: &BenchArgs) -> anyhow::Result<(f64, u64, u64)> {
             .iter()
             .sum(),
     );
-    stop.cancel();
-    server.await??;
+    server.stop().await?;
     Ok((to_first_v2.unwrap_or_default(), failed, total))
 }
 

@@ -11,43 +11,19 @@ use futures::StreamExt;
 use serde_json::json;
 
 use super::BenchArgs;
+use super::server::{LocalServer, upload_echo};
 use super::stats::median;
-use crate::app::App;
-use crate::config::ServeArgs;
 use crate::storage::Durability;
 
 const JOBS: usize = 400;
 const CLIENTS: usize = 64;
 
 async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
-    let dir = tempfile::tempdir()?;
-    let serve = ServeArgs {
-        data_dir: Some(dir.path().to_path_buf()),
-        concurrency: Some(64),
-        durability: Some(Durability::Process),
-        ..ServeArgs::default()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let app = App::start(serve.resolve()?).await?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            app.serve(listener, async move { stop.cancelled().await })
-                .await
-        }
-    });
-
+    let server = LocalServer::start(64).await?;
+    let base = server.base.clone();
     crate::tls::init();
     let http = reqwest::Client::new();
-    let echo = std::fs::read(args.plugins.join("echo.wasm"))
-        .context("reading echo.wasm (see ./bench.sh)")?;
-    http.put(format!("{base}/plugins/echo/versions/1.0.0"))
-        .body(echo)
-        .send()
-        .await?
-        .error_for_status()?;
+    upload_echo(&http, args, &base, "1.0.0").await?;
     let spec = json!({"phases": (0..phases).map(|i| json!({"name": format!("p{i}"), "plugin": "echo"})).collect::<Vec<_>>()});
 
     let events = http
@@ -82,8 +58,7 @@ async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
             .context("the event stream ended")??;
     }
     let rate = JOBS as f64 / started.elapsed().as_secs_f64();
-    stop.cancel();
-    server.await??;
+    server.stop().await?;
     Ok(rate)
 }
 

@@ -7,6 +7,7 @@ mod hotswap;
 mod http;
 mod queue;
 mod runtime;
+mod server;
 mod startup;
 mod stats;
 
