@@ -19,6 +19,17 @@ fn echo_job_with_webhook(url: &str, secret: Option<&str>) -> Value {
     })
 }
 
+/// Waits for the job's `job:webhook:delivered` event.
+pub async fn wait_delivered(server: &Server, id: &str) {
+    let mut events = server
+        .events(
+            &format!("/events?job={id}&types=job:webhook:delivered"),
+            None,
+        )
+        .await;
+    events.next_event().await.expect("delivered event");
+}
+
 fn verify(secret: &str, delivery: &crate::receiver::Delivery) {
     let webhook =
         standardwebhooks::Webhook::new(secret).expect("reference library accepts the secret");
@@ -90,13 +101,7 @@ async fn failing_receiver_gets_retries_with_the_same_webhook_id() {
         .events(&format!("/jobs/{id}/events?types=job:completed"), None)
         .await;
     events.next_event().await;
-    let mut events = server
-        .events(
-            &format!("/events?job={id}&types=job:webhook:delivered"),
-            None,
-        )
-        .await;
-    events.next_event().await.expect("delivered event");
+    wait_delivered(&server, id).await;
 
     let deliveries = receiver.received().await;
     assert_eq!(deliveries.len(), 3);
@@ -139,13 +144,7 @@ async fn a_receiver_down_across_a_restart_gets_the_webhook_after_it() {
     let server = server.restart();
     let delivery = &receiver.wait_for(1).await[0];
     verify(SECRET, delivery);
-    let mut events = server
-        .events(
-            &format!("/events?job={id}&types=job:webhook:delivered"),
-            None,
-        )
-        .await;
-    events.next_event().await.expect("delivered event");
+    wait_delivered(&server, id).await;
     let (_, job) = server.get(&format!("/jobs/{id}")).await;
     assert_eq!(job["webhook"]["status"], "delivered");
 }
