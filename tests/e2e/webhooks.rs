@@ -144,7 +144,7 @@ async fn a_receiver_down_across_a_restart_gets_the_webhook_after_it() {
     let server = server.restart();
     let delivery = &receiver.wait_for(1).await[0];
     verify(SECRET, delivery);
-    wait_delivered(&server, id).await;
+    wait_delivered(&server, &id).await;
     let (_, job) = server.get(&format!("/jobs/{id}")).await;
     assert_eq!(job["webhook"]["status"], "delivered");
 }
