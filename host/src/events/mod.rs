@@ -180,10 +180,6 @@ impl Bus {
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.sender.subscribe()
     }
-
-    pub fn subscribers(&self) -> usize {
-        self.sender.receiver_count()
-    }
 }
 
 #[cfg(test)]

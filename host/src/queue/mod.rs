@@ -196,10 +196,6 @@ impl Queue {
         Ok((queue, recovered))
     }
 
-    pub fn storage(&self) -> &Arc<Storage> {
-        &self.shared.storage
-    }
-
     pub fn config(&self) -> &QueueConfig {
         &self.shared.config
     }

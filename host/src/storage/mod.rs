@@ -129,10 +129,6 @@ impl Storage {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn bus(&self) -> &Bus {
         &self.bus
     }

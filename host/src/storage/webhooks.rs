@@ -209,9 +209,4 @@ impl Storage {
         self.write(move |conn, log| record(conn, log, &delivery, &outcome, now))
             .await
     }
-
-    pub async fn webhook_status(&self, job_id: &str) -> Result<Option<WebhookStatus>> {
-        let job_id = job_id.to_owned();
-        self.read(move |conn| latest_for_job(conn, &job_id)).await
-    }
 }
