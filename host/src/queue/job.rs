@@ -111,23 +111,17 @@ pub struct JobSpec {
     pub phases: Vec<PhaseSpec>,
     #[serde(default)]
     pub payload: Value,
-    #[serde(default)]
     pub max_attempts: Option<u32>,
-    #[serde(default)]
     pub backoff: Option<BackoffPolicy>,
     /// Run no earlier than this many milliseconds from now.
-    #[serde(default)]
     pub delay_ms: Option<u64>,
     /// Run no earlier than this time (RFC 3339). Exclusive with `delay_ms`.
-    #[serde(default)]
     pub run_at: Option<String>,
     /// Higher runs first among due jobs.
     #[serde(default)]
     pub priority: i32,
-    #[serde(default)]
     pub webhook: Option<WebhookSpec>,
     /// A second submit with the same key returns the first job.
-    #[serde(default)]
     pub idempotency_key: Option<String>,
 }
 
@@ -137,11 +131,8 @@ pub struct PhaseSpec {
     pub name: String,
     pub plugin: String,
     /// The plugin version to run; the active version at enqueue if omitted.
-    #[serde(default)]
     pub version: Option<String>,
-    #[serde(default)]
     pub timeout_ms: Option<u64>,
-    #[serde(default)]
     pub config: Option<Value>,
 }
 
@@ -149,7 +140,6 @@ pub struct PhaseSpec {
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
     pub url: String,
-    #[serde(default)]
     pub secret: Option<String>,
 }
 
