@@ -15,7 +15,6 @@ use super::server::{LocalServer, upload_echo};
 use super::stats::median;
 use crate::storage::Durability;
 
-const JOBS: usize = 400;
 const CLIENTS: usize = 64;
 
 async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
@@ -33,11 +32,12 @@ async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
         .error_for_status()?;
     let mut completions = events.bytes_stream().eventsource();
     let started = Instant::now();
+    let jobs = args.jobs;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|client| {
             let (http, base, spec) = (http.clone(), base.clone(), spec.clone());
             tokio::spawn(async move {
-                for _ in (client..JOBS).step_by(CLIENTS) {
+                for _ in (client..jobs).step_by(CLIENTS) {
                     http.post(format!("{base}/jobs"))
                         .json(&spec)
                         .send()
@@ -51,21 +51,23 @@ async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
     for client in clients {
         client.await??;
     }
-    for _ in 0..JOBS {
+    for _ in 0..args.jobs {
         completions
             .next()
             .await
             .context("the event stream ended")??;
     }
-    let rate = JOBS as f64 / started.elapsed().as_secs_f64();
+    let rate = args.jobs as f64 / started.elapsed().as_secs_f64();
     server.stop().await?;
     Ok(rate)
 }
 
 pub async fn http_throughput(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
-        "## Over HTTP: {JOBS} trivial jobs by {CLIENTS} concurrent clients, completion seen on SSE (jobs/s, concurrency 64)"
+        "## Over HTTP: {} trivial jobs by {CLIENTS} concurrent clients, completion seen on SSE (jobs/s, concurrency 64)",
+        args.jobs
     );
+    let compiled = tempfile::tempdir()?;
     println!("| phases | HTTP + SSE | library, same run | ratio |\n|---:|---:|---:|---:|");
     for phases in [1, 3] {
         let mut over_http = Vec::new();
@@ -73,7 +75,9 @@ pub async fn http_throughput(args: &BenchArgs) -> anyhow::Result<()> {
             over_http.push(sample(args, phases).await?);
         }
         let http = median(&mut over_http);
-        let library = super::queue::throughput(args, phases, 64, Durability::Process).await?;
+        let library =
+            super::queue::throughput(args, compiled.path(), phases, 64, Durability::Process)
+                .await?;
         println!(
             "| {phases} | {http:.0} | {library:.0} | {:.2} |",
             http / library

@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// Samples per figure; the median is printed.
     #[arg(long, default_value_t = 7)]
     pub samples: usize,
+    /// Jobs per throughput sample (queue and HTTP scenarios).
+    #[arg(long, default_value_t = 2000)]
+    pub jobs: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

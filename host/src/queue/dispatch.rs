@@ -15,9 +15,11 @@ const PURGE_BATCH: usize = 500;
 
 /// Claims due jobs while there are free slots, then sleeps until woken (a
 /// job was enqueued or retried, a worker finished, the queue resumed) or
-/// until the earliest scheduled job is due.
+/// until the earliest scheduled job is due. Returns when the queue drains,
+/// never in the middle of a claim: shutdown waits for it rather than abort
+/// it, so that every claimed job gets its worker.
 pub(super) async fn dispatch(shared: Arc<Shared>) {
-    loop {
+    while !shared.draining.is_cancelled() {
         let free = if shared.paused.load(Ordering::SeqCst) {
             0
         } else {
@@ -33,8 +35,10 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                 Ok(_) => {}
                 Err(error) => {
                     tracing::error!(%error, "claiming jobs failed");
-                    tokio::time::sleep(ERROR_BACKOFF).await;
-                    continue;
+                    tokio::select! {
+                        () = tokio::time::sleep(ERROR_BACKOFF) => continue,
+                        () = shared.draining.cancelled() => return,
+                    }
                 }
             }
         }
@@ -80,14 +84,18 @@ async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, QueueError> 
     Ok(claimed)
 }
 
-/// Deletes finished jobs older than the retention age, periodically.
+/// Deletes finished jobs older than the retention age, periodically, until
+/// the queue drains.
 pub(super) async fn retention(shared: Arc<Shared>) {
     let Some(age) = shared.config.retention else {
         return;
     };
     let mut ticker = tokio::time::interval(shared.config.retention_interval);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shared.draining.cancelled() => return,
+        }
         let cutoff = now_ms() - age.as_millis() as i64;
         match purge(&shared, cutoff).await {
             Ok(ids) if !ids.is_empty() => tracing::info!(deleted = ids.len(), "retention sweep"),
@@ -104,7 +112,7 @@ pub(super) async fn purge(shared: &Shared, cutoff: i64) -> Result<Vec<String>, Q
             .storage
             .delete_finished_before(cutoff, PURGE_BATCH, now_ms())
             .await?;
-        let done = batch.len() < PURGE_BATCH;
+        let done = batch.len() < PURGE_BATCH || shared.draining.is_cancelled();
         deleted.extend(batch);
         if done {
             return Ok(deleted);

@@ -351,8 +351,8 @@ impl Queue {
         shared.draining.cancel();
         shared.workers.close();
         let background: Vec<_> = self.background.lock().unwrap().drain(..).collect();
+        // Both return on `draining`, the dispatcher after any claim in flight.
         for task in background {
-            task.abort();
             let _ = task.await;
         }
         let mut forced = Vec::new();

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Job, Shared};
+use super::{Job, PhaseStatus, Shared};
 use crate::metrics::PhaseLabels;
 use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, Progress};
-use crate::storage::AfterFailure;
+use crate::storage::{AfterFailure, Completion};
 use crate::time::now_ms;
 
 /// Why a job stopped before its next phase.
@@ -46,35 +46,50 @@ async fn run_phases(
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let storage = &shared.storage;
-    let first = job.next_phase().map_or(job.phases.len(), |p| p.index);
+    let Some(first) = job.next_phase() else {
+        // Nothing was left to run (the last phase's completion completes
+        // the job otherwise).
+        storage.complete_job(&job.id, now_ms()).await?;
+        return Ok(());
+    };
+    // The claim started the first phase; each completion starts the next
+    // in the same write unless the job is to stop there.
+    let mut started = (first.status == PhaseStatus::Running).then_some(first.attempts);
+    let first = first.index;
     for index in first..job.phases.len() {
-        // The first phase of a claim always starts: the job was just claimed
-        // for it. Later ones check whether to stop in between.
-        if index > first || cancel.is_cancelled() {
-            match stop_reason(shared, cancel) {
-                Some(Stop::Cancelled) => {
-                    storage.cancel_running_job(&job.id, now_ms()).await?;
-                    return Ok(());
+        let attempt = match started.take() {
+            Some(attempt) => attempt,
+            None => {
+                match stop_reason(shared, cancel) {
+                    Some(Stop::Cancelled) => {
+                        storage.cancel_running_job(&job.id, now_ms()).await?;
+                        return Ok(());
+                    }
+                    Some(Stop::HandBack) => {
+                        storage.release_job(&job.id, now_ms()).await?;
+                        return Ok(());
+                    }
+                    None => {}
                 }
-                Some(Stop::HandBack) => {
-                    storage.release_job(&job.id, now_ms()).await?;
-                    return Ok(());
+                match storage.start_phase(&job.id, index, now_ms()).await? {
+                    Some(attempt) => attempt,
+                    None => return Ok(()), // moved on underneath us
                 }
-                None => {}
             }
-        }
-        let Some(attempt) = storage.start_phase(&job.id, index, now_ms()).await? else {
-            return Ok(()); // moved on underneath us
         };
         let result = run_phase(shared, &job, index, attempt, cancel).await;
         match result.outcome {
             Ok(output) => {
                 let value = serde_json::from_str(&output)?;
-                if !storage
-                    .complete_phase(&job.id, index, output, result.usage, now_ms())
+                let start_next =
+                    index + 1 < job.phases.len() && stop_reason(shared, cancel).is_none();
+                match storage
+                    .complete_phase(&job.id, index, output, result.usage, start_next, now_ms())
                     .await?
                 {
-                    return Ok(());
+                    Completion::Stale => return Ok(()),
+                    Completion::Recorded => {}
+                    Completion::NextStarted(attempt) => started = Some(attempt),
                 }
                 job.phases[index].output = Some(value);
             }
@@ -83,11 +98,6 @@ async fn run_phases(
                 return Ok(());
             }
         }
-    }
-    if first == job.phases.len() {
-        // Nothing was left to run (the last phase's completion completes
-        // the job otherwise).
-        storage.complete_job(&job.id, now_ms()).await?;
     }
     Ok(())
 }

@@ -55,6 +55,18 @@ pub enum AfterFailure {
     Fail,
 }
 
+/// What recording a phase's completion did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Completion {
+    /// The job or phase had moved on (cancelled, recovered): nothing changed.
+    Stale,
+    /// Recorded; if it was the last phase, the job completed with it.
+    Recorded,
+    /// Recorded, and the next phase started in the same write, with this
+    /// attempt number.
+    NextStarted(u32),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum CancelOutcome {
     /// The job was pending and is now cancelled, with all its phases.
@@ -264,6 +276,17 @@ fn errors_of(conn: &Connection, job_id: &str) -> Result<Vec<AttemptError>> {
 }
 
 pub(super) fn load_job(conn: &Connection, id: &str) -> Result<Option<Job>> {
+    let Some(mut job) = load_job_to_run(conn, id)? else {
+        return Ok(None);
+    };
+    job.errors = errors_of(conn, id)?;
+    job.webhook = super::webhooks::latest_for_job(conn, id)?;
+    Ok(Some(job))
+}
+
+/// The job with its phases: what a worker needs, without the attempt
+/// errors and webhook status that only readers show.
+fn load_job_to_run(conn: &Connection, id: &str) -> Result<Option<Job>> {
     let raw = conn
         .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
         .query_row([id], job_row)
@@ -271,8 +294,6 @@ pub(super) fn load_job(conn: &Connection, id: &str) -> Result<Option<Job>> {
     let Some(raw) = raw else { return Ok(None) };
     let mut job = raw.decode()?;
     job.phases = phases_of(conn, id)?;
-    job.errors = errors_of(conn, id)?;
-    job.webhook = super::webhooks::latest_for_job(conn, id)?;
     Ok(Some(job))
 }
 
@@ -306,7 +327,7 @@ fn job_event(
     log.emit(conn, NewEvent::job(kind, job_id, data), at)
 }
 
-fn create(conn: &Connection, log: &mut EventLog, new: NewJob) -> Result<CreateOutcome> {
+fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Result<CreateOutcome> {
     if let Some(key) = &new.idempotency_key {
         let existing: Option<String> = conn
             .prepare_cached("SELECT id FROM jobs WHERE idempotency_key = ?1")?
@@ -392,31 +413,86 @@ fn create(conn: &Connection, log: &mut EventLog, new: NewJob) -> Result<CreateOu
         data,
         new.created_at,
     )?;
-    Ok(CreateOutcome::Created(must_load(conn, &new.id)?))
+    Ok(CreateOutcome::Created(created_job(new, pinned)))
 }
 
+/// The job just inserted, as loading it would return it (a unit test holds
+/// the two equal), without reading back what was just written.
+fn created_job(new: &NewJob, pinned: Vec<String>) -> Job {
+    Job {
+        id: new.id.clone(),
+        status: JobStatus::Pending,
+        payload: new.payload.clone(),
+        priority: new.priority,
+        run_at: new.run_at,
+        attempt: 0,
+        max_attempts: new.max_attempts,
+        backoff: new.backoff,
+        idempotency_key: new.idempotency_key.clone(),
+        webhook_url: new.webhook_url.clone(),
+        created_at: new.created_at,
+        started_at: None,
+        finished_at: None,
+        error: None,
+        phases: new
+            .phases
+            .iter()
+            .zip(pinned)
+            .enumerate()
+            .map(|(index, (phase, version))| Phase {
+                index,
+                name: phase.name.clone(),
+                plugin: phase.plugin.clone(),
+                version,
+                config: phase.config.clone(),
+                timeout_ms: phase.timeout_ms,
+                status: PhaseStatus::Pending,
+                output: None,
+                error: None,
+                attempts: 0,
+                started_at: None,
+                finished_at: None,
+                usage: None,
+            })
+            .collect(),
+        errors: Vec::new(),
+        webhook: None,
+    }
+}
+
+/// Claims due jobs and starts the first unfinished phase of each.
 fn claim(conn: &Connection, log: &mut EventLog, now: i64, limit: usize) -> Result<Vec<Job>> {
-    let ids: Vec<String> = conn
+    let claimed: Vec<(String, u32)> = conn
         .prepare_cached(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, ?1)
              WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND run_at <= ?1
                           ORDER BY priority DESC, run_at, id LIMIT ?2)
-             RETURNING id",
+             RETURNING id, attempt",
         )?
-        .query_map(params![now, limit as i64], |row| row.get(0))?
+        .query_map(params![now, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    let mut jobs = Vec::with_capacity(ids.len());
-    for id in ids {
-        let job = must_load(conn, &id)?;
+    let mut jobs = Vec::with_capacity(claimed.len());
+    for (id, attempt) in claimed {
         job_event(
             conn,
             log,
             EventKind::JobStarted,
             &id,
-            json!({"attempt": job.attempt}),
+            json!({"attempt": attempt}),
             now,
         )?;
-        jobs.push(job);
+        let first: Option<i64> = conn
+            .prepare_cached(
+                "SELECT MIN(idx) FROM phases WHERE job_id = ?1 AND status != 'completed'",
+            )?
+            .query_row([&id], |row| row.get(0))?;
+        if let Some(first) = first {
+            start_phase(conn, log, &id, first as usize, now)?;
+        }
+        jobs.push(
+            load_job_to_run(conn, &id)?
+                .ok_or_else(|| corrupt("job vanished inside its transaction", &id))?,
+        );
     }
     // RETURNING has no order: hand them out highest priority first.
     jobs.sort_by(|a, b| (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id)));
@@ -462,6 +538,7 @@ fn phase_name(conn: &Connection, job_id: &str, index: usize) -> Result<String> {
         .query_row(params![job_id, index as i64], |row| row.get(0))?)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn complete_phase(
     conn: &Connection,
     log: &mut EventLog,
@@ -469,25 +546,31 @@ fn complete_phase(
     index: usize,
     output: &str,
     usage: &ResourceUsage,
+    start_next: bool,
     now: i64,
-) -> Result<bool> {
+) -> Result<Completion> {
     if !is_running(conn, job_id)? {
-        return Ok(false);
+        return Ok(Completion::Stale);
     }
     let usage_json = serde_json::to_string(usage).map_err(|e| corrupt("usage", e))?;
-    let changed = conn.prepare_cached(
+    let name: Option<String> = conn.prepare_cached(
         "UPDATE phases SET status = 'completed', output = ?3, error = NULL, usage = ?4, finished_at = ?5
-         WHERE job_id = ?1 AND idx = ?2 AND status = 'running'",
+         WHERE job_id = ?1 AND idx = ?2 AND status = 'running'
+         RETURNING name",
     )?
-    .execute(params![job_id, index as i64, output, usage_json, now])?;
-    if changed == 0 {
-        return Ok(false);
-    }
-    let data = json!({"phase": phase_name(conn, job_id, index)?, "index": index, "usage": usage});
+    .query_row(params![job_id, index as i64, output, usage_json, now], |row| row.get(0))
+    .optional()?;
+    let Some(name) = name else {
+        return Ok(Completion::Stale);
+    };
+    let data = json!({"phase": name, "index": index, "usage": usage});
     job_event(conn, log, EventKind::PhaseCompleted, job_id, data, now)?;
+    if start_next && let Some(attempt) = start_phase(conn, log, job_id, index + 1, now)? {
+        return Ok(Completion::NextStarted(attempt));
+    }
     // The job completes in the same write when this was its last phase.
     complete_job(conn, log, job_id, now)?;
-    Ok(true)
+    Ok(Completion::Recorded)
 }
 
 fn complete_job(conn: &Connection, log: &mut EventLog, job_id: &str, now: i64) -> Result<bool> {
@@ -858,11 +941,13 @@ fn list(conn: &Connection, filter: &JobFilter) -> Result<JobPage> {
 
 impl Storage {
     pub async fn create_job(&self, new: NewJob) -> Result<CreateOutcome> {
-        self.write(move |conn, log| create(conn, log, new)).await
+        self.write(move |conn, log| create(conn, log, &new)).await
     }
 
-    /// Claims up to `limit` due pending jobs, highest priority first, and
-    /// marks them running (one more attempt each).
+    /// Claims up to `limit` due pending jobs, highest priority first: marks
+    /// each running (one more attempt) and starts its first unfinished
+    /// phase, in one write. The jobs come with their phases, as a worker
+    /// needs them, but without attempt errors or webhook status.
     pub async fn claim_due_jobs(&self, now: i64, limit: usize) -> Result<Vec<Job>> {
         self.write(move |conn, log| claim(conn, log, now, limit))
             .await
@@ -897,33 +982,37 @@ impl Storage {
         note: &str,
     ) -> Result<()> {
         let data = json!({"phase": phase, "percent": percent, "note": note});
-        let job_id = job_id.to_owned();
+        let (job_id, now) = (job_id.to_owned(), crate::time::now_ms());
         self.write(move |conn, log| {
             job_event(
                 conn,
                 log,
                 EventKind::PhaseProgress,
                 &job_id,
-                data,
-                crate::time::now_ms(),
+                data.clone(),
+                now,
             )
         })
         .await
     }
 
-    /// Stores a running phase's output; completes the job as well when
-    /// that was its last phase.
+    /// Stores a running phase's output, and in the same write either starts
+    /// the next phase (`start_next`) or, after the last phase, completes
+    /// the job.
     pub async fn complete_phase(
         &self,
         job_id: &str,
         index: usize,
         output: String,
         usage: ResourceUsage,
+        start_next: bool,
         now: i64,
-    ) -> Result<bool> {
+    ) -> Result<Completion> {
         let job_id = job_id.to_owned();
-        self.write(move |conn, log| complete_phase(conn, log, &job_id, index, &output, &usage, now))
-            .await
+        self.write(move |conn, log| {
+            complete_phase(conn, log, &job_id, index, &output, &usage, start_next, now)
+        })
+        .await
     }
 
     /// Completes a running job whose phases all completed.
@@ -1056,5 +1145,72 @@ impl Storage {
             Ok(counts)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::storage::{Durability, NewPluginVersion};
+
+    /// `create` returns the job it inserted without reading it back: what
+    /// it returns must be exactly what loading the job returns.
+    #[tokio::test]
+    async fn a_created_job_is_returned_as_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(
+            &dir.path().join("db"),
+            Durability::Process,
+            Default::default(),
+        )
+        .unwrap();
+        for version in ["1.0.0", "2.0.0"] {
+            storage
+                .put_plugin_version(NewPluginVersion {
+                    name: "echo".into(),
+                    version: version.into(),
+                    content_hash: format!("hash-{version}"),
+                    description: String::new(),
+                    component: vec![0; 8],
+                })
+                .await
+                .unwrap();
+        }
+        let phase = |name: &str, version: Option<&str>| NewPhase {
+            name: name.into(),
+            plugin: "echo".into(),
+            version: version.map(Into::into),
+            config: json!({"name": name}),
+            timeout_ms: 1234,
+        };
+        let new = NewJob {
+            id: "job-1".into(),
+            payload: json!({"rows": [1, 2, 3], "note": "é"}),
+            priority: 7,
+            run_at: 1_000,
+            max_attempts: 4,
+            backoff: BackoffPolicy {
+                initial_ms: 10,
+                multiplier: 1.5,
+                max_ms: 100,
+                jitter: false,
+            },
+            idempotency_key: Some("key-1".into()),
+            webhook_url: Some("http://127.0.0.1:9/hook".into()),
+            webhook_secret: Some("whsec_c2VjcmV0".into()),
+            phases: vec![phase("first", None), phase("second", Some("2.0.0"))],
+            created_at: 900,
+        };
+        let CreateOutcome::Created(created) = storage.create_job(new).await.unwrap() else {
+            panic!("not created");
+        };
+        assert_eq!(
+            created.phases[0].version, "1.0.0",
+            "the active version is pinned"
+        );
+        assert_eq!(Some(created), storage.job("job-1").await.unwrap());
+        storage.close().await;
     }
 }

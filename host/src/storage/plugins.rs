@@ -72,7 +72,7 @@ fn active_version(conn: &Connection, name: &str) -> rusqlite::Result<Option<Opti
         .optional()
 }
 
-fn put(conn: &Connection, log: &mut EventLog, new: NewPluginVersion) -> Result<PutOutcome> {
+fn put(conn: &Connection, log: &mut EventLog, new: &NewPluginVersion) -> Result<PutOutcome> {
     let existing: Option<String> = conn
         .prepare_cached(
             "SELECT content_hash FROM plugin_versions WHERE plugin = ?1 AND version = ?2",
@@ -214,7 +214,7 @@ fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
 
 impl Storage {
     pub async fn put_plugin_version(&self, new: NewPluginVersion) -> Result<PutOutcome> {
-        self.write(move |conn, log| put(conn, log, new)).await
+        self.write(move |conn, log| put(conn, log, &new)).await
     }
 
     pub async fn activate_plugin_version(
