@@ -131,12 +131,14 @@ pub(super) async fn throughput(
     Ok(median(&mut samples))
 }
 
-/// The storage limit: the same lifecycle (insert job and phases, claim,
-/// start/complete each phase, complete the job) as plain SQLite statements
-/// on one connection, each step with an event row; no wasm and no async.
+/// The storage limit: the same lifecycle as the queue (insert the job, its
+/// phases and `job:created`; claim it; start and complete each phase; complete
+/// the job, each step with its event row) as plain rusqlite statements on
+/// jobhost's own schema, on one connection: no wasm, no async, no event bus.
 /// Jobs are inserted `insert_batch` per transaction, and each later step
 /// moves `step_batch` jobs per transaction: (1, 1) is one transaction per
-/// transition, like an unbatched queue; larger batches approach SQLite's limit.
+/// transition, like an unbatched queue; larger batches approach SQLite's
+/// limit for this data model.
 fn raw_sqlite(
     jobs: usize,
     phases: usize,
@@ -153,61 +155,81 @@ fn raw_sqlite(
         "normal"
     };
     conn.pragma_update(None, "synchronous", sync)?;
-    conn.execute_batch(
-        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT, payload TEXT);
-         CREATE TABLE phases (job INTEGER, idx INTEGER, status TEXT, output TEXT, PRIMARY KEY (job, idx));
-         CREATE TABLE events (seq INTEGER PRIMARY KEY, kind TEXT, job INTEGER, data TEXT);",
+    crate::storage::migrate(&mut conn)?;
+    conn.execute(
+        "INSERT INTO plugins (name, active_version, created_at) VALUES ('echo', '1.0.0', 0)",
+        [],
     )?;
-    let ids: Vec<i64> = (0..jobs as i64).collect();
+    let ids: Vec<String> = (0..jobs)
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
     let started = Instant::now();
     for chunk in ids.chunks(insert_batch) {
         let tx = conn.transaction()?;
-        for &job in chunk {
-            tx.prepare_cached("INSERT INTO jobs VALUES (?1, 'pending', '{\"n\":1}')")?
-                .execute([job])?;
+        for id in chunk {
+            tx.prepare_cached(
+                "INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff, created_at)
+                 VALUES (?1, 'pending', '{\"n\":1}', 0, 0, 3, '{}', 0)",
+            )?
+            .execute([id])?;
             for idx in 0..phases as i64 {
-                tx.prepare_cached("INSERT INTO phases VALUES (?1, ?2, 'pending', NULL)")?
-                    .execute(params![job, idx])?;
+                tx.prepare_cached(
+                    "INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status)
+                     VALUES (?1, ?2, ?3, 'echo', '1.0.0', '{}', 60000, 'pending')",
+                )?
+                .execute(params![id, idx, format!("p{idx}")])?;
             }
-            event(&tx, "created", job)?;
+            event(&tx, "job:created", id)?;
         }
         tx.commit()?;
     }
-    for chunk in ids.chunks(step_batch) {
+    for _ in ids.chunks(step_batch) {
         let tx = conn.transaction()?;
-        for &job in chunk {
-            tx.prepare_cached("UPDATE jobs SET status = 'running' WHERE id = ?1")?
-                .execute([job])?;
-            event(&tx, "started", job)?;
+        let claimed: Vec<String> = tx
+            .prepare_cached(
+                "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = 1
+                 WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_due WHERE status = 'pending' AND run_at <= 1
+                              ORDER BY priority DESC, run_at, id LIMIT ?1)
+                 RETURNING id",
+            )?
+            .query_map([step_batch as i64], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for id in &claimed {
+            event(&tx, "job:started", id)?;
         }
         tx.commit()?;
         for idx in 0..phases as i64 {
             for status in ["running", "completed"] {
                 let tx = conn.transaction()?;
-                for &job in chunk {
+                for id in &claimed {
                     tx.prepare_cached(
-                        "UPDATE phases SET status = ?3, output = '{}' WHERE job = ?1 AND idx = ?2",
+                        "UPDATE phases SET status = ?3, output = '{\"n\":1}', finished_at = 2
+                         WHERE job_id = ?1 AND idx = ?2",
                     )?
-                    .execute(params![job, idx, status])?;
-                    event(&tx, status, job)?;
+                    .execute(params![id, idx, status])?;
+                    event(&tx, "job:phase:completed", id)?;
                 }
                 tx.commit()?;
             }
         }
         let tx = conn.transaction()?;
-        for &job in chunk {
-            tx.prepare_cached("UPDATE jobs SET status = 'completed' WHERE id = ?1")?
-                .execute([job])?;
-            event(&tx, "completed", job)?;
+        for id in &claimed {
+            tx.prepare_cached(
+                "UPDATE jobs SET status = 'completed', finished_at = 2 WHERE id = ?1",
+            )?
+            .execute([id])?;
+            event(&tx, "job:completed", id)?;
         }
         tx.commit()?;
     }
     Ok(jobs as f64 / started.elapsed().as_secs_f64())
 }
 
-fn event(conn: &rusqlite::Connection, kind: &str, job: i64) -> rusqlite::Result<usize> {
-    conn.prepare_cached("INSERT INTO events (kind, job, data) VALUES (?1, ?2, '{}')")?
-        .execute(params![kind, job])
+fn event(conn: &rusqlite::Connection, kind: &str, job: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "INSERT INTO events (kind, job_id, at, data) VALUES (?1, ?2, 2, '{\"attempt\":1}')",
+    )?
+    .execute(params![kind, job])
 }
 
 pub async fn queue_throughput(args: &BenchArgs) -> anyhow::Result<()> {

@@ -460,12 +460,14 @@ fn created_job(new: &NewJob, pinned: Vec<String>) -> Job {
     }
 }
 
-/// Claims due jobs and starts the first unfinished phase of each.
+/// Claims due jobs and starts the first unfinished phase of each. Without
+/// `INDEXED BY`, SQLite chose `jobs_status` and sorted every pending job on
+/// each claim, so claims slowed down as the backlog grew.
 fn claim(conn: &Connection, log: &mut EventLog, now: i64, limit: usize) -> Result<Vec<Job>> {
     let claimed: Vec<(String, u32)> = conn
         .prepare_cached(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, ?1)
-             WHERE id IN (SELECT id FROM jobs WHERE status = 'pending' AND run_at <= ?1
+             WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_due WHERE status = 'pending' AND run_at <= ?1
                           ORDER BY priority DESC, run_at, id LIMIT ?2)
              RETURNING id, attempt",
         )?
@@ -514,19 +516,29 @@ fn start_phase(
     if !is_running(conn, job_id)? {
         return Ok(None);
     }
-    let started = conn
+    // No RETURNING in the hot statements: SQLite buffers returned rows in
+    // a temporary b-tree, which costs more than reading the row again.
+    let changed = conn
         .prepare_cached(
             "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL
-             WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'
-             RETURNING name, plugin, version, attempts",
+             WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'",
         )?
-        .query_row(params![job_id, index as i64, now], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, u32>(3)?))
-        })
-        .optional()?;
-    let Some((name, plugin, version, attempt)) = started else {
+        .execute(params![job_id, index as i64, now])?;
+    if changed == 0 {
         return Ok(None);
-    };
+    }
+    let (name, plugin, version, attempt) = conn
+        .prepare_cached(
+            "SELECT name, plugin, version, attempts FROM phases WHERE job_id = ?1 AND idx = ?2",
+        )?
+        .query_row(params![job_id, index as i64], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, u32>(3)?,
+            ))
+        })?;
     let data = json!({"phase": name, "index": index, "plugin": plugin, "version": version, "attempt": attempt});
     job_event(conn, log, EventKind::PhaseStarted, job_id, data, now)?;
     Ok(Some(attempt))
@@ -553,17 +565,15 @@ fn complete_phase(
         return Ok(Completion::Stale);
     }
     let usage_json = serde_json::to_string(usage).map_err(|e| corrupt("usage", e))?;
-    let name: Option<String> = conn.prepare_cached(
+    let changed = conn.prepare_cached(
         "UPDATE phases SET status = 'completed', output = ?3, error = NULL, usage = ?4, finished_at = ?5
-         WHERE job_id = ?1 AND idx = ?2 AND status = 'running'
-         RETURNING name",
+         WHERE job_id = ?1 AND idx = ?2 AND status = 'running'",
     )?
-    .query_row(params![job_id, index as i64, output, usage_json, now], |row| row.get(0))
-    .optional()?;
-    let Some(name) = name else {
+    .execute(params![job_id, index as i64, output, usage_json, now])?;
+    if changed == 0 {
         return Ok(Completion::Stale);
-    };
-    let data = json!({"phase": name, "index": index, "usage": usage});
+    }
+    let data = json!({"phase": phase_name(conn, job_id, index)?, "index": index, "usage": usage});
     job_event(conn, log, EventKind::PhaseCompleted, job_id, data, now)?;
     if start_next && let Some(attempt) = start_phase(conn, log, job_id, index + 1, now)? {
         return Ok(Completion::NextStarted(attempt));

@@ -43,10 +43,14 @@ pub use plugins::{
     VersionRecord,
 };
 pub use schema::VERSION as SCHEMA_VERSION;
+pub(crate) use schema::migrate;
 pub use webhooks::{AttemptOutcome, Delivery, WebhookStatus};
 
 /// Most writes committed in one transaction.
 pub const MAX_BATCH: usize = 256;
+/// WAL size, in pages, at which the writer asks for a checkpoint
+/// (SQLite's default auto-checkpoint threshold).
+const CHECKPOINT_PAGES: i32 = 1000;
 /// Read connections kept open.
 const READERS: usize = 4;
 /// Prepared statements cached per connection: more than the distinct
@@ -137,7 +141,8 @@ impl EventLog {
 
 pub struct Storage {
     writer: Mutex<Option<mpsc::Sender<Box<dyn Write>>>>,
-    writer_thread: Mutex<Option<thread::JoinHandle<()>>>,
+    /// The writer, then the checkpointer (which stops when the writer does).
+    threads: Mutex<Vec<thread::JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     closed: std::sync::atomic::AtomicBool,
     path: PathBuf,
@@ -150,15 +155,38 @@ impl Storage {
     pub fn open(path: &Path, durability: Durability, bus: Bus) -> Result<Self> {
         let mut conn = open_connection(path, durability)?;
         schema::migrate(&mut conn)?;
+        // Checkpoints run on a thread of their own instead of inside the
+        // writer's commits (SQLite's auto-checkpoint, which this hook
+        // replaces): the writer is the queue's one serial resource.
+        let checkpointer = open_connection(path, durability)?;
+        let (request_checkpoint, checkpoint_requests) = mpsc::sync_channel(1);
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages| {
+            if pages >= CHECKPOINT_PAGES {
+                let _ = request_checkpoint.try_send(());
+            }
+            Ok(())
+        }))?;
         let (sender, receiver) = mpsc::channel();
         let writer_bus = bus.clone();
-        let writer_thread = thread::Builder::new()
-            .name("jobhost-storage".into())
-            .spawn(move || write_loop(conn, receiver, writer_bus))
-            .map_err(|e| StorageError::Corrupt(format!("cannot start the writer thread: {e}")))?;
+        let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
+            thread::Builder::new()
+                .name(name.into())
+                .spawn(run)
+                .map_err(|e| StorageError::Corrupt(format!("cannot start the {name} thread: {e}")))
+        };
+        let threads = vec![
+            spawn(
+                "jobhost-storage",
+                Box::new(move || write_loop(conn, receiver, writer_bus)),
+            )?,
+            spawn(
+                "jobhost-checkpoint",
+                Box::new(move || checkpoint_loop(checkpointer, checkpoint_requests)),
+            )?,
+        ];
         Ok(Storage {
             writer: Mutex::new(Some(sender)),
-            writer_thread: Mutex::new(Some(writer_thread)),
+            threads: Mutex::new(threads),
             readers: Arc::default(),
             closed: Default::default(),
             path: path.to_path_buf(),
@@ -223,8 +251,8 @@ impl Storage {
     pub async fn close(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         drop(self.writer.lock().unwrap().take());
-        let thread = self.writer_thread.lock().unwrap().take();
-        if let Some(thread) = thread {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        for thread in threads {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         self.readers.lock().unwrap().clear();
@@ -267,6 +295,16 @@ fn open_reader(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "busy_timeout", 5000)?;
     tune(&conn)?;
     Ok(conn)
+}
+
+/// Checkpoints the WAL into the database file whenever the writer asks,
+/// without blocking it (PASSIVE); stops when the writer's connection closes.
+fn checkpoint_loop(conn: Connection, requests: mpsc::Receiver<()>) {
+    while requests.recv().is_ok() {
+        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(%error, "WAL checkpoint failed");
+        }
+    }
 }
 
 /// The writer thread: group commit of whatever writes are waiting.

@@ -104,7 +104,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Brings the database up to the latest schema.
-pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let current = conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
     if current > MIGRATIONS.len() {
         return Err(rusqlite::Error::InvalidParameterName(format!(
