@@ -1,7 +1,8 @@
 //! SSE fan-out: 1,000 clients connected to `GET /events` of a real
 //! `jobhost serve` process while jobs complete; events/s delivered, the
-//! delivery delay, and the server's RSS with those clients connected.
-//! The clients run in this process, on the same 2 cores as the server.
+//! delivery delay, the server's RSS with those clients connected, and job
+//! throughput over HTTP with and without them. The clients run in this
+//! process, on the same 2 cores as the server.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -13,8 +14,10 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Barrier;
+use tokio_util::sync::CancellationToken;
 
 use super::BenchArgs;
+use super::http::submit_and_watch;
 use super::server::upload_echo;
 use super::stats::percentile;
 use crate::time::{now_ms, parse_rfc3339};
@@ -31,6 +34,24 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS")?;
     Ok(kib / 1024.0)
+}
+
+/// CPU time a process has used, in seconds, from /proc (utime + stime, in
+/// USER_HZ ticks, which Linux fixes at 100 per second for user space).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("no command name")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("short stat")?.parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 pub async fn sse_fanout(args: &BenchArgs) -> anyhow::Result<()> {
@@ -61,15 +82,21 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         .build()?;
     upload_echo(&http, args, base, "1.0.0").await?;
     let rss_idle = rss_mib(pid)?;
+    let cpu = cpu_seconds(pid)?;
+    let (alone, last_event) = submit_and_watch(&http, base, 1, args.jobs).await?;
+    let cpu_alone = cpu_seconds(pid)? - cpu;
 
+    // Each client starts after the events of the run above, records the
+    // delay of the first JOBS events, says so, and then keeps reading (the
+    // throughput run below) until told to stop.
     let connected = Arc::new(Barrier::new(CLIENTS + 1));
+    let recorded = Arc::new(Barrier::new(CLIENTS + 1));
+    let stop = CancellationToken::new();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let (http, url, connected) = (
-                http.clone(),
-                format!("{base}/events?types=job:completed"),
-                connected.clone(),
-            );
+            let url = format!("{base}/events?types=job:completed&last_event_id={last_event}");
+            let http = http.clone();
+            let (connected, recorded, stop) = (connected.clone(), recorded.clone(), stop.clone());
             tokio::spawn(async move {
                 let response = http.get(url).send().await?.error_for_status()?;
                 connected.wait().await;
@@ -81,6 +108,13 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
                     let at = parse_rfc3339(data["at"].as_str().unwrap_or_default())
                         .map_err(anyhow::Error::msg)?;
                     delays.push((now_ms() - at) as f64);
+                }
+                recorded.wait().await;
+                loop {
+                    tokio::select! {
+                        event = events.next() => { event.context("stream ended")??; }
+                        () = stop.cancelled() => break,
+                    }
                 }
                 anyhow::Ok(delays)
             })
@@ -95,11 +129,16 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     for response in futures::future::join_all(submits).await {
         response?.error_for_status()?;
     }
+    recorded.wait().await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)?;
+    let (watched, _) = submit_and_watch(&http, base, 1, args.jobs).await?;
+    let cpu_watched = cpu_seconds(pid)? - cpu;
+    stop.cancel();
     let mut delays = Vec::with_capacity(CLIENTS * JOBS);
     for client in clients {
         delays.extend(client.await??);
     }
-    let elapsed = started.elapsed().as_secs_f64();
     println!(
         "## SSE fan-out: {CLIENTS} clients on `GET /events`, {JOBS} jobs completing ({} events delivered)",
         delays.len()
@@ -113,6 +152,22 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         delays.len() as f64 / elapsed,
         percentile(&mut delays, 50.0),
         percentile(&mut delays, 99.0)
+    );
+    println!(
+        "\n{} 1-phase jobs over HTTP (jobs/s), without and with the {CLIENTS} clients connected and receiving every completion:",
+        args.jobs
+    );
+    println!("| | no SSE clients | {CLIENTS} SSE clients | ratio |\n|---|---:|---:|---:|");
+    println!(
+        "| jobs/s | {alone:.0} | {watched:.0} | {:.2} |",
+        watched / alone
+    );
+    let per_job = |cpu: f64| cpu * 1e6 / args.jobs as f64;
+    println!(
+        "| server CPU µs per job | {:.0} | {:.0} | {:.2} |",
+        per_job(cpu_alone),
+        per_job(cpu_watched),
+        cpu_watched / cpu_alone
     );
     Ok(())
 }

@@ -19,12 +19,25 @@ const CLIENTS: usize = 64;
 
 async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
     let server = LocalServer::start(64).await?;
-    let base = server.base.clone();
     crate::tls::init();
     let http = reqwest::Client::new();
-    upload_echo(&http, args, &base, "1.0.0").await?;
-    let spec = json!({"phases": (0..phases).map(|i| json!({"name": format!("p{i}"), "plugin": "echo"})).collect::<Vec<_>>()});
+    upload_echo(&http, args, &server.base, "1.0.0").await?;
+    let (rate, _) = submit_and_watch(&http, &server.base, phases, args.jobs).await?;
+    server.stop().await?;
+    Ok(rate)
+}
 
+/// Jobs per second: `jobs` trivial jobs of `phases` phases `POST`ed by
+/// [`CLIENTS`] concurrent clients to the server at `base`, until the last
+/// `job:completed` arrives on an SSE stream opened beforehand; and that last
+/// event's id.
+pub(super) async fn submit_and_watch(
+    http: &reqwest::Client,
+    base: &str,
+    phases: usize,
+    jobs: usize,
+) -> anyhow::Result<(f64, i64)> {
+    let spec = json!({"phases": (0..phases).map(|i| json!({"name": format!("p{i}"), "plugin": "echo"})).collect::<Vec<_>>()});
     let events = http
         .get(format!("{base}/events?types=job:completed"))
         .send()
@@ -32,13 +45,12 @@ async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
         .error_for_status()?;
     let mut completions = events.bytes_stream().eventsource();
     let started = Instant::now();
-    let jobs = args.jobs;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|client| {
-            let (http, base, spec) = (http.clone(), base.clone(), spec.clone());
+            let (http, url, spec) = (http.clone(), format!("{base}/jobs"), spec.clone());
             tokio::spawn(async move {
                 for _ in (client..jobs).step_by(CLIENTS) {
-                    http.post(format!("{base}/jobs"))
+                    http.post(&url)
                         .json(&spec)
                         .send()
                         .await?
@@ -51,15 +63,15 @@ async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
     for client in clients {
         client.await??;
     }
-    for _ in 0..args.jobs {
-        completions
+    let mut last = 0;
+    for _ in 0..jobs {
+        let event = completions
             .next()
             .await
             .context("the event stream ended")??;
+        last = event.id.parse()?;
     }
-    let rate = args.jobs as f64 / started.elapsed().as_secs_f64();
-    server.stop().await?;
-    Ok(rate)
+    Ok((jobs as f64 / started.elapsed().as_secs_f64(), last))
 }
 
 pub async fn http_throughput(args: &BenchArgs) -> anyhow::Result<()> {

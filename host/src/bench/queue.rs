@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 
 use super::BenchArgs;
 use super::stats::{median, millis, percentile};
-use crate::events::{Bus, Event, EventKind};
+use crate::events::{Bus, EventKind, Published};
 use crate::plugins::PluginRegistry;
 use crate::queue::{JobSpec, PhaseSpec, Queue, QueueConfig};
 use crate::runtime::{Runtime, RuntimeConfig};
@@ -28,7 +28,7 @@ const RAW_STEP_BATCH: usize = 64;
 
 struct Bench {
     queue: Queue,
-    events: broadcast::Receiver<Event>,
+    events: broadcast::Receiver<Arc<Published>>,
     _dir: tempfile::TempDir,
 }
 
@@ -86,7 +86,7 @@ fn spec(phases: usize) -> JobSpec {
 
 /// Waits for `count` more `job:completed` events.
 async fn completions(
-    events: &mut broadcast::Receiver<Event>,
+    events: &mut broadcast::Receiver<Arc<Published>>,
     mut count: usize,
 ) -> anyhow::Result<()> {
     while count > 0 {

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 
 use super::BenchArgs;
 use super::stats::{median, micros, millis, percentile};
-use crate::runtime::{LoadedPlugin, PhaseRun, RawWasmtime, Runtime, RuntimeConfig};
+use crate::runtime::{LoadedPlugin, PhaseRun, RawPooling, RawWasmtime, Runtime, RuntimeConfig};
 
 /// Runs per sample of the trivial-phase figures.
 const TRIVIAL_RUNS: usize = 400;
@@ -37,70 +37,110 @@ async fn load_plugin(runtime: &Runtime, wasm: &[u8]) -> anyhow::Result<Arc<Loade
     Ok(runtime.load(wasm).await?)
 }
 
-async fn jobhost_runs(runtime: &Runtime, plugin: &LoadedPlugin, runs: usize) -> anyhow::Result<()> {
-    for _ in 0..runs {
-        runtime
-            .run(plugin, PhaseRun::new("{}"))
-            .await
-            .outcome
-            .map_err(anyhow::Error::from)?;
-    }
-    Ok(())
+/// What the phase-overhead scenario runs the trivial phase on.
+#[derive(Clone)]
+enum Subject {
+    Jobhost(Arc<Runtime>, Arc<LoadedPlugin>),
+    Raw(Arc<RawWasmtime>),
 }
 
-async fn raw_runs(raw: &RawWasmtime, runs: usize) -> anyhow::Result<()> {
-    for _ in 0..runs {
-        raw.call("{}", "{}").await?;
+impl Subject {
+    async fn runs(&self, runs: usize) -> anyhow::Result<()> {
+        for _ in 0..runs {
+            match self {
+                Subject::Jobhost(runtime, plugin) => {
+                    runtime
+                        .run(plugin, PhaseRun::new("{}"))
+                        .await
+                        .outcome
+                        .map_err(anyhow::Error::from)?;
+                }
+                Subject::Raw(raw) => {
+                    raw.call("{}", "{}").await?;
+                }
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// µs per run on one task, and runs/s with two tasks (one per core).
+    async fn sample(&self) -> anyhow::Result<(f64, f64)> {
+        let t = Instant::now();
+        self.runs(TRIVIAL_RUNS).await?;
+        let per_run = micros(t.elapsed()) / TRIVIAL_RUNS as f64;
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..2)
+            .map(|_| {
+                let subject = self.clone();
+                tokio::spawn(async move { subject.runs(TRIVIAL_RUNS).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        Ok((
+            per_run,
+            2.0 * TRIVIAL_RUNS as f64 / t.elapsed().as_secs_f64(),
+        ))
+    }
 }
 
 pub async fn phase_overhead(args: &BenchArgs) -> anyhow::Result<()> {
     let wasm = component(args, "echo.wasm")?;
-    let runtime = runtime(16)?;
+    let config = RuntimeConfig {
+        max_concurrent_runs: 16,
+        ..RuntimeConfig::default()
+    };
+    let runtime = Arc::new(Runtime::new(config.clone())?);
     let plugin = load_plugin(&runtime, &wasm).await?;
-    let raw = Arc::new(RawWasmtime::new(&wasm, false)?);
-    jobhost_runs(&runtime, &plugin, 50).await?;
-    raw_runs(&raw, 50).await?;
-
-    let (mut host_us, mut raw_us, mut host_rps, mut raw_rps) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..args.samples {
-        let t = Instant::now();
-        jobhost_runs(&runtime, &plugin, TRIVIAL_RUNS).await?;
-        host_us.push(micros(t.elapsed()) / TRIVIAL_RUNS as f64);
-        let t = Instant::now();
-        raw_runs(&raw, TRIVIAL_RUNS).await?;
-        raw_us.push(micros(t.elapsed()) / TRIVIAL_RUNS as f64);
-
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..2)
-            .map(|_| {
-                let (runtime, plugin) = (runtime.clone(), plugin.clone());
-                tokio::spawn(async move { jobhost_runs(&runtime, &plugin, TRIVIAL_RUNS).await })
-            })
-            .collect();
-        for task in tasks {
-            task.await??;
-        }
-        host_rps.push(2.0 * TRIVIAL_RUNS as f64 / t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..2)
-            .map(|_| {
-                let raw = raw.clone();
-                tokio::spawn(async move { raw_runs(&raw, TRIVIAL_RUNS).await })
-            })
-            .collect();
-        for task in tasks {
-            task.await??;
-        }
-        raw_rps.push(2.0 * TRIVIAL_RUNS as f64 / t.elapsed().as_secs_f64());
+    let subjects = [
+        Subject::Jobhost(runtime, plugin),
+        Subject::Raw(Arc::new(RawWasmtime::new(
+            &wasm,
+            false,
+            RawPooling::SameAs(config),
+        )?)),
+        Subject::Raw(Arc::new(RawWasmtime::new(
+            &wasm,
+            false,
+            RawPooling::Defaults,
+        )?)),
+    ];
+    for subject in &subjects {
+        subject.runs(50).await?; // warm up
     }
-    let (h, r) = (median(&mut host_us), median(&mut raw_us));
-    let (hr, rr) = (median(&mut host_rps), median(&mut raw_rps));
+    let mut per_run = vec![Vec::new(); subjects.len()];
+    let mut per_second = vec![Vec::new(); subjects.len()];
+    for _ in 0..args.samples {
+        for (i, subject) in subjects.iter().enumerate() {
+            let (us, rps) = subject.sample().await?;
+            per_run[i].push(us);
+            per_second[i].push(rps);
+        }
+    }
+    let us: Vec<f64> = per_run.iter_mut().map(|s| median(s)).collect();
+    let rps: Vec<f64> = per_second.iter_mut().map(|s| median(s)).collect();
     println!("## Phase overhead: fresh store + instantiate + run of `echo`");
-    println!("| | jobhost | raw wasmtime | ratio |\n|---|---:|---:|---:|");
-    println!("| µs per run, 1 task | {h:.1} | {r:.1} | {:.2} |", h / r);
-    println!("| runs/s, 2 tasks | {hr:.0} | {rr:.0} | {:.2} |", hr / rr);
+    println!(
+        "| | jobhost | raw wasmtime, jobhost's pooling settings | ratio | raw wasmtime, default pooling | ratio |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| µs per run, 1 task | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} |",
+        us[0],
+        us[1],
+        us[0] / us[1],
+        us[2],
+        us[0] / us[2]
+    );
+    println!(
+        "| runs/s, 2 tasks | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
+        rps[0],
+        rps[1],
+        rps[0] / rps[1],
+        rps[2],
+        rps[0] / rps[2]
+    );
     Ok(())
 }
 
@@ -108,8 +148,8 @@ pub async fn epoch_overhead(args: &BenchArgs) -> anyhow::Result<()> {
     let wasm = component(args, "busy.wasm")?;
     let runtime = runtime(2)?;
     let plugin = load_plugin(&runtime, &wasm).await?;
-    let raw_off = RawWasmtime::new(&wasm, false)?;
-    let raw_on = RawWasmtime::new(&wasm, true)?;
+    let raw_off = RawWasmtime::new(&wasm, false, RawPooling::Defaults)?;
+    let raw_on = RawWasmtime::new(&wasm, true, RawPooling::Defaults)?;
     let (mut off, mut on, mut host) = (vec![], vec![], vec![]);
     for _ in 0..args.samples {
         let t = Instant::now();

@@ -6,6 +6,8 @@
 //! webhooks, tests) that fall behind the bus's buffer are told how many they
 //! missed and catch up from the log, so the queue never waits for them.
 
+use std::sync::{Arc, OnceLock};
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::broadcast;
@@ -153,12 +155,45 @@ pub struct Event {
     pub data: Value,
 }
 
+/// An event as subscribers receive it: shared by all of them, and
+/// serialized to JSON at most once however many SSE clients send it (a
+/// thousand clients each copying and serializing every event cost more than
+/// the queue's own work).
+#[derive(Debug)]
+pub struct Published {
+    event: Event,
+    json: OnceLock<String>,
+}
+
+impl Published {
+    pub fn new(event: Event) -> Self {
+        Published {
+            event,
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The event as JSON, as `GET /events` sends it.
+    pub fn json(&self) -> &str {
+        self.json
+            .get_or_init(|| serde_json::to_string(&self.event).expect("an event always serializes"))
+    }
+}
+
+impl std::ops::Deref for Published {
+    type Target = Event;
+
+    fn deref(&self) -> &Event {
+        &self.event
+    }
+}
+
 /// Publishes committed events to in-process subscribers. Publishing never
 /// blocks: a subscriber that falls more than the buffer behind gets
 /// `RecvError::Lagged` and must catch up from the event log.
 #[derive(Clone)]
 pub struct Bus {
-    sender: broadcast::Sender<Event>,
+    sender: broadcast::Sender<Arc<Published>>,
 }
 
 impl Default for Bus {
@@ -173,11 +208,11 @@ impl Bus {
     pub fn publish(&self, events: impl IntoIterator<Item = Event>) {
         for event in events {
             // No subscribers is fine: the log has it.
-            let _ = self.sender.send(event);
+            let _ = self.sender.send(Arc::new(Published::new(event)));
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.sender.subscribe()
     }
 }

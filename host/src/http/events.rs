@@ -7,6 +7,7 @@
 //! never silently skipped; its slowness blocks only its own feeder.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
@@ -18,7 +19,7 @@ use tokio::sync::{broadcast, mpsc};
 use utoipa::IntoParams;
 
 use super::{ApiError, AppState};
-use crate::events::{Event, EventKind};
+use crate::events::{Event, EventKind, Published};
 use crate::storage::EventFilter;
 
 /// Events read from the log per query while catching up.
@@ -118,12 +119,11 @@ fn sse(
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     tokio::spawn(feed(state, filter, after, end_after_terminal, tx));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        let event: Event = rx.recv().await?;
+        let event: Arc<Published> = rx.recv().await?;
         let sse = SseEvent::default()
             .id(event.seq.to_string())
             .event(event.kind.name())
-            .json_data(&event)
-            .unwrap_or_else(|_| SseEvent::default().comment("unserializable event"));
+            .data(event.json());
         Some((Ok(sse), rx))
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
@@ -156,7 +156,7 @@ async fn feed(
     filter: EventFilter,
     after: i64,
     end_after_terminal: bool,
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<Arc<Published>>,
 ) {
     let _client = ClientGauge::connect(&state);
     let mut live = state.storage.bus().subscribe();
@@ -200,7 +200,7 @@ async fn catch_up(
     filter: &EventFilter,
     last: &mut i64,
     end_after_terminal: bool,
-    tx: &mpsc::Sender<Event>,
+    tx: &mpsc::Sender<Arc<Published>>,
 ) -> Result<(), Done> {
     loop {
         let page = match state
@@ -217,7 +217,7 @@ async fn catch_up(
         let full = page.len() == CATCH_UP_PAGE;
         for event in page {
             *last = event.seq;
-            send(tx, event, end_after_terminal).await?;
+            send(tx, Arc::new(Published::new(event)), end_after_terminal).await?;
         }
         if !full {
             return Ok(());
@@ -226,8 +226,8 @@ async fn catch_up(
 }
 
 async fn send(
-    tx: &mpsc::Sender<Event>,
-    event: Event,
+    tx: &mpsc::Sender<Arc<Published>>,
+    event: Arc<Published>,
     end_after_terminal: bool,
 ) -> Result<(), Done> {
     let terminal = event.kind.is_job_terminal();

@@ -8,8 +8,17 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::RuntimeConfig;
 use super::bindings::{Plugin, PluginPre, host, phase};
-use super::engine::EpochTicker;
+use super::engine::{EpochTicker, pooling};
+
+/// The pooling-allocator settings of a raw engine.
+pub enum RawPooling {
+    /// wasmtime's defaults.
+    Defaults,
+    /// The settings jobhost derives from this configuration.
+    SameAs(RuntimeConfig),
+}
 
 pub struct RawWasmtime {
     engine: Engine,
@@ -43,11 +52,15 @@ impl host::Host for RawState {
 impl RawWasmtime {
     /// Compiles `wasm` on an engine with the pooling allocator and, when
     /// `epoch_interruption`, a 10 ms epoch ticker whose callback only yields.
-    pub fn new(wasm: &[u8], epoch_interruption: bool) -> anyhow::Result<Self> {
+    pub fn new(wasm: &[u8], epoch_interruption: bool, pool: RawPooling) -> anyhow::Result<Self> {
+        let pool = match pool {
+            RawPooling::Defaults => Default::default(),
+            RawPooling::SameAs(config) => pooling(&config),
+        };
         let mut config = Config::new();
         config
             .epoch_interruption(epoch_interruption)
-            .allocation_strategy(InstanceAllocationStrategy::pooling());
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)?;
         let component = Component::new(&engine, wasm)?;
         let mut linker = Linker::new(&engine);

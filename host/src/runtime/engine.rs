@@ -26,6 +26,17 @@ const DECOMMIT_BATCH: usize = 16;
 const MAX_WASM_STACK: usize = 1 << 20;
 
 pub(super) fn new_engine(config: &RuntimeConfig) -> wasmtime::Result<Engine> {
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(config)));
+    Engine::new(&wasm)
+}
+
+/// The pooling allocator's settings (also used by the raw-wasmtime baseline,
+/// so that benchmarks can compare like with like).
+pub(super) fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
     let runs = config.max_concurrent_runs.max(1);
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(runs)
@@ -41,13 +52,7 @@ pub(super) fn new_engine(config: &RuntimeConfig) -> wasmtime::Result<Engine> {
         // shootdown across cores; batching them raised runs/s on 2 cores by
         // about 40% (BENCHMARKS.md).
         .decommit_batch_size(DECOMMIT_BATCH);
-
-    let mut wasm = Config::new();
-    wasm.wasm_component_model(true)
-        .epoch_interruption(true)
-        .max_wasm_stack(MAX_WASM_STACK)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    Engine::new(&wasm)
+    pool
 }
 
 /// Advances the engine's epoch every `tick` on a background thread, until

@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
-pub use baseline::RawWasmtime;
+pub use baseline::{RawPooling, RawWasmtime};
 pub use cache::CacheStats;
 pub use plugin::{LoadError, LoadedPlugin, PluginMetadata, content_hash};
 pub use run::{

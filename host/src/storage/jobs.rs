@@ -322,7 +322,7 @@ fn job_event(
     at: i64,
 ) -> Result<()> {
     if kind.is_job_terminal() {
-        super::webhooks::enqueue(conn, job_id, kind, at)?;
+        super::webhooks::enqueue(conn, log, job_id, kind, at)?;
     }
     log.emit(conn, NewEvent::job(kind, job_id, data), at)
 }

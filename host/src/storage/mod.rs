@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use crate::events::{Bus, Event, NewEvent};
 
@@ -126,10 +126,13 @@ where
     }
 }
 
-/// Events written by one write, with their sequence numbers.
+/// What writes did that the writer thread must announce after the commit:
+/// the events they wrote (with their sequence numbers), and whether any
+/// added a webhook delivery to the outbox.
 #[derive(Default)]
 pub(crate) struct EventLog {
     events: Vec<Event>,
+    webhook_added: bool,
 }
 
 impl EventLog {
@@ -144,6 +147,8 @@ pub struct Storage {
     /// The writer, then the checkpointer (which stops when the writer does).
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// Notified after a commit that added a webhook delivery.
+    webhook_added: Arc<Notify>,
     closed: std::sync::atomic::AtomicBool,
     path: PathBuf,
     bus: Bus,
@@ -167,7 +172,11 @@ impl Storage {
             Ok(())
         }))?;
         let (sender, receiver) = mpsc::channel();
-        let writer_bus = bus.clone();
+        let webhook_added = Arc::new(Notify::new());
+        let announcer = Announcer {
+            bus: bus.clone(),
+            webhook_added: webhook_added.clone(),
+        };
         let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
             thread::Builder::new()
                 .name(name.into())
@@ -177,7 +186,7 @@ impl Storage {
         let threads = vec![
             spawn(
                 "jobhost-storage",
-                Box::new(move || write_loop(conn, receiver, writer_bus)),
+                Box::new(move || write_loop(conn, receiver, announcer)),
             )?,
             spawn(
                 "jobhost-checkpoint",
@@ -188,6 +197,7 @@ impl Storage {
             writer: Mutex::new(Some(sender)),
             threads: Mutex::new(threads),
             readers: Arc::default(),
+            webhook_added,
             closed: Default::default(),
             path: path.to_path_buf(),
             bus,
@@ -196,6 +206,12 @@ impl Storage {
 
     pub fn bus(&self) -> &Bus {
         &self.bus
+    }
+
+    /// Resolves after a commit that added a webhook delivery to the outbox
+    /// (at once if one happened since the last call returned).
+    pub async fn webhook_added(&self) {
+        self.webhook_added.notified().await
     }
 
     /// Runs `f` in the writer's next transaction; resolves after the commit.
@@ -308,7 +324,13 @@ fn checkpoint_loop(conn: Connection, requests: mpsc::Receiver<()>) {
 }
 
 /// The writer thread: group commit of whatever writes are waiting.
-fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, bus: Bus) {
+/// Where the writer announces what a commit did.
+struct Announcer {
+    bus: Bus,
+    webhook_added: Arc<Notify>,
+}
+
+fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, announcer: Announcer) {
     while let Ok(first) = writes.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -318,8 +340,11 @@ fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, bus:
             }
         }
         match commit_batch(&mut conn, &mut batch) {
-            Ok(events) => {
-                bus.publish(events);
+            Ok(log) => {
+                if log.webhook_added {
+                    announcer.webhook_added.notify_one();
+                }
+                announcer.bus.publish(log.events);
                 for write in batch {
                     write.reply(Ok(()));
                 }
@@ -337,29 +362,27 @@ fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, bus:
     }
 }
 
-/// Commits the batch in one transaction and returns the events its writes
-/// emitted. Each write's changes are kept only if it succeeded: the first
+/// Commits the batch in one transaction and returns what its writes
+/// logged. Each write's changes are kept only if it succeeded: the first
 /// attempt runs them all without savepoints, and if any fails, a second
 /// runs each in a savepoint of its own.
-fn commit_batch(
-    conn: &mut Connection,
-    batch: &mut [Box<dyn Write>],
-) -> rusqlite::Result<Vec<Event>> {
+fn commit_batch(conn: &mut Connection, batch: &mut [Box<dyn Write>]) -> rusqlite::Result<EventLog> {
     let mut log = EventLog::default();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     if batch.iter_mut().all(|write| write.run(&tx, &mut log)) {
         tx.commit()?;
-        return Ok(log.events);
+        return Ok(log);
     }
     drop(tx); // rolls back
-    let mut committed = Vec::new();
+    let mut committed = EventLog::default();
     let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for write in batch.iter_mut() {
         let savepoint = tx.savepoint()?;
         let mut log = EventLog::default();
         if write.run(&savepoint, &mut log) {
             savepoint.commit()?;
-            committed.append(&mut log.events);
+            committed.events.append(&mut log.events);
+            committed.webhook_added |= log.webhook_added;
         } // else dropping the savepoint rolls it back
     }
     tx.commit()?;

@@ -57,7 +57,13 @@ pub struct WebhookStatus {
 
 /// Adds a delivery for a job that just reached a terminal state, if the job
 /// has a webhook. Runs inside that transition's transaction.
-pub(super) fn enqueue(conn: &Connection, job_id: &str, kind: EventKind, now: i64) -> Result<()> {
+pub(super) fn enqueue(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    kind: EventKind,
+    now: i64,
+) -> Result<()> {
     type Target = (Option<String>, Option<String>, i64, i64, Option<String>);
     let target: Option<Target> = conn
         .prepare_cached("SELECT webhook_url, webhook_secret, attempt, created_at, error FROM jobs WHERE id = ?1")?
@@ -92,6 +98,7 @@ pub(super) fn enqueue(conn: &Connection, job_id: &str, kind: EventKind, now: i64
         body.to_string(),
         now
     ])?;
+    log.webhook_added = true;
     Ok(())
 }
 

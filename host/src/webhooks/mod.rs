@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 pub use signing::Secret;
@@ -82,7 +81,6 @@ impl Deliverer {
     /// Delivers due webhooks until `stop` is cancelled; a batch in flight
     /// is finished first (each attempt is bounded by the timeout).
     pub async fn run(self, stop: CancellationToken) {
-        let mut events = self.storage.bus().subscribe();
         loop {
             let due = match self.storage.due_webhooks(now_ms(), BATCH).await {
                 Ok(due) => due,
@@ -111,21 +109,10 @@ impl Deliverer {
                     None => std::future::pending().await,
                 }
             };
-            // A job reaching a terminal state may have added a delivery.
-            let terminal_event = async {
-                loop {
-                    match events.recv().await {
-                        Ok(event) if event.kind.is_job_terminal() => return,
-                        Ok(_) => {}
-                        Err(RecvError::Lagged(_)) => return,
-                        Err(RecvError::Closed) => std::future::pending::<()>().await,
-                    }
-                }
-            };
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = timer => {}
-                () = terminal_event => {}
+                () = self.storage.webhook_added() => {}
             }
         }
     }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobhost::events::{Bus, Event, EventKind};
+use jobhost::events::{Bus, Event, EventKind, Published};
 use jobhost::plugins::PluginRegistry;
 use jobhost::queue::{Job, JobSpec, PhaseSpec, Queue, QueueConfig};
 use jobhost::runtime::{Runtime, RuntimeConfig};
@@ -23,7 +23,7 @@ pub struct Host {
     pub plugins: Arc<PluginRegistry>,
     pub queue: Queue,
     pub recovered: Vec<Recovered>,
-    events: broadcast::Receiver<Event>,
+    events: broadcast::Receiver<Arc<Published>>,
 }
 
 pub fn config(concurrency: usize) -> QueueConfig {
@@ -88,7 +88,7 @@ impl Host {
             loop {
                 match self.events.recv().await {
                     Ok(event) if event.kind == kind && event.job_id.as_deref() == Some(job_id) => {
-                        return event;
+                        return Event::clone(&event);
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
