@@ -89,7 +89,8 @@ pub async fn http_throughput(args: &BenchArgs) -> anyhow::Result<()> {
         let http = median(&mut over_http);
         let library =
             super::queue::throughput(args, compiled.path(), phases, 64, Durability::Process)
-                .await?;
+                .await?
+                .jobs_per_second;
         println!(
             "| {phases} | {http:.0} | {library:.0} | {:.2} |",
             http / library

@@ -28,8 +28,19 @@ const RAW_STEP_BATCH: usize = 64;
 
 struct Bench {
     queue: Queue,
+    storage: Arc<Storage>,
     events: broadcast::Receiver<Arc<Published>>,
     _dir: tempfile::TempDir,
+}
+
+/// A throughput figure, with how busy the storage writer was meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Throughput {
+    pub jobs_per_second: f64,
+    /// Fraction of the wall time the writer thread was busy.
+    pub writer_busy: f64,
+    pub writer_micros_per_job: f64,
+    pub writes_per_commit: f64,
 }
 
 /// A queue on a fresh database. `compiled` is the artifact cache, shared by
@@ -62,9 +73,10 @@ async fn start(
         retention: None,
         ..QueueConfig::default()
     };
-    let (queue, _) = Queue::start(storage, plugins, config).await?;
+    let (queue, _) = Queue::start(storage.clone(), plugins, config).await?;
     Ok(Bench {
         queue,
+        storage,
         events,
         _dir: dir,
     })
@@ -100,18 +112,19 @@ async fn completions(
 }
 
 /// Jobs per second: `args.jobs` jobs submitted by concurrent clients, until
-/// the last completes.
+/// the last completes (the sample with the median rate).
 pub(super) async fn throughput(
     args: &BenchArgs,
     compiled: &Path,
     phases: usize,
     concurrency: usize,
     durability: Durability,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Throughput> {
     let mut samples = Vec::new();
     for _ in 0..args.samples.min(3) {
         let mut bench = start(args, compiled, concurrency, durability).await?;
         let queue = Arc::new(bench.queue);
+        let before = bench.storage.writer_stats();
         let started = Instant::now();
         let submitters: Vec<_> = (0..args.jobs)
             .map(|_| {
@@ -123,12 +136,22 @@ pub(super) async fn throughput(
             submitter.await??;
         }
         completions(&mut bench.events, args.jobs).await?;
-        samples.push(args.jobs as f64 / started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        let after = bench.storage.writer_stats();
+        let busy = (after.busy - before.busy).as_secs_f64();
+        samples.push(Throughput {
+            jobs_per_second: args.jobs as f64 / elapsed.as_secs_f64(),
+            writer_busy: busy / elapsed.as_secs_f64(),
+            writer_micros_per_job: busy * 1e6 / args.jobs as f64,
+            writes_per_commit: (after.writes - before.writes) as f64
+                / (after.commits - before.commits).max(1) as f64,
+        });
         if let Ok(queue) = Arc::try_unwrap(queue) {
             let _ = queue.shutdown(std::time::Duration::from_secs(5)).await;
         }
     }
-    Ok(median(&mut samples))
+    samples.sort_by(|a, b| a.jobs_per_second.total_cmp(&b.jobs_per_second));
+    Ok(samples[samples.len() / 2])
 }
 
 /// The storage limit: the same lifecycle as the queue (insert the job, its
@@ -242,6 +265,7 @@ pub async fn queue_throughput(args: &BenchArgs) -> anyhow::Result<()> {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let compiled = tempfile::tempdir()?;
+    let mut writer = Vec::new();
     for durability in [Durability::Process, Durability::Full] {
         for phases in [1, 3] {
             let raw = |insert_batch, step_batch| -> anyhow::Result<f64> {
@@ -256,15 +280,30 @@ pub async fn queue_throughput(args: &BenchArgs) -> anyhow::Result<()> {
             for concurrency in [1, 8, 64] {
                 row.push(throughput(args, compiled.path(), phases, concurrency, durability).await?);
             }
+            let c64 = row[2].jobs_per_second;
             println!(
-                "| {durability:?} | {phases} | {per_step:.0} | {batched:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
-                row[0],
-                row[1],
-                row[2],
-                row[2] / per_step,
-                row[2] / batched,
+                "| {durability:?} | {phases} | {per_step:.0} | {batched:.0} | {:.0} | {:.0} | {c64:.0} | {:.2} | {:.2} |",
+                row[0].jobs_per_second,
+                row[1].jobs_per_second,
+                c64 / per_step,
+                c64 / batched,
             );
+            writer.push((durability, phases, row[2]));
         }
+    }
+    println!(
+        "\nThe storage writer thread at concurrency 64 (it runs every transition, one batch at a time):"
+    );
+    println!(
+        "| durability | phases | writer busy | writer µs per job | writes per commit |\n|---|---:|---:|---:|---:|"
+    );
+    for (durability, phases, t) in writer {
+        println!(
+            "| {durability:?} | {phases} | {:.0}% | {:.0} | {:.1} |",
+            t.writer_busy * 100.0,
+            t.writer_micros_per_job,
+            t.writes_per_commit
+        );
     }
     Ok(())
 }

@@ -25,8 +25,10 @@ mod schema;
 mod webhooks;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{Notify, oneshot};
@@ -149,7 +151,8 @@ pub struct Storage {
     readers: Arc<Mutex<Vec<Connection>>>,
     /// Notified after a commit that added a webhook delivery.
     webhook_added: Arc<Notify>,
-    closed: std::sync::atomic::AtomicBool,
+    writer_stats: Arc<WriterCounters>,
+    closed: AtomicBool,
     path: PathBuf,
     bus: Bus,
 }
@@ -173,9 +176,11 @@ impl Storage {
         }))?;
         let (sender, receiver) = mpsc::channel();
         let webhook_added = Arc::new(Notify::new());
+        let writer_stats = Arc::new(WriterCounters::default());
         let announcer = Announcer {
             bus: bus.clone(),
             webhook_added: webhook_added.clone(),
+            stats: writer_stats.clone(),
         };
         let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
             thread::Builder::new()
@@ -198,6 +203,7 @@ impl Storage {
             threads: Mutex::new(threads),
             readers: Arc::default(),
             webhook_added,
+            writer_stats,
             closed: Default::default(),
             path: path.to_path_buf(),
             bus,
@@ -206,6 +212,15 @@ impl Storage {
 
     pub fn bus(&self) -> &Bus {
         &self.bus
+    }
+
+    pub fn writer_stats(&self) -> WriterStats {
+        let stats = &self.writer_stats;
+        WriterStats {
+            commits: stats.commits.load(Ordering::Relaxed),
+            writes: stats.writes.load(Ordering::Relaxed),
+            busy: Duration::from_nanos(stats.busy_nanos.load(Ordering::Relaxed)),
+        }
     }
 
     /// Resolves after a commit that added a webhook delivery to the outbox
@@ -242,7 +257,7 @@ impl Storage {
         &self,
         f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
     ) -> Result<R> {
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.closed.load(Ordering::SeqCst) {
             return Err(StorageError::Closed);
         }
         let (readers, path) = (self.readers.clone(), self.path.clone());
@@ -265,7 +280,7 @@ impl Storage {
     /// Finishes the writes already sent, then closes the database. Later
     /// calls fail with [`StorageError::Closed`].
     pub async fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closed.store(true, Ordering::SeqCst);
         drop(self.writer.lock().unwrap().take());
         let threads = std::mem::take(&mut *self.threads.lock().unwrap());
         for thread in threads {
@@ -328,10 +343,40 @@ fn checkpoint_loop(conn: Connection, requests: mpsc::Receiver<()>) {
 struct Announcer {
     bus: Bus,
     webhook_added: Arc<Notify>,
+    stats: Arc<WriterCounters>,
+}
+
+/// How busy the writer thread has been since the database was opened: the
+/// queue's one serial resource, so its busy time bounds throughput.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WriterStats {
+    /// Transactions committed (or failed).
+    pub commits: u64,
+    /// Writes in them.
+    pub writes: u64,
+    /// Time spent from taking a batch to replying to its writes.
+    pub busy: Duration,
+}
+
+#[derive(Default)]
+struct WriterCounters {
+    commits: AtomicU64,
+    writes: AtomicU64,
+    busy_nanos: AtomicU64,
+}
+
+impl WriterCounters {
+    fn record(&self, writes: u64, busy: Duration) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes, Ordering::Relaxed);
+        self.busy_nanos
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+    }
 }
 
 fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, announcer: Announcer) {
     while let Ok(first) = writes.recv() {
+        let started = Instant::now();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match writes.try_recv() {
@@ -339,6 +384,7 @@ fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, anno
                 Err(_) => break,
             }
         }
+        let writes_in_batch = batch.len() as u64;
         match commit_batch(&mut conn, &mut batch) {
             Ok(log) => {
                 if log.webhook_added {
@@ -359,6 +405,7 @@ fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, anno
                 }
             }
         }
+        announcer.stats.record(writes_in_batch, started.elapsed());
     }
 }
 
