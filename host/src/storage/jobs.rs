@@ -197,12 +197,17 @@ impl RawJob {
 }
 
 fn phases_of(conn: &Connection, job_id: &str) -> Result<Vec<Phase>> {
+    phases_where(conn, job_id, None)
+}
+
+/// The job's phases in order, or only the one at `index`.
+fn phases_where(conn: &Connection, job_id: &str, index: Option<usize>) -> Result<Vec<Phase>> {
     let mut stmt = conn.prepare_cached(
         "SELECT idx, name, plugin, version, config, timeout_ms, status, output, error, attempts,
                 started_at, finished_at, usage
-         FROM phases WHERE job_id = ?1 ORDER BY idx",
+         FROM phases WHERE job_id = ?1 AND (?2 IS NULL OR idx = ?2) ORDER BY idx",
     )?;
-    let rows = stmt.query_map([job_id], |row| {
+    let rows = stmt.query_map(params![job_id, index.map(|i| i as i64)], |row| {
         Ok((
             row.get::<_, i64>(0)?,
             row.get::<_, String>(1)?,
@@ -276,17 +281,6 @@ fn errors_of(conn: &Connection, job_id: &str) -> Result<Vec<AttemptError>> {
 }
 
 pub(super) fn load_job(conn: &Connection, id: &str) -> Result<Option<Job>> {
-    let Some(mut job) = load_job_to_run(conn, id)? else {
-        return Ok(None);
-    };
-    job.errors = errors_of(conn, id)?;
-    job.webhook = super::webhooks::latest_for_job(conn, id)?;
-    Ok(Some(job))
-}
-
-/// The job with its phases: what a worker needs, without the attempt
-/// errors and webhook status that only readers show.
-fn load_job_to_run(conn: &Connection, id: &str) -> Result<Option<Job>> {
     let raw = conn
         .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
         .query_row([id], job_row)
@@ -294,6 +288,8 @@ fn load_job_to_run(conn: &Connection, id: &str) -> Result<Option<Job>> {
     let Some(raw) = raw else { return Ok(None) };
     let mut job = raw.decode()?;
     job.phases = phases_of(conn, id)?;
+    job.errors = errors_of(conn, id)?;
+    job.webhook = super::webhooks::latest_for_job(conn, id)?;
     Ok(Some(job))
 }
 
@@ -462,43 +458,75 @@ fn created_job(new: &NewJob, pinned: Vec<String>) -> Job {
 
 /// Claims due jobs and starts the first unfinished phase of each. Without
 /// `INDEXED BY`, SQLite chose `jobs_status` and sorted every pending job on
-/// each claim, so claims slowed down as the backlog grew.
+/// each claim, so claims slowed down as the backlog grew. The claimed rows
+/// come back from the update itself, and the started phase is updated in
+/// memory rather than read again: claims are most of the writer's work.
 fn claim(conn: &Connection, log: &mut EventLog, now: i64, limit: usize) -> Result<Vec<Job>> {
-    let claimed: Vec<(String, u32)> = conn
-        .prepare_cached(
+    let claimed: Vec<RawJob> = conn
+        .prepare_cached(&format!(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, ?1)
              WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_due WHERE status = 'pending' AND run_at <= ?1
                           ORDER BY priority DESC, run_at, id LIMIT ?2)
-             RETURNING id, attempt",
-        )?
-        .query_map(params![now, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+             RETURNING {JOB_COLUMNS}"
+        ))?
+        .query_map(params![now, limit as i64], job_row)?
         .collect::<rusqlite::Result<_>>()?;
     let mut jobs = Vec::with_capacity(claimed.len());
-    for (id, attempt) in claimed {
-        job_event(
-            conn,
-            log,
-            EventKind::JobStarted,
-            &id,
-            json!({"attempt": attempt}),
-            now,
-        )?;
-        let first: Option<i64> = conn
-            .prepare_cached(
-                "SELECT MIN(idx) FROM phases WHERE job_id = ?1 AND status != 'completed'",
-            )?
-            .query_row([&id], |row| row.get(0))?;
-        if let Some(first) = first {
-            start_phase(conn, log, &id, first as usize, now)?;
+    for raw in claimed {
+        let mut job = raw.decode()?;
+        let data = json!({"attempt": job.attempt});
+        job_event(conn, log, EventKind::JobStarted, &job.id, data, now)?;
+        job.phases = phases_of(conn, &job.id)?;
+        if let Some(first) = job
+            .phases
+            .iter_mut()
+            .find(|p| p.status != PhaseStatus::Completed)
+        {
+            start_loaded_phase(conn, log, &job.id, first, now)?;
         }
-        jobs.push(
-            load_job_to_run(conn, &id)?
-                .ok_or_else(|| corrupt("job vanished inside its transaction", &id))?,
-        );
+        jobs.push(job);
     }
     // RETURNING has no order: hand them out highest priority first.
     jobs.sort_by(|a, b| (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id)));
     Ok(jobs)
+}
+
+/// Starts a pending phase of a running job whose row the caller has just
+/// read, and updates that copy to match.
+fn start_loaded_phase(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    phase: &mut Phase,
+    now: i64,
+) -> Result<bool> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL
+             WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'",
+        )?
+        .execute(params![job_id, phase.index as i64, now])?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    phase.status = PhaseStatus::Running;
+    phase.attempts += 1;
+    phase.started_at = Some(now);
+    phase.finished_at = None;
+    phase_started(conn, log, job_id, phase, now)?;
+    Ok(true)
+}
+
+fn phase_started(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    phase: &Phase,
+    now: i64,
+) -> Result<()> {
+    let data = json!({"phase": phase.name, "index": phase.index, "plugin": phase.plugin,
+                      "version": phase.version, "attempt": phase.attempts});
+    job_event(conn, log, EventKind::PhaseStarted, job_id, data, now)
 }
 
 /// True when the job is running: every worker transition requires it.
@@ -516,32 +544,10 @@ fn start_phase(
     if !is_running(conn, job_id)? {
         return Ok(None);
     }
-    // No RETURNING in the hot statements: SQLite buffers returned rows in
-    // a temporary b-tree, which costs more than reading the row again.
-    let changed = conn
-        .prepare_cached(
-            "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL
-             WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'",
-        )?
-        .execute(params![job_id, index as i64, now])?;
-    if changed == 0 {
+    let Some(mut phase) = phases_where(conn, job_id, Some(index))?.pop() else {
         return Ok(None);
-    }
-    let (name, plugin, version, attempt) = conn
-        .prepare_cached(
-            "SELECT name, plugin, version, attempts FROM phases WHERE job_id = ?1 AND idx = ?2",
-        )?
-        .query_row(params![job_id, index as i64], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, u32>(3)?,
-            ))
-        })?;
-    let data = json!({"phase": name, "index": index, "plugin": plugin, "version": version, "attempt": attempt});
-    job_event(conn, log, EventKind::PhaseStarted, job_id, data, now)?;
-    Ok(Some(attempt))
+    };
+    Ok(start_loaded_phase(conn, log, job_id, &mut phase, now)?.then_some(phase.attempts))
 }
 
 fn phase_name(conn: &Connection, job_id: &str, index: usize) -> Result<String> {
@@ -561,13 +567,13 @@ fn complete_phase(
     start_next: bool,
     now: i64,
 ) -> Result<Completion> {
-    if !is_running(conn, job_id)? {
-        return Ok(Completion::Stale);
-    }
     let usage_json = serde_json::to_string(usage).map_err(|e| corrupt("usage", e))?;
+    // The job must still be running too (the guard of every worker
+    // transition), checked in the same statement.
     let changed = conn.prepare_cached(
         "UPDATE phases SET status = 'completed', output = ?3, error = NULL, usage = ?4, finished_at = ?5
-         WHERE job_id = ?1 AND idx = ?2 AND status = 'running'",
+         WHERE job_id = ?1 AND idx = ?2 AND status = 'running'
+           AND EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND status = 'running')",
     )?
     .execute(params![job_id, index as i64, output, usage_json, now])?;
     if changed == 0 {
@@ -1165,10 +1171,10 @@ mod tests {
     use super::*;
     use crate::storage::{Durability, NewPluginVersion};
 
-    /// `create` returns the job it inserted without reading it back: what
-    /// it returns must be exactly what loading the job returns.
+    /// `create` and `claim` return the jobs they changed without reading
+    /// them back: what they return must be exactly what loading returns.
     #[tokio::test]
-    async fn a_created_job_is_returned_as_it_is_stored() {
+    async fn created_and_claimed_jobs_are_returned_as_they_are_stored() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(
             &dir.path().join("db"),
@@ -1221,6 +1227,16 @@ mod tests {
             "the active version is pinned"
         );
         assert_eq!(Some(created), storage.job("job-1").await.unwrap());
+
+        // A claim returns the job with its first phase started, without
+        // reading either back.
+        let mut claimed = storage.claim_due_jobs(2_000, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let claimed = claimed.remove(0);
+        assert_eq!(claimed.status, JobStatus::Running);
+        assert_eq!(claimed.phases[0].status, PhaseStatus::Running);
+        assert_eq!(claimed.phases[0].attempts, 1);
+        assert_eq!(Some(claimed), storage.job("job-1").await.unwrap());
         storage.close().await;
     }
 }

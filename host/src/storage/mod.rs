@@ -378,14 +378,9 @@ fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, anno
     while let Ok(first) = writes.recv() {
         let started = Instant::now();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match writes.try_recv() {
-                Ok(write) => batch.push(write),
-                Err(_) => break,
-            }
-        }
+        let outcome = commit_batch(&mut conn, &mut batch, &writes);
         let writes_in_batch = batch.len() as u64;
-        match commit_batch(&mut conn, &mut batch) {
+        match outcome {
             Ok(log) => {
                 if log.webhook_added {
                     announcer.webhook_added.notify_one();
@@ -409,14 +404,32 @@ fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, anno
     }
 }
 
-/// Commits the batch in one transaction and returns what its writes
-/// logged. Each write's changes are kept only if it succeeded: the first
-/// attempt runs them all without savepoints, and if any fails, a second
-/// runs each in a savepoint of its own.
-fn commit_batch(conn: &mut Connection, batch: &mut [Box<dyn Write>]) -> rusqlite::Result<EventLog> {
+/// Runs the batch, and every write that arrives meanwhile (up to
+/// [`MAX_BATCH`]), in one transaction and commits it; returns what the
+/// writes logged. Taking late arrivals into the open transaction instead of
+/// the next one spreads each commit's page writes over more writes, at no
+/// cost in latency: the commit happens as soon as nothing is waiting.
+///
+/// Each write's changes are kept only if it succeeded: the first attempt
+/// runs them all without savepoints, and if any fails, a second runs each in
+/// a savepoint of its own.
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Box<dyn Write>>,
+    waiting: &mpsc::Receiver<Box<dyn Write>>,
+) -> rusqlite::Result<EventLog> {
     let mut log = EventLog::default();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    if batch.iter_mut().all(|write| write.run(&tx, &mut log)) {
+    let mut next = 0;
+    let mut all_succeeded = true;
+    while all_succeeded && next < batch.len() {
+        all_succeeded = batch[next].run(&tx, &mut log);
+        next += 1;
+        if next == batch.len() && batch.len() < MAX_BATCH {
+            batch.extend(waiting.try_recv());
+        }
+    }
+    if all_succeeded {
         tx.commit()?;
         return Ok(log);
     }
