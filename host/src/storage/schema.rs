@@ -1,7 +1,7 @@
 //! Versioned schema migrations. Each entry is applied once, in order, in its
 //! own transaction; `PRAGMA user_version` records how far a database got.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 const MIGRATIONS: &[&str] = &[
     // 1: plugins, jobs, phases, attempt errors, the event log.
@@ -101,6 +101,63 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX webhook_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
     CREATE INDEX webhook_job ON webhook_deliveries (job_id, created_at);
     ",
+    // 3: the status checks as comparisons instead of IN lists, and the
+    // index of finished jobs keyed on `finished_at` being set: SQLite builds
+    // a temporary b-tree for an IN list of more than two values each time it
+    // evaluates one, which was every insert and update of a job or phase.
+    // A CHECK cannot be altered, so both tables are rebuilt (the documented
+    // procedure: new table, copy, drop, rename; foreign keys are off
+    // meanwhile, see `migrate`).
+    "
+    CREATE TABLE jobs_v3 (
+        id              TEXT PRIMARY KEY,
+        status          TEXT NOT NULL
+                        CHECK (status = 'pending' OR status = 'running' OR status = 'completed'
+                               OR status = 'failed' OR status = 'cancelled'),
+        payload         TEXT NOT NULL,
+        priority        INTEGER NOT NULL,
+        run_at          INTEGER NOT NULL,
+        attempt         INTEGER NOT NULL DEFAULT 0,
+        max_attempts    INTEGER NOT NULL,
+        backoff         TEXT NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        webhook_url     TEXT,
+        webhook_secret  TEXT,
+        created_at      INTEGER NOT NULL,
+        started_at      INTEGER,
+        finished_at     INTEGER,
+        error           TEXT
+    );
+    INSERT INTO jobs_v3 SELECT * FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v3 RENAME TO jobs;
+    CREATE INDEX jobs_due ON jobs (priority DESC, run_at, id) WHERE status = 'pending';
+    CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX jobs_status ON jobs (status, id);
+    CREATE TABLE phases_v3 (
+        job_id          TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        idx             INTEGER NOT NULL,
+        name            TEXT NOT NULL,
+        plugin          TEXT NOT NULL,
+        version         TEXT NOT NULL,
+        config          TEXT NOT NULL,
+        timeout_ms      INTEGER NOT NULL,
+        status          TEXT NOT NULL
+                        CHECK (status = 'pending' OR status = 'running' OR status = 'completed'
+                               OR status = 'failed' OR status = 'cancelled'),
+        output          TEXT,
+        error           TEXT,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        started_at      INTEGER,
+        finished_at     INTEGER,
+        usage           TEXT,
+        PRIMARY KEY (job_id, idx)
+    );
+    INSERT INTO phases_v3 SELECT * FROM phases;
+    DROP TABLE phases;
+    ALTER TABLE phases_v3 RENAME TO phases;
+    CREATE INDEX phases_plugin ON phases (plugin, version);
+    ",
 ];
 
 /// Brings the database up to the latest schema.
@@ -112,9 +169,27 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
             MIGRATIONS.len()
         )));
     }
+    // Rebuilding a table (drop, rename) must not cascade to the rows that
+    // reference it, and the pragma has no effect inside a transaction.
+    conn.pragma_update(None, "foreign_keys", "off")?;
+    let migrated = apply(conn, current);
+    conn.pragma_update(None, "foreign_keys", "on")?;
+    migrated
+}
+
+fn apply(conn: &mut Connection, current: usize) -> rusqlite::Result<()> {
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction()?;
         tx.execute_batch(migration)?;
+        let dangling: Option<String> = tx
+            .query_row("PRAGMA foreign_key_check", [], |row| row.get(0))
+            .optional()?;
+        if let Some(table) = dangling {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "migration {} left a row of `{table}` without its parent",
+                index + 1
+            )));
+        }
         tx.pragma_update(None, "user_version", index as i64 + 1)?;
         tx.commit()?;
     }
@@ -123,3 +198,57 @@ pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 /// The schema version this build writes.
 pub const VERSION: usize = MIGRATIONS.len();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Migration 3 rebuilds `jobs` and `phases`: their rows survive, and
+    /// the foreign keys still hold and cascade afterwards.
+    #[test]
+    fn rebuilding_tables_keeps_rows_and_foreign_keys() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", "on").unwrap();
+        for migration in &MIGRATIONS[..2] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff, created_at, finished_at)
+             VALUES ('j1', 'completed', '{}', 0, 0, 3, '{}', 0, 5);
+             INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status, output)
+             VALUES ('j1', 0, 'p0', 'echo', '1.0.0', '{}', 1000, 'completed', '{\"n\":1}');
+             INSERT INTO attempt_errors (job_id, attempt, error, at) VALUES ('j1', 1, 'boom', 1);",
+        )
+        .unwrap();
+
+        migrate(&mut conn).unwrap();
+
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, 3);
+        let output: String = conn
+            .query_row("SELECT output FROM phases WHERE job_id = 'j1'", [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(output, r#"{"n":1}"#);
+        let bad_status = conn.execute(
+            "INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff, created_at)
+             VALUES ('j2', 'exploded', '{}', 0, 0, 3, '{}', 0)",
+            [],
+        );
+        assert!(bad_status.is_err(), "the status check still holds");
+        conn.execute("DELETE FROM jobs WHERE id = 'j1'", [])
+            .unwrap();
+        let left: i64 = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM phases) + (SELECT COUNT(*) FROM attempt_errors)",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 0, "deleting a job still cascades to its rows");
+    }
+}
