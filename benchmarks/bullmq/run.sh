@@ -39,7 +39,7 @@ target/release/jobhost bench --only queue-throughput --only queue-latency --samp
 
 bullmq() { awk -v m="$1" -v w="$2" -v c="$3" '$1 == m && $2 == w && $3 == c {print $4}' "$results"; }
 # jobhost's table rows: "| Process | 1 | per step | batched | c1 | c8 | c64 | … |".
-jobhost() { awk -F'|' -v d="$1" -v p="$2" -v f="$3" '$2 ~ d && $3 + 0 == p {gsub(/ /, "", $f); print $f}' "$results.jobhost"; }
+jobhost() { awk -F'|' -v d="$1" -v p="$2" -v f="$3" 'NF == 11 && $2 ~ d && $3 + 0 == p {gsub(/ /, "", $f); print $f}' "$results.jobhost"; }
 column() { echo $(( $1 == 1 ? 6 : $1 == 8 ? 7 : 8 )); }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 

@@ -125,22 +125,17 @@ pub async fn phase_overhead(args: &BenchArgs) -> anyhow::Result<()> {
         "| | jobhost | raw wasmtime, jobhost's pooling settings | ratio | raw wasmtime, default pooling | ratio |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
-    println!(
-        "| µs per run, 1 task | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} |",
-        us[0],
-        us[1],
-        us[0] / us[1],
-        us[2],
-        us[0] / us[2]
-    );
-    println!(
-        "| runs/s, 2 tasks | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
-        rps[0],
-        rps[1],
-        rps[0] / rps[1],
-        rps[2],
-        rps[0] / rps[2]
-    );
+    for (label, figures, decimals) in [("µs per run, 1 task", us, 1), ("runs/s, 2 tasks", rps, 0)]
+    {
+        let [host, same, defaults] = figures[..] else {
+            unreachable!("three subjects")
+        };
+        println!(
+            "| {label} | {host:.decimals$} | {same:.decimals$} | {:.2} | {defaults:.decimals$} | {:.2} |",
+            host / same,
+            host / defaults
+        );
+    }
     Ok(())
 }
 
