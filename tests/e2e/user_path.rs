@@ -54,7 +54,9 @@ async fn upload_trigger_and_watch_a_pipeline() {
     let mut events = server.events("/events", None).await;
     let job = server.submit(&pipeline_job()).await;
     let id = job["id"].as_str().unwrap();
-    assert_eq!(job["status"], "pending");
+    // An idle server claims the job in the write that stores it.
+    assert_eq!(job["status"], "running");
+    assert_eq!(job["phases"][0]["status"], "running");
     assert_eq!(job["phases"][0]["version"], "1.0.0", "pinned at enqueue");
 
     let seen = events.until(id, "job:completed").await;

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{QueueError, Shared, worker};
+use tokio_util::sync::CancellationToken;
+
+use super::{Job, QueueError, Shared, worker};
 use crate::time::now_ms;
 
 /// Pause after a storage error before claiming again.
@@ -67,21 +69,32 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
 /// Claims up to `limit` due jobs and spawns their workers; returns how many.
 async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, QueueError> {
     let mut running = shared.running.lock().await;
+    // An enqueue may have taken a slot since `limit` was computed.
+    let limit = limit.min(shared.config.concurrency.saturating_sub(running.len()));
+    if limit == 0 {
+        return Ok(0);
+    }
     let jobs = shared.storage.claim_due_jobs(now_ms(), limit).await?;
     let claimed = jobs.len();
     for job in jobs {
         let cancel = shared.force.child_token();
         running.insert(job.id.clone(), cancel.clone());
-        let shared = shared.clone();
-        shared.workers.clone().spawn(async move {
-            let id = job.id.clone();
-            worker::run_job(&shared, job, cancel).await;
-            shared.running.lock().await.remove(&id);
-            shared.wake.notify_one();
-            shared.worker_done.notify_waiters();
-        });
+        spawn_worker(shared, job, cancel);
     }
     Ok(claimed)
+}
+
+/// Runs a claimed job whose cancellation token is in `running`, and frees
+/// its slot when done.
+pub(super) fn spawn_worker(shared: &Arc<Shared>, job: Job, cancel: CancellationToken) {
+    let shared = shared.clone();
+    shared.workers.clone().spawn(async move {
+        let id = job.id.clone();
+        worker::run_job(&shared, job, cancel).await;
+        shared.running.lock().await.remove(&id);
+        shared.wake.notify_one();
+        shared.worker_done.notify_waiters();
+    });
 }
 
 /// Deletes finished jobs older than the retention age, periodically, until

@@ -201,23 +201,68 @@ impl Queue {
     }
 
     /// Validates and stores a job (acknowledged only after its commit).
+    /// When a slot is free and no other job is due, the same write claims
+    /// the job and its worker starts at once: one commit less between
+    /// enqueue and completion (see `Storage::create_job`).
     pub async fn enqueue(&self, spec: JobSpec) -> Result<Enqueued, QueueError> {
-        if self.shared.draining.is_cancelled() {
+        let shared = &self.shared;
+        // Counts as a worker until this returns, so that shutdown waits for
+        // a job claimed here to get its worker.
+        let _in_flight = shared.workers.token();
+        if shared.draining.is_cancelled() {
             return Err(QueueError::ShuttingDown);
         }
-        let new = enqueue::new_job(spec, &self.shared.config, now_ms())
-            .map_err(QueueError::InvalidJob)?;
-        match self.shared.storage.create_job(new).await? {
-            CreateOutcome::Created(job) => {
-                self.shared.wake.notify_one();
+        let now = now_ms();
+        let new = enqueue::new_job(spec, &shared.config, now).map_err(QueueError::InvalidJob)?;
+        let id = new.id.clone();
+        let slot = self.reserve_slot(&id).await;
+        let created = shared
+            .storage
+            .create_job(new, slot.as_ref().map(|_| now))
+            .await;
+        match (created, slot) {
+            (Ok(CreateOutcome::Created(job)), Some(cancel)) if job.status == JobStatus::Running => {
+                dispatch::spawn_worker(shared, job.clone(), cancel);
                 Ok(Enqueued { job, created: true })
             }
-            CreateOutcome::Existing(job) => Ok(Enqueued {
-                job,
-                created: false,
-            }),
-            CreateOutcome::UnknownPlugin(message) => Err(QueueError::UnknownPlugin(message)),
+            (created, slot) => {
+                if slot.is_some() {
+                    self.release_slot(&id).await;
+                }
+                match created? {
+                    CreateOutcome::Created(job) => {
+                        shared.wake.notify_one();
+                        Ok(Enqueued { job, created: true })
+                    }
+                    CreateOutcome::Existing(job) => Ok(Enqueued {
+                        job,
+                        created: false,
+                    }),
+                    CreateOutcome::UnknownPlugin(message) => {
+                        Err(QueueError::UnknownPlugin(message))
+                    }
+                }
+            }
         }
+    }
+
+    /// Takes a free slot for the job about to be created, if the queue is
+    /// claiming and has one: its cancellation token, already in `running`.
+    async fn reserve_slot(&self, id: &str) -> Option<CancellationToken> {
+        let shared = &self.shared;
+        let mut running = shared.running.lock().await;
+        if shared.paused.load(Ordering::SeqCst) || running.len() >= shared.config.concurrency {
+            return None;
+        }
+        let cancel = shared.force.child_token();
+        running.insert(id.to_owned(), cancel.clone());
+        Some(cancel)
+    }
+
+    /// Gives back a slot the job did not take.
+    async fn release_slot(&self, id: &str) {
+        self.shared.running.lock().await.remove(id);
+        self.shared.wake.notify_one();
     }
 
     pub async fn job(&self, id: &str) -> Result<Job, QueueError> {

@@ -456,6 +456,16 @@ fn created_job(new: &NewJob, pinned: Vec<String>) -> Job {
     }
 }
 
+/// Whether a pending job other than `job_id` is due at `now`.
+fn other_job_due(conn: &Connection, job_id: &str, now: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_due
+                            WHERE status = 'pending' AND run_at <= ?1 AND id != ?2)",
+        )?
+        .query_row(params![now, job_id], |row| row.get(0))?)
+}
+
 /// Claims due jobs and starts the first unfinished phase of each. Without
 /// `INDEXED BY`, SQLite chose `jobs_status` and sorted every pending job on
 /// each claim, so claims slowed down as the backlog grew. The claimed rows
@@ -959,8 +969,28 @@ fn list(conn: &Connection, filter: &JobFilter) -> Result<JobPage> {
 }
 
 impl Storage {
-    pub async fn create_job(&self, new: NewJob) -> Result<CreateOutcome> {
-        self.write(move |conn, log| create(conn, log, &new)).await
+    /// Stores a new job. With `claim_at`, the same write also claims it
+    /// (running, first phase started) when it is due then and no other job
+    /// is due: exactly the job a claim would pick, one commit sooner.
+    pub async fn create_job(&self, new: NewJob, claim_at: Option<i64>) -> Result<CreateOutcome> {
+        self.write(move |conn, log| {
+            let created = create(conn, log, &new)?;
+            match (created, claim_at) {
+                (CreateOutcome::Created(job), Some(now))
+                    if job.run_at <= now && !other_job_due(conn, &job.id, now)? =>
+                {
+                    let claimed = claim(conn, log, now, 1)?.pop();
+                    match claimed {
+                        Some(claimed) if claimed.id == job.id => {
+                            Ok(CreateOutcome::Created(claimed))
+                        }
+                        _ => Err(corrupt("a new due job was not the one claimed", &job.id)),
+                    }
+                }
+                (created, _) => Ok(created),
+            }
+        })
+        .await
     }
 
     /// Claims up to `limit` due pending jobs, highest priority first: marks
@@ -1222,7 +1252,7 @@ mod tests {
             phases: vec![phase("first", None), phase("second", Some("2.0.0"))],
             created_at: 900,
         };
-        let CreateOutcome::Created(created) = storage.create_job(new).await.unwrap() else {
+        let CreateOutcome::Created(created) = storage.create_job(new, None).await.unwrap() else {
             panic!("not created");
         };
         assert_eq!(

@@ -40,6 +40,27 @@ async fn concurrency_limit_is_never_exceeded() {
     assert_eq!(most, 2, "the limit of 2 was exceeded or never reached");
 }
 
+/// With a free slot and nothing else due, the write that stores a job also
+/// claims it; otherwise the job waits for the dispatcher, in order.
+#[tokio::test]
+async fn an_idle_queue_claims_a_job_as_it_stores_it() {
+    let mut host = Host::start(config(1)).await;
+    host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
+    let first = host.enqueue(sleep_job(300)).await;
+    assert_eq!(first.status, JobStatus::Running, "claimed by its create");
+    assert_eq!(first.phases[0].attempts, 1);
+    // The only slot is taken: the next job is stored pending.
+    let second = host.enqueue(sleep_job(10)).await;
+    assert_eq!(second.status, JobStatus::Pending);
+    assert_eq!(
+        host.wait_until_finished(&second.id).await.status,
+        JobStatus::Completed
+    );
+    host.queue.pause();
+    let paused = host.enqueue(sleep_job(10)).await;
+    assert_eq!(paused.status, JobStatus::Pending, "no claim while paused");
+}
+
 #[tokio::test]
 async fn higher_priority_due_jobs_start_first() {
     let mut host = Host::start(config(1)).await;
