@@ -16,7 +16,7 @@ use super::BenchArgs;
 use super::stats::{median, millis, percentile};
 use crate::events::{Bus, EventKind, Published};
 use crate::plugins::PluginRegistry;
-use crate::queue::{JobSpec, PhaseSpec, Queue, QueueConfig};
+use crate::queue::{JobSpec, JobStatus, PhaseSpec, Queue, QueueConfig};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::storage::{Durability, Storage};
 
@@ -97,18 +97,38 @@ fn spec(phases: usize) -> JobSpec {
 }
 
 /// Waits for `count` more `job:completed` events.
+/// Waits until `count` jobs of this (fresh) queue have completed, seen on
+/// the bus. A receiver that lags behind the bus misses events; from then on
+/// each completion it does see is checked against storage instead.
 async fn completions(
     events: &mut broadcast::Receiver<Arc<Published>>,
-    mut count: usize,
+    storage: &Storage,
+    count: usize,
 ) -> anyhow::Result<()> {
-    while count > 0 {
+    let (mut seen, mut lagged) = (0, false);
+    loop {
         match events.recv().await {
-            Ok(event) if event.kind == EventKind::JobCompleted => count -= 1,
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Ok(event) if event.kind == EventKind::JobCompleted => {
+                seen += 1;
+                if seen >= count {
+                    return Ok(());
+                }
+                if lagged {
+                    let counts = storage.job_counts().await?;
+                    let completed = counts
+                        .iter()
+                        .find(|(status, _)| *status == JobStatus::Completed)
+                        .map_or(0, |(_, n)| *n as usize);
+                    if completed >= count {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => lagged = true,
             Err(e) => anyhow::bail!("event bus: {e}"),
         }
     }
-    Ok(())
 }
 
 /// Jobs per second: `args.jobs` jobs submitted by concurrent clients, until
@@ -135,7 +155,7 @@ pub(super) async fn throughput(
         for submitter in submitters {
             submitter.await??;
         }
-        completions(&mut bench.events, args.jobs).await?;
+        completions(&mut bench.events, &bench.storage, args.jobs).await?;
         let elapsed = started.elapsed();
         let after = bench.storage.writer_stats();
         let busy = (after.busy - before.busy).as_secs_f64();
@@ -315,7 +335,7 @@ pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
     for _ in 0..LATENCY_SAMPLES {
         let started = Instant::now();
         bench.queue.enqueue(spec(1)).await?;
-        completions(&mut bench.events, 1).await?;
+        completions(&mut bench.events, &bench.storage, 1).await?;
         latencies.push(millis(started.elapsed()));
     }
     println!(
