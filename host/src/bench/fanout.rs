@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Barrier;
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::BenchArgs;
 use super::http::submit_and_watch;
-use super::server::upload_echo;
+use super::server::{event_stream, upload_echo};
 use super::stats::percentile;
 use crate::time::{now_ms, parse_rfc3339};
 
@@ -98,9 +97,8 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
             let http = http.clone();
             let (connected, recorded, stop) = (connected.clone(), recorded.clone(), stop.clone());
             tokio::spawn(async move {
-                let response = http.get(url).send().await?.error_for_status()?;
+                let mut events = event_stream(&http, &url).await?;
                 connected.wait().await;
-                let mut events = response.bytes_stream().eventsource();
                 let mut delays = Vec::with_capacity(JOBS);
                 while delays.len() < JOBS {
                     let event = events.next().await.context("stream ended")??;

@@ -9,17 +9,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::BenchArgs;
-use super::server::{LocalServer, upload_echo};
+use super::server::{LocalServer, event_stream, upload_echo};
 use super::stats::{median, millis};
 
 const CLIENTS: usize = 16;
 /// Pause between one client's submissions.
 const PACE: Duration = Duration::from_millis(50);
+/// How long the load runs before the swap, and after it (a measured span
+/// of the scenario, not a wait for something to happen).
+const LOAD_AROUND_SWAP: Duration = Duration::from_millis(500);
 
 async fn sample(args: &BenchArgs) -> anyhow::Result<(f64, u64, u64)> {
     let server = LocalServer::start(8).await?;
@@ -48,13 +50,10 @@ async fn sample(args: &BenchArgs) -> anyhow::Result<(f64, u64, u64)> {
             })
         })
         .collect();
-    let started = http
-        .get(format!("{base}/events?types=job:phase:started"))
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut started = started.bytes_stream().eventsource();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut started =
+        event_stream(&http, &format!("{base}/events?types=job:phase:started")).await?;
+    // The swap happens under steady load, and the load goes on after it.
+    tokio::time::sleep(LOAD_AROUND_SWAP).await;
 
     let activate = http
         .put(format!("{base}/plugins/echo/active"))
@@ -69,7 +68,7 @@ async fn sample(args: &BenchArgs) -> anyhow::Result<(f64, u64, u64)> {
             to_first_v2 = Some(millis(answered.elapsed()));
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(LOAD_AROUND_SWAP).await;
     load.store(false, Ordering::Relaxed);
     for client in clients {
         client.await??;

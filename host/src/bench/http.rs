@@ -6,12 +6,11 @@
 use std::time::Instant;
 
 use anyhow::Context as _;
-use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::json;
 
 use super::BenchArgs;
-use super::server::{LocalServer, upload_echo};
+use super::server::{LocalServer, event_stream, upload_echo};
 use super::stats::median;
 use crate::storage::Durability;
 
@@ -38,12 +37,7 @@ pub(super) async fn submit_and_watch(
     jobs: usize,
 ) -> anyhow::Result<(f64, i64)> {
     let spec = json!({"phases": (0..phases).map(|i| json!({"name": format!("p{i}"), "plugin": "echo"})).collect::<Vec<_>>()});
-    let events = http
-        .get(format!("{base}/events?types=job:completed"))
-        .send()
-        .await?
-        .error_for_status()?;
-    let mut completions = events.bytes_stream().eventsource();
+    let mut completions = event_stream(http, &format!("{base}/events?types=job:completed")).await?;
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|client| {

@@ -2,6 +2,7 @@
 //! scenarios that go through the HTTP API.
 
 use anyhow::Context as _;
+use eventsource_stream::Eventsource;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -68,3 +69,16 @@ pub async fn upload_echo(
         .error_for_status()?;
     Ok(())
 }
+
+/// An open SSE stream of `url` (the response checked, its events parsed).
+pub async fn event_stream(
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<
+    impl futures::Stream<Item = Result<eventsource_stream::Event, EventError>> + Unpin + use<>,
+> {
+    let response = http.get(url).send().await?.error_for_status()?;
+    Ok(response.bytes_stream().eventsource())
+}
+
+type EventError = eventsource_stream::EventStreamError<reqwest::Error>;

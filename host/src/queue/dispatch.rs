@@ -22,28 +22,16 @@ const PURGE_BATCH: usize = 500;
 /// it, so that every claimed job gets its worker.
 pub(super) async fn dispatch(shared: Arc<Shared>) {
     while !shared.draining.is_cancelled() {
-        let free = if shared.paused.load(Ordering::SeqCst) {
-            0
-        } else {
-            shared
-                .config
-                .concurrency
-                .saturating_sub(shared.running.lock().await.len())
-        };
-        let mut wait_for_due = free > 0;
-        if free > 0 {
-            match claim(&shared, free).await {
-                Ok(claimed) if claimed == free => wait_for_due = false,
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::error!(%error, "claiming jobs failed");
-                    tokio::select! {
-                        () = tokio::time::sleep(ERROR_BACKOFF) => continue,
-                        () = shared.draining.cancelled() => return,
-                    }
+        let wait_for_due = match claim(&shared).await {
+            Ok(slot_left) => slot_left,
+            Err(error) => {
+                tracing::error!(%error, "claiming jobs failed");
+                tokio::select! {
+                    () = tokio::time::sleep(ERROR_BACKOFF) => continue,
+                    () = shared.draining.cancelled() => return,
                 }
             }
-        }
+        };
         let next_due = if wait_for_due {
             shared.storage.next_due_at().await.ok().flatten()
         } else {
@@ -66,22 +54,27 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     }
 }
 
-/// Claims up to `limit` due jobs and spawns their workers; returns how many.
-async fn claim(shared: &Arc<Shared>, limit: usize) -> Result<usize, QueueError> {
+/// Claims a due job for each free slot (none while paused) and spawns their
+/// workers. Returns whether a slot is left free because nothing more was
+/// due. Slots are counted under the lock that enqueues also take to claim.
+async fn claim(shared: &Arc<Shared>) -> Result<bool, QueueError> {
     let mut running = shared.running.lock().await;
-    // An enqueue may have taken a slot since `limit` was computed.
-    let limit = limit.min(shared.config.concurrency.saturating_sub(running.len()));
-    if limit == 0 {
-        return Ok(0);
+    let free = if shared.paused.load(Ordering::SeqCst) {
+        0
+    } else {
+        shared.config.concurrency.saturating_sub(running.len())
+    };
+    if free == 0 {
+        return Ok(false);
     }
-    let jobs = shared.storage.claim_due_jobs(now_ms(), limit).await?;
-    let claimed = jobs.len();
+    let jobs = shared.storage.claim_due_jobs(now_ms(), free).await?;
+    let slot_left = jobs.len() < free;
     for job in jobs {
         let cancel = shared.force.child_token();
         running.insert(job.id.clone(), cancel.clone());
         spawn_worker(shared, job, cancel);
     }
-    Ok(claimed)
+    Ok(slot_left)
 }
 
 /// Runs a claimed job whose cancellation token is in `running`, and frees

@@ -220,29 +220,24 @@ impl Queue {
             .storage
             .create_job(new, slot.as_ref().map(|_| now))
             .await;
-        match (created, slot) {
-            (Ok(CreateOutcome::Created(job)), Some(cancel)) if job.status == JobStatus::Running => {
-                dispatch::spawn_worker(shared, job.clone(), cancel);
+        let claimed =
+            matches!(&created, Ok(CreateOutcome::Created(job)) if job.status == JobStatus::Running);
+        if slot.is_some() && !claimed {
+            self.release_slot(&id).await;
+        }
+        match created? {
+            CreateOutcome::Created(job) => {
+                match slot.filter(|_| claimed) {
+                    Some(cancel) => dispatch::spawn_worker(shared, job.clone(), cancel),
+                    None => shared.wake.notify_one(),
+                }
                 Ok(Enqueued { job, created: true })
             }
-            (created, slot) => {
-                if slot.is_some() {
-                    self.release_slot(&id).await;
-                }
-                match created? {
-                    CreateOutcome::Created(job) => {
-                        shared.wake.notify_one();
-                        Ok(Enqueued { job, created: true })
-                    }
-                    CreateOutcome::Existing(job) => Ok(Enqueued {
-                        job,
-                        created: false,
-                    }),
-                    CreateOutcome::UnknownPlugin(message) => {
-                        Err(QueueError::UnknownPlugin(message))
-                    }
-                }
-            }
+            CreateOutcome::Existing(job) => Ok(Enqueued {
+                job,
+                created: false,
+            }),
+            CreateOutcome::UnknownPlugin(message) => Err(QueueError::UnknownPlugin(message)),
         }
     }
 

@@ -338,7 +338,6 @@ fn checkpoint_loop(conn: Connection, requests: mpsc::Receiver<()>) {
     }
 }
 
-/// The writer thread: group commit of whatever writes are waiting.
 /// Where the writer announces what a commit did.
 struct Announcer {
     bus: Bus,
@@ -374,6 +373,7 @@ impl WriterCounters {
     }
 }
 
+/// The writer thread: group commit of whatever writes are waiting.
 fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, announcer: Announcer) {
     while let Ok(first) = writes.recv() {
         let started = Instant::now();
