@@ -1,4 +1,5 @@
-//! SSE: resume after a disconnect, and cancelling a guest that never yields.
+//! SSE: resume after a disconnect, many clients, a stalled client, and
+//! cancelling a guest that never yields.
 
 use serde_json::json;
 
@@ -104,6 +105,42 @@ async fn cancel_over_http_stops_a_guest_that_never_yields() {
     );
 }
 
+/// With hundreds of clients connected, each client's new events wait a few
+/// milliseconds for more and go out together. Every client still gets every
+/// event once and in order, the last ones included (sent when the wait
+/// ends, with nothing new arriving to push them out).
+#[tokio::test]
+async fn hundreds_of_clients_each_get_every_event_in_order() {
+    let server = Server::start(&["--concurrency", "8"]).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let clients = futures::future::join_all((0..400).map(|_| server.events("/events", None))).await;
+
+    let jobs = 50;
+    let spec =
+        json!({"phases": [{"name": "a", "plugin": "echo"}, {"name": "b", "plugin": "echo"}]});
+    let submits = (0..jobs).map(|_| server.post("/jobs", &spec));
+    for (status, job) in futures::future::join_all(submits).await {
+        assert_eq!(status, 201, "{job}");
+    }
+
+    let reads = clients.into_iter().map(|mut client| async move {
+        let (mut seen, mut completions) = (Vec::new(), 0);
+        while completions < jobs {
+            let event = client.next_event().await.expect("stream still open");
+            completions += usize::from(event.kind == "job:completed");
+            seen.push(event.id);
+        }
+        seen
+    });
+    for seen in futures::future::join_all(reads).await {
+        assert_eq!(seen[0], 1, "the stream starts at the first event");
+        assert!(
+            seen.windows(2).all(|w| w[1] == w[0] + 1),
+            "a gap, a duplicate or a reordering: {seen:?}"
+        );
+    }
+}
+
 /// A client that stops reading falls behind the in-memory bus; it blocks
 /// only itself, and when it reads again it is caught up from the log with
 /// no event skipped.
@@ -114,7 +151,7 @@ async fn a_stalled_client_is_caught_up_from_the_log_without_gaps() {
     let mut stalled = server.events("/events", None).await;
     stalled.next_event().await.expect("the stream is open");
 
-    // Far more events than the bus keeps (4,096) and the sockets buffer,
+    // Far more commits than the bus keeps (512) and events than the sockets buffer,
     // while the stalled client reads nothing.
     let spec = json!({"phases": [{"name": "a", "plugin": "echo"}, {"name": "b", "plugin": "echo"}, {"name": "c", "plugin": "echo"}]});
     let jobs = 4000;

@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 
 use super::BenchArgs;
 use super::stats::{median, millis, percentile};
-use crate::events::{Bus, EventKind, Published};
+use crate::events::{Bus, EventKind, Subscription};
 use crate::plugins::PluginRegistry;
 use crate::queue::{JobSpec, JobStatus, PhaseSpec, Queue, QueueConfig};
 use crate::runtime::{Runtime, RuntimeConfig};
@@ -29,7 +29,7 @@ const RAW_STEP_BATCH: usize = 64;
 struct Bench {
     queue: Queue,
     storage: Arc<Storage>,
-    events: broadcast::Receiver<Arc<Published>>,
+    events: Subscription,
     _dir: tempfile::TempDir,
 }
 
@@ -96,12 +96,11 @@ fn spec(phases: usize) -> JobSpec {
     }
 }
 
-/// Waits for `count` more `job:completed` events.
 /// Waits until `count` jobs of this (fresh) queue have completed, seen on
 /// the bus. A receiver that lags behind the bus misses events; from then on
 /// each completion it does see is checked against storage instead.
 async fn completions(
-    events: &mut broadcast::Receiver<Arc<Published>>,
+    events: &mut Subscription,
     storage: &Storage,
     count: usize,
 ) -> anyhow::Result<()> {

@@ -8,12 +8,14 @@
 
 use std::sync::{Arc, OnceLock};
 
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-/// Events kept in memory for subscribers that are briefly behind.
-const BUS_CAPACITY: usize = 4096;
+/// Commits (batches of events) kept in memory for subscribers that are
+/// briefly behind.
+const BUS_CAPACITY: usize = 512;
 
 /// The closed set of event kinds. On the wire (JSON, SSE) each is its
 /// [`EventKind::name`].
@@ -155,28 +157,37 @@ pub struct Event {
     pub data: Value,
 }
 
-/// An event as subscribers receive it: shared by all of them, and
-/// serialized to JSON at most once however many SSE clients send it (a
-/// thousand clients each copying and serializing every event cost more than
-/// the queue's own work).
+/// An event as subscribers receive it: shared by all of them, and rendered
+/// as an SSE message at most once however many clients send it (a thousand
+/// clients each copying and serializing every event cost more than the
+/// queue's own work).
 #[derive(Debug)]
 pub struct Published {
     event: Event,
-    json: OnceLock<String>,
+    sse_message: OnceLock<Bytes>,
 }
 
 impl Published {
     pub fn new(event: Event) -> Self {
         Published {
             event,
-            json: OnceLock::new(),
+            sse_message: OnceLock::new(),
         }
     }
 
-    /// The event as JSON, as `GET /events` sends it.
-    pub fn json(&self) -> &str {
-        self.json
-            .get_or_init(|| serde_json::to_string(&self.event).expect("an event always serializes"))
+    /// The event as `GET /events` sends it: `id:` its sequence number,
+    /// `event:` its type, `data:` its JSON (one line: compact JSON escapes
+    /// every newline).
+    pub fn sse_message(&self) -> &Bytes {
+        self.sse_message.get_or_init(|| {
+            let json = serde_json::to_string(&self.event).expect("an event always serializes");
+            let message = format!(
+                "id: {}\nevent: {}\ndata: {json}\n\n",
+                self.event.seq,
+                self.event.kind.name()
+            );
+            Bytes::from(message)
+        })
     }
 }
 
@@ -188,12 +199,38 @@ impl std::ops::Deref for Published {
     }
 }
 
+/// The events of one commit, in order, published together: a subscriber
+/// wakes once per commit rather than once per event.
+#[derive(Debug)]
+pub struct Batch {
+    events: Vec<Arc<Published>>,
+    sse_messages: OnceLock<Bytes>,
+}
+
+impl Batch {
+    pub fn events(&self) -> &[Arc<Published>] {
+        &self.events
+    }
+
+    /// Every event's SSE message, concatenated once for all the clients
+    /// that want the whole batch.
+    pub fn sse_messages(&self) -> &Bytes {
+        self.sse_messages.get_or_init(|| {
+            let mut all = BytesMut::new();
+            for event in &self.events {
+                all.extend_from_slice(event.sse_message());
+            }
+            all.freeze()
+        })
+    }
+}
+
 /// Publishes committed events to in-process subscribers. Publishing never
 /// blocks: a subscriber that falls more than the buffer behind gets
 /// `RecvError::Lagged` and must catch up from the event log.
 #[derive(Clone)]
 pub struct Bus {
-    sender: broadcast::Sender<Arc<Published>>,
+    sender: broadcast::Sender<Arc<Batch>>,
 }
 
 impl Default for Bus {
@@ -205,15 +242,76 @@ impl Default for Bus {
 }
 
 impl Bus {
+    /// Publishes the events of one commit.
     pub fn publish(&self, events: impl IntoIterator<Item = Event>) {
-        for event in events {
-            // No subscribers is fine: the log has it.
-            let _ = self.sender.send(Arc::new(Published::new(event)));
+        let events: Vec<_> = events
+            .into_iter()
+            .map(|event| Arc::new(Published::new(event)))
+            .collect();
+        if events.is_empty() {
+            return;
+        }
+        // No subscribers is fine: the log has it.
+        let _ = self.sender.send(Arc::new(Batch {
+            events,
+            sse_messages: OnceLock::new(),
+        }));
+    }
+
+    /// Events one at a time.
+    pub fn subscribe(&self) -> Subscription {
+        Subscription {
+            batches: self.sender.subscribe(),
+            batch: None,
+            next: 0,
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
+    /// Events a commit at a time.
+    pub fn subscribe_batches(&self) -> broadcast::Receiver<Arc<Batch>> {
         self.sender.subscribe()
+    }
+}
+
+/// A subscriber's view of the bus one event at a time. `Lagged(n)` counts
+/// the commits (batches) missed, not events.
+pub struct Subscription {
+    batches: broadcast::Receiver<Arc<Batch>>,
+    batch: Option<Arc<Batch>>,
+    next: usize,
+}
+
+impl Subscription {
+    /// The next event; cancel-safe, as `broadcast::Receiver::recv` is.
+    pub async fn recv(&mut self) -> Result<Arc<Published>, broadcast::error::RecvError> {
+        loop {
+            if let Some(event) = self.next_in_batch() {
+                return Ok(event);
+            }
+            let batch = self.batches.recv().await?;
+            self.start(batch);
+        }
+    }
+
+    pub fn try_recv(&mut self) -> Result<Arc<Published>, broadcast::error::TryRecvError> {
+        loop {
+            if let Some(event) = self.next_in_batch() {
+                return Ok(event);
+            }
+            let batch = self.batches.try_recv()?;
+            self.start(batch);
+        }
+    }
+
+    fn start(&mut self, batch: Arc<Batch>) {
+        self.batch = Some(batch);
+        self.next = 0;
+    }
+
+    fn next_in_batch(&mut self) -> Option<Arc<Published>> {
+        let event = self.batch.as_ref()?.events.get(self.next)?.clone();
+        self.next += 1;
+        Some(event)
     }
 }
 
@@ -241,11 +339,17 @@ mod tests {
             at: 0,
             data: Value::Null,
         };
-        bus.publish((0..BUS_CAPACITY as i64 + 10).map(event));
+        // Commits of two events each.
+        for commit in 0..BUS_CAPACITY as i64 + 10 {
+            bus.publish([event(2 * commit), event(2 * commit + 1)]);
+        }
         assert!(matches!(
             slow.recv().await,
             Err(broadcast::error::RecvError::Lagged(10))
         ));
-        assert_eq!(slow.recv().await.unwrap().seq, 10);
+        // The oldest commit kept, event by event, then the next commit.
+        for seq in 20..23 {
+            assert_eq!(slow.recv().await.unwrap().seq, seq);
+        }
     }
 }

@@ -4,29 +4,35 @@
 //! reading the event log, replays what the client missed (after
 //! `Last-Event-ID`), then forwards live events, skipping any it already
 //! sent. A client too slow for the bus's buffer is caught up from the log,
-//! never silently skipped; its slowness blocks only its own feeder.
+//! never silently skipped; its slowness blocks only its own feeder. Under
+//! load a client's new events wait briefly for more and go out as one
+//! write (see [`linger`]).
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use futures::Stream;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use utoipa::IntoParams;
 
 use super::{ApiError, AppState};
-use crate::events::{Event, EventKind, Published};
+use crate::events::{Batch, Event, EventKind, Published};
 use crate::storage::EventFilter;
 
 /// Events read from the log per query while catching up.
 const CATCH_UP_PAGE: usize = 500;
-/// Events buffered between a feeder and its client.
+/// Chunks (the new events of a commit each) buffered between a feeder and
+/// its client.
 const CLIENT_BUFFER: usize = 64;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Socket writes per second that all SSE clients together should cost at
+/// most while events arrive faster than that (see [`linger`]).
+const SSE_WRITES_PER_SECOND: f64 = 40_000.0;
 
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -52,7 +58,7 @@ pub async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query?;
     let after = resume_point(&headers, query.last_event_id)?;
     let filter = EventFilter {
@@ -74,7 +80,7 @@ pub async fn job_stream(
     Path(id): Path<String>,
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query?;
     state.queue.job(&id).await?;
     let after = resume_point(&headers, query.last_event_id)?;
@@ -110,23 +116,29 @@ fn parse_types(types: Option<&str>) -> Result<Vec<EventKind>, ApiError> {
         .collect()
 }
 
-fn sse(
-    state: AppState,
-    filter: EventFilter,
-    after: i64,
-    end_after_terminal: bool,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+/// The SSE response. Messages are rendered once per event and shared by
+/// every client (axum's `Sse` would frame each event again per client,
+/// which a thousand clients pay a thousand times); the feeder sends a
+/// client a commit's worth of events or more as one chunk.
+fn sse(state: AppState, filter: EventFilter, after: i64, end_after_terminal: bool) -> Response {
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     tokio::spawn(feed(state, filter, after, end_after_terminal, tx));
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        let event: Arc<Published> = rx.recv().await?;
-        let sse = SseEvent::default()
-            .id(event.seq.to_string())
-            .event(event.kind.name())
-            .data(event.json());
-        Some((Ok(sse), rx))
+    let chunks = futures::stream::unfold(rx, |mut rx| async move {
+        let chunk = match tokio::time::timeout(KEEP_ALIVE, rx.recv()).await {
+            Ok(chunk) => chunk?,
+            // An SSE comment, so that proxies keep an idle stream open.
+            Err(_idle) => Bytes::from_static(b":\n\n"),
+        };
+        Some((Ok::<_, Infallible>(chunk), rx))
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(chunks),
+    )
+        .into_response()
 }
 
 /// Counts a connected client in the `sse_clients` gauge while alive.
@@ -156,37 +168,53 @@ async fn feed(
     filter: EventFilter,
     after: i64,
     end_after_terminal: bool,
-    tx: mpsc::Sender<Arc<Published>>,
+    tx: mpsc::Sender<Bytes>,
 ) {
     let _client = ClientGauge::connect(&state);
-    let mut live = state.storage.bus().subscribe();
-    let mut last = after;
-    if catch_up(&state, &filter, &mut last, end_after_terminal, &tx)
-        .await
-        .is_err()
-    {
+    let mut live = state.storage.bus().subscribe_batches();
+    let mut client = Client {
+        filter,
+        last: after,
+        end_after_terminal,
+        tx,
+        pending: Vec::new(),
+        ended: false,
+        flushed_at: None,
+    };
+    if client.catch_up(&state).await.is_err() {
         return;
     }
     loop {
+        let linger = linger(&state);
+        let flush_at = client.flush_at(linger);
         let received = tokio::select! {
             () = state.shutdown.cancelled() => return,
-            () = tx.closed() => return,
-            received = live.recv() => received,
+            () = client.tx.closed() => return,
+            () = tokio::time::sleep_until(flush_at.unwrap_or_else(Instant::now).into()),
+                if flush_at.is_some() => None,
+            received = live.recv() => Some(received),
         };
         let result = match received {
-            Ok(event) if event.seq > last && filter.matches(&event) => {
-                last = event.seq;
-                send(&tx, event, end_after_terminal).await
+            None => client.flush().await,
+            Some(Ok(batch)) => {
+                client.take_batch(&batch);
+                let due = client
+                    .flush_at(linger)
+                    .is_some_and(|at| at <= Instant::now());
+                if client.ended || due {
+                    client.flush().await
+                } else {
+                    Ok(())
+                }
             }
-            Ok(_) => Ok(()),
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
+            Some(Err(broadcast::error::RecvError::Lagged(missed))) => {
                 tracing::info!(
                     missed,
                     "an SSE client fell behind the bus; catching it up from the log"
                 );
-                catch_up(&state, &filter, &mut last, end_after_terminal, &tx).await
+                client.catch_up(&state).await
             }
-            Err(broadcast::error::RecvError::Closed) => return,
+            Some(Err(broadcast::error::RecvError::Closed)) => return,
         };
         if result.is_err() {
             return;
@@ -194,47 +222,122 @@ async fn feed(
     }
 }
 
-/// Sends every logged event after `last` that matches, advancing `last`.
-async fn catch_up(
-    state: &AppState,
-    filter: &EventFilter,
-    last: &mut i64,
-    end_after_terminal: bool,
-    tx: &mpsc::Sender<Arc<Published>>,
-) -> Result<(), Done> {
-    loop {
-        let page = match state
-            .storage
-            .events_after(*last, filter.clone(), CATCH_UP_PAGE)
-            .await
-        {
-            Ok(page) => page,
-            Err(error) => {
-                tracing::warn!(%error, "SSE catch-up failed; closing the stream");
-                return Err(Done::Finished);
-            }
-        };
-        let full = page.len() == CATCH_UP_PAGE;
-        for event in page {
-            *last = event.seq;
-            send(tx, Arc::new(Published::new(event)), end_after_terminal).await?;
-        }
-        if !full {
-            return Ok(());
-        }
-    }
+/// How long a client's new events may wait for more before they are sent,
+/// once it has just been sent some: longer the more clients there are, so
+/// that all of them together cost at most about [`SSE_WRITES_PER_SECOND`]
+/// socket writes (1,000 clients: 25 ms; one client: 25 µs). A client that
+/// has not been sent anything for that long gets new events at once.
+/// Measured with 1,000 clients each receiving every completion: job
+/// throughput went from 0.4× to 0.5–0.6× of that without clients, with
+/// the same p99 delay (see BENCHMARKS.md).
+fn linger(state: &AppState) -> Duration {
+    let clients = state.metrics.sse_clients.get().max(1);
+    Duration::from_secs_f64(clients as f64 / SSE_WRITES_PER_SECOND)
 }
 
-async fn send(
-    tx: &mpsc::Sender<Arc<Published>>,
-    event: Arc<Published>,
+/// What a feeder knows about its client.
+struct Client {
+    filter: EventFilter,
+    /// The last event taken for the client (or skipped as already sent).
+    last: i64,
     end_after_terminal: bool,
-) -> Result<(), Done> {
-    let terminal = event.kind.is_job_terminal();
-    tx.send(event).await.map_err(|_| Done::Finished)?;
-    if end_after_terminal && terminal {
-        Err(Done::Finished)
-    } else {
-        Ok(())
+    tx: mpsc::Sender<Bytes>,
+    /// SSE messages taken and not yet sent.
+    pending: Vec<Bytes>,
+    /// A job's stream has taken its terminal event.
+    ended: bool,
+    flushed_at: Option<Instant>,
+}
+
+impl Client {
+    /// Sends every logged event after `last` that matches.
+    async fn catch_up(&mut self, state: &AppState) -> Result<(), Done> {
+        loop {
+            let page = match state
+                .storage
+                .events_after(self.last, self.filter.clone(), CATCH_UP_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(%error, "SSE catch-up failed; closing the stream");
+                    return Err(Done::Finished);
+                }
+            };
+            let full = page.len() == CATCH_UP_PAGE;
+            let page: Vec<_> = page.into_iter().map(Published::new).collect();
+            self.take(page.iter());
+            self.flush().await?;
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    fn wants(&self, event: &Event) -> bool {
+        !self.ended && event.seq > self.last && self.filter.matches(event)
+    }
+
+    /// Takes the messages of a commit's events that the client wants: the
+    /// batch's shared chunk when that is all of them.
+    fn take_batch(&mut self, batch: &Batch) {
+        let events = batch.events();
+        if !self.end_after_terminal && events.iter().all(|event| self.wants(event)) {
+            if let Some(newest) = events.last() {
+                self.last = newest.seq;
+                self.pending.push(batch.sse_messages().clone());
+            }
+        } else {
+            self.take(events.iter().map(|event| &**event));
+        }
+    }
+
+    /// Takes the messages of the `events` the client wants, up to the
+    /// terminal event of a job's stream.
+    fn take<'a>(&mut self, events: impl Iterator<Item = &'a Published>) {
+        let mut messages = BytesMut::new();
+        for event in events {
+            if !self.wants(event) {
+                continue;
+            }
+            self.last = event.seq;
+            messages.extend_from_slice(event.sse_message());
+            self.ended = self.end_after_terminal && event.kind.is_job_terminal();
+        }
+        if !messages.is_empty() {
+            self.pending.push(messages.freeze());
+        }
+    }
+
+    /// When the pending messages are due, if there are any.
+    fn flush_at(&self, linger: Duration) -> Option<Instant> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        Some(self.flushed_at.map_or_else(Instant::now, |at| at + linger))
+    }
+
+    /// Sends the pending messages as one chunk.
+    async fn flush(&mut self) -> Result<(), Done> {
+        let chunk = match self.pending.len() {
+            0 => None,
+            1 => self.pending.pop(),
+            _ => {
+                let mut chunk = BytesMut::new();
+                for messages in self.pending.drain(..) {
+                    chunk.extend_from_slice(&messages);
+                }
+                Some(chunk.freeze())
+            }
+        };
+        if let Some(chunk) = chunk {
+            self.flushed_at = Some(Instant::now());
+            self.tx.send(chunk).await.map_err(|_| Done::Finished)?;
+        }
+        if self.ended {
+            Err(Done::Finished)
+        } else {
+            Ok(())
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobhost::events::{Bus, Event, EventKind, Published};
+use jobhost::events::{Bus, Event, EventKind, Subscription};
 use jobhost::plugins::PluginRegistry;
 use jobhost::queue::{Job, JobSpec, PhaseSpec, Queue, QueueConfig};
 use jobhost::runtime::{Runtime, RuntimeConfig};
@@ -23,7 +23,7 @@ pub struct Host {
     pub plugins: Arc<PluginRegistry>,
     pub queue: Queue,
     pub recovered: Vec<Recovered>,
-    events: broadcast::Receiver<Arc<Published>>,
+    events: Subscription,
 }
 
 pub fn config(concurrency: usize) -> QueueConfig {
