@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventsource_stream::{Event as SseEvent, Eventsource};
+use eventsource_stream::Event as SseEvent;
 use futures::{Stream, StreamExt};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -168,7 +168,7 @@ impl Server {
             response.text().await.unwrap()
         );
         EventStream {
-            inner: Box::pin(response.bytes_stream().eventsource()),
+            inner: Box::pin(jobhost::cli::sse_events(response)),
         }
     }
 

@@ -2,7 +2,6 @@
 //! scenarios that go through the HTTP API.
 
 use anyhow::Context as _;
-use eventsource_stream::Eventsource;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +77,7 @@ pub async fn event_stream(
     impl futures::Stream<Item = Result<eventsource_stream::Event, EventError>> + Unpin + use<>,
 > {
     let response = http.get(url).send().await?.error_for_status()?;
-    Ok(response.bytes_stream().eventsource())
+    Ok(crate::cli::sse_events(response))
 }
 
 type EventError = eventsource_stream::EventStreamError<reqwest::Error>;

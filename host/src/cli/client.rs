@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use eventsource_stream::{Event as SseEvent, Eventsource};
+use eventsource_stream::{Event as SseEvent, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::Value;
@@ -145,11 +145,37 @@ impl Client {
                 message,
             });
         }
-        Ok(response.bytes_stream().eventsource().map(|event| {
+        Ok(sse_events(response).map(|event| {
             let event: SseEvent = event.map_err(|e| ClientError::Transport(e.to_string()))?;
             let data = serde_json::from_str(&event.data)
                 .map_err(|e| ClientError::Transport(e.to_string()))?;
             Ok((event.id.parse().unwrap_or(0), event.event, data))
         }))
     }
+}
+
+/// The SSE events of a response. The body goes to the parser a line at a
+/// time: eventsource-stream copies the rest of its buffer after every line
+/// it parses, which is quadratic in the size of a chunk, and jobhost sends
+/// a busy stream's events many to a chunk.
+pub fn sse_events(
+    response: reqwest::Response,
+) -> impl Stream<Item = Result<SseEvent, EventStreamError<reqwest::Error>>> + Send + Unpin + use<> {
+    let lines = response.bytes_stream().flat_map(|chunk| {
+        let lines: Vec<_> = match chunk {
+            Ok(mut rest) => {
+                let mut lines = Vec::new();
+                while let Some(end) = rest.iter().position(|&byte| byte == b'\n') {
+                    lines.push(Ok(rest.split_to(end + 1)));
+                }
+                if !rest.is_empty() {
+                    lines.push(Ok(rest));
+                }
+                lines
+            }
+            Err(error) => vec![Err(error)],
+        };
+        futures::stream::iter(lines)
+    });
+    lines.eventsource()
 }

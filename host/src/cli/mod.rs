@@ -8,6 +8,7 @@ mod run_phase;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+pub use client::sse_events;
 use remote::{JobAction, PluginAction, Remote};
 
 #[derive(Debug, Parser)]
