@@ -6,7 +6,8 @@
 //! webhooks, tests) that fall behind the bus's buffer are told how many they
 //! missed and catch up from the log, so the queue never waits for them.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,9 @@ use tokio::sync::broadcast;
 /// Commits (batches of events) kept in memory for subscribers that are
 /// briefly behind.
 const BUS_CAPACITY: usize = 512;
+/// The same for one job's channel: a job has few events per commit, and a
+/// channel per watched job should stay small.
+const JOB_CAPACITY: usize = 64;
 
 /// The closed set of event kinds. On the wire (JSON, SSE) each is its
 /// [`EventKind::name`].
@@ -208,6 +212,13 @@ pub struct Batch {
 }
 
 impl Batch {
+    fn new(events: Vec<Arc<Published>>) -> Self {
+        Batch {
+            events,
+            sse_messages: OnceLock::new(),
+        }
+    }
+
     pub fn events(&self) -> &[Arc<Published>] {
         &self.events
     }
@@ -228,55 +239,177 @@ impl Batch {
 /// Publishes committed events to in-process subscribers. Publishing never
 /// blocks: a subscriber that falls more than the buffer behind gets
 /// `RecvError::Lagged` and must catch up from the event log.
-#[derive(Clone)]
+///
+/// Subscribers say what they want to hear about (a [`Topic`]), and each
+/// topic has its own channel, so a subscriber wakes only for commits that
+/// hold something for it: a thousand clients each watching one job cost
+/// nothing when other jobs move.
+#[derive(Clone, Default)]
 pub struct Bus {
-    sender: broadcast::Sender<Arc<Batch>>,
+    topics: Arc<Mutex<Topics>>,
 }
 
-impl Default for Bus {
-    fn default() -> Self {
-        Bus {
-            sender: broadcast::Sender::new(BUS_CAPACITY),
+/// What a subscriber hears about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    /// Every commit with an event of one of these kinds (all its events).
+    Kinds(KindSet),
+    /// The events about one job.
+    Job(String),
+}
+
+/// A set of event kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindSet(u32);
+
+impl KindSet {
+    pub const ALL: KindSet = KindSet(u32::MAX);
+
+    /// The set of `kinds`; empty means all of them.
+    pub fn of(kinds: &[EventKind]) -> KindSet {
+        if kinds.is_empty() {
+            return KindSet::ALL;
         }
+        KindSet(kinds.iter().fold(0, |set, &kind| set | KindSet::bit(kind)))
     }
+
+    fn bit(kind: EventKind) -> u32 {
+        1 << kind as u32
+    }
+
+    fn contains(self, kind: EventKind) -> bool {
+        self.0 & KindSet::bit(kind) != 0
+    }
+}
+
+/// One channel per topic somebody listens to.
+#[derive(Default)]
+struct Topics {
+    kinds: Vec<(KindSet, broadcast::Sender<Arc<Batch>>)>,
+    jobs: HashMap<String, broadcast::Sender<Arc<Batch>>>,
 }
 
 impl Bus {
     /// Publishes the events of one commit.
     pub fn publish(&self, events: impl IntoIterator<Item = Event>) {
+        let topics = self.topics.lock().expect("the bus lock is never poisoned");
         let events: Vec<_> = events
             .into_iter()
             .map(|event| Arc::new(Published::new(event)))
             .collect();
-        if events.is_empty() {
+        // No subscribers is fine: the log has it.
+        if events.is_empty() || (topics.kinds.is_empty() && topics.jobs.is_empty()) {
             return;
         }
-        // No subscribers is fine: the log has it.
-        let _ = self.sender.send(Arc::new(Batch {
-            events,
-            sse_messages: OnceLock::new(),
-        }));
+        let mut jobs: HashMap<&str, Vec<Arc<Published>>> = HashMap::new();
+        if !topics.jobs.is_empty() {
+            for event in &events {
+                if let Some(job) = event.job_id.as_deref()
+                    && topics.jobs.contains_key(job)
+                {
+                    jobs.entry(job).or_default().push(event.clone());
+                }
+            }
+        }
+        for (job, events) in jobs {
+            let _ = topics.jobs[job].send(Arc::new(Batch::new(events)));
+        }
+        let batch = Arc::new(Batch::new(events));
+        for (kinds, sender) in &topics.kinds {
+            if batch.events.iter().any(|event| kinds.contains(event.kind)) {
+                let _ = sender.send(batch.clone());
+            }
+        }
     }
 
-    /// Events one at a time.
+    /// Events one at a time, all of them.
     pub fn subscribe(&self) -> Subscription {
         Subscription {
-            batches: self.sender.subscribe(),
+            batches: self.subscribe_batches(Topic::Kinds(KindSet::ALL)),
             batch: None,
             next: 0,
         }
     }
 
-    /// Events a commit at a time.
-    pub fn subscribe_batches(&self) -> broadcast::Receiver<Arc<Batch>> {
-        self.sender.subscribe()
+    /// Events a commit at a time: the commits with something on `topic`.
+    pub fn subscribe_batches(&self, topic: Topic) -> BatchSubscription {
+        let mut topics = self.topics.lock().expect("the bus lock is never poisoned");
+        let receiver = match &topic {
+            Topic::Kinds(set) => match topics.kinds.iter().find(|(kinds, _)| kinds == set) {
+                Some((_, sender)) => sender.subscribe(),
+                None => {
+                    let sender = broadcast::Sender::new(BUS_CAPACITY);
+                    let receiver = sender.subscribe();
+                    topics.kinds.push((*set, sender));
+                    receiver
+                }
+            },
+            Topic::Job(id) => topics
+                .jobs
+                .entry(id.clone())
+                .or_insert_with(|| broadcast::Sender::new(JOB_CAPACITY))
+                .subscribe(),
+        };
+        BatchSubscription {
+            receiver: Some(receiver),
+            topic,
+            topics: self.topics.clone(),
+        }
+    }
+}
+
+/// A subscriber's channel for one topic; the channel goes when its last
+/// subscriber does.
+pub struct BatchSubscription {
+    receiver: Option<broadcast::Receiver<Arc<Batch>>>,
+    topic: Topic,
+    topics: Arc<Mutex<Topics>>,
+}
+
+impl BatchSubscription {
+    /// The next commit on the topic; cancel-safe.
+    pub async fn recv(&mut self) -> Result<Arc<Batch>, broadcast::error::RecvError> {
+        self.receiver().recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Result<Arc<Batch>, broadcast::error::TryRecvError> {
+        self.receiver().try_recv()
+    }
+
+    fn receiver(&mut self) -> &mut broadcast::Receiver<Arc<Batch>> {
+        self.receiver.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for BatchSubscription {
+    fn drop(&mut self) {
+        // Under the lock, so that nobody subscribes between dropping the
+        // receiver and removing a channel nobody hears.
+        let Ok(mut topics) = self.topics.lock() else {
+            return;
+        };
+        drop(self.receiver.take());
+        match &self.topic {
+            Topic::Kinds(set) => topics
+                .kinds
+                .retain(|(kinds, sender)| kinds != set || sender.receiver_count() > 0),
+            Topic::Job(id) => {
+                if topics
+                    .jobs
+                    .get(id)
+                    .is_some_and(|sender| sender.receiver_count() == 0)
+                {
+                    topics.jobs.remove(id);
+                }
+            }
+        }
     }
 }
 
 /// A subscriber's view of the bus one event at a time. `Lagged(n)` counts
 /// the commits (batches) missed, not events.
 pub struct Subscription {
-    batches: broadcast::Receiver<Arc<Batch>>,
+    batches: BatchSubscription,
     batch: Option<Arc<Batch>>,
     next: usize,
 }
@@ -328,20 +461,78 @@ mod tests {
         assert_eq!(EventKind::from_name("job:exploded"), None);
     }
 
+    fn event(seq: i64, kind: EventKind, job: Option<&str>) -> Event {
+        Event {
+            seq,
+            kind,
+            job_id: job.map(str::to_owned),
+            at: 0,
+            data: Value::Null,
+        }
+    }
+
+    fn seqs(batch: &Batch) -> Vec<i64> {
+        batch.events().iter().map(|event| event.seq).collect()
+    }
+
+    /// Subscribers hear only the commits with something on their topic: a
+    /// job's watcher its job's events, a kind filter whole commits holding
+    /// one of its kinds.
+    #[test]
+    fn subscribers_hear_only_their_topic() {
+        let bus = Bus::default();
+        let mut job_a = bus.subscribe_batches(Topic::Job("a".into()));
+        let mut completions =
+            bus.subscribe_batches(Topic::Kinds(KindSet::of(&[EventKind::JobCompleted])));
+        let mut everything = bus.subscribe_batches(Topic::Kinds(KindSet::of(&[])));
+
+        bus.publish([
+            event(1, EventKind::JobCreated, Some("b")),
+            event(2, EventKind::PluginUploaded, None),
+        ]);
+        bus.publish([
+            event(3, EventKind::JobStarted, Some("a")),
+            event(4, EventKind::JobCompleted, Some("b")),
+            event(5, EventKind::JobCompleted, Some("a")),
+        ]);
+
+        assert_eq!(seqs(&job_a.try_recv().unwrap()), [3, 5]);
+        assert!(job_a.try_recv().is_err(), "woken for job b");
+        assert_eq!(seqs(&completions.try_recv().unwrap()), [3, 4, 5]);
+        assert!(
+            completions.try_recv().is_err(),
+            "woken without a completion"
+        );
+        assert_eq!(seqs(&everything.try_recv().unwrap()), [1, 2]);
+        assert_eq!(seqs(&everything.try_recv().unwrap()), [3, 4, 5]);
+    }
+
+    /// A topic's channel lives as long as somebody listens to it.
+    #[test]
+    fn a_topic_goes_with_its_last_subscriber() {
+        let bus = Bus::default();
+        let channels = |bus: &Bus| {
+            let topics = bus.topics.lock().unwrap();
+            (topics.kinds.len(), topics.jobs.len())
+        };
+        let first = bus.subscribe_batches(Topic::Job("a".into()));
+        let second = bus.subscribe_batches(Topic::Job("a".into()));
+        let all = bus.subscribe();
+        assert_eq!(channels(&bus), (1, 1));
+        drop(first);
+        assert_eq!(channels(&bus), (1, 1), "one subscriber still listens");
+        drop((second, all));
+        assert_eq!(channels(&bus), (0, 0));
+    }
+
     #[tokio::test]
     async fn a_lagging_subscriber_does_not_block_publishing() {
         let bus = Bus::default();
         let mut slow = bus.subscribe();
-        let event = |seq| Event {
-            seq,
-            kind: EventKind::JobCreated,
-            job_id: None,
-            at: 0,
-            data: Value::Null,
-        };
+        let created = |seq| event(seq, EventKind::JobCreated, None);
         // Commits of two events each.
         for commit in 0..BUS_CAPACITY as i64 + 10 {
-            bus.publish([event(2 * commit), event(2 * commit + 1)]);
+            bus.publish([created(2 * commit), created(2 * commit + 1)]);
         }
         assert!(matches!(
             slow.recv().await,
