@@ -1,12 +1,14 @@
 //! SSE fan-out: 1,000 clients connected to `GET /events` of a real
 //! `jobhost serve` process while jobs complete; events/s delivered, the
 //! delivery delay, the server's RSS with those clients connected, and job
-//! throughput over HTTP with and without them. The clients run in this
-//! process, on the same 2 cores as the server.
+//! throughput over HTTP with and without them. Then the same throughput
+//! with 1,000 clients each watching a job of its own, as `jobhost job watch`
+//! does. The clients run in this process, on the same 2 cores as the server.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -80,9 +82,28 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         .pool_max_idle_per_host(0)
         .build()?;
     upload_echo(&http, args, base, "1.0.0").await?;
+    // The jobs the watchers below watch, due in an hour: queued through
+    // every run, so that each run has the same database to work with.
+    let mut watched_jobs = Vec::with_capacity(CLIENTS);
+    let later = json!({"phases": [{"name": "e", "plugin": "echo"}], "delay_ms": 3_600_000});
+    for _ in 0..CLIENTS {
+        let job: Value = http
+            .post(format!("{base}/jobs"))
+            .json(&later)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        watched_jobs.push(job["id"].as_str().context("job id")?.to_owned());
+    }
+    // Unmeasured: the first run on a fresh server costs twice the CPU per
+    // job of later ones (a growing database file, first use of the
+    // instance pool's memory).
+    let (_, warmed_up) = submit_and_watch(&http, base, 1, args.jobs, 0).await?;
     let rss_idle = rss_mib(pid)?;
     let cpu = cpu_seconds(pid)?;
-    let (alone, last_event) = submit_and_watch(&http, base, 1, args.jobs).await?;
+    let (alone, last_event) = submit_and_watch(&http, base, 1, args.jobs, warmed_up).await?;
     let cpu_alone = cpu_seconds(pid)? - cpu;
 
     // Each client starts after the events of the run above, records the
@@ -91,11 +112,13 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     let connected = Arc::new(Barrier::new(CLIENTS + 1));
     let recorded = Arc::new(Barrier::new(CLIENTS + 1));
     let stop = CancellationToken::new();
+    let recorded_up_to = Arc::new(AtomicI64::new(0));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let url = format!("{base}/events?types=job:completed&last_event_id={last_event}");
             let http = http.clone();
             let (connected, recorded, stop) = (connected.clone(), recorded.clone(), stop.clone());
+            let recorded_up_to = recorded_up_to.clone();
             tokio::spawn(async move {
                 let mut events = event_stream(&http, &url).await?;
                 connected.wait().await;
@@ -106,6 +129,7 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
                     let at = parse_rfc3339(data["at"].as_str().unwrap_or_default())
                         .map_err(anyhow::Error::msg)?;
                     delays.push((now_ms() - at) as f64);
+                    recorded_up_to.fetch_max(event.id.parse()?, Ordering::Relaxed);
                 }
                 recorded.wait().await;
                 loop {
@@ -130,12 +154,42 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     recorded.wait().await;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)?;
-    let (watched, _) = submit_and_watch(&http, base, 1, args.jobs).await?;
+    let after = recorded_up_to.load(Ordering::Relaxed);
+    let (watched, last_event) = submit_and_watch(&http, base, 1, args.jobs, after).await?;
     let cpu_watched = cpu_seconds(pid)? - cpu;
     stop.cancel();
     let mut delays = Vec::with_capacity(CLIENTS * JOBS);
     for client in clients {
         delays.extend(client.await??);
+    }
+
+    // Each watcher reads its job's first event (so its stream is caught up
+    // and live), then waits on the stream until told to stop.
+    let connected = Arc::new(Barrier::new(CLIENTS + 1));
+    let stop = CancellationToken::new();
+    let watchers: Vec<_> = watched_jobs
+        .iter()
+        .map(|id| {
+            let url = format!("{base}/jobs/{id}/events");
+            let (http, connected, stop) = (http.clone(), connected.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut events = event_stream(&http, &url).await?;
+                events.next().await.context("stream ended")??;
+                connected.wait().await;
+                tokio::select! {
+                    event = events.next() => anyhow::bail!("a queued job's stream moved: {event:?}"),
+                    () = stop.cancelled() => anyhow::Ok(()),
+                }
+            })
+        })
+        .collect();
+    connected.wait().await;
+    let cpu = cpu_seconds(pid)?;
+    let (beside_watchers, _) = submit_and_watch(&http, base, 1, args.jobs, last_event).await?;
+    let cpu_beside_watchers = cpu_seconds(pid)? - cpu;
+    stop.cancel();
+    for watcher in watchers {
+        watcher.await??;
     }
     println!(
         "## SSE fan-out: {CLIENTS} clients on `GET /events`, {JOBS} jobs completing ({} events delivered)",
@@ -152,20 +206,25 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         percentile(&mut delays, 99.0)
     );
     println!(
-        "\n{} 1-phase jobs over HTTP (jobs/s), without and with the {CLIENTS} clients connected and receiving every completion:",
+        "\n{} 1-phase jobs over HTTP, alone, then with {CLIENTS} clients each receiving every completion, then with {CLIENTS} clients each watching a queued job of its own:",
         args.jobs
     );
-    println!("| | no SSE clients | {CLIENTS} SSE clients | ratio |\n|---|---:|---:|---:|");
     println!(
-        "| jobs/s | {alone:.0} | {watched:.0} | {:.2} |",
-        watched / alone
+        "| | no SSE clients | every completion to each | ratio | each watching its own job | ratio |\n|---|---:|---:|---:|---:|---:|"
+    );
+    println!(
+        "| jobs/s | {alone:.0} | {watched:.0} | {:.2} | {beside_watchers:.0} | {:.2} |",
+        watched / alone,
+        beside_watchers / alone
     );
     let per_job = |cpu: f64| cpu * 1e6 / args.jobs as f64;
     println!(
-        "| server CPU µs per job | {:.0} | {:.0} | {:.2} |",
+        "| server CPU µs per job | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
         per_job(cpu_alone),
         per_job(cpu_watched),
-        cpu_watched / cpu_alone
+        cpu_watched / cpu_alone,
+        per_job(cpu_beside_watchers),
+        cpu_beside_watchers / cpu_alone
     );
     Ok(())
 }

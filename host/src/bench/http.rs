@@ -21,7 +21,7 @@ async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
     crate::tls::init();
     let http = reqwest::Client::new();
     upload_echo(&http, args, &server.base, "1.0.0").await?;
-    let (rate, _) = submit_and_watch(&http, &server.base, phases, args.jobs).await?;
+    let (rate, _) = submit_and_watch(&http, &server.base, phases, args.jobs, 0).await?;
     server.stop().await?;
     Ok(rate)
 }
@@ -29,15 +29,18 @@ async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
 /// Jobs per second: `jobs` trivial jobs of `phases` phases `POST`ed by
 /// [`CLIENTS`] concurrent clients to the server at `base`, until the last
 /// `job:completed` arrives on an SSE stream opened beforehand; and that last
-/// event's id.
+/// event's id. The stream starts after event `after`, which must be the
+/// last completion the server has had.
 pub(super) async fn submit_and_watch(
     http: &reqwest::Client,
     base: &str,
     phases: usize,
     jobs: usize,
+    after: i64,
 ) -> anyhow::Result<(f64, i64)> {
     let spec = json!({"phases": (0..phases).map(|i| json!({"name": format!("p{i}"), "plugin": "echo"})).collect::<Vec<_>>()});
-    let mut completions = event_stream(http, &format!("{base}/events?types=job:completed")).await?;
+    let url = format!("{base}/events?types=job:completed&last_event_id={after}");
+    let mut completions = event_stream(http, &url).await?;
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|client| {
