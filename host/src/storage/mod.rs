@@ -31,7 +31,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 
 use crate::events::{Bus, Event, NewEvent};
 
@@ -53,7 +53,7 @@ pub const MAX_BATCH: usize = 256;
 /// WAL size, in pages, at which the writer asks for a checkpoint
 /// (SQLite's default auto-checkpoint threshold).
 const CHECKPOINT_PAGES: i32 = 1000;
-/// Read connections kept open.
+/// Reads at once, each on a connection of its own, kept open between reads.
 const READERS: usize = 4;
 /// Prepared statements cached per connection: more than the distinct
 /// statements the queue uses, so none is ever prepared twice.
@@ -149,6 +149,10 @@ pub struct Storage {
     /// The writer, then the checkpointer (which stops when the writer does).
     threads: Mutex<Vec<thread::JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// One permit per reader: a burst of reads (a thousand SSE clients
+    /// connecting at once) waits its turn instead of starting a blocking
+    /// thread and a connection, with its own page cache, for each read.
+    read_permits: Arc<Semaphore>,
     /// Notified after a commit that added a webhook delivery.
     webhook_added: Arc<Notify>,
     writer_stats: Arc<WriterCounters>,
@@ -202,6 +206,7 @@ impl Storage {
             writer: Mutex::new(Some(sender)),
             threads: Mutex::new(threads),
             readers: Arc::default(),
+            read_permits: Arc::new(Semaphore::new(READERS)),
             webhook_added,
             writer_stats,
             closed: Default::default(),
@@ -260,8 +265,15 @@ impl Storage {
         if self.closed.load(Ordering::SeqCst) {
             return Err(StorageError::Closed);
         }
+        let permit = self
+            .read_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StorageError::Closed)?;
         let (readers, path) = (self.readers.clone(), self.path.clone());
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let conn = match readers.lock().unwrap().pop() {
                 Some(conn) => conn,
                 None => open_reader(&path)?,
@@ -452,11 +464,39 @@ fn commit_batch(
 #[cfg(test)]
 mod tests {
     use std::pin::pin;
+    use std::sync::atomic::AtomicUsize;
 
     use serde_json::json;
 
     use super::*;
     use crate::events::{EventKind, NewEvent};
+
+    /// However many reads are asked for at once, at most [`READERS`] run
+    /// at a time. Each read holds its reader until more than that many run
+    /// at once (which must not happen) or 200 ms have passed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_reads_waits_for_free_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            Storage::open(&dir.path().join("db"), Durability::Process, Bus::default()).unwrap();
+        let (active, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let reads = (0..2 * READERS).map(|_| {
+            let (active, most) = (active.clone(), most.clone());
+            storage.read(move |_| {
+                most.fetch_max(active.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                let deadline = Instant::now() + Duration::from_millis(200);
+                while active.load(Ordering::SeqCst) <= READERS && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            })
+        });
+        for read in futures::future::join_all(reads).await {
+            read.unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), READERS);
+    }
 
     fn marker(conn: &Connection, log: &mut EventLog, name: &str) -> Result<()> {
         let event = NewEvent::plugin(EventKind::PluginUploaded, json!({ "write": name }));
