@@ -76,16 +76,98 @@ pub async fn sse_fanout(args: &BenchArgs) -> anyhow::Result<()> {
     result
 }
 
+/// One measured run of `args.jobs` 1-phase jobs over HTTP.
+struct Run {
+    jobs_per_second: f64,
+    server_cpu_micros_per_job: f64,
+    /// The id of its last completion, after which the next run starts.
+    last_event: i64,
+}
+
+async fn run(
+    http: &reqwest::Client,
+    args: &BenchArgs,
+    base: &str,
+    pid: u32,
+    after: i64,
+) -> anyhow::Result<Run> {
+    let cpu = cpu_seconds(pid)?;
+    let (jobs_per_second, last_event) = submit_and_watch(http, base, 1, args.jobs, after).await?;
+    Ok(Run {
+        jobs_per_second,
+        server_cpu_micros_per_job: (cpu_seconds(pid)? - cpu) * 1e6 / args.jobs as f64,
+        last_event,
+    })
+}
+
 async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     crate::tls::init();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;
     upload_echo(&http, args, base, "1.0.0").await?;
-    // The jobs the watchers below watch, due in an hour: queued through
-    // every run, so that each run has the same database to work with.
-    let mut watched_jobs = Vec::with_capacity(CLIENTS);
+    let watched_jobs = queue_jobs_for_watchers(&http, base).await?;
+    // Unmeasured: the first run on a fresh server can be slower than the
+    // later ones it is compared with (the database file grows, the
+    // instance pool's memory is touched for the first time).
+    let warm_up = run(&http, args, base, pid, 0).await?;
+    let rss_idle = rss_mib(pid)?;
+    let alone = run(&http, args, base, pid, warm_up.last_event).await?;
+    let beside_watchers =
+        beside_watchers(&http, args, base, pid, &watched_jobs, alone.last_event).await?;
+    let fan_out = fan_out(&http, args, base, pid, beside_watchers.last_event).await?;
+
+    let mut delays = fan_out.delays;
+    println!(
+        "## SSE fan-out: {CLIENTS} clients on `GET /events`, {JOBS} jobs completing ({} events delivered)",
+        delays.len()
+    );
+    println!(
+        "| events/s delivered | delay p50 ms | delay p99 ms | server RSS idle MiB | with {CLIENTS} clients MiB |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:.0} | {:.0} | {:.0} | {rss_idle:.1} | {:.1} |",
+        fan_out.events_per_second,
+        percentile(&mut delays, 50.0),
+        percentile(&mut delays, 99.0),
+        fan_out.rss_connected
+    );
+    println!(
+        "\n{} 1-phase jobs over HTTP: alone, beside {CLIENTS} clients each watching a queued job of its own, and with {CLIENTS} clients each receiving every completion:",
+        args.jobs
+    );
+    println!(
+        "| | no SSE clients | each watching its own job | ratio | every completion to each | ratio |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let (watchers, every) = (beside_watchers, fan_out.run);
+    println!(
+        "| jobs/s | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
+        alone.jobs_per_second,
+        watchers.jobs_per_second,
+        watchers.jobs_per_second / alone.jobs_per_second,
+        every.jobs_per_second,
+        every.jobs_per_second / alone.jobs_per_second,
+    );
+    println!(
+        "| server CPU µs per job | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
+        alone.server_cpu_micros_per_job,
+        watchers.server_cpu_micros_per_job,
+        watchers.server_cpu_micros_per_job / alone.server_cpu_micros_per_job,
+        every.server_cpu_micros_per_job,
+        every.server_cpu_micros_per_job / alone.server_cpu_micros_per_job,
+    );
+    Ok(())
+}
+
+/// Jobs due in an hour, one per watcher: queued through every run, so that
+/// each run has the same database to work with.
+async fn queue_jobs_for_watchers(
+    http: &reqwest::Client,
+    base: &str,
+) -> anyhow::Result<Vec<String>> {
     let later = json!({"phases": [{"name": "e", "plugin": "echo"}], "delay_ms": 3_600_000});
+    let mut ids = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
         let job: Value = http
             .post(format!("{base}/jobs"))
@@ -95,27 +177,75 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
             .error_for_status()?
             .json()
             .await?;
-        watched_jobs.push(job["id"].as_str().context("job id")?.to_owned());
+        ids.push(job["id"].as_str().context("job id")?.to_owned());
     }
-    // Unmeasured: the first run on a fresh server costs twice the CPU per
-    // job of later ones (a growing database file, first use of the
-    // instance pool's memory).
-    let (_, warmed_up) = submit_and_watch(&http, base, 1, args.jobs, 0).await?;
-    let rss_idle = rss_mib(pid)?;
-    let cpu = cpu_seconds(pid)?;
-    let (alone, last_event) = submit_and_watch(&http, base, 1, args.jobs, warmed_up).await?;
-    let cpu_alone = cpu_seconds(pid)? - cpu;
+    Ok(ids)
+}
 
-    // Each client starts after the events of the run above, records the
-    // delay of the first JOBS events, says so, and then keeps reading (the
-    // throughput run below) until told to stop.
+/// A run beside one client per queued job on `GET /jobs/{id}/events`, as
+/// `jobhost job watch` does. Each watcher reads its job's first event (so
+/// its stream is caught up and live), then waits on the stream.
+async fn beside_watchers(
+    http: &reqwest::Client,
+    args: &BenchArgs,
+    base: &str,
+    pid: u32,
+    watched_jobs: &[String],
+    after: i64,
+) -> anyhow::Result<Run> {
+    let connected = Arc::new(Barrier::new(watched_jobs.len() + 1));
+    let stop = CancellationToken::new();
+    let watchers: Vec<_> = watched_jobs
+        .iter()
+        .map(|id| {
+            let url = format!("{base}/jobs/{id}/events");
+            let (http, connected, stop) = (http.clone(), connected.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut events = event_stream(&http, &url).await?;
+                events.next().await.context("stream ended")??;
+                connected.wait().await;
+                tokio::select! {
+                    event = events.next() => anyhow::bail!("a queued job's stream moved: {event:?}"),
+                    () = stop.cancelled() => anyhow::Ok(()),
+                }
+            })
+        })
+        .collect();
+    connected.wait().await;
+    let measured = run(http, args, base, pid, after).await?;
+    stop.cancel();
+    for watcher in watchers {
+        watcher.await??;
+    }
+    Ok(measured)
+}
+
+struct FanOut {
+    /// Delivery delays of the JOBS completions to every client, in ms.
+    delays: Vec<f64>,
+    events_per_second: f64,
+    rss_connected: f64,
+    /// The run with every client receiving every completion.
+    run: Run,
+}
+
+/// CLIENTS clients on `GET /events?types=job:completed`. Each records the
+/// delay of JOBS completions submitted at once, says so, and then keeps
+/// reading (a measured run) until told to stop.
+async fn fan_out(
+    http: &reqwest::Client,
+    args: &BenchArgs,
+    base: &str,
+    pid: u32,
+    after: i64,
+) -> anyhow::Result<FanOut> {
     let connected = Arc::new(Barrier::new(CLIENTS + 1));
     let recorded = Arc::new(Barrier::new(CLIENTS + 1));
     let stop = CancellationToken::new();
     let recorded_up_to = Arc::new(AtomicI64::new(0));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let url = format!("{base}/events?types=job:completed&last_event_id={last_event}");
+            let url = format!("{base}/events?types=job:completed&last_event_id={after}");
             let http = http.clone();
             let (connected, recorded, stop) = (connected.clone(), recorded.clone(), stop.clone());
             let recorded_up_to = recorded_up_to.clone();
@@ -153,78 +283,23 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     }
     recorded.wait().await;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid)?;
-    let after = recorded_up_to.load(Ordering::Relaxed);
-    let (watched, last_event) = submit_and_watch(&http, base, 1, args.jobs, after).await?;
-    let cpu_watched = cpu_seconds(pid)? - cpu;
+    let measured = run(
+        http,
+        args,
+        base,
+        pid,
+        recorded_up_to.load(Ordering::Relaxed),
+    )
+    .await?;
     stop.cancel();
     let mut delays = Vec::with_capacity(CLIENTS * JOBS);
     for client in clients {
         delays.extend(client.await??);
     }
-
-    // Each watcher reads its job's first event (so its stream is caught up
-    // and live), then waits on the stream until told to stop.
-    let connected = Arc::new(Barrier::new(CLIENTS + 1));
-    let stop = CancellationToken::new();
-    let watchers: Vec<_> = watched_jobs
-        .iter()
-        .map(|id| {
-            let url = format!("{base}/jobs/{id}/events");
-            let (http, connected, stop) = (http.clone(), connected.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut events = event_stream(&http, &url).await?;
-                events.next().await.context("stream ended")??;
-                connected.wait().await;
-                tokio::select! {
-                    event = events.next() => anyhow::bail!("a queued job's stream moved: {event:?}"),
-                    () = stop.cancelled() => anyhow::Ok(()),
-                }
-            })
-        })
-        .collect();
-    connected.wait().await;
-    let cpu = cpu_seconds(pid)?;
-    let (beside_watchers, _) = submit_and_watch(&http, base, 1, args.jobs, last_event).await?;
-    let cpu_beside_watchers = cpu_seconds(pid)? - cpu;
-    stop.cancel();
-    for watcher in watchers {
-        watcher.await??;
-    }
-    println!(
-        "## SSE fan-out: {CLIENTS} clients on `GET /events`, {JOBS} jobs completing ({} events delivered)",
-        delays.len()
-    );
-    println!(
-        "| events/s delivered | delay p50 ms | delay p99 ms | server RSS idle MiB | with {CLIENTS} clients MiB |"
-    );
-    println!("|---:|---:|---:|---:|---:|");
-    println!(
-        "| {:.0} | {:.0} | {:.0} | {rss_idle:.1} | {rss_connected:.1} |",
-        delays.len() as f64 / elapsed,
-        percentile(&mut delays, 50.0),
-        percentile(&mut delays, 99.0)
-    );
-    println!(
-        "\n{} 1-phase jobs over HTTP, alone, then with {CLIENTS} clients each receiving every completion, then with {CLIENTS} clients each watching a queued job of its own:",
-        args.jobs
-    );
-    println!(
-        "| | no SSE clients | every completion to each | ratio | each watching its own job | ratio |\n|---|---:|---:|---:|---:|---:|"
-    );
-    println!(
-        "| jobs/s | {alone:.0} | {watched:.0} | {:.2} | {beside_watchers:.0} | {:.2} |",
-        watched / alone,
-        beside_watchers / alone
-    );
-    let per_job = |cpu: f64| cpu * 1e6 / args.jobs as f64;
-    println!(
-        "| server CPU µs per job | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
-        per_job(cpu_alone),
-        per_job(cpu_watched),
-        cpu_watched / cpu_alone,
-        per_job(cpu_beside_watchers),
-        cpu_beside_watchers / cpu_alone
-    );
-    Ok(())
+    Ok(FanOut {
+        events_per_second: delays.len() as f64 / elapsed,
+        delays,
+        rss_connected,
+        run: measured,
+    })
 }
