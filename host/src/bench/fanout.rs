@@ -1,9 +1,9 @@
 //! SSE fan-out: 1,000 clients connected to `GET /events` of a real
 //! `jobhost serve` process while jobs complete; events/s delivered, the
 //! delivery delay, the server's RSS with those clients connected, and job
-//! throughput over HTTP with and without them. Then the same throughput
-//! with 1,000 clients each watching a job of its own, as `jobhost job watch`
-//! does. The clients run in this process, on the same 2 cores as the server.
+//! throughput over HTTP with and without them, and beside 1,000 clients
+//! each watching a job of its own, as `jobhost job watch` does. The clients
+//! run in this process, on the same 2 cores as the server.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::BenchArgs;
 use super::http::submit_and_watch;
 use super::server::{event_stream, upload_echo};
-use super::stats::percentile;
+use super::stats::{median, percentile};
 use crate::time::{now_ms, parse_rfc3339};
 
 const CLIENTS: usize = 1000;
@@ -58,7 +58,14 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 pub async fn sse_fanout(args: &BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut server = Command::new(std::env::current_exe()?)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--concurrency",
+            "64",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -78,10 +85,31 @@ pub async fn sse_fanout(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// One measured run of `args.jobs` 1-phase jobs over HTTP.
 struct Run {
-    jobs_per_second: f64,
-    server_cpu_micros_per_job: f64,
+    figures: Figures,
     /// The id of its last completion, after which the next run starts.
     last_event: i64,
+}
+
+struct Figures {
+    jobs_per_second: f64,
+    server_cpu_micros_per_job: f64,
+}
+
+impl Figures {
+    fn median(runs: &[Run]) -> Figures {
+        let median_of = |figure: fn(&Figures) -> f64| {
+            median(
+                &mut runs
+                    .iter()
+                    .map(|run| figure(&run.figures))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        Figures {
+            jobs_per_second: median_of(|f| f.jobs_per_second),
+            server_cpu_micros_per_job: median_of(|f| f.server_cpu_micros_per_job),
+        }
+    }
 }
 
 async fn run(
@@ -94,17 +122,17 @@ async fn run(
     let cpu = cpu_seconds(pid)?;
     let (jobs_per_second, last_event) = submit_and_watch(http, base, 1, args.jobs, after).await?;
     Ok(Run {
-        jobs_per_second,
-        server_cpu_micros_per_job: (cpu_seconds(pid)? - cpu) * 1e6 / args.jobs as f64,
+        figures: Figures {
+            jobs_per_second,
+            server_cpu_micros_per_job: (cpu_seconds(pid)? - cpu) * 1e6 / args.jobs as f64,
+        },
         last_event,
     })
 }
 
 async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     crate::tls::init();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()?;
+    let http = reqwest::Client::new();
     upload_echo(&http, args, base, "1.0.0").await?;
     let watched_jobs = queue_jobs_for_watchers(&http, base).await?;
     // Unmeasured: the first run on a fresh server can be slower than the
@@ -112,10 +140,19 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     // instance pool's memory is touched for the first time).
     let warm_up = run(&http, args, base, pid, 0).await?;
     let rss_idle = rss_mib(pid)?;
-    let alone = run(&http, args, base, pid, warm_up.last_event).await?;
-    let beside_watchers =
-        beside_watchers(&http, args, base, pid, &watched_jobs, alone.last_event).await?;
-    let fan_out = fan_out(&http, args, base, pid, beside_watchers.last_event).await?;
+    // Alternately alone and beside the watchers, so that both see the
+    // database grow alike.
+    let (mut alone, mut watchers, mut last_event) = (Vec::new(), Vec::new(), warm_up.last_event);
+    for _ in 0..args.samples.min(3) {
+        let run_alone = run(&http, args, base, pid, last_event).await?;
+        let run_beside =
+            beside_watchers(&http, args, base, pid, &watched_jobs, run_alone.last_event).await?;
+        last_event = run_beside.last_event;
+        alone.push(run_alone);
+        watchers.push(run_beside);
+    }
+    let (alone, watchers) = (Figures::median(&alone), Figures::median(&watchers));
+    let fan_out = fan_out(&http, args, base, pid, last_event).await?;
 
     let mut delays = fan_out.delays;
     println!(
@@ -134,13 +171,14 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         fan_out.rss_connected
     );
     println!(
-        "\n{} 1-phase jobs over HTTP: alone, beside {CLIENTS} clients each watching a queued job of its own, and with {CLIENTS} clients each receiving every completion:",
-        args.jobs
+        "\n{} 1-phase jobs over HTTP (server concurrency 64): alone and beside {CLIENTS} clients each watching a queued job of its own (medians of {}, alternating), then with {CLIENTS} clients each receiving every completion:",
+        args.jobs,
+        args.samples.min(3)
     );
     println!(
         "| | no SSE clients | each watching its own job | ratio | every completion to each | ratio |\n|---|---:|---:|---:|---:|---:|"
     );
-    let (watchers, every) = (beside_watchers, fan_out.run);
+    let every = fan_out.run.figures;
     println!(
         "| jobs/s | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
         alone.jobs_per_second,
