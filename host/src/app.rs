@@ -58,6 +58,7 @@ impl App {
             max_body_bytes: config.max_body_bytes,
             max_plugin_bytes: config.max_plugin_bytes,
             metrics,
+            sse_activity: Arc::default(),
         };
         Ok(App { state, config })
     }

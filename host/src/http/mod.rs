@@ -42,6 +42,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub max_plugin_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// How many SSE clients are busy, which sets how long their events
+    /// linger.
+    pub sse_activity: Arc<events::SseActivity>,
 }
 
 /// `Json` whose rejections become [`ApiError`]s with our error body.
