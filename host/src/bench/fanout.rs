@@ -112,13 +112,21 @@ impl Figures {
     }
 }
 
-async fn run(
-    http: &reqwest::Client,
-    args: &BenchArgs,
-    base: &str,
+/// The server under test, and how the bench reaches it.
+struct Server<'a> {
+    http: &'a reqwest::Client,
+    args: &'a BenchArgs,
+    base: &'a str,
     pid: u32,
-    after: i64,
-) -> anyhow::Result<Run> {
+}
+
+async fn run(server: &Server<'_>, after: i64) -> anyhow::Result<Run> {
+    let Server {
+        http,
+        args,
+        base,
+        pid,
+    } = *server;
     let cpu = cpu_seconds(pid)?;
     let (jobs_per_second, last_event) = submit_and_watch(http, base, 1, args.jobs, after).await?;
     Ok(Run {
@@ -138,21 +146,26 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     // Unmeasured: the first run on a fresh server can be slower than the
     // later ones it is compared with (the database file grows, the
     // instance pool's memory is touched for the first time).
-    let warm_up = run(&http, args, base, pid, 0).await?;
+    let server = Server {
+        http: &http,
+        args,
+        base,
+        pid,
+    };
+    let warm_up = run(&server, 0).await?;
     let rss_idle = rss_mib(pid)?;
     // Alternately alone and beside the watchers, so that both see the
     // database grow alike.
     let (mut alone, mut watchers, mut last_event) = (Vec::new(), Vec::new(), warm_up.last_event);
     for _ in 0..args.samples.min(3) {
-        let run_alone = run(&http, args, base, pid, last_event).await?;
-        let run_beside =
-            beside_watchers(&http, args, base, pid, &watched_jobs, run_alone.last_event).await?;
+        let run_alone = run(&server, last_event).await?;
+        let run_beside = beside_watchers(&server, &watched_jobs, run_alone.last_event).await?;
         last_event = run_beside.last_event;
         alone.push(run_alone);
         watchers.push(run_beside);
     }
     let (alone, watchers) = (Figures::median(&alone), Figures::median(&watchers));
-    let fan_out = fan_out(&http, args, base, pid, last_event).await?;
+    let fan_out = fan_out(&server, last_event).await?;
 
     let mut delays = fan_out.delays;
     println!(
@@ -179,22 +192,16 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         "| | no SSE clients | each watching its own job | ratio | every completion to each | ratio |\n|---|---:|---:|---:|---:|---:|"
     );
     let every = fan_out.run.figures;
-    println!(
-        "| jobs/s | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
-        alone.jobs_per_second,
-        watchers.jobs_per_second,
-        watchers.jobs_per_second / alone.jobs_per_second,
-        every.jobs_per_second,
-        every.jobs_per_second / alone.jobs_per_second,
-    );
-    println!(
-        "| server CPU µs per job | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
-        alone.server_cpu_micros_per_job,
-        watchers.server_cpu_micros_per_job,
-        watchers.server_cpu_micros_per_job / alone.server_cpu_micros_per_job,
-        every.server_cpu_micros_per_job,
-        every.server_cpu_micros_per_job / alone.server_cpu_micros_per_job,
-    );
+    let row = |name: &str, figure: fn(&Figures) -> f64| {
+        let (alone, watchers, every) = (figure(&alone), figure(&watchers), figure(&every));
+        println!(
+            "| {name} | {alone:.0} | {watchers:.0} | {:.2} | {every:.0} | {:.2} |",
+            watchers / alone,
+            every / alone
+        );
+    };
+    row("jobs/s", |f| f.jobs_per_second);
+    row("server CPU µs per job", |f| f.server_cpu_micros_per_job);
     Ok(())
 }
 
@@ -224,10 +231,7 @@ async fn queue_jobs_for_watchers(
 /// `jobhost job watch` does. Each watcher reads its job's first event (so
 /// its stream is caught up and live), then waits on the stream.
 async fn beside_watchers(
-    http: &reqwest::Client,
-    args: &BenchArgs,
-    base: &str,
-    pid: u32,
+    server: &Server<'_>,
     watched_jobs: &[String],
     after: i64,
 ) -> anyhow::Result<Run> {
@@ -236,8 +240,8 @@ async fn beside_watchers(
     let watchers: Vec<_> = watched_jobs
         .iter()
         .map(|id| {
-            let url = format!("{base}/jobs/{id}/events");
-            let (http, connected, stop) = (http.clone(), connected.clone(), stop.clone());
+            let url = format!("{}/jobs/{id}/events", server.base);
+            let (http, connected, stop) = (server.http.clone(), connected.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut events = event_stream(&http, &url).await?;
                 events.next().await.context("stream ended")??;
@@ -250,7 +254,7 @@ async fn beside_watchers(
         })
         .collect();
     connected.wait().await;
-    let measured = run(http, args, base, pid, after).await?;
+    let measured = run(server, after).await?;
     stop.cancel();
     for watcher in watchers {
         watcher.await??;
@@ -282,13 +286,10 @@ struct FanOut {
 /// CLIENTS clients on `GET /events?types=job:completed`. Each records the
 /// delay of JOBS completions submitted at once, says so, and then keeps
 /// reading (a measured run) until told to stop.
-async fn fan_out(
-    http: &reqwest::Client,
-    args: &BenchArgs,
-    base: &str,
-    pid: u32,
-    after: i64,
-) -> anyhow::Result<FanOut> {
+async fn fan_out(server: &Server<'_>, after: i64) -> anyhow::Result<FanOut> {
+    let Server {
+        http, base, pid, ..
+    } = *server;
     let connected = Arc::new(Barrier::new(CLIENTS + 1));
     let recorded = Arc::new(Barrier::new(CLIENTS + 1));
     let stop = CancellationToken::new();
@@ -330,14 +331,7 @@ async fn fan_out(
     }
     recorded.wait().await;
     let elapsed = started.elapsed().as_secs_f64();
-    let measured = run(
-        http,
-        args,
-        base,
-        pid,
-        recorded_up_to.load(Ordering::Relaxed),
-    )
-    .await?;
+    let measured = run(server, recorded_up_to.load(Ordering::Relaxed)).await?;
     stop.cancel();
     let mut delays = Vec::with_capacity(CLIENTS * JOBS);
     for client in clients {
