@@ -151,7 +151,7 @@ async fn a_stalled_client_is_caught_up_from_the_log_without_gaps() {
     let mut stalled = server.events("/events", None).await;
     stalled.next_event().await.expect("the stream is open");
 
-    // Far more commits than the bus keeps (512) and events than the sockets buffer,
+    // Far more events than the bus keeps (256 batches) and the sockets buffer,
     // while the stalled client reads nothing.
     let spec = json!({"phases": [{"name": "a", "plugin": "echo"}, {"name": "b", "plugin": "echo"}, {"name": "c", "plugin": "echo"}]});
     let jobs = 4000;

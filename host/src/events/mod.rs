@@ -14,9 +14,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
-/// Commits (batches of events) kept in memory for subscribers that are
-/// briefly behind.
-const BUS_CAPACITY: usize = 512;
+/// Most events in one batch: a big commit is published as several, so that
+/// what the bus keeps stays bounded.
+const BATCH_EVENTS: usize = 64;
+/// Batches kept in memory for subscribers that are briefly behind: at most
+/// 16,384 events per channel, shared between channels.
+const BUS_CAPACITY: usize = 256;
 /// The same for one job's channel: a job has few events per commit, and a
 /// channel per watched job should stay small.
 const JOB_CAPACITY: usize = 64;
@@ -203,8 +206,9 @@ impl std::ops::Deref for Published {
     }
 }
 
-/// The events of one commit, in order, published together: a subscriber
-/// wakes once per commit rather than once per event.
+/// Events of one commit, in order, published together (up to
+/// [`BATCH_EVENTS`]): a subscriber wakes once per commit rather than once
+/// per event.
 #[derive(Debug)]
 pub struct Batch {
     events: Vec<Arc<Published>>,
@@ -252,7 +256,7 @@ pub struct Bus {
 /// What a subscriber hears about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topic {
-    /// Every commit with an event of one of these kinds (all its events).
+    /// Every batch with an event of one of these kinds (all its events).
     Kinds(KindSet),
     /// The events about one job.
     Job(String),
@@ -312,12 +316,16 @@ impl Bus {
             }
         }
         for (job, events) in jobs {
-            let _ = topics.jobs[job].send(Arc::new(Batch::new(events)));
+            for batch in events.chunks(BATCH_EVENTS) {
+                let _ = topics.jobs[job].send(Arc::new(Batch::new(batch.to_vec())));
+            }
         }
-        let batch = Arc::new(Batch::new(events));
-        for (kinds, sender) in &topics.kinds {
-            if batch.events.iter().any(|event| kinds.contains(event.kind)) {
-                let _ = sender.send(batch.clone());
+        for batch in events.chunks(BATCH_EVENTS) {
+            let batch = Arc::new(Batch::new(batch.to_vec()));
+            for (kinds, sender) in &topics.kinds {
+                if batch.events.iter().any(|event| kinds.contains(event.kind)) {
+                    let _ = sender.send(batch.clone());
+                }
             }
         }
     }
@@ -331,7 +339,8 @@ impl Bus {
         }
     }
 
-    /// Events a commit at a time: the commits with something on `topic`.
+    /// Events a batch (a commit, or part of a big one) at a time: the
+    /// batches with something on `topic`.
     pub fn subscribe_batches(&self, topic: Topic) -> BatchSubscription {
         let mut topics = self.topics.lock().expect("the bus lock is never poisoned");
         let receiver = match &topic {
@@ -367,7 +376,7 @@ pub struct BatchSubscription {
 }
 
 impl BatchSubscription {
-    /// The next commit on the topic; cancel-safe.
+    /// The next batch on the topic; cancel-safe.
     pub async fn recv(&mut self) -> Result<Arc<Batch>, broadcast::error::RecvError> {
         self.receiver().recv().await
     }
@@ -407,7 +416,7 @@ impl Drop for BatchSubscription {
 }
 
 /// A subscriber's view of the bus one event at a time. `Lagged(n)` counts
-/// the commits (batches) missed, not events.
+/// the batches missed, not events.
 pub struct Subscription {
     batches: BatchSubscription,
     batch: Option<Arc<Batch>>,
@@ -505,6 +514,23 @@ mod tests {
         );
         assert_eq!(seqs(&everything.try_recv().unwrap()), [1, 2]);
         assert_eq!(seqs(&everything.try_recv().unwrap()), [3, 4, 5]);
+    }
+
+    /// A big commit goes out in bounded batches, in order.
+    #[test]
+    fn a_big_commit_is_published_in_bounded_batches() {
+        let bus = Bus::default();
+        let mut all = bus.subscribe_batches(Topic::Kinds(KindSet::ALL));
+        let commit = 2 * BATCH_EVENTS as i64 + 22;
+        bus.publish((0..commit).map(|seq| event(seq, EventKind::JobCreated, None)));
+        let mut sizes = Vec::new();
+        let mut seen = Vec::new();
+        while let Ok(batch) = all.try_recv() {
+            sizes.push(batch.events().len());
+            seen.extend(seqs(&batch));
+        }
+        assert_eq!(sizes, [BATCH_EVENTS, BATCH_EVENTS, 22]);
+        assert_eq!(seen, (0..commit).collect::<Vec<_>>());
     }
 
     /// A topic's channel lives as long as somebody listens to it.
