@@ -58,6 +58,11 @@ impl Storage {
         filter: EventFilter,
         limit: usize,
     ) -> Result<Vec<Event>> {
+        let _turn = self
+            .log_read_permits
+            .acquire()
+            .await
+            .map_err(|_| StorageError::Closed)?;
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq, kind, job_id, at, data FROM events
