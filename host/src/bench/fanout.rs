@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Barrier;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::BenchArgs;
@@ -235,17 +236,18 @@ async fn beside_watchers(
     watched_jobs: &[String],
     after: i64,
 ) -> anyhow::Result<Run> {
-    let connected = Arc::new(Barrier::new(watched_jobs.len() + 1));
+    let failed = CancellationToken::new();
+    let connected = Rendezvous::new(watched_jobs.len(), &failed);
     let stop = CancellationToken::new();
     let watchers: Vec<_> = watched_jobs
         .iter()
         .map(|id| {
             let url = format!("{}/jobs/{id}/events", server.base);
             let (http, connected, stop) = (server.http.clone(), connected.clone(), stop.clone());
-            tokio::spawn(async move {
+            spawn_client(&failed, async move {
                 let mut events = event_stream(&http, &url).await?;
                 events.next().await.context("stream ended")??;
-                connected.wait().await;
+                connected.meet().await?;
                 tokio::select! {
                     event = events.next() => anyhow::bail!("a queued job's stream moved: {event:?}"),
                     () = stop.cancelled() => anyhow::Ok(()),
@@ -253,13 +255,72 @@ async fn beside_watchers(
             })
         })
         .collect();
-    connected.wait().await;
+    if connected.meet().await.is_err() {
+        return Err(failure(watchers).await);
+    }
     let measured = run(server, after).await?;
     stop.cancel();
     for watcher in watchers {
         watcher.await??;
     }
     Ok(measured)
+}
+
+/// A barrier for the clients and the bench, which nobody waits at forever
+/// once a client has failed (it will never arrive).
+#[derive(Clone)]
+struct Rendezvous {
+    barrier: Arc<Barrier>,
+    failed: CancellationToken,
+}
+
+impl Rendezvous {
+    fn new(clients: usize, failed: &CancellationToken) -> Self {
+        Rendezvous {
+            barrier: Arc::new(Barrier::new(clients + 1)),
+            failed: failed.clone(),
+        }
+    }
+
+    async fn meet(&self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.barrier.wait() => Ok(()),
+            () = self.failed.cancelled() => Err(Abandoned.into()),
+        }
+    }
+}
+
+/// Why a client gave up: another one failed.
+#[derive(Debug, thiserror::Error)]
+#[error("another SSE client failed")]
+struct Abandoned;
+
+/// Runs a client, cancelling `failed` if it fails.
+fn spawn_client<T: Send + 'static>(
+    failed: &CancellationToken,
+    client: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> JoinHandle<anyhow::Result<T>> {
+    let failed = failed.clone();
+    tokio::spawn(async move {
+        let result = client.await;
+        if result.is_err() {
+            failed.cancel();
+        }
+        result
+    })
+}
+
+/// The error of the client that failed first.
+async fn failure<T>(clients: Vec<JoinHandle<anyhow::Result<T>>>) -> anyhow::Error {
+    let mut first = anyhow::anyhow!("an SSE client failed");
+    for client in clients {
+        match client.await {
+            Ok(Err(error)) if !error.is::<Abandoned>() => return error,
+            Err(panicked) => first = panicked.into(),
+            _ => {}
+        }
+    }
+    first
 }
 
 /// An event's `at`, found in its JSON without parsing the rest: these
@@ -290,8 +351,9 @@ async fn fan_out(server: &Server<'_>, after: i64) -> anyhow::Result<FanOut> {
     let Server {
         http, base, pid, ..
     } = *server;
-    let connected = Arc::new(Barrier::new(CLIENTS + 1));
-    let recorded = Arc::new(Barrier::new(CLIENTS + 1));
+    let failed = CancellationToken::new();
+    let connected = Rendezvous::new(CLIENTS, &failed);
+    let recorded = Rendezvous::new(CLIENTS, &failed);
     let stop = CancellationToken::new();
     let recorded_up_to = Arc::new(AtomicI64::new(0));
     let clients: Vec<_> = (0..CLIENTS)
@@ -300,16 +362,16 @@ async fn fan_out(server: &Server<'_>, after: i64) -> anyhow::Result<FanOut> {
             let http = http.clone();
             let (connected, recorded, stop) = (connected.clone(), recorded.clone(), stop.clone());
             let recorded_up_to = recorded_up_to.clone();
-            tokio::spawn(async move {
+            spawn_client(&failed, async move {
                 let mut events = event_stream(&http, &url).await?;
-                connected.wait().await;
+                connected.meet().await?;
                 let mut delays = Vec::with_capacity(JOBS);
                 while delays.len() < JOBS {
                     let event = events.next().await.context("stream ended")??;
                     delays.push((now_ms() - committed_at(&event.data)?) as f64);
                     recorded_up_to.fetch_max(event.id.parse()?, Ordering::Relaxed);
                 }
-                recorded.wait().await;
+                recorded.meet().await?;
                 loop {
                     tokio::select! {
                         event = events.next() => { event.context("stream ended")??; }
@@ -320,7 +382,9 @@ async fn fan_out(server: &Server<'_>, after: i64) -> anyhow::Result<FanOut> {
             })
         })
         .collect();
-    connected.wait().await;
+    if connected.meet().await.is_err() {
+        return Err(failure(clients).await);
+    }
     let rss_connected = rss_mib(pid)?;
 
     let started = Instant::now();
@@ -329,7 +393,9 @@ async fn fan_out(server: &Server<'_>, after: i64) -> anyhow::Result<FanOut> {
     for response in futures::future::join_all(submits).await {
         response?.error_for_status()?;
     }
-    recorded.wait().await;
+    if recorded.meet().await.is_err() {
+        return Err(failure(clients).await);
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let measured = run(server, recorded_up_to.load(Ordering::Relaxed)).await?;
     stop.cancel();
