@@ -79,7 +79,22 @@ impl App {
                 tracing::info!("shutting down");
                 shutdown.cancel();
             });
-        let served = server.await.context("HTTP server failed");
+        // Connections get the shutdown timeout to finish: an SSE client
+        // that stopped reading would otherwise hold up shutdown forever.
+        let drain_limit = {
+            let (shutdown, limit) = (state.shutdown.clone(), self.config.shutdown_timeout);
+            async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(limit).await;
+            }
+        };
+        let served = tokio::select! {
+            served = server.into_future() => served.context("HTTP server failed"),
+            () = drain_limit => {
+                tracing::warn!("connections still open after the shutdown timeout; closing them");
+                Ok(())
+            }
+        };
         state.shutdown.cancel();
         let drained = state.queue.shutdown(self.config.shutdown_timeout).await;
         served?;

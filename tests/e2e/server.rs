@@ -172,6 +172,31 @@ impl Server {
         }
     }
 
+    /// Waits until `/metrics` counts `jobs` completed jobs.
+    pub async fn wait_for_completed_jobs(&self, jobs: usize) {
+        let all_done = format!("jobhost_jobs{{status=\"completed\"}} {jobs}");
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let metrics = self
+                .client
+                .get(self.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if metrics.lines().any(|line| line == all_done) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the jobs did not all complete"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the job is completed, failed or cancelled.
     pub async fn wait_finished(&self, id: &str) -> Value {
         let mut events = self.events(&format!("/jobs/{id}/events"), None).await;

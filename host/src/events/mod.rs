@@ -2,9 +2,10 @@
 //!
 //! Every event is written to the event log by storage in the same transaction
 //! as the state change it reports, which gives it its sequence number; it is
-//! published on the [`Bus`] only after that commit. Subscribers (SSE,
-//! webhooks, tests) that fall behind the bus's buffer are told how many they
-//! missed and catch up from the log, so the queue never waits for them.
+//! published on the [`Bus`] only after that commit. Subscribers (SSE
+//! clients, tests, the bench) that fall behind the bus's buffer are told
+//! how many batches they missed and catch up from the log, so the queue
+//! never waits for them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -278,6 +279,7 @@ impl KindSet {
     }
 
     fn bit(kind: EventKind) -> u32 {
+        const { assert!(EventKind::ALL.len() <= 32, "a KindSet is 32 bits") };
         1 << kind as u32
     }
 

@@ -20,16 +20,18 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use utoipa::IntoParams;
 
 use super::{ApiError, AppState};
 use crate::events::{Batch, Event, EventKind, KindSet, Published, Topic};
+use crate::queue::QueueError;
 use crate::storage::EventFilter;
 
 /// Events read from the log per query while catching up.
 const CATCH_UP_PAGE: usize = 500;
-/// Chunks (the new events of a commit each) buffered between a feeder and
-/// its client.
+/// Chunks (a commit's worth of SSE messages or more each) buffered between
+/// a feeder and its client.
 const CLIENT_BUFFER: usize = 64;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Socket writes per second that all SSE clients together should cost at
@@ -70,7 +72,9 @@ pub async fn stream(
     Ok(sse(state, filter, after, false))
 }
 
-/// Stream one job's events (SSE); the stream ends after its terminal event.
+/// Stream one job's events (SSE); the stream ends with the job: after its
+/// terminal event, even when `types` leaves that event out, and at once
+/// when resumed after it.
 #[utoipa::path(get, path = "/jobs/{id}/events", tag = "events",
     params(("id" = String, Path), StreamQuery, ("Last-Event-ID" = Option<i64>, Header)),
     responses(
@@ -183,12 +187,22 @@ async fn feed(
         last: after,
         end_after_terminal,
         tx,
+        shutdown: state.shutdown.clone(),
         pending: Vec::new(),
         busy_in_second: 0,
         ended: false,
         flushed_at: None,
     };
     if client.catch_up(&state).await.is_err() {
+        return;
+    }
+    if let Some(job) = client.filter.job_id.clone()
+        && client.end_after_terminal
+        && job_has_ended(&state, &job).await
+    {
+        // The client resumed after the job's end, or the job ended since
+        // the log was read: then the event that ended it is in the log now.
+        let _ = client.catch_up(&state).await;
         return;
     }
     loop {
@@ -294,12 +308,14 @@ impl SseActivity {
             .max(odd.load(Ordering::Relaxed))
     }
 
-    /// Empties the counts of the seconds that have passed. (Two clients can
-    /// race at a second's turn: the count is an estimate, and one client
-    /// more or less does not matter.)
+    /// Empties the counts of the seconds that have passed. The second only
+    /// moves forward; a caller that read the clock just before it turned
+    /// counts in the second before, which is still counted. (A client
+    /// counted just as another empties its bucket can be missed: the count
+    /// is an estimate, and one client more or less does not matter.)
     fn turn_to(&self, second: u64) {
-        let last = self.second.swap(second, Ordering::Relaxed);
-        if second != last {
+        let last = self.second.fetch_max(second, Ordering::Relaxed);
+        if second > last {
             self.busy[(second % 2) as usize].store(0, Ordering::Relaxed);
             if second > last + 1 {
                 self.busy[((second + 1) % 2) as usize].store(0, Ordering::Relaxed);
@@ -312,13 +328,28 @@ fn current_second() -> u64 {
     crate::time::now_ms() as u64 / 1000
 }
 
+/// Whether a job's stream ends with this event: the job ended, or it is gone.
+fn ends_job(kind: EventKind) -> bool {
+    kind.is_job_terminal() || kind == EventKind::JobDeleted
+}
+
+/// Whether the job has ended (or is gone).
+async fn job_has_ended(state: &AppState, id: &str) -> bool {
+    match state.queue.job(id).await {
+        Ok(job) => job.status.is_terminal(),
+        Err(QueueError::NotFound(_)) => true,
+        Err(_) => false,
+    }
+}
+
 /// What a feeder knows about its client.
 struct Client {
     filter: EventFilter,
-    /// The last event taken for the client (or skipped as already sent).
+    /// The last event taken for the client.
     last: i64,
     end_after_terminal: bool,
     tx: mpsc::Sender<Bytes>,
+    shutdown: CancellationToken,
     /// SSE messages taken and not yet sent.
     pending: Vec<Bytes>,
     /// The second it was last counted busy in ([`SseActivity`]).
@@ -354,10 +385,22 @@ impl Client {
 
     /// Sends every logged event after `last` that matches.
     async fn catch_up(&mut self, state: &AppState) -> Result<(), Done> {
+        // A job's stream reads all the job's events, whatever kinds it asked
+        // for, so that it sees the job end even when that event is not one
+        // of them.
+        let filter = EventFilter {
+            job_id: self.filter.job_id.clone(),
+            kinds: if self.end_after_terminal {
+                Vec::new()
+            } else {
+                self.filter.kinds.clone()
+            },
+        };
+        let mut read_up_to = self.last;
         loop {
             let page = match state
                 .storage
-                .events_after(self.last, self.filter.clone(), CATCH_UP_PAGE)
+                .events_after(read_up_to, filter.clone(), CATCH_UP_PAGE)
                 .await
             {
                 Ok(page) => page,
@@ -367,6 +410,9 @@ impl Client {
                 }
             };
             let full = page.len() == CATCH_UP_PAGE;
+            if let Some(newest) = page.last() {
+                read_up_to = newest.seq;
+            }
             let page: Vec<_> = page.into_iter().map(Published::new).collect();
             self.take(page.iter());
             self.flush().await?;
@@ -395,16 +441,18 @@ impl Client {
     }
 
     /// Takes the messages of the `events` the client wants, up to the
-    /// terminal event of a job's stream.
+    /// event that ends a job's stream (whether it wants that one or not).
     fn take<'a>(&mut self, events: impl Iterator<Item = &'a Published>) {
         let mut messages = BytesMut::new();
         for event in events {
-            if !self.wants(event) {
-                continue;
+            if self.ended {
+                break;
             }
-            self.last = event.seq;
-            messages.extend_from_slice(event.sse_message());
-            self.ended = self.end_after_terminal && event.kind.is_job_terminal();
+            if self.wants(event) {
+                self.last = event.seq;
+                messages.extend_from_slice(event.sse_message());
+            }
+            self.ended = self.end_after_terminal && ends_job(event.kind);
         }
         if !messages.is_empty() {
             self.pending.push(messages.freeze());
@@ -434,7 +482,11 @@ impl Client {
         };
         if let Some(chunk) = chunk {
             self.flushed_at = Some(Instant::now());
-            self.tx.send(chunk).await.map_err(|_| Done::Finished)?;
+            // A client that stopped reading must not hold up shutdown.
+            tokio::select! {
+                sent = self.tx.send(chunk) => sent.map_err(|_| Done::Finished)?,
+                () = self.shutdown.cancelled() => return Err(Done::Finished),
+            }
         }
         if self.ended {
             Err(Done::Finished)
