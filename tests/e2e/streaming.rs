@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::server::Server;
+use crate::server::{EventStream, Server};
 
 #[tokio::test]
 async fn resume_with_last_event_id_gets_exactly_the_missed_events() {
@@ -49,15 +49,21 @@ async fn resume_with_last_event_id_gets_exactly_the_missed_events() {
     );
 }
 
-#[tokio::test]
-async fn last_event_id_also_works_as_a_query_parameter() {
+/// A server with one 1-phase `echo` job, finished; and the job's id.
+async fn one_finished_job() -> (Server, String) {
     let server = Server::start(&[]).await;
     server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let job = server
         .submit(&json!({"phases": [{"name": "e", "plugin": "echo"}]}))
         .await;
-    let id = job["id"].as_str().unwrap();
-    server.wait_finished(id).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    server.wait_finished(&id).await;
+    (server, id)
+}
+
+#[tokio::test]
+async fn last_event_id_also_works_as_a_query_parameter() {
+    let (server, id) = one_finished_job().await;
     let mut stream = server
         .events(&format!("/jobs/{id}/events?last_event_id=0"), None)
         .await;
@@ -109,13 +115,7 @@ async fn cancel_over_http_stops_a_guest_that_never_yields() {
 /// filtered to kinds that leave out the event that ends it.
 #[tokio::test]
 async fn a_jobs_stream_ends_with_the_job_whatever_it_asks_for() {
-    let server = Server::start(&[]).await;
-    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
-    let job = server
-        .submit(&json!({"phases": [{"name": "e", "plugin": "echo"}]}))
-        .await;
-    let id = job["id"].as_str().unwrap();
-    server.wait_finished(id).await;
+    let (server, id) = one_finished_job().await;
     let path = format!("/jobs/{id}/events");
     let mut all = server.events(&path, None).await;
     let mut last = None;
@@ -179,23 +179,31 @@ async fn hundreds_of_clients_each_get_every_event_in_order() {
     }
 }
 
+const STALLED_BEHIND_JOBS: usize = 4000;
+
+/// Opens a client on `GET /events` that then reads nothing while
+/// [`STALLED_BEHIND_JOBS`] 3-phase jobs run: far more events than the bus
+/// keeps (256 batches) and the sockets buffer. Every job finishes: the
+/// queue is not held up by the client.
+async fn stall_a_client(server: &Server) -> EventStream {
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let mut stalled = server.events("/events", None).await;
+    stalled.next_event().await.expect("the stream is open");
+    let spec = json!({"phases": [{"name": "a", "plugin": "echo"}, {"name": "b", "plugin": "echo"}, {"name": "c", "plugin": "echo"}]});
+    let submits = (0..STALLED_BEHIND_JOBS).map(|_| server.post("/jobs", &spec));
+    for (status, job) in futures::future::join_all(submits).await {
+        assert_eq!(status, 201, "{job}");
+    }
+    server.wait_for_completed_jobs(STALLED_BEHIND_JOBS).await;
+    stalled
+}
+
 /// A client that stopped reading does not hold up shutdown: SIGTERM stops
 /// the server within its shutdown timeout.
 #[tokio::test]
 async fn a_stalled_client_does_not_hold_up_shutdown() {
     let mut server = Server::start(&["--concurrency", "16", "--shutdown-timeout", "1s"]).await;
-    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
-    let mut stalled = server.events("/events", None).await;
-    stalled.next_event().await.expect("the stream is open");
-    // Enough events to fill the sockets' buffers and then the feeder's.
-    let spec = json!({"phases": [{"name": "a", "plugin": "echo"}, {"name": "b", "plugin": "echo"}, {"name": "c", "plugin": "echo"}]});
-    let jobs = 4000;
-    let submits = (0..jobs).map(|_| server.post("/jobs", &spec));
-    for (status, job) in futures::future::join_all(submits).await {
-        assert_eq!(status, 201, "{job}");
-    }
-    server.wait_for_completed_jobs(jobs).await;
-
+    let stalled = stall_a_client(&server).await;
     let terminate = tokio::task::spawn_blocking(move || server.terminate());
     let status = tokio::time::timeout(crate::server::TIMEOUT, terminate)
         .await
@@ -211,31 +219,12 @@ async fn a_stalled_client_does_not_hold_up_shutdown() {
 #[tokio::test]
 async fn a_stalled_client_is_caught_up_from_the_log_without_gaps() {
     let server = Server::start(&["--concurrency", "16"]).await;
-    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
-    let mut stalled = server.events("/events", None).await;
-    stalled.next_event().await.expect("the stream is open");
-
-    // Far more events than the bus keeps (256 batches) and the sockets buffer,
-    // while the stalled client reads nothing.
-    let spec = json!({"phases": [{"name": "a", "plugin": "echo"}, {"name": "b", "plugin": "echo"}, {"name": "c", "plugin": "echo"}]});
-    let jobs = 4000;
-    let submits = (0..jobs).map(|_| server.post("/jobs", &spec));
-    let ids: Vec<String> = futures::future::join_all(submits)
-        .await
-        .into_iter()
-        .map(|(status, job)| {
-            assert_eq!(status, 201, "{job}");
-            job["id"].as_str().unwrap().to_owned()
-        })
-        .collect();
-    // The queue was not held up by the stalled client: every job finishes.
-    assert_eq!(ids.len(), jobs);
-    server.wait_for_completed_jobs(jobs).await;
+    let mut stalled = stall_a_client(&server).await;
 
     // Now read everything: ids strictly increase with nothing missing.
     let mut seen = vec![];
     let mut completions = 0;
-    while completions < jobs {
+    while completions < STALLED_BEHIND_JOBS {
         let event = stalled.next_event().await.expect("stream still open");
         if event.kind == "job:completed" {
             completions += 1;
