@@ -484,21 +484,42 @@ fn claim(conn: &Connection, log: &mut EventLog, now: i64, limit: usize) -> Resul
     let mut jobs = Vec::with_capacity(claimed.len());
     for raw in claimed {
         let mut job = raw.decode()?;
-        let data = json!({"attempt": job.attempt});
-        job_event(conn, log, EventKind::JobStarted, &job.id, data, now)?;
         job.phases = phases_of(conn, &job.id)?;
-        if let Some(first) = job
-            .phases
-            .iter_mut()
-            .find(|p| p.status != PhaseStatus::Completed)
-        {
-            start_loaded_phase(conn, log, &job.id, first, now)?;
-        }
+        start_claimed(conn, log, &mut job, now)?;
         jobs.push(job);
     }
     // RETURNING has no order: hand them out highest priority first.
     jobs.sort_by(|a, b| (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id)));
     Ok(jobs)
+}
+
+/// Claims the job just created, which the caller knows is due and the only
+/// job due: what [`claim`] would do, without searching for it or reading
+/// back what was just written.
+fn claim_created(conn: &Connection, log: &mut EventLog, job: &mut Job, now: i64) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE jobs SET status = 'running', attempt = 1, started_at = ?2 WHERE id = ?1",
+    )?
+    .execute(params![job.id, now])?;
+    job.status = JobStatus::Running;
+    job.attempt = 1;
+    job.started_at = Some(now);
+    start_claimed(conn, log, job, now)
+}
+
+/// Announces a job just marked running and starts its first unfinished
+/// phase, in the job's copy too.
+fn start_claimed(conn: &Connection, log: &mut EventLog, job: &mut Job, now: i64) -> Result<()> {
+    let data = json!({"attempt": job.attempt});
+    job_event(conn, log, EventKind::JobStarted, &job.id, data, now)?;
+    if let Some(first) = job
+        .phases
+        .iter_mut()
+        .find(|p| p.status != PhaseStatus::Completed)
+    {
+        start_loaded_phase(conn, log, &job.id, first, now)?;
+    }
+    Ok(())
 }
 
 /// Starts a pending phase of a running job whose row the caller has just
@@ -976,16 +997,11 @@ impl Storage {
         self.write(move |conn, log| {
             let created = create(conn, log, &new)?;
             match (created, claim_at) {
-                (CreateOutcome::Created(job), Some(now))
+                (CreateOutcome::Created(mut job), Some(now))
                     if job.run_at <= now && !other_job_due(conn, &job.id, now)? =>
                 {
-                    let claimed = claim(conn, log, now, 1)?.pop();
-                    match claimed {
-                        Some(claimed) if claimed.id == job.id => {
-                            Ok(CreateOutcome::Created(claimed))
-                        }
-                        _ => Err(corrupt("a new due job was not the one claimed", &job.id)),
-                    }
+                    claim_created(conn, log, &mut job, now)?;
+                    Ok(CreateOutcome::Created(job))
                 }
                 (created, _) => Ok(created),
             }
@@ -1252,6 +1268,11 @@ mod tests {
             phases: vec![phase("first", None), phase("second", Some("2.0.0"))],
             created_at: 900,
         };
+        let second_job = NewJob {
+            id: "job-2".into(),
+            idempotency_key: None,
+            ..new.clone()
+        };
         let CreateOutcome::Created(created) = storage.create_job(new, None).await.unwrap() else {
             panic!("not created");
         };
@@ -1270,6 +1291,17 @@ mod tests {
         assert_eq!(claimed.phases[0].status, PhaseStatus::Running);
         assert_eq!(claimed.phases[0].attempts, 1);
         assert_eq!(Some(claimed), storage.job("job-1").await.unwrap());
+
+        // Created and claimed in one write (nothing else is due): the same.
+        let claim_at = Some(2_000);
+        let CreateOutcome::Created(created_running) =
+            storage.create_job(second_job, claim_at).await.unwrap()
+        else {
+            panic!("not created");
+        };
+        assert_eq!(created_running.status, JobStatus::Running);
+        assert_eq!(created_running.phases[0].status, PhaseStatus::Running);
+        assert_eq!(Some(created_running), storage.job("job-2").await.unwrap());
         storage.close().await;
     }
 }
