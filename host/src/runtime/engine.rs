@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::RuntimeConfig;
 
@@ -22,8 +22,14 @@ const TABLES_PER_RUN: u32 = 4;
 /// Instance slots returned to the pool before their memory is decommitted
 /// in one go.
 const DECOMMIT_BATCH: usize = 16;
-/// Bytes of each linear memory and table kept resident between runs.
-const KEEP_RESIDENT: usize = 64 << 10;
+/// Bytes of each linear memory kept resident between runs: the pages a run
+/// dirtied, found by `PAGEMAP_SCAN`, up to this much, are reset with
+/// `memset`/`memcpy` instead of decommitted. Zeroing a whole MiB costs less
+/// than faulting 256 pages back in; the bound caps the memory an idle slot
+/// keeps.
+const MEMORY_KEEP_RESIDENT: usize = 1 << 20;
+/// Bytes of each table kept resident between runs (tables are small).
+const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 /// Wasm stack per run. Deep recursion traps with a stack overflow here.
 const MAX_WASM_STACK: usize = 1 << 20;
 
@@ -54,12 +60,15 @@ pub(super) fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
         // shootdown across cores; batching them raised runs/s on 2 cores by
         // about 40% (BENCHMARKS.md).
         .decommit_batch_size(DECOMMIT_BATCH)
-        // The first pages of a memory or table are zeroed with memset on
-        // return instead of decommitted, so the next run does not fault them
-        // in again: +45% runs/s for a small guest (BENCHMARKS.md). Larger
-        // amounts cost more in memset than they save.
-        .linear_memory_keep_resident(KEEP_RESIDENT)
-        .table_keep_resident(KEEP_RESIDENT);
+        // Pages a run dirtied are reset in place instead of decommitted, so
+        // the next run does not fault them in again. Without the scan
+        // (kernels before 6.7) only the first pages can be kept, and a Rust
+        // guest's hot pages are elsewhere: the top of its stack, at 1 MiB,
+        // and its data and heap above it. The scan more than tripled runs/s
+        // on 2 cores (BENCHMARKS.md).
+        .pagemap_scan(Enabled::Auto)
+        .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
+        .table_keep_resident(TABLE_KEEP_RESIDENT);
     pool
 }
 

@@ -1,7 +1,9 @@
 //! A phase gets nothing the contract does not grant: no files, no
-//! environment, no network.
+//! environment, no network, nothing an earlier run left behind.
 
-use crate::{load, output, run, runtime};
+use jobhost::runtime::{Runtime, RuntimeConfig};
+
+use crate::{load, output, run, runtime, test_config};
 
 #[tokio::test]
 async fn file_environment_and_network_are_denied() {
@@ -22,4 +24,27 @@ async fn file_environment_and_network_are_denied() {
         serde_json::json!([]),
         "the guest saw environment variables"
     );
+}
+
+/// A run never sees what an earlier run of the same plugin left in memory,
+/// though they use the same pool slot and the pages a run dirtied are reset
+/// in place rather than unmapped (`PAGEMAP_SCAN`, up to a bound; the rest
+/// are decommitted). The guest marks 4 MiB, over that bound, so both ways
+/// of resetting are checked.
+#[tokio::test]
+async fn a_run_finds_nothing_an_earlier_run_left_in_memory() {
+    let runtime = Runtime::new(RuntimeConfig {
+        max_concurrent_runs: 1,
+        ..test_config()
+    })
+    .unwrap();
+    let residue = load(&runtime, plugin_artifacts::RESIDUE).await;
+    for round in 0..3 {
+        let found = output(&run(&runtime, &residue, "{}", "{}").await);
+        assert_eq!(
+            found,
+            serde_json::json!({"static_dirty": 0, "grown_dirty": 0}),
+            "run {round} found marks an earlier run left"
+        );
+    }
 }
