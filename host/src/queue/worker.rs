@@ -84,7 +84,14 @@ async fn run_phases(
                 let start_next =
                     index + 1 < job.phases.len() && stop_reason(shared, cancel).is_none();
                 match storage
-                    .complete_phase(&job.id, index, output, result.usage, start_next, now_ms())
+                    .complete_phase(
+                        &job.id,
+                        &job.phases[index],
+                        output,
+                        result.usage,
+                        start_next,
+                        now_ms(),
+                    )
                     .await?
                 {
                     Completion::Stale => return Ok(()),
@@ -199,7 +206,7 @@ async fn record_failure(
         AfterFailure::Fail
     };
     storage
-        .fail_phase(&job.id, index, message, usage, after, now)
+        .fail_phase(&job.id, &job.phases[index], message, usage, after, now)
         .await?;
     Ok(())
 }

@@ -531,32 +531,53 @@ fn start_loaded_phase(
     phase: &mut Phase,
     now: i64,
 ) -> Result<bool> {
-    let changed = conn
-        .prepare_cached(
-            "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL
-             WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'",
-        )?
-        .execute(params![job_id, phase.index as i64, now])?;
-    if changed == 0 {
+    if !mark_phase_running(conn, job_id, phase.index, now)? {
         return Ok(false);
     }
     phase.status = PhaseStatus::Running;
     phase.attempts += 1;
     phase.started_at = Some(now);
     phase.finished_at = None;
-    phase_started(conn, log, job_id, phase, now)?;
+    let started = StartedPhase {
+        name: &phase.name,
+        index: phase.index,
+        plugin: &phase.plugin,
+        version: &phase.version,
+        attempt: phase.attempts,
+    };
+    phase_started(conn, log, job_id, &started, now)?;
     Ok(true)
+}
+
+/// Marks a phase running if it is pending; false if it was not.
+fn mark_phase_running(conn: &Connection, job_id: &str, index: usize, now: i64) -> Result<bool> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL
+             WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'",
+        )?
+        .execute(params![job_id, index as i64, now])?;
+    Ok(changed > 0)
+}
+
+/// What `job:phase:started` says about the phase.
+struct StartedPhase<'a> {
+    name: &'a str,
+    index: usize,
+    plugin: &'a str,
+    version: &'a str,
+    attempt: u32,
 }
 
 fn phase_started(
     conn: &Connection,
     log: &mut EventLog,
     job_id: &str,
-    phase: &Phase,
+    phase: &StartedPhase<'_>,
     now: i64,
 ) -> Result<()> {
     let data = json!({"phase": phase.name, "index": phase.index, "plugin": phase.plugin,
-                      "version": phase.version, "attempt": phase.attempts});
+                      "version": phase.version, "attempt": phase.attempt});
     job_event(conn, log, EventKind::PhaseStarted, job_id, data, now)
 }
 
@@ -575,16 +596,38 @@ fn start_phase(
     if !is_running(conn, job_id)? {
         return Ok(None);
     }
-    let Some(mut phase) = phases_where(conn, job_id, Some(index))?.pop() else {
-        return Ok(None);
-    };
-    Ok(start_loaded_phase(conn, log, job_id, &mut phase, now)?.then_some(phase.attempts))
+    start_pending_phase(conn, log, job_id, index, now)
 }
 
-fn phase_name(conn: &Connection, job_id: &str, index: usize) -> Result<String> {
-    Ok(conn
-        .prepare_cached("SELECT name FROM phases WHERE job_id = ?1 AND idx = ?2")?
-        .query_row(params![job_id, index as i64], |row| row.get(0))?)
+/// Starts phase `index` of a job the caller has found running in this
+/// write, if the phase is pending; returns its attempt. Reads back only what
+/// the event needs, after the update.
+fn start_pending_phase(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    index: usize,
+    now: i64,
+) -> Result<Option<u32>> {
+    if !mark_phase_running(conn, job_id, index, now)? {
+        return Ok(None);
+    }
+    let (name, plugin, version, attempt): (String, String, String, u32) = conn
+        .prepare_cached(
+            "SELECT name, plugin, version, attempts FROM phases WHERE job_id = ?1 AND idx = ?2",
+        )?
+        .query_row(params![job_id, index as i64], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?;
+    let started = StartedPhase {
+        name: &name,
+        index,
+        plugin: &plugin,
+        version: &version,
+        attempt,
+    };
+    phase_started(conn, log, job_id, &started, now)?;
+    Ok(Some(attempt))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -593,6 +636,7 @@ fn complete_phase(
     log: &mut EventLog,
     job_id: &str,
     index: usize,
+    name: &str,
     output: &str,
     usage: &ResourceUsage,
     start_next: bool,
@@ -610,9 +654,10 @@ fn complete_phase(
     if changed == 0 {
         return Ok(Completion::Stale);
     }
-    let data = json!({"phase": phase_name(conn, job_id, index)?, "index": index, "usage": usage});
+    let data = json!({"phase": name, "index": index, "usage": usage});
     job_event(conn, log, EventKind::PhaseCompleted, job_id, data, now)?;
-    if start_next && let Some(attempt) = start_phase(conn, log, job_id, index + 1, now)? {
+    // The update above found the job running.
+    if start_next && let Some(attempt) = start_pending_phase(conn, log, job_id, index + 1, now)? {
         return Ok(Completion::NextStarted(attempt));
     }
     // The job completes in the same write when this was its last phase.
@@ -669,6 +714,7 @@ fn fail_phase(
     log: &mut EventLog,
     job_id: &str,
     index: usize,
+    name: &str,
     error: &str,
     usage: Option<&ResourceUsage>,
     after: &AfterFailure,
@@ -698,15 +744,14 @@ fn fail_phase(
     if changed == 0 {
         return Ok(false);
     }
-    let phase = phase_name(conn, job_id, index)?;
-    let attempt = record_attempt_error(conn, job_id, Some(&phase), error, now)?;
-    let data = json!({"phase": phase, "index": index, "attempt": attempt, "error": error, "retrying": retrying});
+    let attempt = record_attempt_error(conn, job_id, Some(name), error, now)?;
+    let data = json!({"phase": name, "index": index, "attempt": attempt, "error": error, "retrying": retrying});
     job_event(conn, log, EventKind::PhaseFailed, job_id, data, now)?;
     end_attempt(
         conn,
         log,
         job_id,
-        Some(&phase),
+        Some(name),
         attempt,
         error,
         after,
@@ -1063,19 +1108,22 @@ impl Storage {
 
     /// Stores a running phase's output, and in the same write either starts
     /// the next phase (`start_next`) or, after the last phase, completes
-    /// the job.
+    /// the job. `phase` is the worker's copy: its index and name (which
+    /// never change) identify it, so the write need not read them back.
     pub async fn complete_phase(
         &self,
         job_id: &str,
-        index: usize,
+        phase: &Phase,
         output: String,
         usage: ResourceUsage,
         start_next: bool,
         now: i64,
     ) -> Result<Completion> {
-        let job_id = job_id.to_owned();
+        let (job_id, index, name) = (job_id.to_owned(), phase.index, phase.name.clone());
         self.write(move |conn, log| {
-            complete_phase(conn, log, &job_id, index, &output, &usage, start_next, now)
+            complete_phase(
+                conn, log, &job_id, index, &name, &output, &usage, start_next, now,
+            )
         })
         .await
     }
@@ -1087,23 +1135,25 @@ impl Storage {
             .await
     }
 
-    /// Records a failed attempt of a running phase, then retries or fails the job.
+    /// Records a failed attempt of a running phase (the worker's copy, as
+    /// for [`Storage::complete_phase`]), then retries or fails the job.
     pub async fn fail_phase(
         &self,
         job_id: &str,
-        index: usize,
+        phase: &Phase,
         error: String,
         usage: Option<ResourceUsage>,
         after: AfterFailure,
         now: i64,
     ) -> Result<bool> {
-        let job_id = job_id.to_owned();
+        let (job_id, index, name) = (job_id.to_owned(), phase.index, phase.name.clone());
         self.write(move |conn, log| {
             fail_phase(
                 conn,
                 log,
                 &job_id,
                 index,
+                &name,
                 &error,
                 usage.as_ref(),
                 &after,
@@ -1218,19 +1268,14 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use std::path::Path;
+
+    use crate::events::Bus;
     use crate::storage::{Durability, NewPluginVersion};
 
-    /// `create` and `claim` return the jobs they changed without reading
-    /// them back: what they return must be exactly what loading returns.
-    #[tokio::test]
-    async fn created_and_claimed_jobs_are_returned_as_they_are_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(
-            &dir.path().join("db"),
-            Durability::Process,
-            Default::default(),
-        )
-        .unwrap();
+    /// Storage with versions 1.0.0 (active) and 2.0.0 of `echo`.
+    async fn storage_with_echo(dir: &Path, bus: Bus) -> Storage {
+        let storage = Storage::open(&dir.join("db"), Durability::Process, bus).unwrap();
         for version in ["1.0.0", "2.0.0"] {
             storage
                 .put_plugin_version(NewPluginVersion {
@@ -1243,6 +1288,12 @@ mod tests {
                 .await
                 .unwrap();
         }
+        storage
+    }
+
+    /// A job of two `echo` phases, "first" (the active version) and
+    /// "second" (2.0.0), with every option set.
+    fn two_phase_job(id: &str) -> NewJob {
         let phase = |name: &str, version: Option<&str>| NewPhase {
             name: name.into(),
             plugin: "echo".into(),
@@ -1250,8 +1301,8 @@ mod tests {
             config: json!({"name": name}),
             timeout_ms: 1234,
         };
-        let new = NewJob {
-            id: "job-1".into(),
+        NewJob {
+            id: id.into(),
             payload: json!({"rows": [1, 2, 3], "note": "é"}),
             priority: 7,
             run_at: 1_000,
@@ -1267,11 +1318,19 @@ mod tests {
             webhook_secret: Some("whsec_c2VjcmV0".into()),
             phases: vec![phase("first", None), phase("second", Some("2.0.0"))],
             created_at: 900,
-        };
+        }
+    }
+
+    /// `create` and `claim` return the jobs they changed without reading
+    /// them back: what they return must be exactly what loading returns.
+    #[tokio::test]
+    async fn created_and_claimed_jobs_are_returned_as_they_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage_with_echo(dir.path(), Bus::default()).await;
+        let new = two_phase_job("job-1");
         let second_job = NewJob {
-            id: "job-2".into(),
             idempotency_key: None,
-            ..new.clone()
+            ..two_phase_job("job-2")
         };
         let CreateOutcome::Created(created) = storage.create_job(new, None).await.unwrap() else {
             panic!("not created");
@@ -1302,6 +1361,75 @@ mod tests {
         assert_eq!(created_running.status, JobStatus::Running);
         assert_eq!(created_running.phases[0].status, PhaseStatus::Running);
         assert_eq!(Some(created_running), storage.job("job-2").await.unwrap());
+        storage.close().await;
+    }
+
+    /// A completion starts the next phase in the same write, reading back
+    /// only what the events need: both events name the right phase, and the
+    /// stored phases match what the worker is told.
+    #[tokio::test]
+    async fn a_completion_starts_the_next_phase_and_announces_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Bus::default();
+        let mut events = bus.subscribe();
+        let storage = storage_with_echo(dir.path(), bus).await;
+        storage
+            .create_job(two_phase_job("job-1"), Some(2_000))
+            .await
+            .unwrap();
+        let job = storage.job("job-1").await.unwrap().unwrap();
+
+        let usage = ResourceUsage::default();
+        let completion = storage
+            .complete_phase(
+                &job.id,
+                &job.phases[0],
+                r#"{"n":1}"#.into(),
+                usage,
+                true,
+                3_000,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(completion, Completion::NextStarted(1)));
+        let stored = storage.job("job-1").await.unwrap().unwrap();
+        assert_eq!(stored.phases[0].status, PhaseStatus::Completed);
+        assert_eq!(stored.phases[1].status, PhaseStatus::Running);
+        assert_eq!(stored.phases[1].attempts, 1);
+        assert_eq!(stored.phases[1].started_at, Some(3_000));
+
+        let mut announced = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            announced.push((event.kind, event.data.clone()));
+        }
+        let after_claim: Vec<_> = announced
+            .iter()
+            .skip_while(|(kind, _)| *kind != EventKind::PhaseCompleted)
+            .collect();
+        assert_eq!(after_claim.len(), 2, "{announced:?}");
+        assert_eq!(after_claim[0].1["phase"], "first");
+        assert_eq!(after_claim[0].1["index"], 0);
+        assert_eq!(after_claim[1].0, EventKind::PhaseStarted);
+        assert_eq!(
+            after_claim[1].1,
+            json!({"phase": "second", "index": 1, "plugin": "echo", "version": "2.0.0", "attempt": 1})
+        );
+
+        // A failure of that phase is recorded under its name.
+        storage
+            .fail_phase(
+                &job.id,
+                &job.phases[1],
+                "boom".into(),
+                None,
+                AfterFailure::Fail,
+                4_000,
+            )
+            .await
+            .unwrap();
+        let failed = storage.job("job-1").await.unwrap().unwrap();
+        assert_eq!(failed.status, JobStatus::Failed);
+        assert_eq!(failed.errors[0].phase.as_deref(), Some("second"));
         storage.close().await;
     }
 }
