@@ -456,31 +456,97 @@ fn created_job(new: &NewJob, pinned: Vec<String>) -> Job {
     }
 }
 
+/// The priorities of pending jobs, highest first, as the table `levels`
+/// (ending with a NULL row): one seek of `jobs_due` each. Every search for
+/// due jobs goes one priority at a time. Priority leads that index, so a
+/// search for `run_at <= now` across priorities reads every pending job,
+/// the ones scheduled for later too (with 20,000 of those, latency at low
+/// load went from 1 to 5 ms at p99). Within one priority, the due jobs
+/// come first, so a search stops at the first job not yet due.
+const PENDING_PRIORITIES: &str = "
+    WITH RECURSIVE levels(priority) AS (
+        SELECT (SELECT priority FROM jobs INDEXED BY jobs_due WHERE status = 'pending'
+                ORDER BY priority DESC LIMIT 1)
+        UNION ALL
+        SELECT (SELECT priority FROM jobs INDEXED BY jobs_due
+                WHERE status = 'pending' AND priority < levels.priority
+                ORDER BY priority DESC LIMIT 1)
+        FROM levels WHERE levels.priority IS NOT NULL
+    )";
+
+/// Whether a pending job other than `?2` is due at `?1`.
+const OTHER_JOB_DUE: &str = "
+    SELECT EXISTS (SELECT 1 FROM levels CROSS JOIN jobs INDEXED BY jobs_due
+                   WHERE jobs.status = 'pending' AND jobs.priority = levels.priority
+                     AND jobs.run_at <= ?1 AND jobs.id != ?2)";
+
+/// The earliest `run_at` of any pending job.
+const NEXT_DUE: &str = "
+    SELECT MIN((SELECT run_at FROM jobs INDEXED BY jobs_due
+                WHERE status = 'pending' AND priority = levels.priority
+                ORDER BY run_at LIMIT 1))
+    FROM levels WHERE priority IS NOT NULL";
+
+/// How many pending jobs are due at `?1`.
+const DUE_COUNT: &str = "
+    SELECT COALESCE(SUM((SELECT COUNT(*) FROM jobs INDEXED BY jobs_due
+                         WHERE status = 'pending' AND priority = levels.priority
+                           AND run_at <= ?1)), 0)
+    FROM levels WHERE priority IS NOT NULL";
+
+/// Claims up to `?2` jobs of priority `?3` due at `?1`, earliest first.
+fn claim_level_sql() -> String {
+    format!(
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, ?1)
+         WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_due
+                      WHERE status = 'pending' AND priority = ?3 AND run_at <= ?1
+                      ORDER BY run_at, id LIMIT ?2)
+         RETURNING {JOB_COLUMNS}"
+    )
+}
+
 /// Whether a pending job other than `job_id` is due at `now`.
 fn other_job_due(conn: &Connection, job_id: &str, now: i64) -> Result<bool> {
     Ok(conn
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_due
-                            WHERE status = 'pending' AND run_at <= ?1 AND id != ?2)",
-        )?
+        .prepare_cached(&format!("{PENDING_PRIORITIES} {OTHER_JOB_DUE}"))?
         .query_row(params![now, job_id], |row| row.get(0))?)
 }
 
-/// Claims due jobs and starts the first unfinished phase of each. Without
-/// `INDEXED BY`, SQLite chose `jobs_status` and sorted every pending job on
-/// each claim, so claims slowed down as the backlog grew. The claimed rows
-/// come back from the update itself, and the started phase is updated in
-/// memory rather than read again: claims are most of the writer's work.
-fn claim(conn: &Connection, log: &mut EventLog, now: i64, limit: usize) -> Result<Vec<Job>> {
-    let claimed: Vec<RawJob> = conn
+fn next_due_at(conn: &Connection) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached(&format!("{PENDING_PRIORITIES} {NEXT_DUE}"))?
+        .query_row([], |row| row.get(0))?)
+}
+
+/// The priorities of pending jobs, highest first.
+fn pending_priorities(conn: &Connection) -> Result<Vec<i64>> {
+    Ok(conn
         .prepare_cached(&format!(
-            "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = COALESCE(started_at, ?1)
-             WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_due WHERE status = 'pending' AND run_at <= ?1
-                          ORDER BY priority DESC, run_at, id LIMIT ?2)
-             RETURNING {JOB_COLUMNS}"
+            "{PENDING_PRIORITIES} SELECT priority FROM levels WHERE priority IS NOT NULL"
         ))?
-        .query_map(params![now, limit as i64], job_row)?
-        .collect::<rusqlite::Result<_>>()?;
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// Claims due jobs, highest priority first, and starts the first unfinished
+/// phase of each. Without `INDEXED BY`, SQLite chose `jobs_status` and
+/// sorted every pending job on each claim, so claims slowed down as the
+/// backlog grew. The claimed rows come back from the update itself, and the
+/// started phase is updated in memory rather than read again: claims are
+/// most of the writer's work.
+fn claim(conn: &Connection, log: &mut EventLog, now: i64, limit: usize) -> Result<Vec<Job>> {
+    let mut claimed: Vec<RawJob> = Vec::new();
+    for priority in pending_priorities(conn)? {
+        let wanted = limit - claimed.len();
+        if wanted == 0 {
+            break;
+        }
+        let level = conn
+            .prepare_cached(&claim_level_sql())?
+            .query_map(params![now, wanted as i64, priority], job_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        claimed.extend(level);
+    }
     let mut jobs = Vec::with_capacity(claimed.len());
     for raw in claimed {
         let mut job = raw.decode()?;
@@ -1065,14 +1131,7 @@ impl Storage {
 
     /// The earliest `run_at` of any pending job.
     pub async fn next_due_at(&self) -> Result<Option<i64>> {
-        self.read(|conn| {
-            Ok(conn.query_row(
-                "SELECT MIN(run_at) FROM jobs WHERE status = 'pending'",
-                [],
-                |row| row.get(0),
-            )?)
-        })
-        .await
+        self.read(next_due_at).await
     }
 
     /// Marks a pending phase of a running job as running; returns the
@@ -1231,11 +1290,9 @@ impl Storage {
     /// Pending jobs that are due by `now`: the queue's backlog.
     pub async fn due_count(&self, now: i64) -> Result<u64> {
         self.read(move |conn| {
-            let count: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM jobs WHERE status = 'pending' AND run_at <= ?1",
-                [now],
-                |row| row.get(0),
-            )?;
+            let count: i64 = conn
+                .prepare_cached(&format!("{PENDING_PRIORITIES} {DUE_COUNT}"))?
+                .query_row([now], |row| row.get(0))?;
             Ok(count as u64)
         })
         .await
@@ -1431,5 +1488,78 @@ mod tests {
         assert_eq!(failed.status, JobStatus::Failed);
         assert_eq!(failed.errors[0].phase.as_deref(), Some("second"));
         storage.close().await;
+    }
+
+    /// Jobs scheduled for later cost the searches for due jobs nothing: a
+    /// claim, the check at enqueue for another due job, the dispatcher's
+    /// next wake-up and the due count take as many SQLite steps with 5,000
+    /// of them as with 5. (Scanning `jobs_due` for `run_at <= now` across
+    /// priorities read them all: p99 latency went from 1 to 5 ms with
+    /// 20,000 scheduled.)
+    #[test]
+    fn searches_for_due_jobs_skip_jobs_scheduled_for_later() {
+        let steps = |scheduled: usize| -> i32 {
+            let mut conn = Connection::open_in_memory().unwrap();
+            crate::storage::migrate(&mut conn).unwrap();
+            super::super::tune(&conn).unwrap();
+            conn.execute_batch(
+                "INSERT INTO plugins (name, active_version, created_at) VALUES ('echo', '1.0.0', 0);
+                 INSERT INTO plugin_versions (plugin, version, content_hash, size, description, component, uploaded_at)
+                 VALUES ('echo', '1.0.0', 'a', 1, '', x'00', 0), ('echo', '2.0.0', 'b', 1, '', x'00', 0);",
+            )
+            .unwrap();
+            let mut log = EventLog::default();
+            let job = |id: String, priority: i32, run_at: i64| NewJob {
+                id,
+                priority,
+                run_at,
+                idempotency_key: None,
+                ..two_phase_job("")
+            };
+            for i in 0..scheduled {
+                let later = job(format!("later-{i}"), i as i32 % 3, 1_000_000);
+                create(&conn, &mut log, &later).unwrap();
+            }
+            create(&conn, &mut log, &job("due".into(), 1, 0)).unwrap();
+
+            let searches = [
+                format!("{PENDING_PRIORITIES} {OTHER_JOB_DUE}"),
+                format!("{PENDING_PRIORITIES} {NEXT_DUE}"),
+                format!("{PENDING_PRIORITIES} {DUE_COUNT}"),
+                format!(
+                    "{PENDING_PRIORITIES} SELECT priority FROM levels WHERE priority IS NOT NULL"
+                ),
+                claim_level_sql(),
+            ];
+            for sql in &searches {
+                conn.prepare_cached(sql)
+                    .unwrap()
+                    .reset_status(rusqlite::StatementStatus::VmStep);
+            }
+            assert!(other_job_due(&conn, "another", 1_000).unwrap());
+            assert_eq!(next_due_at(&conn).unwrap(), Some(0));
+            let due: i64 = conn
+                .prepare_cached(&searches[2])
+                .unwrap()
+                .query_row([1_000], |row| row.get(0))
+                .unwrap();
+            assert_eq!(due, 1);
+            let claimed = claim(&conn, &mut log, 1_000, 8).unwrap();
+            assert_eq!(claimed.len(), 1);
+            assert_eq!(claimed[0].id, "due");
+            searches
+                .iter()
+                .map(|sql| {
+                    conn.prepare_cached(sql)
+                        .unwrap()
+                        .get_status(rusqlite::StatementStatus::VmStep)
+                })
+                .sum()
+        };
+        let (few, many) = (steps(5), steps(5_000));
+        assert!(
+            many < 2 * few,
+            "{few} SQLite steps with 5 jobs scheduled for later, {many} with 5,000"
+        );
     }
 }
