@@ -21,6 +21,8 @@ use crate::runtime::{Runtime, RuntimeConfig};
 use crate::storage::{Durability, Storage};
 
 const LATENCY_SAMPLES: usize = 100;
+/// Jobs scheduled for later in the second latency measurement.
+const SCHEDULED_LATER: usize = 20_000;
 /// The batched raw loop: jobs inserted per transaction, and jobs moved
 /// through each later step per transaction (the "limit" loop).
 const RAW_INSERT_BATCH: usize = 100;
@@ -330,6 +332,39 @@ pub async fn queue_throughput(args: &BenchArgs) -> anyhow::Result<()> {
 pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
     let compiled = tempfile::tempdir()?;
     let mut bench = start(args, compiled.path(), 8, Durability::Process).await?;
+    let mut measured = latencies(&mut bench).await?;
+    println!(
+        "## Latency, enqueue → `job:completed`, one 1-phase job at a time ({LATENCY_SAMPLES} jobs)"
+    );
+    print_latencies(&mut measured);
+
+    // Scheduling work ahead is common, and a search for due jobs that read
+    // the scheduled ones would slow every enqueue and claim.
+    for chunk in 0..SCHEDULED_LATER / 500 {
+        let later = (0..500).map(|_| {
+            bench.queue.enqueue(JobSpec {
+                delay_ms: Some(3_600_000),
+                ..spec(1)
+            })
+        });
+        for job in futures::future::join_all(later).await {
+            job.with_context(|| format!("scheduling batch {chunk}"))?;
+        }
+    }
+    // Unread: the scheduled jobs' `job:created` events.
+    bench.events = bench.storage.bus().subscribe();
+    let mut measured = latencies(&mut bench).await?;
+    println!("\n## The same with {SCHEDULED_LATER} jobs scheduled an hour ahead");
+    print_latencies(&mut measured);
+    let _ = bench
+        .queue
+        .shutdown(std::time::Duration::from_secs(5))
+        .await;
+    Ok(())
+}
+
+/// Enqueue → `job:completed` of LATENCY_SAMPLES jobs, one at a time, in ms.
+async fn latencies(bench: &mut Bench) -> anyhow::Result<Vec<f64>> {
     let mut latencies = Vec::with_capacity(LATENCY_SAMPLES);
     for _ in 0..LATENCY_SAMPLES {
         let started = Instant::now();
@@ -337,19 +372,15 @@ pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
         completions(&mut bench.events, &bench.storage, 1).await?;
         latencies.push(millis(started.elapsed()));
     }
-    println!(
-        "## Latency, enqueue → `job:completed`, one 1-phase job at a time ({LATENCY_SAMPLES} jobs)"
-    );
+    Ok(latencies)
+}
+
+fn print_latencies(latencies: &mut [f64]) {
     println!("| p50 ms | p99 ms | max ms |\n|---:|---:|---:|");
     println!(
         "| {:.2} | {:.2} | {:.2} |",
-        percentile(&mut latencies, 50.0),
-        percentile(&mut latencies, 99.0),
-        percentile(&mut latencies, 100.0)
+        percentile(latencies, 50.0),
+        percentile(latencies, 99.0),
+        percentile(latencies, 100.0)
     );
-    let _ = bench
-        .queue
-        .shutdown(std::time::Duration::from_secs(5))
-        .await;
-    Ok(())
 }
