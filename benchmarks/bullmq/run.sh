@@ -66,4 +66,4 @@ echo "|---|---:|---:|"
 for mode in default everysec always; do
     awk -v m=$mode '$1 == m && $2 == "latency" {printf "| BullMQ, Redis %s | %s | %s |\n", m, $3, $4}' "$results"
 done
-grep -A2 '^| p50 ms' "$results.jobhost" | tail -1 | awk -F'|' '{gsub(/ /, ""); printf "| jobhost, process durability | %s | %s |\n", $2, $3}'
+grep -m1 -A2 '^| p50 ms' "$results.jobhost" | tail -1 | awk -F'|' '{gsub(/ /, ""); printf "| jobhost, process durability | %s | %s |\n", $2, $3}'

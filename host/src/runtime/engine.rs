@@ -22,14 +22,16 @@ const TABLES_PER_RUN: u32 = 4;
 /// Instance slots returned to the pool before their memory is decommitted
 /// in one go.
 const DECOMMIT_BATCH: usize = 16;
-/// Bytes of each linear memory kept resident between runs: the pages a run
-/// dirtied, found by `PAGEMAP_SCAN`, up to this much, are reset with
-/// `memset`/`memcpy` instead of decommitted. Zeroing a whole MiB costs less
-/// than faulting 256 pages back in; the bound caps the memory an idle slot
-/// keeps.
-const MEMORY_KEEP_RESIDENT: usize = 1 << 20;
-/// Bytes of each table kept resident between runs (tables are small).
-const TABLE_KEEP_RESIDENT: usize = 64 << 10;
+/// Bytes of each linear memory kept resident between runs where the kernel
+/// has `PAGEMAP_SCAN` (Linux 6.7+): the pages a run dirtied, up to this
+/// much, are reset with `memset`/`memcpy` instead of decommitted. Resetting
+/// a whole MiB costs less than faulting 256 pages back in; the bound caps
+/// the memory an idle slot keeps.
+const SCANNED_KEEP_RESIDENT: usize = 1 << 20;
+/// Without the scan, the first bytes of each memory and table are kept,
+/// dirtied or not, and reset with `memset` every run: more than 64 KiB cost
+/// more in `memset` than it saved (BENCHMARKS.md).
+const KEEP_RESIDENT: usize = 64 << 10;
 /// Wasm stack per run. Deep recursion traps with a stack overflow here.
 const MAX_WASM_STACK: usize = 1 << 20;
 
@@ -61,14 +63,18 @@ pub(super) fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
         // about 40% (BENCHMARKS.md).
         .decommit_batch_size(DECOMMIT_BATCH)
         // Pages a run dirtied are reset in place instead of decommitted, so
-        // the next run does not fault them in again. Without the scan
-        // (kernels before 6.7) only the first pages can be kept, and a Rust
-        // guest's hot pages are elsewhere: the top of its stack, at 1 MiB,
-        // and its data and heap above it. The scan more than tripled runs/s
-        // on 2 cores (BENCHMARKS.md).
+        // the next run does not fault them in again. Without the scan only
+        // the first pages can be kept, and a Rust guest's hot pages are
+        // elsewhere: the top of its stack, at 1 MiB, and its data and heap
+        // above it. The scan more than tripled runs/s on 2 cores
+        // (BENCHMARKS.md).
         .pagemap_scan(Enabled::Auto)
-        .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
-        .table_keep_resident(TABLE_KEEP_RESIDENT);
+        .linear_memory_keep_resident(if PoolingAllocationConfig::is_pagemap_scan_available() {
+            SCANNED_KEEP_RESIDENT
+        } else {
+            KEEP_RESIDENT
+        })
+        .table_keep_resident(KEEP_RESIDENT);
     pool
 }
 
