@@ -65,6 +65,8 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
 
     let (status, body) = server.get("/jobs/no-such-job").await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (status, body) = server.get("/jobs/no-such-job/events").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
     let (status, body) = server.post("/jobs/no-such-job/cancel", &json!({})).await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
     let (status, body) = server.get("/jobs?status=sleeping").await;

@@ -88,7 +88,9 @@ pub async fn job_stream(
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    state.queue.job(&id).await?;
+    // Only whether the job exists: a thousand watchers connecting at once
+    // should not load a thousand jobs whole.
+    state.queue.job_status(&id).await?;
     let after = resume_point(&headers, query.last_event_id)?;
     let filter = EventFilter {
         job_id: Some(id),
@@ -335,8 +337,8 @@ fn ends_job(kind: EventKind) -> bool {
 
 /// Whether the job has ended (or is gone).
 async fn job_has_ended(state: &AppState, id: &str) -> bool {
-    match state.queue.job(id).await {
-        Ok(job) => job.status.is_terminal(),
+    match state.queue.job_status(id).await {
+        Ok(status) => status.is_terminal(),
         Err(QueueError::NotFound(_)) => true,
         Err(_) => false,
     }

@@ -268,6 +268,15 @@ impl Queue {
             .ok_or_else(|| QueueError::NotFound(id.to_owned()))
     }
 
+    /// A job's status, without loading the rest of it.
+    pub async fn job_status(&self, id: &str) -> Result<JobStatus, QueueError> {
+        self.shared
+            .storage
+            .job_status(id)
+            .await?
+            .ok_or_else(|| QueueError::NotFound(id.to_owned()))
+    }
+
     /// Cancels a pending job at once, or stops a running one (cooperatively
     /// through `cancelled()`, by force at the next epoch tick).
     pub async fn cancel(&self, id: &str) -> Result<Cancelled, QueueError> {
