@@ -1504,6 +1504,33 @@ mod tests {
         storage.close().await;
     }
 
+    /// A connection set up like the writer's, on an in-memory database
+    /// with the plugin versions `two_phase_job` pins.
+    fn writer_with_echo() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::storage::migrate(&mut conn).unwrap();
+        super::super::tune(&conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO plugins (name, active_version, created_at) VALUES ('echo', '1.0.0', 0);
+             INSERT INTO plugin_versions (plugin, version, content_hash, size, description, component, uploaded_at)
+             VALUES ('echo', '1.0.0', 'a', 1, '', x'00', 0), ('echo', '2.0.0', 'b', 1, '', x'00', 0);",
+        )
+        .unwrap();
+        conn
+    }
+
+    /// The SQLite VM steps these cached statements took since the last
+    /// call, which starts counting anew.
+    fn steps_of(conn: &Connection, statements: &[String]) -> i32 {
+        statements
+            .iter()
+            .map(|sql| {
+                let statement = conn.prepare_cached(sql).unwrap();
+                statement.reset_status(rusqlite::StatementStatus::VmStep)
+            })
+            .sum()
+    }
+
     /// Jobs scheduled for later cost the searches for due jobs nothing: a
     /// claim, the check at enqueue for another due job, the dispatcher's
     /// next wake-up and the due count take as many SQLite steps with 5,000
@@ -1513,15 +1540,7 @@ mod tests {
     #[test]
     fn searches_for_due_jobs_skip_jobs_scheduled_for_later() {
         let steps = |scheduled: usize| -> i32 {
-            let mut conn = Connection::open_in_memory().unwrap();
-            crate::storage::migrate(&mut conn).unwrap();
-            super::super::tune(&conn).unwrap();
-            conn.execute_batch(
-                "INSERT INTO plugins (name, active_version, created_at) VALUES ('echo', '1.0.0', 0);
-                 INSERT INTO plugin_versions (plugin, version, content_hash, size, description, component, uploaded_at)
-                 VALUES ('echo', '1.0.0', 'a', 1, '', x'00', 0), ('echo', '2.0.0', 'b', 1, '', x'00', 0);",
-            )
-            .unwrap();
+            let conn = writer_with_echo();
             let mut log = EventLog::default();
             let job = |id: String, priority: i32, run_at: i64| NewJob {
                 id,
@@ -1543,11 +1562,7 @@ mod tests {
                 PRIORITY_BELOW.to_owned(),
                 claim_level_sql(),
             ];
-            for sql in &searches {
-                conn.prepare_cached(sql)
-                    .unwrap()
-                    .reset_status(rusqlite::StatementStatus::VmStep);
-            }
+            steps_of(&conn, &searches);
             assert!(other_job_due(&conn, "another", 1_000).unwrap());
             assert_eq!(next_due_at(&conn).unwrap(), Some(0));
             let due: i64 = conn
@@ -1559,14 +1574,7 @@ mod tests {
             let claimed = claim(&conn, &mut log, 1_000, 8).unwrap();
             assert_eq!(claimed.len(), 1);
             assert_eq!(claimed[0].id, "due");
-            searches
-                .iter()
-                .map(|sql| {
-                    conn.prepare_cached(sql)
-                        .unwrap()
-                        .get_status(rusqlite::StatementStatus::VmStep)
-                })
-                .sum()
+            steps_of(&conn, &searches)
         };
         let (few, many) = (steps(5), steps(5_000));
         assert!(
@@ -1581,15 +1589,7 @@ mod tests {
     #[test]
     fn a_claim_visits_only_the_priorities_it_takes_jobs_from() {
         let steps = |priorities: usize| -> i32 {
-            let mut conn = Connection::open_in_memory().unwrap();
-            crate::storage::migrate(&mut conn).unwrap();
-            super::super::tune(&conn).unwrap();
-            conn.execute_batch(
-                "INSERT INTO plugins (name, active_version, created_at) VALUES ('echo', '1.0.0', 0);
-                 INSERT INTO plugin_versions (plugin, version, content_hash, size, description, component, uploaded_at)
-                 VALUES ('echo', '1.0.0', 'a', 1, '', x'00', 0), ('echo', '2.0.0', 'b', 1, '', x'00', 0);",
-            )
-            .unwrap();
+            let conn = writer_with_echo();
             let mut log = EventLog::default();
             for i in 0..priorities {
                 let job = NewJob {
@@ -1602,11 +1602,7 @@ mod tests {
                 create(&conn, &mut log, &job).unwrap();
             }
             let searches = [PRIORITY_BELOW.to_owned(), claim_level_sql()];
-            for sql in &searches {
-                conn.prepare_cached(sql)
-                    .unwrap()
-                    .reset_status(rusqlite::StatementStatus::VmStep);
-            }
+            steps_of(&conn, &searches);
             let claimed = claim(&conn, &mut log, 1_000, 8).unwrap();
             let priorities_claimed: Vec<i32> = claimed.iter().map(|job| job.priority).collect();
             let top = priorities as i32 - 1;
@@ -1614,14 +1610,7 @@ mod tests {
                 priorities_claimed,
                 (top - 7..=top).rev().collect::<Vec<_>>()
             );
-            searches
-                .iter()
-                .map(|sql| {
-                    conn.prepare_cached(sql)
-                        .unwrap()
-                        .get_status(rusqlite::StatementStatus::VmStep)
-                })
-                .sum()
+            steps_of(&conn, &searches)
         };
         let (few, many) = (steps(20), steps(5_000));
         assert!(
