@@ -66,7 +66,7 @@ pub(super) fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
         // the next run does not fault them in again. Without the scan only
         // the first pages can be kept, and a Rust guest's hot pages are
         // elsewhere: the top of its stack, at 1 MiB, and its data and heap
-        // above it. The scan more than tripled runs/s on 2 cores
+        // above it. The scan raised runs/s on 2 cores 2.6-3.7x
         // (BENCHMARKS.md).
         .pagemap_scan(Enabled::Auto)
         .linear_memory_keep_resident(if PoolingAllocationConfig::is_pagemap_scan_available() {
