@@ -3,13 +3,15 @@
 //! delivery delay, the server's RSS with those clients connected, and job
 //! throughput over HTTP with and without them, and beside 1,000 clients
 //! each watching a job of its own, as `jobhost job watch` does. The clients
-//! run in this process, on the same 2 cores as the server.
+//! run in this process, on the same 2 cores as the server. The delay is
+//! measured for a burst (all jobs submitted at once: the delay is the time
+//! to drain it) and at steady rates below saturation.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::StreamExt;
@@ -25,7 +27,13 @@ use super::stats::{median, percentile};
 use crate::time::{now_ms, parse_rfc3339};
 
 const CLIENTS: usize = 1000;
+/// Jobs submitted at once, for the burst's delay.
 const JOBS: usize = 100;
+/// Jobs per second submitted at a steady rate, each for [`STEADY_SECONDS`],
+/// after the burst: every completion goes to every client, so 100 jobs/s
+/// are 100,000 deliveries/s.
+const STEADY_RATES: [usize; 3] = [100, 200, 400];
+const STEADY_SECONDS: usize = 2;
 
 /// Resident memory of a process, in MiB, from /proc.
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {
@@ -168,7 +176,7 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
     let (alone, watchers) = (Figures::median(&alone), Figures::median(&watchers));
     let fan_out = fan_out(&server, last_event).await?;
 
-    let mut delays = fan_out.delays;
+    let mut delays = fan_out.burst;
     println!(
         "## SSE fan-out: {CLIENTS} clients on `GET /events`, {JOBS} jobs completing ({} events delivered)",
         delays.len()
@@ -184,6 +192,20 @@ async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
         percentile(&mut delays, 99.0),
         fan_out.rss_connected
     );
+    println!(
+        "\nThe same clients while jobs are submitted at a steady rate, {STEADY_SECONDS} s each (every completion to every client):"
+    );
+    println!("| jobs/s submitted | deliveries/s | delay p50 ms | delay p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|---:|");
+    for (rate, mut delays) in STEADY_RATES.into_iter().zip(fan_out.steady) {
+        println!(
+            "| {rate} | {} | {:.0} | {:.0} | {:.0} |",
+            rate * CLIENTS,
+            percentile(&mut delays, 50.0),
+            percentile(&mut delays, 99.0),
+            percentile(&mut delays, 100.0),
+        );
+    }
     println!(
         "\n{} 1-phase jobs over HTTP (server concurrency 64): alone and beside {CLIENTS} clients each watching a queued job of its own (medians of {}, alternating), then with {CLIENTS} clients each receiving every completion:",
         args.jobs,
@@ -336,8 +358,11 @@ fn committed_at(json: &str) -> anyhow::Result<i64> {
 }
 
 struct FanOut {
-    /// Delivery delays of the JOBS completions to every client, in ms.
-    delays: Vec<f64>,
+    /// Delivery delays of the JOBS completions submitted at once to every
+    /// client, in ms.
+    burst: Vec<f64>,
+    /// The same, at each of the STEADY_RATES.
+    steady: Vec<Vec<f64>>,
     events_per_second: f64,
     rss_connected: f64,
     /// The run with every client receiving every completion.
@@ -345,8 +370,9 @@ struct FanOut {
 }
 
 /// CLIENTS clients on `GET /events?types=job:completed`. Each records the
-/// delay of JOBS completions submitted at once, says so, and then keeps
-/// reading (a measured run) until told to stop.
+/// delay of JOBS completions submitted at once, then of those submitted at
+/// each steady rate, saying so after each round, and then keeps reading (a
+/// measured run) until told to stop.
 async fn fan_out(server: &Server<'_>, after: i64) -> anyhow::Result<FanOut> {
     let Server {
         http, base, pid, ..
@@ -356,22 +382,29 @@ async fn fan_out(server: &Server<'_>, after: i64) -> anyhow::Result<FanOut> {
     let recorded = Rendezvous::new(CLIENTS, &failed);
     let stop = CancellationToken::new();
     let recorded_up_to = Arc::new(AtomicI64::new(0));
+    let rounds: Arc<[usize]> = std::iter::once(JOBS)
+        .chain(STEADY_RATES.map(|rate| rate * STEADY_SECONDS))
+        .collect();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let url = format!("{base}/events?types=job:completed&last_event_id={after}");
             let http = http.clone();
             let (connected, recorded, stop) = (connected.clone(), recorded.clone(), stop.clone());
-            let recorded_up_to = recorded_up_to.clone();
+            let (recorded_up_to, rounds) = (recorded_up_to.clone(), rounds.clone());
             spawn_client(&failed, async move {
                 let mut events = event_stream(&http, &url).await?;
                 connected.meet().await?;
-                let mut delays = Vec::with_capacity(JOBS);
-                while delays.len() < JOBS {
-                    let event = events.next().await.context("stream ended")??;
-                    delays.push((now_ms() - committed_at(&event.data)?) as f64);
-                    recorded_up_to.fetch_max(event.id.parse()?, Ordering::Relaxed);
+                let mut delays = Vec::with_capacity(rounds.len());
+                for &count in rounds.iter() {
+                    let mut round = Vec::with_capacity(count);
+                    while round.len() < count {
+                        let event = events.next().await.context("stream ended")??;
+                        round.push((now_ms() - committed_at(&event.data)?) as f64);
+                        recorded_up_to.fetch_max(event.id.parse()?, Ordering::Relaxed);
+                    }
+                    delays.push(round);
+                    recorded.meet().await?;
                 }
-                recorded.meet().await?;
                 loop {
                     tokio::select! {
                         event = events.next() => { event.context("stream ended")??; }
@@ -388,25 +421,56 @@ async fn fan_out(server: &Server<'_>, after: i64) -> anyhow::Result<FanOut> {
     let rss_connected = rss_mib(pid)?;
 
     let started = Instant::now();
-    let spec = json!({"phases": [{"name": "e", "plugin": "echo"}]});
-    let submits = (0..JOBS).map(|_| http.post(format!("{base}/jobs")).json(&spec).send());
-    for response in futures::future::join_all(submits).await {
-        response?.error_for_status()?;
-    }
+    submit(http, base, JOBS, None).await?;
     if recorded.meet().await.is_err() {
         return Err(failure(clients).await);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    for rate in STEADY_RATES {
+        submit(http, base, rate * STEADY_SECONDS, Some(rate)).await?;
+        if recorded.meet().await.is_err() {
+            return Err(failure(clients).await);
+        }
+    }
     let measured = run(server, recorded_up_to.load(Ordering::Relaxed)).await?;
     stop.cancel();
-    let mut delays = Vec::with_capacity(CLIENTS * JOBS);
+    let mut rounds = vec![Vec::new(); 1 + STEADY_RATES.len()];
     for client in clients {
-        delays.extend(client.await??);
+        for (all, round) in rounds.iter_mut().zip(client.await??) {
+            all.extend(round);
+        }
     }
+    let burst = rounds.remove(0);
     Ok(FanOut {
-        events_per_second: delays.len() as f64 / elapsed,
-        delays,
+        events_per_second: burst.len() as f64 / elapsed,
+        burst,
+        steady: rounds,
         rss_connected,
         run: measured,
     })
+}
+
+/// Submits `count` 1-phase jobs: all at once, or evenly spread at
+/// `per_second`.
+async fn submit(
+    http: &reqwest::Client,
+    base: &str,
+    count: usize,
+    per_second: Option<usize>,
+) -> anyhow::Result<()> {
+    let spec = json!({"phases": [{"name": "e", "plugin": "echo"}]});
+    let mut ticks =
+        per_second.map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64)));
+    let mut submits = Vec::with_capacity(count);
+    for _ in 0..count {
+        if let Some(ticks) = &mut ticks {
+            ticks.tick().await;
+        }
+        let request = http.post(format!("{base}/jobs")).json(&spec).send();
+        submits.push(tokio::spawn(request));
+    }
+    for submitted in submits {
+        submitted.await??.error_for_status()?;
+    }
+    Ok(())
 }
