@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod events;
 pub mod http;
+pub mod json;
 pub mod metrics;
 pub mod plugins;
 pub mod queue;

@@ -46,7 +46,7 @@ pub(super) fn new_job(spec: JobSpec, config: &QueueConfig, now: i64) -> Result<N
             ));
         }
     }
-    let payload_size = spec.payload.to_string().len();
+    let payload_size = crate::json::text(&spec.payload).len();
     if payload_size > config.max_payload_bytes {
         return Err(format!(
             "the payload is {payload_size} bytes, more than the limit of {}",

@@ -193,7 +193,11 @@ impl Job {
     pub fn outputs_before(&self, index: usize) -> Vec<(String, String)> {
         self.phases[..index]
             .iter()
-            .filter_map(|p| p.output.as_ref().map(|o| (p.name.clone(), o.to_string())))
+            .filter_map(|p| {
+                p.output
+                    .as_ref()
+                    .map(|o| (p.name.clone(), crate::json::text(o)))
+            })
             .collect()
     }
 }

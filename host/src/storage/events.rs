@@ -24,7 +24,7 @@ impl EventFilter {
 }
 
 pub(super) fn insert(conn: &Connection, event: NewEvent, at: i64) -> Result<Event> {
-    let data = event.data.to_string();
+    let data = crate::json::text(&event.data);
     conn.prepare_cached("INSERT INTO events (kind, job_id, at, data) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![event.kind.name(), event.job_id, at, data])?;
     // `seq` is the rowid. Not `RETURNING seq`: SQLite buffers RETURNING rows

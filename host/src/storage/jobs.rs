@@ -369,7 +369,7 @@ fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Result<CreateO
     )?
     .execute(params![
         new.id,
-        new.payload.to_string(),
+        crate::json::text(&new.payload),
         new.priority,
         new.run_at,
         new.max_attempts,
@@ -390,7 +390,7 @@ fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Result<CreateO
             phase.name,
             phase.plugin,
             version,
-            phase.config.to_string(),
+            crate::json::text(&phase.config),
             phase.timeout_ms as i64
         ])?;
     }

@@ -95,7 +95,7 @@ pub(super) fn enqueue(
         url,
         secret,
         kind.name(),
-        body.to_string(),
+        crate::json::text(&body),
         now
     ])?;
     log.webhook_added = true;
