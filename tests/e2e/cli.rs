@@ -1,11 +1,13 @@
 //! The CLI's user path against a real server: push, activate, submit
 //! --wait (exit codes), show, list, watch, cancel, retry, and clear errors.
 
-use std::process::{Command, Output, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
-use crate::server::Server;
+use crate::server::{Server, TIMEOUT};
 
 fn jobhost(url: &str, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_jobhost"));
@@ -22,6 +24,45 @@ async fn run(url: &str, args: &[&str]) -> Output {
     tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
         .unwrap()
+}
+
+/// A CLI command left running (`jobhost events` follows the stream until
+/// stopped), its output read a line at a time; killed when dropped.
+struct Running {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Running {
+    fn start(url: &str, args: &[&str]) -> Running {
+        let mut child = jobhost(url, args).stdout(Stdio::piped()).spawn().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (sender, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// The next line it prints, which must be JSON.
+    async fn next_json(&mut self) -> Value {
+        let line = tokio::time::timeout(TIMEOUT, self.lines.recv())
+            .await
+            .expect("no output in time")
+            .expect("the command exited");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn stdout(output: &Output) -> String {
@@ -200,4 +241,50 @@ async fn cli_errors_are_clear() {
         "{}",
         stderr(&unreachable)
     );
+}
+
+/// `jobhost events` tails the stream: it prints what happens after it
+/// starts, not the server's whole log first; `--since 0` replays the log.
+#[tokio::test]
+async fn events_tail_from_now_unless_asked_for_the_log() {
+    let server = Server::start(&[]).await;
+    let url = server.url.as_str();
+    let pushed = run(url, &["plugin", "push", "echo", plugin_artifacts::ECHO]).await;
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let spec = json!({"phases": [{"name": "e", "plugin": "echo"}]});
+    let earlier = server.submit(&spec).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    server.wait_finished(&earlier).await;
+    server.wait_for_metric("jobhost_sse_clients 0").await;
+
+    let mut tail = Running::start(url, &["events", "--json"]);
+    // Connected, so its starting point is fixed: the job below is later.
+    server.wait_for_metric("jobhost_sse_clients 1").await;
+    let later = server.submit(&spec).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    loop {
+        let event = tail.next_json().await;
+        assert_eq!(
+            event["job_id"],
+            later.as_str(),
+            "only events after the tail started: {event}"
+        );
+        if event["type"] == "job:completed" {
+            break;
+        }
+    }
+
+    let mut replay = Running::start(url, &["events", "--json", "--since", "0"]);
+    let first = replay.next_json().await;
+    assert_eq!(first["type"], "plugin:uploaded", "{first}");
+    loop {
+        let event = replay.next_json().await;
+        if event["job_id"] == earlier.as_str() && event["type"] == "job:completed" {
+            break;
+        }
+    }
 }

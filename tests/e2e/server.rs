@@ -174,7 +174,12 @@ impl Server {
 
     /// Waits until `/metrics` counts `jobs` completed jobs.
     pub async fn wait_for_completed_jobs(&self, jobs: usize) {
-        let all_done = format!("jobhost_jobs{{status=\"completed\"}} {jobs}");
+        self.wait_for_metric(&format!("jobhost_jobs{{status=\"completed\"}} {jobs}"))
+            .await;
+    }
+
+    /// Waits until `/metrics` has this line.
+    pub async fn wait_for_metric(&self, wanted: &str) {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         loop {
             let metrics = self
@@ -186,12 +191,12 @@ impl Server {
                 .text()
                 .await
                 .unwrap();
-            if metrics.lines().any(|line| line == all_done) {
+            if metrics.lines().any(|line| line == wanted) {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the jobs did not all complete"
+                "no `{wanted}` in /metrics in time:\n{metrics}"
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }

@@ -45,7 +45,8 @@ pub enum Command {
         #[command(subcommand)]
         action: JobAction,
     },
-    /// Tail a server's event stream.
+    /// Tail a server's event stream: events from now on, or with --job
+    /// that job's whole history first.
     Events {
         #[command(flatten)]
         remote: Remote,
@@ -55,6 +56,10 @@ pub enum Command {
         /// Comma-separated event types, e.g. job:completed,job:failed.
         #[arg(long)]
         types: Option<String>,
+        /// Replay the logged events after this sequence number first (0:
+        /// the whole log).
+        #[arg(long)]
+        since: Option<i64>,
     },
     /// Run the benchmark scenarios and print their figures.
     Bench(crate::bench::BenchArgs),
@@ -68,7 +73,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::NewPlugin(args) => new_plugin::new_plugin(args),
         Command::Plugin { remote, action } => remote::plugin(&remote, action).await,
         Command::Job { remote, action } => remote::job(&remote, action).await,
-        Command::Events { remote, job, types } => remote::events(&remote, job, types).await,
+        Command::Events {
+            remote,
+            job,
+            types,
+            since,
+        } => remote::events(&remote, job, types, since).await,
         Command::Bench(args) => crate::bench::bench(args).await,
     }
 }

@@ -470,14 +470,25 @@ fn print_job(job: &Value) {
     }
 }
 
-/// Follows the event stream, printing one line per event.
+/// Follows the event stream, printing one line per event: from the newest
+/// event on, unless `since` says where to start or `job` names a job (whose
+/// history is short). Without a start, the server would replay its whole
+/// log first: every event of every job it retains.
 pub async fn events(
     remote: &Remote,
     job: Option<String>,
     types: Option<String>,
+    since: Option<i64>,
 ) -> anyhow::Result<i32> {
     let client = remote.client();
-    let mut query = Vec::new();
+    let since = match (since, &job) {
+        (Some(since), _) => since,
+        (None, Some(_)) => 0,
+        (None, None) => client.get("/readyz").await?["last_event"]
+            .as_i64()
+            .context("the server's /readyz names no last_event")?,
+    };
+    let mut query = vec![format!("last_event_id={since}")];
     if let Some(job) = &job {
         query.push(format!("job={job}"));
     }
