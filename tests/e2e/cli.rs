@@ -1,11 +1,11 @@
 //! The CLI's user path against a real server: push, activate, submit
 //! --wait (exit codes), show, list, watch, cancel, retry, and clear errors.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
 
 use crate::server::{Server, TIMEOUT};
 
@@ -29,39 +29,32 @@ async fn run(url: &str, args: &[&str]) -> Output {
 /// A CLI command left running (`jobhost events` follows the stream until
 /// stopped), its output read a line at a time; killed when dropped.
 struct Running {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
+    _child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
 }
 
 impl Running {
     fn start(url: &str, args: &[&str]) -> Running {
-        let mut child = jobhost(url, args).stdout(Stdio::piped()).spawn().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let (sender, lines) = mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running { child, lines }
+        let mut child = tokio::process::Command::from(jobhost(url, args))
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Running {
+            _child: child,
+            lines,
+        }
     }
 
     /// The next line it prints, which must be JSON.
     async fn next_json(&mut self) -> Value {
-        let line = tokio::time::timeout(TIMEOUT, self.lines.recv())
+        let line = tokio::time::timeout(TIMEOUT, self.lines.next_line())
             .await
             .expect("no output in time")
+            .unwrap()
             .expect("the command exited");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -2,6 +2,7 @@
 //! over HTTP with a real client and SSE parser. One binary, a module per topic.
 
 mod api_errors;
+mod bench;
 mod cli;
 mod crash;
 mod jobs_api;

@@ -24,11 +24,16 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub only: Vec<Scenario>,
     /// Samples per figure; the median is printed.
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 7, value_parser = at_least_one())]
     pub samples: usize,
     /// Jobs per throughput sample (queue and HTTP scenarios).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = at_least_one())]
     pub jobs: usize,
+}
+
+/// A median of no samples is no figure.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,0 +1,58 @@
+//! `jobhost bench` still runs every scenario. Its figures are measurements,
+//! not assertions (BENCHMARKS.md); this checks only that each scenario
+//! works end to end, with one sample and few jobs, in a debug build.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+/// Every scenario's heading, in the order the bench prints them.
+const SCENARIOS: [&str; 10] = [
+    "## Phase overhead",
+    "## Epoch interruption",
+    "## Forced cancel",
+    "## Loading `csv-parse`",
+    "## Queue throughput",
+    "## Latency, enqueue",
+    "## Over HTTP",
+    "## Start-up",
+    "## SSE fan-out",
+    "## Hot swap under load",
+];
+
+#[tokio::test]
+async fn every_scenario_runs() {
+    let plugins = Path::new(plugin_artifacts::ECHO).parent().unwrap();
+    let bench = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .args(["bench", "--samples", "1", "--jobs", "50", "--plugins"])
+        .arg(plugins)
+        .kill_on_drop(true)
+        .output();
+    // A scenario that never finishes fails the test instead of hanging it
+    // (the whole bench takes about 30 s here).
+    let output = tokio::time::timeout(Duration::from_secs(600), bench)
+        .await
+        .expect("the bench did not finish in 10 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut rest = stdout.as_ref();
+    for heading in SCENARIOS {
+        let at = rest
+            .find(heading)
+            .unwrap_or_else(|| panic!("no `{heading}` (in order) in:\n{stdout}"));
+        rest = &rest[at..];
+    }
+    assert!(!stdout.contains("NaN"), "{stdout}");
+    // The hot swap's row: activation delay, jobs submitted, jobs failed.
+    let hot_swap = rest.lines().rfind(|line| line.starts_with("| ")).unwrap();
+    assert!(
+        hot_swap.ends_with("| 0 |"),
+        "jobs failed in a hot swap: {hot_swap}"
+    );
+}
