@@ -15,6 +15,7 @@ use tokio::sync::broadcast;
 use super::BenchArgs;
 use super::stats::{median, millis, percentile};
 use crate::events::{Bus, EventKind, Subscription};
+use crate::json::Json;
 use crate::plugins::PluginRegistry;
 use crate::queue::{JobSpec, JobStatus, PhaseSpec, Queue, QueueConfig};
 use crate::runtime::{Runtime, RuntimeConfig};
@@ -93,7 +94,7 @@ fn spec(phases: usize) -> JobSpec {
                 ..PhaseSpec::default()
             })
             .collect(),
-        payload: json!({"n": 1}),
+        payload: Json::from_value(&json!({"n": 1})),
         ..JobSpec::default()
     }
 }

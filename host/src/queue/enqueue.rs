@@ -46,7 +46,7 @@ pub(super) fn new_job(spec: JobSpec, config: &QueueConfig, now: i64) -> Result<N
             ));
         }
     }
-    let payload_size = crate::json::text(&spec.payload).len();
+    let payload_size = spec.payload.as_str().len();
     if payload_size > config.max_payload_bytes {
         return Err(format!(
             "the payload is {payload_size} bytes, more than the limit of {}",
@@ -117,6 +117,7 @@ pub(super) fn new_job(spec: JobSpec, config: &QueueConfig, now: i64) -> Result<N
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json::Json;
     use crate::queue::PhaseSpec;
 
     fn spec(phases: &[&str]) -> JobSpec {
@@ -160,7 +161,7 @@ mod tests {
         };
         assert!(check(both).unwrap_err().contains("not both"));
         let big = JobSpec {
-            payload: Value::String("x".repeat(2 << 20)),
+            payload: Json::from_value(&Value::String("x".repeat(2 << 20))),
             ..spec(&["a"])
         };
         assert!(check(big).unwrap_err().contains("payload"));

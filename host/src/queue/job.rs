@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::retry::BackoffPolicy;
+use crate::json::Json;
 use crate::runtime::ResourceUsage;
 
 /// Where a job is in its life. Each state says who moves a job in and out.
@@ -109,8 +110,10 @@ impl PhaseStatus {
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub phases: Vec<PhaseSpec>,
+    /// Any JSON; every phase gets it. Kept as sent.
     #[serde(default)]
-    pub payload: Value,
+    #[schema(value_type = Object)]
+    pub payload: Json,
     pub max_attempts: Option<u32>,
     pub backoff: Option<BackoffPolicy>,
     /// Run no earlier than this many milliseconds from now.
@@ -148,7 +151,8 @@ pub struct WebhookSpec {
 pub struct Job {
     pub id: String,
     pub status: JobStatus,
-    pub payload: Value,
+    #[schema(value_type = Object)]
+    pub payload: Json,
     pub priority: i32,
     /// When it is due (pending) or was last due.
     #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]

@@ -150,7 +150,7 @@ async fn run_phase(
         phase: phase.name.clone(),
         attempt,
         config: crate::json::text(&phase.config),
-        payload: crate::json::text(&job.payload),
+        payload: job.payload.as_str().to_owned(),
         previous: job.outputs_before(index),
         timeout: Duration::from_millis(phase.timeout_ms),
         cancel: cancel.clone(),

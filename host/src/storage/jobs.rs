@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::{EventLog, Result, Storage, StorageError};
 use crate::events::{EventKind, NewEvent};
+use crate::json::Json;
 use crate::queue::{AttemptError, BackoffPolicy, Job, JobStatus, Phase, PhaseStatus};
 use crate::runtime::ResourceUsage;
 
@@ -15,7 +16,7 @@ use crate::runtime::ResourceUsage;
 #[derive(Debug, Clone)]
 pub struct NewJob {
     pub id: String,
-    pub payload: Value,
+    pub payload: Json,
     pub priority: i32,
     pub run_at: i64,
     pub max_attempts: u32,
@@ -176,7 +177,7 @@ impl RawJob {
         Ok(Job {
             status: JobStatus::parse(&self.status)
                 .ok_or_else(|| corrupt("job status", &self.status))?,
-            payload: json_column(&self.payload, "job payload")?,
+            payload: Json::parse(self.payload).map_err(|e| corrupt("job payload", e))?,
             backoff: serde_json::from_str(&self.backoff).map_err(|e| corrupt("job backoff", e))?,
             id: self.id,
             priority: self.priority,
@@ -369,7 +370,7 @@ fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Result<CreateO
     )?
     .execute(params![
         new.id,
-        crate::json::text(&new.payload),
+        new.payload.as_str(),
         new.priority,
         new.run_at,
         new.max_attempts,
@@ -1374,7 +1375,7 @@ mod tests {
         };
         NewJob {
             id: id.into(),
-            payload: json!({"rows": [1, 2, 3], "note": "é"}),
+            payload: Json::from_value(&json!({"rows": [1, 2, 3], "note": "é"})),
             priority: 7,
             run_at: 1_000,
             max_attempts: 4,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jobhost::events::{Bus, Event, EventKind, Subscription};
+use jobhost::json::Json;
 use jobhost::plugins::PluginRegistry;
 use jobhost::queue::{Job, JobSpec, PhaseSpec, Queue, QueueConfig};
 use jobhost::runtime::{Runtime, RuntimeConfig};
@@ -160,7 +161,7 @@ pub fn phase(name: &str, plugin: &str, config: Value) -> PhaseSpec {
 pub fn job(phases: Vec<PhaseSpec>, payload: Value) -> JobSpec {
     JobSpec {
         phases,
-        payload,
+        payload: Json::from_value(&payload),
         ..JobSpec::default()
     }
 }

@@ -3,6 +3,7 @@
 //! enqueue, and bad input refused with nothing stored.
 
 use jobhost::events::EventKind;
+use jobhost::json::Json;
 use jobhost::queue::{JobSpec, JobStatus, PhaseSpec, QueueError};
 use serde_json::json;
 
@@ -240,7 +241,7 @@ async fn same_idempotency_key_returns_the_first_job_and_stores_nothing() {
     let second = host
         .queue
         .enqueue(JobSpec {
-            payload: json!("different"),
+            payload: Json::from_value(&json!("different")),
             ..spec
         })
         .await
