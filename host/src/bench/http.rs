@@ -84,10 +84,16 @@ pub async fn http_throughput(args: &BenchArgs) -> anyhow::Result<()> {
             over_http.push(sample(args, phases).await?);
         }
         let http = median(&mut over_http);
-        let library =
-            super::queue::throughput(args, compiled.path(), phases, 64, Durability::Process)
-                .await?
-                .jobs_per_second;
+        let library = super::queue::throughput(
+            args,
+            compiled.path(),
+            phases,
+            64,
+            Durability::Process,
+            &super::queue::trivial_payload(),
+        )
+        .await?
+        .jobs_per_second;
         println!(
             "| {phases} | {http:.0} | {library:.0} | {:.2} |",
             http / library

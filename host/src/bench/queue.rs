@@ -28,6 +28,8 @@ const SCHEDULED_LATER: usize = 20_000;
 /// through each later step per transaction (the "limit" loop).
 const RAW_INSERT_BATCH: usize = 100;
 const RAW_STEP_BATCH: usize = 64;
+/// Rows in the bigger payload: about 16 KB of JSON.
+const PAYLOAD_ROWS: usize = 250;
 
 struct Bench {
     queue: Queue,
@@ -85,7 +87,12 @@ async fn start(
     })
 }
 
+/// A job of `phases` `echo` phases with a trivial payload.
 fn spec(phases: usize) -> JobSpec {
+    spec_with(phases, &trivial_payload())
+}
+
+fn spec_with(phases: usize, payload: &Json) -> JobSpec {
     JobSpec {
         phases: (0..phases)
             .map(|i| PhaseSpec {
@@ -94,9 +101,21 @@ fn spec(phases: usize) -> JobSpec {
                 ..PhaseSpec::default()
             })
             .collect(),
-        payload: Json::from_value(&json!({"n": 1})),
+        payload: payload.clone(),
         ..JobSpec::default()
     }
+}
+
+pub(super) fn trivial_payload() -> Json {
+    Json::from_value(&json!({"n": 1}))
+}
+
+/// A payload of `rows` table rows, about 66 bytes of JSON each.
+fn rows_payload(rows: usize) -> Json {
+    let rows: Vec<_> = (0..rows)
+        .map(|i| json!({"id": i, "name": format!("item {i}"), "price": 1.5, "tags": ["a", "b"]}))
+        .collect();
+    Json::from_value(&json!({ "rows": rows }))
 }
 
 /// Waits until `count` jobs of this (fresh) queue have completed, seen on
@@ -141,6 +160,7 @@ pub(super) async fn throughput(
     phases: usize,
     concurrency: usize,
     durability: Durability,
+    payload: &Json,
 ) -> anyhow::Result<Throughput> {
     let mut samples = Vec::new();
     for _ in 0..args.samples.min(3) {
@@ -150,8 +170,8 @@ pub(super) async fn throughput(
         let started = Instant::now();
         let submitters: Vec<_> = (0..args.jobs)
             .map(|_| {
-                let queue = queue.clone();
-                tokio::spawn(async move { queue.enqueue(spec(phases)).await })
+                let (queue, spec) = (queue.clone(), spec_with(phases, payload));
+                tokio::spawn(async move { queue.enqueue(spec).await })
             })
             .collect();
         for submitter in submitters {
@@ -300,7 +320,18 @@ pub async fn queue_throughput(args: &BenchArgs) -> anyhow::Result<()> {
             let batched = raw(RAW_INSERT_BATCH, RAW_STEP_BATCH)?;
             let mut row = Vec::new();
             for concurrency in [1, 8, 64] {
-                row.push(throughput(args, compiled.path(), phases, concurrency, durability).await?);
+                let payload = trivial_payload();
+                row.push(
+                    throughput(
+                        args,
+                        compiled.path(),
+                        phases,
+                        concurrency,
+                        durability,
+                        &payload,
+                    )
+                    .await?,
+                );
             }
             let c64 = row[2].jobs_per_second;
             println!(
@@ -319,12 +350,31 @@ pub async fn queue_throughput(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
         "| durability | phases | writer busy | writer µs per job | writes per commit |\n|---|---:|---:|---:|---:|"
     );
-    for (durability, phases, t) in writer {
+    for (durability, phases, t) in &writer {
         println!(
             "| {durability:?} | {phases} | {:.0}% | {:.0} | {:.1} |",
             t.writer_busy * 100.0,
             t.writer_micros_per_job,
             t.writes_per_commit
+        );
+    }
+
+    // Real payloads are bigger than `{"n": 1}`: what a job carries should
+    // cost the writer little more than storing it.
+    let payload = rows_payload(PAYLOAD_ROWS);
+    let big = throughput(args, compiled.path(), 1, 64, Durability::Process, &payload).await?;
+    let (_, _, trivial) = writer[0];
+    println!(
+        "\n1-phase jobs at concurrency 64, process durability, with a payload of {PAYLOAD_ROWS} rows ({} bytes; `echo` returns it as its output), beside the trivial payload above:",
+        payload.as_str().len()
+    );
+    println!("| payload | jobs/s | writer busy | writer µs per job |\n|---|---:|---:|---:|");
+    for (name, t) in [("trivial", trivial), ("rows", big)] {
+        println!(
+            "| {name} | {:.0} | {:.0}% | {:.0} |",
+            t.jobs_per_second,
+            t.writer_busy * 100.0,
+            t.writer_micros_per_job
         );
     }
     Ok(())
