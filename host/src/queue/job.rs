@@ -200,7 +200,7 @@ impl Job {
             .filter_map(|p| {
                 p.output
                     .as_ref()
-                    .map(|o| (p.name.clone(), crate::json::text(o)))
+                    .map(|o| (p.name.clone(), o.as_str().to_owned()))
             })
             .collect()
     }
@@ -216,7 +216,9 @@ pub struct Phase {
     pub config: Value,
     pub timeout_ms: u64,
     pub status: PhaseStatus,
-    pub output: Option<Value>,
+    /// What the phase returned, as it returned it.
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Json>,
     pub error: Option<String>,
     /// Times this phase was started.
     pub attempts: u32,

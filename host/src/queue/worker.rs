@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{Job, PhaseStatus, Shared};
+use crate::json::Json;
 use crate::metrics::PhaseLabels;
 use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, Progress};
 use crate::storage::{AfterFailure, Completion};
@@ -80,14 +81,14 @@ async fn run_phases(
         let result = run_phase(shared, &job, index, attempt, cancel).await;
         match result.outcome {
             Ok(output) => {
-                let value = serde_json::from_str(&output)?;
+                let output = Json::parse(output)?;
                 let start_next =
                     index + 1 < job.phases.len() && stop_reason(shared, cancel).is_none();
                 match storage
                     .complete_phase(
                         &job.id,
                         &job.phases[index],
-                        output,
+                        output.clone(),
                         result.usage,
                         start_next,
                         now_ms(),
@@ -98,7 +99,7 @@ async fn run_phases(
                     Completion::Recorded => {}
                     Completion::NextStarted(attempt) => started = Some(attempt),
                 }
-                job.phases[index].output = Some(value);
+                job.phases[index].output = Some(output);
             }
             Err(failure) => {
                 record_failure(shared, &job, index, failure, Some(result.usage), cancel).await?;

@@ -251,7 +251,7 @@ fn phases_where(conn: &Connection, job_id: &str, index: Option<usize>) -> Result
             timeout_ms: timeout_ms as u64,
             status: PhaseStatus::parse(&status).ok_or_else(|| corrupt("phase status", &status))?,
             output: output
-                .map(|o| json_column(&o, "phase output"))
+                .map(|o| Json::parse(o).map_err(|e| corrupt("phase output", e)))
                 .transpose()?,
             error,
             attempts: attempts as u32,
@@ -1181,7 +1181,7 @@ impl Storage {
         &self,
         job_id: &str,
         phase: &Phase,
-        output: String,
+        output: Json,
         usage: ResourceUsage,
         start_next: bool,
         now: i64,
@@ -1189,7 +1189,15 @@ impl Storage {
         let (job_id, index, name) = (job_id.to_owned(), phase.index, phase.name.clone());
         self.write(move |conn, log| {
             complete_phase(
-                conn, log, &job_id, index, &name, &output, &usage, start_next, now,
+                conn,
+                log,
+                &job_id,
+                index,
+                &name,
+                output.as_str(),
+                &usage,
+                start_next,
+                now,
             )
         })
         .await
@@ -1456,7 +1464,7 @@ mod tests {
             .complete_phase(
                 &job.id,
                 &job.phases[0],
-                r#"{"n":1}"#.into(),
+                Json::parse(r#"{"n":1}"#.into()).unwrap(),
                 usage,
                 true,
                 3_000,
