@@ -140,3 +140,47 @@ async fn idempotency_key_over_http() {
         1
     );
 }
+
+/// A payload is kept as sent, byte for byte (not parsed and rendered
+/// again, which would reorder keys and rewrite numbers and escapes), and
+/// still reaches the guest as the same JSON.
+#[tokio::test]
+async fn a_payload_is_kept_as_sent() {
+    let server = Server::start(&[]).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let payload = "{ \"b\": [1, 2.50, \"\\u00e9\"],\n  \"a\": null }";
+    let body =
+        format!(r#"{{"phases": [{{"name": "e", "plugin": "echo"}}], "payload": {payload}}}"#);
+    let response = server
+        .client
+        .post(server.url("/jobs"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created = response.text().await.unwrap();
+    assert!(created.contains(payload), "{created}");
+    let id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let done = server.wait_finished(&id).await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(
+        done["phases"][0]["output"]["payload"],
+        json!({"a": null, "b": [1, 2.5, "é"]})
+    );
+    let shown = server
+        .client
+        .get(server.url(&format!("/jobs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(shown.contains(payload), "{shown}");
+}
