@@ -173,14 +173,6 @@ async fn a_payload_is_kept_as_sent() {
         done["phases"][0]["output"]["payload"],
         json!({"a": null, "b": [1, 2.5, "é"]})
     );
-    let shown = server
-        .client
-        .get(server.url(&format!("/jobs/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let shown = server.get_text(&format!("/jobs/{id}")).await;
     assert!(shown.contains(payload), "{shown}");
 }

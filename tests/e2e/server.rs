@@ -178,19 +178,23 @@ impl Server {
             .await;
     }
 
+    /// A GET's body as text, whatever its status.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Waits until `/metrics` has this line.
     pub async fn wait_for_metric(&self, wanted: &str) {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         loop {
-            let metrics = self
-                .client
-                .get(self.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = self.get_text("/metrics").await;
             if metrics.lines().any(|line| line == wanted) {
                 return;
             }
