@@ -75,7 +75,7 @@ pub async fn run_phase(args: RunPhaseArgs) -> anyhow::Result<i32> {
     let result = runtime.run(&plugin, run).await;
     if args.json {
         let (output, failure) = match &result.outcome {
-            Ok(output) => (serde_json::from_str::<serde_json::Value>(output).ok(), None),
+            Ok(output) => (Some(output.to_value()), None),
             Err(failure) => (None, Some(failure)),
         };
         let report = serde_json::json!({
@@ -131,9 +131,8 @@ fn print_text(result: &crate::runtime::PhaseResult) {
     );
     match &result.outcome {
         Ok(output) => {
-            let pretty = serde_json::from_str::<serde_json::Value>(output)
-                .and_then(|v| serde_json::to_string_pretty(&v))
-                .unwrap_or_else(|_| output.clone());
+            let pretty = serde_json::to_string_pretty(&output.to_value())
+                .expect("a JSON value always serializes");
             println!("{pretty}");
             eprintln!("outcome: completed");
         }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{Job, PhaseStatus, Shared};
-use crate::json::Json;
 use crate::metrics::PhaseLabels;
 use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, Progress};
 use crate::storage::{AfterFailure, Completion};
@@ -81,7 +80,6 @@ async fn run_phases(
         let result = run_phase(shared, &job, index, attempt, cancel).await;
         match result.outcome {
             Ok(output) => {
-                let output = Json::parse(output)?;
                 let start_next =
                     index + 1 < job.phases.len() && stop_reason(shared, cancel).is_none();
                 match storage

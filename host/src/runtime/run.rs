@@ -12,6 +12,7 @@ use super::Runtime;
 use super::bindings::phase;
 use super::plugin::LoadedPlugin;
 use super::sandbox::{Interruption, PhaseState, SandboxLimits, SandboxReport};
+use crate::json::Json;
 
 /// Receives a run's progress updates (already rate-limited).
 pub type ProgressSink = Arc<dyn Fn(Progress) + Send + Sync>;
@@ -182,8 +183,8 @@ pub struct ResourceUsage {
 /// The outcome of a run, with its log and resource use.
 #[derive(Debug, Clone)]
 pub struct PhaseResult {
-    /// The output JSON text, or why there is none.
-    pub outcome: Result<String, PhaseFailure>,
+    /// The output JSON, checked, or why there is none.
+    pub outcome: Result<Json, PhaseFailure>,
     pub log: PhaseLog,
     pub usage: ResourceUsage,
     pub last_progress: Option<Progress>,
@@ -280,7 +281,7 @@ impl Runtime {
             wall_ms: elapsed_ms(started),
             epoch_ticks: report.ticks,
             peak_memory_bytes: report.peak_memory,
-            output_bytes: outcome.as_ref().map_or(0, |o| o.len() as u64),
+            output_bytes: outcome.as_ref().map_or(0, |o| o.as_str().len() as u64),
             log_bytes: report.log.log_bytes + report.log.stdout_bytes + report.log.stderr_bytes,
         };
         PhaseResult {
@@ -335,17 +336,14 @@ fn validate_input(run: &PhaseRun) -> Result<(), PhaseFailure> {
     Ok(())
 }
 
-fn check_output(output: String) -> Result<String, PhaseFailure> {
+fn check_output(output: String) -> Result<Json, PhaseFailure> {
     if output.len() > MAX_OUTPUT_BYTES {
         return Err(PhaseFailure::InvalidOutput(format!(
             "{} bytes is more than the limit of {MAX_OUTPUT_BYTES}",
             output.len()
         )));
     }
-    match serde_json::from_str::<serde::de::IgnoredAny>(&output) {
-        Ok(_) => Ok(output),
-        Err(e) => Err(PhaseFailure::InvalidOutput(format!("not JSON: {e}"))),
-    }
+    Json::parse(output).map_err(|e| PhaseFailure::InvalidOutput(format!("not JSON: {e}")))
 }
 
 fn interruption_failure(interrupted: Option<Interruption>, timeout: Duration) -> PhaseFailure {

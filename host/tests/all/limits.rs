@@ -1,6 +1,7 @@
 //! Guests that misbehave fail only their own run, with a clear error, and the
 //! runtime goes on serving the next run.
 
+use jobhost::json::Json;
 use jobhost::runtime::PhaseFailure;
 
 use crate::{assert_runtime_still_healthy, load, run, runtime, test_config};
@@ -76,7 +77,7 @@ async fn retry_and_fail_errors_reach_the_host_as_such() {
     attempt.attempt = 3;
     assert_eq!(
         runtime.run(&flaky, attempt).await.outcome,
-        Ok(r#"{"attempt":3}"#.into())
+        Ok(Json::parse(r#"{"attempt":3}"#.into()).unwrap())
     );
 
     let fail = load(&runtime, plugin_artifacts::FAIL).await;
@@ -136,7 +137,7 @@ async fn usage_is_reported() {
     let echo = load(&runtime, plugin_artifacts::ECHO).await;
     let result = run(&runtime, &echo, r#"{"n": 1}"#, "{}").await;
     let output = result.outcome.as_ref().unwrap();
-    assert_eq!(result.usage.output_bytes, output.len() as u64);
+    assert_eq!(result.usage.output_bytes, output.as_str().len() as u64);
     assert!(
         result.usage.peak_memory_bytes >= 64 << 10,
         "at least one wasm page"

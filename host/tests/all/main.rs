@@ -52,7 +52,7 @@ pub async fn run(
 /// The output of a run that must succeed; the guest's output is shown if not.
 pub fn output(result: &PhaseResult) -> serde_json::Value {
     match &result.outcome {
-        Ok(output) => serde_json::from_str(output).expect("output is JSON"),
+        Ok(output) => output.to_value(),
         Err(failure) => panic!(
             "phase failed: {failure}\nlog: {:?}\nstdout: {}\nstderr: {}",
             result.log.entries, result.log.stdout, result.log.stderr

@@ -34,7 +34,10 @@ async fn csv_to_markdown_report() {
         parsed_out["records"][0],
         json!({"order": 1001, "region": "north", "amount": 120.5, "paid": true})
     );
-    previous.push(("parse".to_string(), parsed.outcome.unwrap()));
+    previous.push((
+        "parse".to_string(),
+        parsed.outcome.unwrap().as_str().to_owned(),
+    ));
 
     let mut run = PhaseRun::new(payload.clone());
     run.config =
@@ -55,7 +58,10 @@ async fn csv_to_markdown_report() {
             .iter()
             .any(|e| e.message == "2 invalid records skipped")
     );
-    previous.push(("aggregate".to_string(), aggregated.outcome.unwrap()));
+    previous.push((
+        "aggregate".to_string(),
+        aggregated.outcome.unwrap().as_str().to_owned(),
+    ));
 
     let mut run = PhaseRun::new(payload);
     run.config = json!({"title": "Sales by region"}).to_string();
