@@ -660,19 +660,6 @@ fn is_running(conn: &Connection, job_id: &str) -> Result<bool> {
     Ok(job_status(conn, job_id)? == Some(JobStatus::Running))
 }
 
-fn start_phase(
-    conn: &Connection,
-    log: &mut EventLog,
-    job_id: &str,
-    index: usize,
-    now: i64,
-) -> Result<Option<u32>> {
-    if !is_running(conn, job_id)? {
-        return Ok(None);
-    }
-    start_pending_phase(conn, log, job_id, index, now)
-}
-
 /// Starts phase `index` of a job the caller has found running in this
 /// write, if the phase is pending; returns its attempt. Reads back only what
 /// the event needs, after the update.
@@ -1146,8 +1133,13 @@ impl Storage {
     /// phase's attempt number, or `None` if the job or phase moved on.
     pub async fn start_phase(&self, job_id: &str, index: usize, now: i64) -> Result<Option<u32>> {
         let job_id = job_id.to_owned();
-        self.write(move |conn, log| start_phase(conn, log, &job_id, index, now))
-            .await
+        self.write(move |conn, log| {
+            if !is_running(conn, &job_id)? {
+                return Ok(None);
+            }
+            start_pending_phase(conn, log, &job_id, index, now)
+        })
+        .await
     }
 
     /// Records a progress update of a running phase as an event.
