@@ -3,15 +3,18 @@
 //! down in order on one signal.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::data_dir::{self, DataDirLock};
 use crate::events::Bus;
-use crate::http::{AppState, router};
+use crate::http::{AppState, StreamLimits, router};
 use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
 use crate::queue::{Queue, QueueConfig};
@@ -22,13 +25,14 @@ use crate::webhooks::{Secret, WebhookConfig};
 pub struct App {
     pub state: AppState,
     pub config: Config,
+    /// Held until the server has shut down and closed storage.
+    _data_dir: DataDirLock,
 }
 
 impl App {
     /// Opens the data directory and starts every component but HTTP.
     pub async fn start(config: Config) -> anyhow::Result<App> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let data_dir = data_dir::open(&config.data_dir)?;
         let db = config.data_dir.join("jobhost.db");
         let storage = Arc::new(
             Storage::open(&db, config.durability, Bus::default())
@@ -40,6 +44,7 @@ impl App {
         let mut webhooks = WebhookConfig::new(webhook_secret(&config)?);
         webhooks.timeout = config.webhook_timeout;
         webhooks.max_attempts = config.webhook_max_attempts;
+        webhooks.policy = Arc::new(config.outbound.clone());
         let metrics = Arc::new(Metrics::default());
         let queue_config = QueueConfig {
             webhooks: Some(webhooks),
@@ -53,19 +58,28 @@ impl App {
             queue: Arc::new(queue),
             plugins,
             storage,
-            tokens: Arc::new(config.tokens.clone()),
+            access: Arc::new(config.access.clone()),
             shutdown: CancellationToken::new(),
             max_body_bytes: config.max_body_bytes,
             max_plugin_bytes: config.max_plugin_bytes,
             metrics,
             sse_activity: Arc::default(),
+            streams: StreamLimits::new(
+                config.max_streams.unwrap_or_else(stream_budget),
+                config.max_streams_per_ip,
+            ),
         };
-        Ok(App { state, config })
+        Ok(App {
+            state,
+            config,
+            _data_dir: data_dir,
+        })
     }
 
-    /// Serves HTTP on `listener` until `signal` resolves, then shuts down:
-    /// HTTP stops accepting and drains, SSE streams end, the queue drains
-    /// (forcing phases past the shutdown timeout) and storage closes.
+    /// Serves HTTP on `listener` until `signal` resolves, then shuts down
+    /// within the shutdown timeout as a whole: HTTP stops accepting and
+    /// drains, SSE streams end, the queue drains in what time is left
+    /// (forcing phases past it) and storage closes.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -73,16 +87,22 @@ impl App {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
-        let server =
-            axum::serve(listener, router(state.clone())).with_graceful_shutdown(async move {
+        let signalled = Arc::new(OnceLock::new());
+        let server = {
+            let signalled = signalled.clone();
+            let service = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, service).with_graceful_shutdown(async move {
                 signal.await;
                 tracing::info!("shutting down");
+                signalled.get_or_init(Instant::now);
                 shutdown.cancel();
-            });
+            })
+        };
+        let limit = self.config.shutdown_timeout;
         // Connections get the shutdown timeout to finish: an SSE client
         // that stopped reading would otherwise hold up shutdown forever.
         let drain_limit = {
-            let (shutdown, limit) = (state.shutdown.clone(), self.config.shutdown_timeout);
+            let shutdown = state.shutdown.clone();
             async move {
                 shutdown.cancelled().await;
                 tokio::time::sleep(limit).await;
@@ -96,7 +116,8 @@ impl App {
             }
         };
         state.shutdown.cancel();
-        let drained = state.queue.shutdown(self.config.shutdown_timeout).await;
+        let spent = signalled.get_or_init(Instant::now).elapsed();
+        let drained = state.queue.shutdown(limit.saturating_sub(spent)).await;
         served?;
         match drained {
             Ok(_) => Ok(()),
@@ -140,6 +161,55 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(file, "{text}")?;
     Ok(())
+}
+
+/// Descriptors kept for everything but event streams: the database,
+/// plugins, the artifact cache, webhooks and ordinary requests.
+const DESCRIPTOR_HEADROOM: u64 = 256;
+
+/// How many event streams may be open at once: raises the soft open-file
+/// limit to the hard one, then gives streams three quarters of it less
+/// [`DESCRIPTOR_HEADROOM`], so that idle streams can never take the
+/// descriptors `/healthz`, a submit or the database need.
+fn stream_budget() -> usize {
+    let limit = raise_open_file_limit();
+    let budget = limit.saturating_sub(DESCRIPTOR_HEADROOM) * 3 / 4;
+    tracing::info!(
+        open_file_limit = limit,
+        max_streams = budget,
+        "event stream budget"
+    );
+    budget.max(1) as usize
+}
+
+/// Raises the soft limit on open files to the hard one; returns the soft
+/// limit in force.
+fn raise_open_file_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write `limit`.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return 1024;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
+                }
+            }
+        }
+        limit.rlim_cur
+    }
+    #[cfg(not(unix))]
+    1024
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

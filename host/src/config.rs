@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use clap::Args;
 use serde::Deserialize;
 
+use crate::outbound::AddressPolicy;
 use crate::queue::QueueConfig;
 use crate::runtime::RuntimeConfig;
 use crate::storage::Durability;
@@ -74,9 +75,38 @@ pub struct ServeArgs {
     /// `process` survives a crash of jobhost; `full` also power loss [default: process].
     #[arg(long, env = "JOBHOST_DURABILITY", value_enum)]
     pub durability: Option<Durability>,
-    /// Bearer tokens accepted on mutating routes, comma-separated; none = open.
-    #[arg(long, env = "JOBHOST_TOKENS", value_delimiter = ',')]
+    /// Bearer tokens, comma-separated, each `[SCOPE:]TOKEN` with SCOPE
+    /// `read`, `submit` or `admin` (the default). With tokens every route
+    /// but health needs one; without, the server serves loopback only.
+    #[arg(
+        long,
+        env = "JOBHOST_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub tokens: Option<Vec<String>>,
+    /// A file of tokens, one `[SCOPE:]TOKEN` per line (`#` comments), so
+    /// that they never show in `ps`.
+    #[arg(long, env = "JOBHOST_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve without tokens on a non-loopback address: anyone who reaches
+    /// the port can upload and run code.
+    #[arg(long, env = "JOBHOST_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// Host names (besides loopback ones) that requests may be addressed to
+    /// when no tokens are set, comma-separated.
+    #[arg(long, env = "JOBHOST_ALLOWED_HOST", value_delimiter = ',')]
+    pub allowed_host: Option<Vec<String>>,
+    /// Serve `/metrics` without a token.
+    #[arg(long, env = "JOBHOST_PUBLIC_METRICS")]
+    pub public_metrics: bool,
+    /// Event streams (SSE) open at once, in all [default: derived from the
+    /// open-file limit: three quarters of it, less 256 kept for the rest].
+    #[arg(long, env = "JOBHOST_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
+    /// Event streams open at once from one client address [default: 64].
+    #[arg(long, env = "JOBHOST_MAX_STREAMS_PER_IP")]
+    pub max_streams_per_ip: Option<usize>,
     /// Largest plugin upload, in MiB [default: 50].
     #[arg(long, env = "JOBHOST_MAX_PLUGIN_MB")]
     pub max_plugin_mb: Option<usize>,
@@ -99,9 +129,22 @@ pub struct ServeArgs {
     /// Attempts per webhook delivery before it is marked failed [default: 8].
     #[arg(long, env = "JOBHOST_WEBHOOK_MAX_ATTEMPTS")]
     pub webhook_max_attempts: Option<u32>,
-    /// How long shutdown waits for running phases before stopping them [default: 30s].
+    /// How long shutdown may take in all: open connections, then running
+    /// phases, which are stopped by force at the end [default: 30s].
     #[arg(long, env = "JOBHOST_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<HumanDuration>,
+    /// Networks (CIDRs or addresses, comma-separated) that webhooks may
+    /// reach although they are loopback, private or link-local [default: none].
+    #[arg(long, env = "JOBHOST_ALLOW_NET", value_delimiter = ',')]
+    pub allow_net: Option<Vec<String>>,
+    /// Bytes of `log()` lines kept per phase run, and of stdout and of
+    /// stderr each, in KiB [default: 64].
+    #[arg(long, env = "JOBHOST_MAX_LOG_KB")]
+    pub max_log_kb: Option<usize>,
+    /// Longest failure message kept from a phase run (`fail`/`retry` text,
+    /// a trap), in bytes; the rest is cut with a marker [default: 4096].
+    #[arg(long, env = "JOBHOST_MAX_ERROR_BYTES")]
+    pub max_error_bytes: Option<usize>,
 }
 
 /// The resolved configuration.
@@ -110,7 +153,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub durability: Durability,
-    pub tokens: Vec<String>,
+    pub access: Access,
     pub max_plugin_bytes: usize,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
@@ -118,6 +161,12 @@ pub struct Config {
     pub webhook_secret: Option<Secret>,
     pub webhook_timeout: Duration,
     pub webhook_max_attempts: u32,
+    /// Which addresses outbound connections (webhooks) may reach.
+    pub outbound: AddressPolicy,
+    /// Event streams at once in all; `None` derives it from the open-file
+    /// limit at start.
+    pub max_streams: Option<usize>,
+    pub max_streams_per_ip: usize,
     pub queue: QueueConfig,
     pub runtime: RuntimeConfig,
 }
@@ -166,26 +215,75 @@ impl ServeArgs {
             retention: duration(self.retention, file.retention, defaults.retention),
             ..defaults
         };
+        let runtime_defaults = RuntimeConfig::default();
+        let log_bytes = self
+            .max_log_kb
+            .or(file.max_log_kb)
+            .map_or(runtime_defaults.max_log_bytes, |kb| kb << 10);
         let runtime = RuntimeConfig {
             // One spare slot, for loading plugins while every worker runs.
             max_concurrent_runs: concurrency as u32 + 1,
-            memory_limit: self.memory_mb.or(file.memory_mb).unwrap_or(256) << 20,
+            memory_limit: self
+                .memory_mb
+                .or(file.memory_mb)
+                .map_or(runtime_defaults.memory_limit, |mb| mb << 20),
+            max_log_bytes: log_bytes,
+            max_captured_output: log_bytes,
+            max_error_bytes: self
+                .max_error_bytes
+                .or(file.max_error_bytes)
+                .unwrap_or(runtime_defaults.max_error_bytes),
             cache_dir: Some(data_dir.join("compiled")),
-            ..RuntimeConfig::default()
+            ..runtime_defaults
         };
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".parse().unwrap());
+        let mut tokens = self.tokens.or(file.tokens).unwrap_or_default();
+        if let Some(path) = self.tokens_file.or(file.tokens_file) {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading tokens file {}", path.display()))?;
+            tokens.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|line| !line.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        let tokens = tokens
+            .iter()
+            .map(String::as_str)
+            .filter(|t| !t.trim().is_empty())
+            .map(parse_token)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let access = if tokens.is_empty() {
+            let insecure = self.insecure_no_auth || file.insecure_no_auth;
+            if !listen.ip().to_canonical().is_loopback() && !insecure {
+                anyhow::bail!(
+                    "refusing to serve {listen} without tokens: anyone who reaches it could upload and run code. \
+                     Add a token (--tokens-file FILE with a line `admin:<secret>`, or --tokens), \
+                     listen on 127.0.0.1, or pass --insecure-no-auth to insist"
+                );
+            }
+            Access::Open {
+                allowed_hosts: self.allowed_host.or(file.allowed_host).unwrap_or_default(),
+            }
+        } else {
+            Access::Tokens {
+                tokens,
+                public_metrics: self.public_metrics || file.public_metrics,
+            }
+        };
+        let allowed = self.allow_net.or(file.allow_net).unwrap_or_default();
+        let outbound = AddressPolicy::new(
+            AddressPolicy::parse_allowed(&allowed)
+                .map_err(|e| anyhow::anyhow!("allow-net: {e}"))?,
+        );
         Ok(Config {
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:8080".parse().unwrap()),
+            listen,
             durability: self.durability.or(file.durability).unwrap_or_default(),
-            tokens: self
-                .tokens
-                .or(file.tokens)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|t| !t.is_empty())
-                .collect(),
+            access,
             max_plugin_bytes: self.max_plugin_mb.or(file.max_plugin_mb).unwrap_or(50) << 20,
             max_body_bytes: self.max_body_kb.or(file.max_body_kb).unwrap_or(2048) << 10,
             shutdown_timeout: duration(
@@ -211,11 +309,92 @@ impl ServeArgs {
                 .or(file.webhook_max_attempts)
                 .unwrap_or(8)
                 .max(1),
+            outbound,
+            max_streams: self.max_streams.or(file.max_streams),
+            max_streams_per_ip: self
+                .max_streams_per_ip
+                .or(file.max_streams_per_ip)
+                .unwrap_or(64),
             data_dir,
             queue,
             runtime,
         })
     }
+}
+
+/// What a token may do; each scope includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Views and event streams.
+    Read,
+    /// Also creates, cancels and retries jobs.
+    Submit,
+    /// Also plugins, the queue (pause, resume, purge) and job deletion.
+    Admin,
+}
+
+impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Submit => "submit",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// Who may use the API.
+#[derive(Clone)]
+pub enum Access {
+    /// No tokens: loopback only, with `Host` and `Origin` checked.
+    Open { allowed_hosts: Vec<String> },
+    /// Every route but health needs a token of the right scope.
+    Tokens {
+        tokens: Vec<(Scope, String)>,
+        public_metrics: bool,
+    },
+}
+
+/// Never prints a token.
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Access::Open { allowed_hosts } => f
+                .debug_struct("Open")
+                .field("allowed_hosts", allowed_hosts)
+                .finish(),
+            Access::Tokens {
+                tokens,
+                public_metrics,
+            } => f
+                .debug_struct("Tokens")
+                .field(
+                    "scopes",
+                    &tokens
+                        .iter()
+                        .map(|(scope, _)| scope.name())
+                        .collect::<Vec<_>>(),
+                )
+                .field("public_metrics", public_metrics)
+                .finish(),
+        }
+    }
+}
+
+/// `[SCOPE:]TOKEN`; no scope means `admin`, which is what a token could do
+/// before there were scopes.
+fn parse_token(entry: &str) -> anyhow::Result<(Scope, String)> {
+    let entry = entry.trim();
+    let (scope, token) = match entry.split_once(':') {
+        Some(("read", token)) => (Scope::Read, token),
+        Some(("submit", token)) => (Scope::Submit, token),
+        Some(("admin", token)) => (Scope::Admin, token),
+        _ => (Scope::Admin, entry),
+    };
+    if token.is_empty() {
+        anyhow::bail!("`{}:` names a scope but no token", scope.name());
+    }
+    Ok((scope, token.to_owned()))
 }
 
 fn read_file(path: &Path) -> anyhow::Result<ServeArgs> {
@@ -240,6 +419,7 @@ mod tests {
         let args = ServeArgs {
             config: Some(file),
             listen: Some("0.0.0.0:1".parse().unwrap()),
+            tokens: Some(vec!["t0ken".into()]),
             ..ServeArgs::default()
         };
         let config = args.resolve().unwrap();
@@ -249,6 +429,63 @@ mod tests {
         assert_eq!(config.runtime.memory_limit, 64 << 20);
         assert_eq!(config.runtime.max_concurrent_runs, 4);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    /// Redis's protected mode: no tokens means loopback only, unless the
+    /// operator insists.
+    #[test]
+    fn without_tokens_only_loopback_is_served() {
+        let open = |listen: &str, insecure| {
+            ServeArgs {
+                listen: Some(listen.parse().unwrap()),
+                insecure_no_auth: insecure,
+                ..ServeArgs::default()
+            }
+            .resolve()
+        };
+        let refused = open("0.0.0.0:8080", false).unwrap_err().to_string();
+        assert!(
+            refused.contains("--tokens-file") && refused.contains("--insecure-no-auth"),
+            "{refused}"
+        );
+        assert!(open("[::]:8080", false).is_err());
+        assert!(open("127.0.0.1:8080", false).is_ok());
+        assert!(open("[::1]:8080", false).is_ok());
+        assert!(matches!(
+            open("0.0.0.0:8080", true).unwrap().access,
+            Access::Open { .. }
+        ));
+    }
+
+    #[test]
+    fn tokens_come_with_scopes_from_flags_and_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "# operators\nadmin:root-token\n\nread:viewer\n").unwrap();
+        let config = ServeArgs {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            tokens: Some(vec!["submit:ci-token".into(), "legacy".into()]),
+            tokens_file: Some(file),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let Access::Tokens { tokens, .. } = &config.access else {
+            panic!("tokens were configured");
+        };
+        let expected = [
+            (Scope::Submit, "ci-token"),
+            (Scope::Admin, "legacy"),
+            (Scope::Admin, "root-token"),
+            (Scope::Read, "viewer"),
+        ];
+        let tokens: Vec<(Scope, &str)> = tokens.iter().map(|(s, t)| (*s, t.as_str())).collect();
+        assert_eq!(tokens, expected);
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("root-token") && !shown.contains("viewer"),
+            "{shown}"
+        );
     }
 
     #[test]

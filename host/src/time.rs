@@ -9,9 +9,13 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Unix milliseconds as RFC 3339 with milliseconds, UTC.
+/// The last millisecond RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+const LAST_WRITABLE_MS: i64 = 253_402_300_799_999;
+
+/// Unix milliseconds as RFC 3339 with milliseconds, UTC. Never panics: times
+/// outside 1970..=9999 are shown at the nearest end of that range.
 pub fn rfc3339(ms: i64) -> String {
-    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    let time = UNIX_EPOCH + Duration::from_millis(ms.clamp(0, LAST_WRITABLE_MS) as u64);
     humantime::format_rfc3339_millis(time).to_string()
 }
 
@@ -36,6 +40,12 @@ mod tests {
             Ok(1_764_504_000_123)
         );
         assert!(parse_rfc3339("next tuesday").is_err());
+    }
+
+    #[test]
+    fn formatting_never_panics_at_the_ends() {
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(i64::MIN), "1970-01-01T00:00:00.000Z");
     }
 }
 

@@ -110,36 +110,105 @@ async fn bad_requests_get_clear_errors_and_store_nothing() {
     );
 }
 
+/// With tokens, every route but health needs one, of a scope that covers
+/// what the route does: `read` views, `submit` also runs jobs, `admin` also
+/// owns plugins and the queue. A token without a scope is `admin`.
 #[tokio::test]
-async fn tokens_guard_mutating_routes() {
-    let server = Server::start(&["--tokens", "s3cret,other"]).await;
+async fn tokens_guard_every_route_by_scope() {
+    let server = Server::start(&["--tokens", "s3cret,read:viewer-1,submit:submitter-1"]).await;
     let c = &server.client;
     let url = server.url("/plugins/echo/versions/1.0.0");
     let bytes = plugin_artifacts::bytes(plugin_artifacts::ECHO);
+    let status = |response: reqwest::Response| response.status();
 
     let response = c.put(&url).body(bytes.clone()).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    for (token, expected) in [
+        ("wrong", "the bearer token is not valid"),
+        ("submitter-1", "scope `admin`"),
+    ] {
+        let response = c
+            .put(&url)
+            .bearer_auth(token)
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "forbidden");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(expected),
+            "{body}"
+        );
+    }
     let response = c
         .put(&url)
-        .bearer_auth("wrong")
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::FORBIDDEN);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "forbidden");
-    let response = c
-        .put(&url)
-        .bearer_auth("other")
+        .bearer_auth("s3cret")
         .body(bytes)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    // Reads stay open.
+
+    // Reads need a token too, of any scope; health does not.
     assert_eq!(
-        c.get(server.url("/plugins")).send().await.unwrap().status(),
+        status(c.get(server.url("/jobs")).send().await.unwrap()),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status(c.get(server.url("/events")).send().await.unwrap()),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status(c.get(server.url("/metrics")).send().await.unwrap()),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status(c.get(server.url("/healthz")).send().await.unwrap()),
+        StatusCode::OK
+    );
+    assert_eq!(
+        status(c.get(server.url("/readyz")).send().await.unwrap()),
+        StatusCode::OK
+    );
+    let read = c
+        .get(server.url("/jobs"))
+        .bearer_auth("viewer-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::OK);
+
+    // Submitting needs `submit`; pausing the queue needs `admin`.
+    let spec = json!({"phases": [{"name": "only", "plugin": "echo"}]});
+    let post = |token: &'static str, path: &str, body: Value| {
+        c.post(server.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(
+        status(post("viewer-1", "/jobs", spec.clone()).await.unwrap()),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status(post("submitter-1", "/jobs", spec).await.unwrap()),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        status(
+            post("submitter-1", "/queue/pause", json!({}))
+                .await
+                .unwrap()
+        ),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        status(post("s3cret", "/queue/pause", json!({})).await.unwrap()),
         StatusCode::OK
     );
 }

@@ -197,7 +197,7 @@ async fn cli_user_path() {
 async fn cli_errors_are_clear() {
     let server = Server::start(&["--tokens", "s3cret"]).await;
     let url = server.url.as_str();
-    let missing = run(url, &["plugin", "show", "ghost"]).await;
+    let missing = run(url, &["plugin", "show", "ghost", "--token", "s3cret"]).await;
     assert_eq!(missing.status.code(), Some(2));
     assert!(
         stderr(&missing).contains("no plugin named `ghost`"),

@@ -14,5 +14,6 @@ mod receiver;
 mod scaffold;
 mod server;
 mod streaming;
+mod trust;
 mod user_path;
 mod webhooks;

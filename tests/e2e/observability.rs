@@ -7,7 +7,7 @@ use crate::server::Server;
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
-    let server = Server::start(&[]).await;
+    let server = Server::start(&crate::receiver::ALLOW_LOOPBACK).await;
     assert_eq!(
         server.get("/healthz").await,
         (reqwest::StatusCode::OK, json!({"status": "ok"}))
@@ -27,7 +27,7 @@ async fn health_readiness_and_metrics() {
     let mut delivered = server
         .events(
             &format!("/events?job={id}&types=job:webhook:delivered"),
-            None,
+            Some(0),
         )
         .await;
     delivered.next_event().await.expect("delivered");

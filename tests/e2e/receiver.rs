@@ -15,6 +15,10 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::server::TIMEOUT;
 
+/// Server flags that let webhooks reach receivers on loopback, which the
+/// address policy refuses by default.
+pub const ALLOW_LOOPBACK: [&str; 2] = ["--allow-net", "127.0.0.0/8"];
+
 /// A loopback address nobody listens on (yet): connections are refused.
 pub fn closed_address() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")

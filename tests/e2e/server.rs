@@ -23,6 +23,7 @@ pub struct Server {
     token: Option<String>,
     child: Child,
     extra_args: Vec<String>,
+    file_limit: Option<u64>,
 }
 
 impl Server {
@@ -30,16 +31,47 @@ impl Server {
         Server::start_in(
             Arc::new(tempfile::tempdir().unwrap()),
             extra_args.iter().map(|a| a.to_string()).collect(),
+            None,
         )
     }
 
-    fn start_in(dir: Arc<tempfile::TempDir>, extra_args: Vec<String>) -> Server {
+    /// A server whose open-file limit, soft and hard, is `limit`.
+    pub async fn start_with_file_limit(extra_args: &[&str], limit: u64) -> Server {
+        Server::start_in(
+            Arc::new(tempfile::tempdir().unwrap()),
+            extra_args.iter().map(|a| a.to_string()).collect(),
+            Some(limit),
+        )
+    }
+
+    fn start_in(
+        dir: Arc<tempfile::TempDir>,
+        extra_args: Vec<String>,
+        file_limit: Option<u64>,
+    ) -> Server {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.path().join("server.log"))
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_jobhost"));
+        if let Some(limit) = file_limit {
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: only setrlimit runs between fork and exec.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
@@ -74,7 +106,12 @@ impl Server {
             token,
             child,
             extra_args,
+            file_limit,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills the process (SIGKILL), as a crash would.
@@ -92,7 +129,7 @@ impl Server {
 
     /// A new process on the same data directory and flags.
     pub fn restart(&self) -> Server {
-        Server::start_in(self.dir.clone(), self.extra_args.clone())
+        Server::start_in(self.dir.clone(), self.extra_args.clone(), self.file_limit)
     }
 
     pub fn log(&self) -> String {
@@ -156,7 +193,7 @@ impl Server {
 
     /// Opens an SSE stream at `path`, optionally resuming after `last_event_id`.
     pub async fn events(&self, path: &str, last_event_id: Option<i64>) -> EventStream {
-        let mut request = self.client.get(self.url(path));
+        let mut request = self.authorized(self.client.get(self.url(path)));
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id.to_string());
         }
@@ -180,8 +217,7 @@ impl Server {
 
     /// A GET's body as text, whatever its status.
     pub async fn get_text(&self, path: &str) -> String {
-        self.client
-            .get(self.url(path))
+        self.authorized(self.client.get(self.url(path)))
             .send()
             .await
             .unwrap()
@@ -248,6 +284,7 @@ pub struct EventStream {
 /// One received event: SSE `id:` and `event:`, and the JSON `data:`.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// 0 for a live-only event (`job:phase:progress`), which has no `id:`.
     pub id: i64,
     pub kind: String,
     pub data: Value,
@@ -260,8 +297,13 @@ impl EventStream {
             .await
             .expect("no SSE event in time")?;
         let event = next.expect("SSE stream error");
+        let live = event.event == "job:phase:progress";
         Some(Received {
-            id: event.id.parse().expect("numeric SSE id"),
+            id: if live {
+                0
+            } else {
+                event.id.parse().expect("numeric SSE id")
+            },
             kind: event.event,
             data: serde_json::from_str(&event.data).expect("JSON SSE data"),
         })

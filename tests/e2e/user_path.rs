@@ -84,8 +84,13 @@ async fn upload_trigger_and_watch_a_pipeline() {
             "job:completed"
         ]
     );
-    let ids: Vec<i64> = seen.iter().map(|e| e.id).collect();
+    // Progress is live-only (no id of its own); logged events' ids increase.
+    let ids: Vec<i64> = seen.iter().map(|e| e.id).filter(|&id| id != 0).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+    assert!(
+        done_progress_is_kept(&server, id).await,
+        "the aggregate phase's last progress is kept on the phase"
+    );
 
     let (_, done) = server.get(&format!("/jobs/{id}")).await;
     assert_eq!(done["status"], "completed");
@@ -178,4 +183,10 @@ async fn reupload_is_idempotent_and_other_bytes_conflict() {
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error"]["code"], "version_conflict");
+}
+
+/// Whether the job's `aggregate` phase kept its last progress report.
+async fn done_progress_is_kept(server: &Server, id: &str) -> bool {
+    let (_, job) = server.get(&format!("/jobs/{id}")).await;
+    job["phases"][1]["progress"]["percent"] == 100
 }

@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use crate::receiver::Receiver;
+use crate::receiver::{ALLOW_LOOPBACK, Receiver};
 use crate::server::Server;
 
 /// A fixed secret, as a user would give it (`whsec_` + base64 of 32 bytes).
@@ -24,7 +24,7 @@ pub async fn wait_delivered(server: &Server, id: &str) {
     let mut events = server
         .events(
             &format!("/events?job={id}&types=job:webhook:delivered"),
-            None,
+            Some(0),
         )
         .await;
     events.next_event().await.expect("delivered event");
@@ -41,7 +41,7 @@ fn verify(secret: &str, delivery: &crate::receiver::Delivery) {
 #[tokio::test]
 async fn webhook_arrives_once_signed_after_completion() {
     let receiver = Receiver::start(0).await;
-    let server = Server::start(&[]).await;
+    let server = Server::start(&ALLOW_LOOPBACK).await;
     server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let job = server
         .submit(&echo_job_with_webhook(&receiver.url, Some(SECRET)))
@@ -52,7 +52,7 @@ async fn webhook_arrives_once_signed_after_completion() {
         "the API never echoes a secret: {job}"
     );
 
-    let mut events = server.events(&format!("/events?job={id}"), None).await;
+    let mut events = server.events(&format!("/events?job={id}"), Some(0)).await;
     let seen = events.until(id, "job:webhook:delivered").await;
     let position = |kind: &str| seen.iter().position(|e| e.kind == kind).unwrap();
     assert!(position("job:completed") < position("job:webhook:delivered"));
@@ -80,7 +80,13 @@ async fn webhook_arrives_once_signed_after_completion() {
 #[tokio::test]
 async fn server_default_secret_signs_jobs_without_one() {
     let receiver = Receiver::start(0).await;
-    let server = Server::start(&["--webhook-secret", SECRET]).await;
+    let server = Server::start(&[
+        ALLOW_LOOPBACK[0],
+        ALLOW_LOOPBACK[1],
+        "--webhook-secret",
+        SECRET,
+    ])
+    .await;
     server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     server
         .submit(&echo_job_with_webhook(&receiver.url, None))
@@ -91,7 +97,7 @@ async fn server_default_secret_signs_jobs_without_one() {
 #[tokio::test]
 async fn failing_receiver_gets_retries_with_the_same_webhook_id() {
     let receiver = Receiver::start(2).await; // 503, then 429 with Retry-After: 1
-    let server = Server::start(&[]).await;
+    let server = Server::start(&ALLOW_LOOPBACK).await;
     server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let job = server
         .submit(&echo_job_with_webhook(&receiver.url, Some(SECRET)))
@@ -128,7 +134,7 @@ async fn failing_receiver_gets_retries_with_the_same_webhook_id() {
 async fn a_receiver_down_across_a_restart_gets_the_webhook_after_it() {
     let address = crate::receiver::closed_address();
     let url = format!("http://{address}/hook");
-    let mut server = Server::start(&[]).await;
+    let mut server = Server::start(&ALLOW_LOOPBACK).await;
     server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let job = server
         .submit(&echo_job_with_webhook(&url, Some(SECRET)))
@@ -155,7 +161,7 @@ async fn a_receiver_down_across_a_restart_gets_the_webhook_after_it() {
 async fn webhook_for_a_deleted_job_is_still_delivered() {
     let address = crate::receiver::closed_address();
     let url = format!("http://{address}/hook");
-    let server = Server::start(&[]).await;
+    let server = Server::start(&ALLOW_LOOPBACK).await;
     server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let job = server
         .submit(&echo_job_with_webhook(&url, Some(SECRET)))

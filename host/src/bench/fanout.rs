@@ -73,6 +73,10 @@ pub async fn sse_fanout(args: &BenchArgs) -> anyhow::Result<()> {
             "127.0.0.1:0",
             "--concurrency",
             "64",
+            // Every client connects from this one address: the per-address
+            // stream cap is lifted for the benchmark.
+            "--max-streams-per-ip",
+            "1000000",
             "--data-dir",
         ])
         .arg(dir.path())

@@ -26,6 +26,9 @@ impl LocalServer {
             data_dir: Some(dir.path().to_path_buf()),
             concurrency: Some(concurrency),
             durability: Some(Durability::Process),
+            // The fan-out scenarios open thousands of streams from this one
+            // address: the per-address cap is lifted for them.
+            max_streams_per_ip: Some(usize::MAX),
             ..ServeArgs::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

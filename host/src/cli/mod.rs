@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the jobhost server: HTTP API, queue and workers.
-    Serve(crate::config::ServeArgs),
+    Serve(Box<crate::config::ServeArgs>),
     /// Run one phase of a plugin component locally and print its output,
     /// logs and outcome. Exits non-zero when the phase fails.
     RunPhase(run_phase::RunPhaseArgs),
@@ -68,7 +68,7 @@ pub enum Command {
 /// Runs the parsed command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::RunPhase(args) => run_phase::run_phase(args).await,
         Command::NewPlugin(args) => new_plugin::new_plugin(args),
         Command::Plugin { remote, action } => remote::plugin(&remote, action).await,

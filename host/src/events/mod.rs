@@ -163,6 +163,25 @@ pub struct Event {
     #[schema(value_type = String, format = DateTime)]
     pub at: i64,
     pub data: Value,
+    /// Published on the bus only, never logged (progress reports): it has no
+    /// sequence number of its own (`seq` is 0), goes out without an SSE
+    /// `id:`, and is not replayed on resume.
+    #[serde(skip)]
+    pub live: bool,
+}
+
+impl Event {
+    /// A live-only event about a job (see [`Event::live`]).
+    pub fn live(kind: EventKind, job_id: &str, at: i64, data: Value) -> Self {
+        Event {
+            seq: 0,
+            kind,
+            job_id: Some(job_id.to_owned()),
+            at,
+            data,
+            live: true,
+        }
+    }
 }
 
 /// An event as subscribers receive it: shared by all of them, and rendered
@@ -189,11 +208,12 @@ impl Published {
     pub fn sse_message(&self) -> &Bytes {
         self.sse_message.get_or_init(|| {
             let json = serde_json::to_string(&self.event).expect("an event always serializes");
-            let message = format!(
-                "id: {}\nevent: {}\ndata: {json}\n\n",
-                self.event.seq,
-                self.event.kind.name()
-            );
+            let kind = self.event.kind.name();
+            let message = if self.event.live {
+                format!("event: {kind}\ndata: {json}\n\n")
+            } else {
+                format!("id: {}\nevent: {kind}\ndata: {json}\n\n", self.event.seq)
+            };
             Bytes::from(message)
         })
     }
@@ -330,6 +350,12 @@ impl Bus {
                 }
             }
         }
+    }
+
+    /// Publishes a live-only event (see [`Event::live`]) on its own.
+    pub fn publish_live(&self, event: Event) {
+        debug_assert!(event.live);
+        self.publish([event]);
     }
 
     /// Events one at a time, all of them.
@@ -479,6 +505,7 @@ mod tests {
             job_id: job.map(str::to_owned),
             at: 0,
             data: Value::Null,
+            live: false,
         }
     }
 

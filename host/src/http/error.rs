@@ -16,15 +16,25 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Ask the client to close the connection after this answer.
+    close: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
+            close: status == StatusCode::PAYLOAD_TOO_LARGE,
             code,
             message: message.into(),
         }
+    }
+
+    /// The answer closes the connection: for a refused client that should
+    /// not keep holding one (an SSE stream over its cap).
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -35,12 +45,15 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// The details go to the log only, under an id the client is given:
+    /// an internal error's text could tell a client about the host.
     fn internal(error: impl std::fmt::Display) -> Self {
-        tracing::error!(%error, "internal error");
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        tracing::error!(%error, request_id = %id, "internal error");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            error.to_string(),
+            format!("internal error (request id {id}); the server's log has the details"),
         )
     }
 }
@@ -49,9 +62,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
         let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of the oversized body was never read: the connection
-            // cannot carry another request, so tell the client not to reuse it.
+        // After a 413 the rest of the oversized body was never read: the
+        // connection cannot carry another request.
+        if self.close {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -14,8 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, header};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+
+use axum::Extension;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
@@ -34,6 +39,8 @@ const CATCH_UP_PAGE: usize = 500;
 /// a feeder and its client.
 const CLIENT_BUFFER: usize = 64;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// A client whose buffer stays full this long is dropped.
+const STALLED_CLIENT: Duration = Duration::from_secs(30);
 /// Socket writes per second that all SSE clients together should cost at
 /// most while events arrive faster than that (see [`linger`]).
 const SSE_WRITES_PER_SECOND: f64 = 40_000.0;
@@ -52,24 +59,33 @@ pub struct StreamQuery {
 /// Stream events (Server-Sent Events).
 ///
 /// Each SSE message has `id:` (the event's sequence number), `event:` (its
-/// type) and `data:` (the event as JSON). Send `Last-Event-ID` (or the
-/// `last_event_id` parameter) to resume: missed events are replayed from the
-/// log, then live ones follow, with no gap and no duplicate.
+/// type) and `data:` (the event as JSON). A new stream starts now: its
+/// first message is only an `id:` at the newest event, so that a client
+/// that reconnects before anything happens misses nothing. Send
+/// `Last-Event-ID` (or the `last_event_id` parameter) to resume: missed
+/// events are replayed from the log, then live ones follow, with no gap and
+/// no duplicate; `0` replays the whole retained log. `job:phase:progress`
+/// is live only: it has no `id:` and is not replayed.
 #[utoipa::path(get, path = "/events", tag = "events",
     params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event")),
     responses((status = 200, description = "An event stream", content_type = "text/event-stream", body = Event)))]
 pub async fn stream(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let after = resume_point(&headers, query.last_event_id)?;
+    let permit = state.streams.admit(peer_ip(peer))?;
     let filter = EventFilter {
         job_id: query.job,
         kinds: parse_types(query.types.as_deref())?,
     };
-    Ok(sse(state, filter, after, false))
+    let start = match resume_point(&headers, query.last_event_id)? {
+        Some(after) => Start::After(after),
+        None => Start::Now(state.storage.last_event_seq().await?),
+    };
+    Ok(sse(state, permit, filter, start, false))
 }
 
 /// Stream one job's events (SSE); the stream ends with the job: after its
@@ -83,30 +99,47 @@ pub async fn stream(
     ))]
 pub async fn job_stream(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
+    let permit = state.streams.admit(peer_ip(peer))?;
     // Only whether the job exists: a thousand watchers connecting at once
     // should not load a thousand jobs whole.
     state.queue.job_status(&id).await?;
-    let after = resume_point(&headers, query.last_event_id)?;
+    // A job's stream starts at the job's first event.
+    let after = resume_point(&headers, query.last_event_id)?.unwrap_or(0);
     let filter = EventFilter {
         job_id: Some(id),
         kinds: parse_types(query.types.as_deref())?,
     };
-    Ok(sse(state, filter, after, true))
+    Ok(sse(state, permit, filter, Start::After(after), true))
 }
 
-fn resume_point(headers: &HeaderMap, from_query: Option<i64>) -> Result<i64, ApiError> {
+fn peer_ip(peer: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<IpAddr> {
+    peer.map(|Extension(ConnectInfo(address))| address.ip().to_canonical())
+}
+
+/// Where a stream starts.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// After this event, as a resuming client asked.
+    After(i64),
+    /// After the newest event, announced to the client as its first message.
+    Now(i64),
+}
+
+fn resume_point(headers: &HeaderMap, from_query: Option<i64>) -> Result<Option<i64>, ApiError> {
     match headers.get("last-event-id") {
         Some(value) => value
             .to_str()
             .ok()
             .and_then(|text| text.trim().parse::<i64>().ok())
+            .map(Some)
             .ok_or_else(|| ApiError::bad_request("Last-Event-ID must be an event sequence number")),
-        None => Ok(from_query.unwrap_or(0)),
+        None => Ok(from_query),
     }
 }
 
@@ -128,9 +161,19 @@ fn parse_types(types: Option<&str>) -> Result<Vec<EventKind>, ApiError> {
 /// every client (axum's `Sse` would frame each event again per client,
 /// which a thousand clients pay a thousand times); the feeder sends a
 /// client a commit's worth of events or more as one chunk.
-fn sse(state: AppState, filter: EventFilter, after: i64, end_after_terminal: bool) -> Response {
+fn sse(
+    state: AppState,
+    permit: StreamPermit,
+    filter: EventFilter,
+    start: Start,
+    end_after_terminal: bool,
+) -> Response {
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
-    tokio::spawn(feed(state, filter, after, end_after_terminal, tx));
+    tokio::spawn(async move {
+        // Held while the feeder runs: the stream counts against the caps.
+        let _permit = permit;
+        feed(state, filter, start, end_after_terminal, tx).await;
+    });
     let chunks = futures::stream::unfold(rx, |mut rx| async move {
         let chunk = match tokio::time::timeout(KEEP_ALIVE, rx.recv()).await {
             Ok(chunk) => chunk?,
@@ -147,6 +190,88 @@ fn sse(state: AppState, filter: EventFilter, after: i64, end_after_terminal: boo
         Body::from_stream(chunks),
     )
         .into_response()
+}
+
+/// Caps on concurrent SSE streams, in all and per client address, so that
+/// idle streams cannot take every file descriptor of the server. A stream
+/// over a cap is refused at once with 503 (in all) or 429 (per address).
+#[derive(Debug)]
+pub struct StreamLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    open: Mutex<OpenStreams>,
+}
+
+#[derive(Debug, Default)]
+struct OpenStreams {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl StreamLimits {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(StreamLimits {
+            max_total,
+            max_per_ip,
+            open: Mutex::default(),
+        })
+    }
+
+    fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<StreamPermit, ApiError> {
+        let mut open = self.open.lock().expect("never poisoned");
+        if open.total >= self.max_total {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_streams",
+                format!(
+                    "the server has {} event streams open, its limit; try again later",
+                    self.max_total
+                ),
+            )
+            .closing());
+        }
+        if let Some(ip) = ip {
+            let count = open.per_ip.entry(ip).or_default();
+            if *count >= self.max_per_ip {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    format!(
+                        "{ip} has {} event streams open, the limit per address",
+                        self.max_per_ip
+                    ),
+                )
+                .closing());
+            }
+            *count += 1;
+        }
+        open.total += 1;
+        Ok(StreamPermit {
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open stream, counted until dropped.
+pub struct StreamPermit {
+    limits: Arc<StreamLimits>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().expect("never poisoned");
+        open.total -= 1;
+        if let Some(ip) = self.ip
+            && let Some(count) = open.per_ip.get_mut(&ip)
+        {
+            *count -= 1;
+            if *count == 0 {
+                open.per_ip.remove(&ip);
+            }
+        }
+    }
 }
 
 /// Counts a connected client in the `sse_clients` gauge while alive.
@@ -174,10 +299,14 @@ enum Done {
 async fn feed(
     state: AppState,
     filter: EventFilter,
-    after: i64,
+    start: Start,
     end_after_terminal: bool,
     tx: mpsc::Sender<Bytes>,
 ) {
+    let (after, announce) = match start {
+        Start::After(after) => (after, None),
+        Start::Now(head) => (head, Some(Bytes::from(format!("id: {head}\n\n")))),
+    };
     let _client = ClientGauge::connect(&state);
     let topic = match &filter.job_id {
         Some(job) => Topic::Job(job.clone()),
@@ -190,7 +319,7 @@ async fn feed(
         end_after_terminal,
         tx,
         shutdown: state.shutdown.clone(),
-        pending: Vec::new(),
+        pending: announce.into_iter().collect(),
         busy_in_second: 0,
         ended: false,
         flushed_at: None,
@@ -424,15 +553,17 @@ impl Client {
         }
     }
 
+    /// Live-only events have no place in the log's order: a client takes
+    /// each one it hears, and its resume point stays where it was.
     fn wants(&self, event: &Event) -> bool {
-        !self.ended && event.seq > self.last && self.filter.matches(event)
+        !self.ended && (event.live || event.seq > self.last) && self.filter.matches(event)
     }
 
     /// Takes the messages of a commit's events that the client wants: the
     /// batch's shared chunk when that is all of them.
     fn take_batch(&mut self, batch: &Batch) {
         let events = batch.events();
-        if !self.end_after_terminal && events.iter().all(|event| self.wants(event)) {
+        if !self.end_after_terminal && events.iter().all(|event| self.wants(event) && !event.live) {
             if let Some(newest) = events.last() {
                 self.last = newest.seq;
                 self.pending.push(batch.sse_messages().clone());
@@ -451,7 +582,9 @@ impl Client {
                 break;
             }
             if self.wants(event) {
-                self.last = event.seq;
+                if !event.live {
+                    self.last = event.seq;
+                }
                 messages.extend_from_slice(event.sse_message());
             }
             self.ended = self.end_after_terminal && ends_job(event.kind);
@@ -484,10 +617,16 @@ impl Client {
         };
         if let Some(chunk) = chunk {
             self.flushed_at = Some(Instant::now());
-            // A client that stopped reading must not hold up shutdown.
+            // A client that stopped reading must not hold up shutdown, nor
+            // its feeder and stream slot for long: it is dropped, and can
+            // resume with `Last-Event-ID`.
             tokio::select! {
                 sent = self.tx.send(chunk) => sent.map_err(|_| Done::Finished)?,
                 () = self.shutdown.cancelled() => return Err(Done::Finished),
+                () = tokio::time::sleep(STALLED_CLIENT) => {
+                    tracing::info!("dropping an SSE client that stopped reading");
+                    return Err(Done::Finished);
+                }
             }
         }
         if self.ended {

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, AppJson, AppState, ErrorBody};
-use crate::queue::{Cancelled, Job, JobSpec, JobStatus};
-use crate::storage::JobFilter;
+use crate::queue::{Cancelled, Job, JobSpec, JobStatus, JobSummary};
+use crate::storage::{JobFilter, MAX_PAGE};
 
 const TAG: &str = "jobs";
 /// Jobs per page unless `limit` says otherwise.
@@ -58,7 +58,8 @@ pub struct ListQuery {
     status: Option<String>,
     /// Only jobs with a phase running this plugin.
     plugin: Option<String>,
-    /// Page size (1-1000, default 50).
+    /// Page size (1-100, default 50).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<usize>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -66,7 +67,8 @@ pub struct ListQuery {
 
 #[derive(Serialize, ToSchema)]
 pub struct JobList {
-    jobs: Vec<Job>,
+    /// Summaries: no payloads, configs or outputs (see `GET /jobs/{id}`).
+    jobs: Vec<JobSummary>,
     /// Pass as `cursor` for the next page; null on the last page.
     next_cursor: Option<String>,
 }
@@ -90,7 +92,15 @@ pub async fn list(
     let filter = JobFilter {
         status,
         plugin: query.plugin,
-        limit: query.limit.unwrap_or(DEFAULT_PAGE),
+        limit: match query.limit {
+            None => DEFAULT_PAGE,
+            Some(limit @ 1..=MAX_PAGE) => limit,
+            Some(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "limit must be between 1 and {MAX_PAGE}"
+                )));
+            }
+        },
         cursor: query.cursor,
     };
     let page = state.storage.jobs(filter).await?;

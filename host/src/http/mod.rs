@@ -24,6 +24,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::ApiError;
+pub use events::StreamLimits;
 
 use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
@@ -36,7 +37,7 @@ pub struct AppState {
     pub queue: Arc<Queue>,
     pub plugins: Arc<PluginRegistry>,
     pub storage: Arc<Storage>,
-    pub tokens: Arc<Vec<String>>,
+    pub access: Arc<crate::config::Access>,
     /// Cancelled when the server shuts down: SSE streams end cleanly.
     pub shutdown: CancellationToken,
     pub max_body_bytes: usize,
@@ -45,6 +46,8 @@ pub struct AppState {
     /// How many SSE clients are busy, which sets how long their events
     /// linger.
     pub sse_activity: Arc<events::SseActivity>,
+    /// Caps on concurrent event streams.
+    pub streams: Arc<events::StreamLimits>,
 }
 
 /// `Json` whose rejections become [`ApiError`]s with our error body.
@@ -85,7 +88,7 @@ pub struct ErrorDetail {
 )]
 struct ApiDoc;
 
-/// Declares the bearer scheme that mutating routes need when tokens are set.
+/// Declares the bearer scheme that routes need when tokens are set.
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
@@ -95,7 +98,9 @@ impl utoipa::Modify for BearerAuth {
         let scheme = HttpBuilder::new()
             .scheme(HttpAuthScheme::Bearer)
             .description(Some(
-                "Needed on PUT, POST and DELETE routes when the server is started with tokens",
+                "Needed on every route but /healthz, /readyz, / and /openapi.json when the server \
+                 has tokens: scope `read` for views and streams, `submit` to create, cancel and \
+                 retry jobs, `admin` for plugins, the queue and deleting jobs",
             ));
         components.add_security_scheme("bearer", SecurityScheme::Http(scheme.build()));
     }
@@ -140,7 +145,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            auth::require_token,
+            auth::authorize,
         ))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::retry::BackoffPolicy;
 use crate::json::Json;
-use crate::runtime::ResourceUsage;
+use crate::runtime::{Progress, ResourceUsage};
 
 /// Where a job is in its life. Each state says who moves a job in and out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -105,44 +105,83 @@ impl PhaseStatus {
     }
 }
 
+/// The bounds of a job spec. Each is checked on submit (a 422 naming the
+/// field) and published in `/openapi.json`; a test keeps the two equal.
+pub mod limits {
+    /// Longest phase name, in bytes.
+    pub const MAX_PHASE_NAME: usize = 64;
+    /// Longest plugin name or version, in bytes (as plugin uploads allow).
+    pub const MAX_PLUGIN_NAME: usize = 64;
+    /// Largest phase `config`, as JSON text.
+    pub const MAX_PHASE_CONFIG_BYTES: usize = 64 << 10;
+    pub const MAX_ATTEMPTS: u32 = 100;
+    pub const MIN_PRIORITY: i32 = -100;
+    pub const MAX_PRIORITY: i32 = 100;
+    /// How far ahead `delay_ms` and `run_at` may schedule a job: 10 years.
+    pub const MAX_SCHEDULE_AHEAD_MS: u64 = 10 * 365 * 86_400_000;
+    /// Longest `run_at` text.
+    pub const MAX_RUN_AT_LENGTH: usize = 64;
+    pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+    pub const MAX_WEBHOOK_URL: usize = 2048;
+    pub const MAX_WEBHOOK_SECRET: usize = 256;
+    /// Longest backoff delay (`backoff.initial_ms`, `backoff.max_ms`): 7 days.
+    pub const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
+}
+
 /// A job as submitted (`POST /jobs`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
+    /// At most `--max-phases` (32 by default).
+    #[schema(min_items = 1, max_items = 32)]
     pub phases: Vec<PhaseSpec>,
     /// Any JSON; every phase gets it. Kept as sent.
     #[serde(default)]
     #[schema(value_type = Object)]
     pub payload: Json,
+    #[schema(minimum = 1, maximum = 100)]
     pub max_attempts: Option<u32>,
     pub backoff: Option<BackoffPolicy>,
-    /// Run no earlier than this many milliseconds from now.
+    /// Run no earlier than this many milliseconds from now (at most 10 years).
+    #[schema(minimum = 0, maximum = 315_360_000_000_u64)]
     pub delay_ms: Option<u64>,
-    /// Run no earlier than this time (RFC 3339). Exclusive with `delay_ms`.
+    /// Run no earlier than this time (RFC 3339, at most 10 years ahead).
+    /// Exclusive with `delay_ms`.
+    #[schema(max_length = 64)]
     pub run_at: Option<String>,
     /// Higher runs first among due jobs.
     #[serde(default)]
+    #[schema(minimum = -100, maximum = 100)]
     pub priority: i32,
     pub webhook: Option<WebhookSpec>,
     /// A second submit with the same key returns the first job.
+    #[schema(min_length = 1, max_length = 256)]
     pub idempotency_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PhaseSpec {
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
+    #[schema(min_length = 1, max_length = 64)]
     pub plugin: String,
     /// The plugin version to run; the active version at enqueue if omitted.
+    #[schema(min_length = 1, max_length = 64)]
     pub version: Option<String>,
+    /// At most the server's longest phase timeout (1 hour).
+    #[schema(minimum = 1, maximum = 3_600_000)]
     pub timeout_ms: Option<u64>,
+    /// Any JSON, at most 64 KiB as text.
     pub config: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
+    #[schema(min_length = 1, max_length = 2048)]
     pub url: String,
+    #[schema(min_length = 1, max_length = 256)]
     pub secret: Option<String>,
 }
 
@@ -229,6 +268,79 @@ pub struct Phase {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
     pub usage: Option<ResourceUsage>,
+    /// The last progress its latest run reported (live reports are on the
+    /// event stream only).
+    pub progress: Option<Progress>,
+}
+
+/// A job as `GET /jobs` lists it: its state and its phases' states,
+/// without the payload, configs and outputs (`GET /jobs/{id}` has them),
+/// so that a page stays small whatever the jobs carry.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct JobSummary {
+    pub id: String,
+    pub status: JobStatus,
+    pub priority: i32,
+    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[schema(value_type = String, format = DateTime)]
+    pub run_at: i64,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: i64,
+    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub started_at: Option<i64>,
+    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub finished_at: Option<i64>,
+    pub error: Option<String>,
+    pub phases: Vec<PhaseSummary>,
+}
+
+/// A phase as listings show it.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct PhaseSummary {
+    pub index: usize,
+    pub name: String,
+    pub plugin: String,
+    pub version: String,
+    pub status: PhaseStatus,
+    pub attempts: u32,
+    pub error: Option<String>,
+    pub progress: Option<Progress>,
+}
+
+impl From<Job> for JobSummary {
+    fn from(job: Job) -> Self {
+        JobSummary {
+            id: job.id,
+            status: job.status,
+            priority: job.priority,
+            run_at: job.run_at,
+            attempt: job.attempt,
+            max_attempts: job.max_attempts,
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            error: job.error,
+            phases: job
+                .phases
+                .into_iter()
+                .map(|phase| PhaseSummary {
+                    index: phase.index,
+                    name: phase.name,
+                    plugin: phase.plugin,
+                    version: phase.version,
+                    status: phase.status,
+                    attempts: phase.attempts,
+                    error: phase.error,
+                    progress: phase.progress,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Why one attempt of a job failed.

@@ -23,7 +23,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use job::{AttemptError, Job, JobSpec, JobStatus, Phase, PhaseSpec, PhaseStatus, WebhookSpec};
+pub use job::limits;
+pub use job::{
+    AttemptError, Job, JobSpec, JobStatus, JobSummary, Phase, PhaseSpec, PhaseStatus, PhaseSummary,
+    WebhookSpec,
+};
 pub use retry::BackoffPolicy;
 
 use crate::metrics::Metrics;
@@ -184,7 +188,7 @@ impl Queue {
                     QueueError::InvalidJob(format!("cannot start webhook delivery: {e}"))
                 })?;
                 let stop = CancellationToken::new();
-                Some((tokio::spawn(deliverer.run(stop.clone())), stop))
+                Some((tokio::spawn(Arc::new(deliverer).run(stop.clone())), stop))
             }
             None => None,
         };
@@ -358,24 +362,15 @@ impl Queue {
         self.shared.running.lock().await.len()
     }
 
-    /// Lets deliveries in flight finish (each is bounded by its timeout);
-    /// anything left stays pending in the outbox for the next start.
+    /// Stops webhook delivery. Attempts in flight are abandoned: they stay
+    /// pending in the outbox and go out after the next start (their
+    /// receivers may see them twice, under the same `webhook-id`).
     async fn stop_deliverer(&self) {
         let Some((task, stop)) = self.deliverer.lock().unwrap().take() else {
             return;
         };
         stop.cancel();
-        let bound = self
-            .shared
-            .config
-            .webhooks
-            .as_ref()
-            .map_or(Duration::ZERO, |w| w.timeout)
-            + Duration::from_secs(1);
-        let abort = task.abort_handle();
-        if tokio::time::timeout(bound, task).await.is_err() {
-            abort.abort();
-        }
+        let _ = task.await;
     }
 
     /// Waits until this process runs no job.

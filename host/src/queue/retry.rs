@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackoffPolicy {
+    #[schema(minimum = 0, maximum = 604_800_000)]
     pub initial_ms: u64,
+    #[schema(minimum = 1, maximum = 100)]
     pub multiplier: f64,
+    #[schema(minimum = 0, maximum = 604_800_000)]
     pub max_ms: u64,
     pub jitter: bool,
 }
@@ -34,6 +37,10 @@ impl BackoffPolicy {
     pub fn validate(&self) -> Result<(), String> {
         if !(1.0..=100.0).contains(&self.multiplier) {
             return Err("backoff.multiplier must be between 1 and 100".into());
+        }
+        let most = super::limits::MAX_BACKOFF_MS;
+        if self.max_ms > most {
+            return Err(format!("backoff.max_ms must be at most {most}"));
         }
         if self.initial_ms > self.max_ms {
             return Err("backoff.initial_ms must not exceed backoff.max_ms".into());

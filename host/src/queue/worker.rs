@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{Job, PhaseStatus, Shared};
+use crate::events::{Event, EventKind};
 use crate::metrics::PhaseLabels;
-use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, Progress};
+use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, Progress, ProgressSink};
 use crate::storage::{AfterFailure, Completion};
 use crate::time::now_ms;
 
@@ -127,21 +128,22 @@ async fn run_phase(
             };
         }
     };
-    // Progress goes to storage (and so to the bus) from a task of its own, so
-    // a slow write never slows the guest; the task is awaited before the
-    // phase's outcome is recorded, so its events come first.
-    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
-    let forward = {
-        let (storage, job_id, name) = (shared.storage.clone(), job.id.clone(), phase.name.clone());
-        tokio::spawn(async move {
-            while let Some(p) = progress_rx.recv().await {
-                if let Err(error) = storage
-                    .phase_progress(&job_id, &name, p.percent, &p.note)
-                    .await
-                {
-                    tracing::warn!(%error, "could not record progress");
-                }
-            }
+    // Progress is live-only: each report (rate-limited by the runtime) goes
+    // straight to the bus, and only the last one is stored, on the phase.
+    let report_progress: ProgressSink = {
+        let (bus, job_id, name) = (
+            shared.storage.bus().clone(),
+            job.id.clone(),
+            phase.name.clone(),
+        );
+        Arc::new(move |p: Progress| {
+            let data = serde_json::json!({"phase": name, "percent": p.percent, "note": p.note});
+            bus.publish_live(Event::live(
+                EventKind::PhaseProgress,
+                &job_id,
+                now_ms(),
+                data,
+            ));
         })
     };
     let run = PhaseRun {
@@ -153,12 +155,17 @@ async fn run_phase(
         previous: job.outputs_before(index),
         timeout: Duration::from_millis(phase.timeout_ms),
         cancel: cancel.clone(),
-        progress: Some(Arc::new(move |p| {
-            let _ = progress_tx.send(p);
-        })),
+        progress: Some(report_progress),
     };
     let result = shared.plugins.runtime().run(&plugin, run).await;
-    let _ = forward.await;
+    if let Some(progress) = &result.last_progress
+        && let Err(error) = shared
+            .storage
+            .record_progress(&job.id, index, progress)
+            .await
+    {
+        tracing::warn!(%error, "could not record a phase's last progress");
+    }
     let outcome = result
         .outcome
         .as_ref()

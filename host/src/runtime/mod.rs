@@ -13,6 +13,7 @@ mod bindings;
 mod cache;
 mod capture;
 mod engine;
+mod guest_text;
 mod plugin;
 mod run;
 mod sandbox;
@@ -28,6 +29,7 @@ use wasmtime::component::Linker;
 
 pub use baseline::{RawPooling, RawWasmtime};
 pub use cache::CacheStats;
+pub use guest_text::{MAX_METADATA_DESCRIPTION, MAX_METADATA_NAME, MAX_PROGRESS_NOTE};
 pub use plugin::{LoadError, LoadedPlugin, PluginMetadata, content_hash};
 pub use run::{
     LogEntry, LogLevel, PhaseFailure, PhaseLog, PhaseResult, PhaseRun, Progress, ProgressSink,
@@ -52,6 +54,9 @@ pub struct RuntimeConfig {
     pub max_log_bytes: usize,
     /// Bytes of stdout, and separately of stderr, kept per run.
     pub max_captured_output: usize,
+    /// Longest failure message kept from a run (a guest's `fail`/`retry`
+    /// text, a trap's description); the rest is cut with a marker.
+    pub max_error_bytes: usize,
     /// Where compiled artifacts are cached; `None` compiles on every load.
     pub cache_dir: Option<PathBuf>,
 }
@@ -64,6 +69,7 @@ impl Default for RuntimeConfig {
             epoch_tick: Duration::from_millis(10),
             max_log_bytes: 64 << 10,
             max_captured_output: 64 << 10,
+            max_error_bytes: 4 << 10,
             cache_dir: None,
         }
     }

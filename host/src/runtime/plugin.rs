@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Runtime;
 use super::bindings::PluginPre;
+use super::guest_text::{MAX_METADATA_DESCRIPTION, MAX_METADATA_NAME, cut};
 use super::run::sandboxed_store;
 use super::sandbox::{PhaseState, SandboxLimits};
 
@@ -137,13 +138,21 @@ impl Runtime {
                 .call_describe(&mut store)
                 .await
         };
-        let metadata = described
+        // The epoch deadline stops guest code; this also stops a guest
+        // parked in a host call (a WASI poll), where no epoch check happens.
+        let metadata = tokio::time::timeout(DESCRIBE_TIMEOUT, described)
             .await
+            .map_err(|_| {
+                LoadError::Describe(format!(
+                    "it did not return within {} s",
+                    DESCRIBE_TIMEOUT.as_secs()
+                ))
+            })?
             .map_err(|e| LoadError::Describe(format!("{e:#}")))?;
         Ok(PluginMetadata {
-            name: metadata.name,
-            version: metadata.version,
-            description: metadata.description,
+            name: cut(metadata.name, MAX_METADATA_NAME),
+            version: cut(metadata.version, MAX_METADATA_NAME),
+            description: cut(metadata.description, MAX_METADATA_DESCRIPTION),
         })
     }
 }

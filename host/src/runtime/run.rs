@@ -17,7 +17,8 @@ use crate::json::Json;
 /// Receives a run's progress updates (already rate-limited).
 pub type ProgressSink = Arc<dyn Fn(Progress) + Send + Sync>;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A progress report: `percent` 0-100 and a short note (at most 256 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub percent: u8,
     pub note: String,
@@ -111,6 +112,24 @@ impl PhaseFailure {
             PhaseFailure::Trapped(_) => "trapped",
             PhaseFailure::InvalidInput(_) => "invalid_input",
             PhaseFailure::InvalidOutput(_) => "invalid_output",
+        }
+    }
+
+    /// The failure with its text cut to `max` bytes (with a marker): a
+    /// guest's message, a panic or a trap's backtrace can be any size.
+    fn bounded(self, max: usize) -> Self {
+        let cut = |text| super::guest_text::cut(text, max);
+        match self {
+            PhaseFailure::Retry(text) => PhaseFailure::Retry(cut(text)),
+            PhaseFailure::Fail(text) => PhaseFailure::Fail(cut(text)),
+            PhaseFailure::Panicked(text) => PhaseFailure::Panicked(cut(text)),
+            PhaseFailure::Trapped(text) => PhaseFailure::Trapped(cut(text)),
+            PhaseFailure::InvalidInput(text) => PhaseFailure::InvalidInput(cut(text)),
+            PhaseFailure::InvalidOutput(text) => PhaseFailure::InvalidOutput(cut(text)),
+            other @ (PhaseFailure::Cancelled
+            | PhaseFailure::TimedOut(_)
+            | PhaseFailure::MemoryExhausted(_)
+            | PhaseFailure::StackOverflow) => other,
         }
     }
 
@@ -276,7 +295,8 @@ impl Runtime {
             Some(Ok(Err(phase::Error::Fail(message)))) => Err(PhaseFailure::Fail(message)),
             Some(Err(error)) => Err(classify_trap(&error, &report, &limits, run.timeout)),
             None => Err(interruption_failure(report.interrupted, run.timeout)),
-        };
+        }
+        .map_err(|failure| failure.bounded(self.config.max_error_bytes));
         let usage = ResourceUsage {
             wall_ms: elapsed_ms(started),
             epoch_ticks: report.ticks,
@@ -430,6 +450,20 @@ mod tests {
             check_output(huge),
             Err(PhaseFailure::InvalidOutput(_))
         ));
+    }
+
+    #[test]
+    fn failure_texts_are_bounded() {
+        let huge = "m".repeat(40 << 20);
+        let PhaseFailure::Fail(text) = PhaseFailure::Fail(huge).bounded(4096) else {
+            unreachable!()
+        };
+        assert!(text.len() < 4096 + 64);
+        assert!(
+            text.ends_with("… [truncated 41938944 bytes]"),
+            "{}",
+            &text[4000..]
+        );
     }
 
     #[test]

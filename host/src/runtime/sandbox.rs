@@ -15,10 +15,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{Plugin, host};
 use super::capture::BoundedCapture;
+use super::guest_text::{MAX_PROGRESS_NOTE, cut};
 use super::run::{LogEntry, LogLevel, PhaseLog, Progress, ProgressSink};
 
 /// Progress updates closer together than this are coalesced (the latest one
-/// is kept and reported with the result).
+/// is kept and reported with the result). No value bypasses it: a guest
+/// that reports 100% in a loop is throttled like any other.
 const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// A single log line longer than this is cut, so one call cannot use the
 /// whole log budget.
@@ -28,6 +30,11 @@ const MAX_LOG_LINE: usize = 4 << 10;
 pub const GUEST_LOG_TARGET: &str = "jobhost::guest";
 /// Table elements a guest may grow its tables to.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// What one table element counts against a run's memory cap (a pointer).
+const TABLE_ELEMENT_BYTES: usize = 8;
+/// Handles (streams, pollables, …) a run may hold in its resource table at
+/// once; past it, the WASI call that would add one fails.
+pub(super) const MAX_RESOURCES: usize = 4096;
 
 /// Why the epoch callback stopped a run by force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +92,11 @@ impl PhaseState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         PhaseState {
             wasi,
-            table: ResourceTable::new(),
+            table,
             limiter: MemoryLimiter::new(limits.memory),
             log: LogBuffer::new(limits.log_bytes),
             progress: ProgressGate {
@@ -153,7 +162,7 @@ impl host::Host for PhaseState {
     fn progress(&mut self, percent: u8, note: String) {
         self.progress.report(Progress {
             percent: percent.min(100),
-            note,
+            note: cut(note, MAX_PROGRESS_NOTE),
         });
     }
 
@@ -183,10 +192,14 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<PhaseState>> {
     Ok(linker)
 }
 
-/// Caps linear memory per run and records the peak. A refused growth makes
-/// `memory.grow` return -1, as the spec allows; most guests then trap.
+/// Caps the memory of a run, all its linear memories and tables together
+/// (a component may have several of each), and records the peak. A refused
+/// growth makes `memory.grow` return -1, as the spec allows; most guests
+/// then trap.
 pub(super) struct MemoryLimiter {
     limit: usize,
+    /// Bytes of every memory and table of the run, now.
+    used: usize,
     peak: usize,
     exhausted: bool,
 }
@@ -195,34 +208,44 @@ impl MemoryLimiter {
     fn new(limit: u64) -> Self {
         MemoryLimiter {
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            used: 0,
             peak: 0,
             exhausted: false,
         }
+    }
+
+    /// Grows the run's total from `current` to `desired` bytes of one
+    /// memory or table, if the total stays within the limit.
+    fn grow(&mut self, current: usize, desired: usize) -> bool {
+        let total = (self.used - current.min(self.used)).saturating_add(desired);
+        if total > self.limit {
+            self.exhausted = true;
+            return false;
+        }
+        self.used = total;
+        self.peak = self.peak.max(total);
+        true
     }
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
-            self.exhausted = true;
-            return Ok(false);
-        }
-        self.peak = self.peak.max(desired);
-        Ok(true)
+        Ok(self.grow(current, desired))
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+        Ok(desired <= MAX_TABLE_ELEMENTS
+            && self.grow(current * TABLE_ELEMENT_BYTES, desired * TABLE_ELEMENT_BYTES))
     }
 }
 
@@ -247,13 +270,9 @@ impl LogBuffer {
         }
     }
 
-    fn push(&mut self, level: LogLevel, mut message: String) {
+    fn push(&mut self, level: LogLevel, message: String) {
         self.total_bytes += message.len() as u64;
-        if message.len() > MAX_LOG_LINE {
-            let cut = message.floor_char_boundary(MAX_LOG_LINE);
-            message.truncate(cut);
-            message.push_str("… [truncated]");
-        }
+        let message = cut(message, MAX_LOG_LINE);
         if self.kept_bytes + message.len() > self.limit {
             self.dropped += 1;
             return;
@@ -280,7 +299,7 @@ impl ProgressGate {
             .last_sent
             .is_none_or(|at| at.elapsed() >= PROGRESS_INTERVAL);
         if let Some(sink) = &self.sink
-            && (due || progress.percent == 100)
+            && due
         {
             sink(progress.clone());
             self.last_sent = Some(Instant::now());
@@ -305,7 +324,7 @@ mod tests {
     }
 
     #[test]
-    fn progress_is_rate_limited_but_completion_always_passes() {
+    fn progress_is_rate_limited_even_at_completion() {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink_seen = seen.clone();
         let mut gate = ProgressGate {
@@ -315,13 +334,34 @@ mod tests {
             last_sent: None,
             latest: None,
         };
-        for percent in [10, 20, 30, 100] {
+        for percent in [10, 20, 100, 100, 100] {
             gate.report(Progress {
                 percent,
                 note: String::new(),
             });
         }
-        assert_eq!(*seen.lock().unwrap(), [10, 100]);
-        assert_eq!(gate.latest.map(|p| p.percent), Some(100));
+        assert_eq!(*seen.lock().unwrap(), [10], "no bypass at 100%");
+        assert_eq!(
+            gate.latest.map(|p| p.percent),
+            Some(100),
+            "the latest is kept"
+        );
+    }
+
+    /// The cap covers every memory and table of a run together.
+    #[test]
+    fn memory_cap_covers_all_memories_and_tables_together() {
+        let mut limiter = MemoryLimiter::new(100 << 10);
+        assert!(limiter.memory_growing(0, 60 << 10, None).unwrap());
+        // A second memory of 60 KiB would fit alone, not beside the first.
+        assert!(!limiter.memory_growing(0, 60 << 10, None).unwrap());
+        assert!(limiter.exhausted);
+        assert!(limiter.memory_growing(0, 30 << 10, None).unwrap());
+        // 10 KiB are left: a table of 2,000 pointers (16 KiB) does not fit.
+        assert!(!limiter.table_growing(0, 2_000, None).unwrap());
+        assert!(limiter.table_growing(0, 1_000, None).unwrap());
+        // Growing the first memory counts only what it adds.
+        assert!(limiter.memory_growing(60 << 10, 61 << 10, None).unwrap());
+        assert_eq!(limiter.peak, (91 << 10) + 8_000);
     }
 }

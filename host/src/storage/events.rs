@@ -36,6 +36,7 @@ pub(super) fn insert(conn: &Connection, event: NewEvent, at: i64) -> Result<Even
         job_id: event.job_id,
         at,
         data: event.data,
+        live: false,
     })
 }
 
@@ -92,6 +93,7 @@ impl Storage {
                     job_id,
                     at,
                     data,
+                    live: false,
                 });
             }
             Ok(events)

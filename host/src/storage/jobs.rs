@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use super::{EventLog, Result, Storage, StorageError};
 use crate::events::{EventKind, NewEvent};
 use crate::json::Json;
-use crate::queue::{AttemptError, BackoffPolicy, Job, JobStatus, Phase, PhaseStatus};
-use crate::runtime::ResourceUsage;
+use crate::queue::{AttemptError, BackoffPolicy, Job, JobStatus, JobSummary, Phase, PhaseStatus};
+use crate::runtime::{Progress, ResourceUsage};
 
 /// A job ready to store: validated, with plugin versions still to pin.
 #[derive(Debug, Clone)]
@@ -110,6 +110,7 @@ pub struct Recovered {
 pub struct JobFilter {
     pub status: Option<JobStatus>,
     pub plugin: Option<String>,
+    /// Clamped to 1..=[`MAX_PAGE`].
     pub limit: usize,
     /// Return jobs older than this id (ids sort by creation time).
     pub cursor: Option<String>,
@@ -117,10 +118,13 @@ pub struct JobFilter {
 
 #[derive(Debug, Clone)]
 pub struct JobPage {
-    pub jobs: Vec<Job>,
+    pub jobs: Vec<JobSummary>,
     /// Pass as `cursor` for the next page; `None` on the last page.
     pub next_cursor: Option<String>,
 }
+
+/// Most jobs one listing returns.
+pub const MAX_PAGE: usize = 100;
 
 const JOB_COLUMNS: &str = "id, status, payload, priority, run_at, attempt, max_attempts, backoff,
     idempotency_key, webhook_url, created_at, started_at, finished_at, error";
@@ -198,17 +202,29 @@ impl RawJob {
 }
 
 fn phases_of(conn: &Connection, job_id: &str) -> Result<Vec<Phase>> {
-    phases_where(conn, job_id, None)
+    phases_where(conn, job_id, Listed::Whole)
 }
 
-/// The job's phases in order, or only the one at `index`.
-fn phases_where(conn: &Connection, job_id: &str, index: Option<usize>) -> Result<Vec<Phase>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT idx, name, plugin, version, config, timeout_ms, status, output, error, attempts,
-                started_at, finished_at, usage
-         FROM phases WHERE job_id = ?1 AND (?2 IS NULL OR idx = ?2) ORDER BY idx",
-    )?;
-    let rows = stmt.query_map(params![job_id, index.map(|i| i as i64)], |row| {
+/// How much of a phase to read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    Whole,
+    /// Without config and output, for listings.
+    Summary,
+}
+
+/// The job's phases in order.
+fn phases_where(conn: &Connection, job_id: &str, listed: Listed) -> Result<Vec<Phase>> {
+    let (config, output) = match listed {
+        Listed::Whole => ("config", "output"),
+        Listed::Summary => ("'{}'", "NULL"),
+    };
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT idx, name, plugin, version, {config}, timeout_ms, status, {output}, error, attempts,
+                started_at, finished_at, usage, progress
+         FROM phases WHERE job_id = ?1 ORDER BY idx"
+    ))?;
+    let rows = stmt.query_map([job_id], |row| {
         Ok((
             row.get::<_, i64>(0)?,
             row.get::<_, String>(1)?,
@@ -223,6 +239,7 @@ fn phases_where(conn: &Connection, job_id: &str, index: Option<usize>) -> Result
             row.get::<_, Option<i64>>(10)?,
             row.get::<_, Option<i64>>(11)?,
             row.get::<_, Option<String>>(12)?,
+            row.get::<_, Option<String>>(13)?,
         ))
     })?;
     let mut phases = Vec::new();
@@ -241,6 +258,7 @@ fn phases_where(conn: &Connection, job_id: &str, index: Option<usize>) -> Result
             started,
             finished,
             usage,
+            progress,
         ) = row?;
         phases.push(Phase {
             index: index as usize,
@@ -261,6 +279,10 @@ fn phases_where(conn: &Connection, job_id: &str, index: Option<usize>) -> Result
                 .map(|u| serde_json::from_str::<ResourceUsage>(&u))
                 .transpose()
                 .map_err(|e| corrupt("phase usage", e))?,
+            progress: progress
+                .map(|p| serde_json::from_str::<Progress>(&p))
+                .transpose()
+                .map_err(|e| corrupt("phase progress", e))?,
         });
     }
     Ok(phases)
@@ -450,6 +472,7 @@ fn created_job(new: &NewJob, pinned: Vec<String>) -> Job {
                 started_at: None,
                 finished_at: None,
                 usage: None,
+                progress: None,
             })
             .collect(),
         errors: Vec::new(),
@@ -627,7 +650,7 @@ fn start_loaded_phase(
 fn mark_phase_running(conn: &Connection, job_id: &str, index: usize, now: i64) -> Result<bool> {
     let changed = conn
         .prepare_cached(
-            "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL
+            "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL, progress = NULL
              WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'",
         )?
         .execute(params![job_id, index as i64, now])?;
@@ -929,7 +952,7 @@ fn retry(
     }
     if from_start {
         conn.execute(
-            "UPDATE phases SET status = 'pending', output = NULL, error = NULL, usage = NULL, attempts = 0,
+            "UPDATE phases SET status = 'pending', output = NULL, error = NULL, usage = NULL, progress = NULL, attempts = 0,
                                started_at = NULL, finished_at = NULL
              WHERE job_id = ?1",
             [job_id],
@@ -961,14 +984,19 @@ fn delete(conn: &Connection, log: &mut EventLog, job_id: &str, now: i64) -> Resu
     }
 }
 
-/// `job:deleted` carries only the deleted job's id.
-/// Deletes a job with its history: its phases, attempt errors and logged
-/// events. Only the `job:deleted` event is left, for watchers to replay.
+/// Deletes a job with its history: its phases, attempt errors, logged events
+/// and settled webhook deliveries. Only the `job:deleted` event is left (it
+/// carries only the deleted job's id), for watchers to replay.
 fn delete_row(conn: &Connection, log: &mut EventLog, job_id: &str, now: i64) -> Result<()> {
     conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
         .execute([job_id])?;
     conn.prepare_cached("DELETE FROM events WHERE job_id = ?1")?
         .execute([job_id])?;
+    // Settled deliveries go with their job; pending ones still go out.
+    conn.prepare_cached(
+        "DELETE FROM webhook_deliveries WHERE job_id = ?1 AND status != 'pending'",
+    )?
+    .execute([job_id])?;
     job_event(
         conn,
         log,
@@ -1065,11 +1093,17 @@ fn delete_finished_before(
     Ok(ids)
 }
 
+/// The columns of [`JOB_COLUMNS`] that listings show: the payload is
+/// left in the table.
+const LISTED_JOB_COLUMNS: &str =
+    "id, status, 'null', priority, run_at, attempt, max_attempts, backoff,
+    idempotency_key, webhook_url, created_at, started_at, finished_at, error";
+
 fn list(conn: &Connection, filter: &JobFilter) -> Result<JobPage> {
-    let limit = filter.limit.clamp(1, 1000);
+    let limit = filter.limit.clamp(1, MAX_PAGE);
     let raws: Vec<_> = conn
         .prepare_cached(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs
+            "SELECT {LISTED_JOB_COLUMNS} FROM jobs
              WHERE (?1 IS NULL OR status = ?1)
                AND (?2 IS NULL OR EXISTS (SELECT 1 FROM phases WHERE job_id = jobs.id AND plugin = ?2))
                AND (?3 IS NULL OR id < ?3)
@@ -1083,8 +1117,8 @@ fn list(conn: &Connection, filter: &JobFilter) -> Result<JobPage> {
     let mut jobs = Vec::with_capacity(raws.len());
     for raw in raws {
         let mut job = raw.decode()?;
-        job.phases = phases_of(conn, &job.id)?;
-        jobs.push(job);
+        job.phases = phases_where(conn, &job.id, Listed::Summary)?;
+        jobs.push(JobSummary::from(job));
     }
     let next_cursor = if jobs.len() > limit {
         jobs.truncate(limit);
@@ -1142,25 +1176,22 @@ impl Storage {
         .await
     }
 
-    /// Records a progress update of a running phase as an event.
-    pub async fn phase_progress(
+    /// Keeps a run's last progress report on its phase (no event: progress
+    /// is live-only), if the phase is still running.
+    pub async fn record_progress(
         &self,
         job_id: &str,
-        phase: &str,
-        percent: u8,
-        note: &str,
+        index: usize,
+        progress: &Progress,
     ) -> Result<()> {
-        let data = json!({"phase": phase, "percent": percent, "note": note});
-        let (job_id, now) = (job_id.to_owned(), crate::time::now_ms());
-        self.write(move |conn, log| {
-            job_event(
-                conn,
-                log,
-                EventKind::PhaseProgress,
-                &job_id,
-                data.clone(),
-                now,
-            )
+        let progress = serde_json::to_string(progress).map_err(|e| corrupt("progress", e))?;
+        let job_id = job_id.to_owned();
+        self.write(move |conn, _| {
+            conn.prepare_cached(
+                "UPDATE phases SET progress = ?3 WHERE job_id = ?1 AND idx = ?2 AND status = 'running'",
+            )?
+            .execute(params![job_id, index as i64, progress])?;
+            Ok(())
         })
         .await
     }

@@ -38,7 +38,7 @@ use crate::events::{Bus, Event, NewEvent};
 pub use events::EventFilter;
 pub use jobs::{
     AfterFailure, CancelOutcome, Completion, CreateOutcome, DeleteOutcome, JobFilter, JobPage,
-    NewJob, NewPhase, Recovered, RetryOutcome,
+    MAX_PAGE, NewJob, NewPhase, Recovered, RetryOutcome,
 };
 pub use plugins::{
     ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginRecord, PutOutcome,

@@ -158,6 +158,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE phases_v3 RENAME TO phases;
     CREATE INDEX phases_plugin ON phases (plugin, version);
     ",
+    // 4: a phase keeps its run's last progress report (progress is live-only
+    // on the event stream, not one logged event per report).
+    "
+    ALTER TABLE phases ADD COLUMN progress TEXT;
+    ",
 ];
 
 /// Brings the database up to the latest schema.
@@ -227,7 +232,7 @@ mod tests {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version as usize, VERSION);
         let output: String = conn
             .query_row("SELECT output FROM phases WHERE job_id = 'j1'", [], |row| {
                 row.get(0)

@@ -147,12 +147,22 @@ fn record(
             ("failed", *status, Some(error.as_str()), now, Some(now))
         }
     };
+    // A settled delivery no longer needs its secret.
     conn.prepare_cached(
         "UPDATE webhook_deliveries SET status = ?2, attempts = ?3, last_status = ?4, last_error = ?5,
-                next_attempt_at = ?6, finished_at = ?7
+                next_attempt_at = ?6, finished_at = ?7,
+                secret = CASE WHEN ?2 = 'pending' THEN secret END
          WHERE id = ?1",
     )?
     .execute(params![delivery.id, status, attempts, http, error, next, finished])?;
+    if finished.is_some() {
+        // Retention already took its job: the settled row goes too.
+        conn.prepare_cached(
+            "DELETE FROM webhook_deliveries
+             WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = webhook_deliveries.job_id)",
+        )?
+        .execute([&delivery.id])?;
+    }
     let data = json!({"webhook_id": delivery.id, "url": delivery.url, "attempts": attempts, "status": http, "error": error});
     match outcome {
         AttemptOutcome::Delivered { .. } => log.emit(

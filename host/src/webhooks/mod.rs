@@ -7,23 +7,36 @@
 
 mod signing;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use signing::Secret;
 
 use crate::metrics::{Metrics, OutcomeLabel};
+use crate::outbound::{AddressPolicy, Refused};
 use crate::queue::BackoffPolicy;
 use crate::storage::{AttemptOutcome, Delivery, Storage};
 use crate::time::now_ms;
 
-/// Deliveries attempted concurrently.
-const BATCH: usize = 32;
+/// Attempts in flight at once, in all.
+const MAX_IN_FLIGHT: usize = 32;
+/// Attempts in flight at once to one destination (scheme, host and port):
+/// a receiver that hangs holds this many, and the others go on.
+const PER_DESTINATION: usize = 4;
+/// Due deliveries read per look: enough to find some for other
+/// destinations while one is at its cap.
+const LOOK_AHEAD: usize = 256;
 /// Longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// After a failure to read the outbox or record an attempt, the deliverer
+/// waits this long, doubling up to [`MAX_PAUSE`], rather than retry at once.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const MAX_PAUSE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
@@ -33,6 +46,8 @@ pub struct WebhookConfig {
     pub timeout: Duration,
     pub max_attempts: u32,
     pub backoff: BackoffPolicy,
+    /// Which addresses deliveries may connect to.
+    pub policy: Arc<AddressPolicy>,
 }
 
 impl WebhookConfig {
@@ -47,6 +62,7 @@ impl WebhookConfig {
                 max_ms: 300_000,
                 jitter: true,
             },
+            policy: Arc::default(),
         }
     }
 }
@@ -58,6 +74,13 @@ pub struct Deliverer {
     metrics: Arc<Metrics>,
 }
 
+/// What an attempt task reports when it ends.
+struct Attempted {
+    id: String,
+    destination: String,
+    recorded: bool,
+}
+
 impl Deliverer {
     pub fn new(
         storage: Arc<Storage>,
@@ -65,9 +88,10 @@ impl Deliverer {
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         crate::tls::init();
-        let client = reqwest::Client::builder()
+        let client = config
+            .policy
+            .client()
             .timeout(config.timeout)
-            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("jobhost/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Deliverer {
@@ -78,46 +102,84 @@ impl Deliverer {
         })
     }
 
-    /// Delivers due webhooks until `stop` is cancelled; a batch in flight
-    /// is finished first (each attempt is bounded by the timeout).
-    pub async fn run(self, stop: CancellationToken) {
+    /// Delivers due webhooks until `stop` is cancelled. Attempts run
+    /// concurrently, at most [`PER_DESTINATION`] per destination. Attempts
+    /// in flight at the stop are abandoned: their deliveries stay pending in
+    /// the outbox and go out after the next start.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut in_flight: JoinSet<Attempted> = JoinSet::new();
+        let mut busy: HashSet<String> = HashSet::new();
+        let mut per_destination: HashMap<String, usize> = HashMap::new();
+        let mut pause = Duration::ZERO;
         loop {
-            let due = match self.storage.due_webhooks(now_ms(), BATCH).await {
-                Ok(due) => due,
+            if !pause.is_zero() {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+            match self.storage.due_webhooks(now_ms(), LOOK_AHEAD).await {
+                Ok(due) => {
+                    for delivery in due {
+                        if in_flight.len() >= MAX_IN_FLIGHT {
+                            break;
+                        }
+                        let destination = destination(&delivery.url);
+                        let count = per_destination.entry(destination.clone()).or_default();
+                        if busy.contains(&delivery.id) || *count >= PER_DESTINATION {
+                            continue;
+                        }
+                        *count += 1;
+                        busy.insert(delivery.id.clone());
+                        let deliverer = self.clone();
+                        in_flight.spawn(async move {
+                            let id = delivery.id.clone();
+                            let recorded = deliverer.attempt(delivery).await;
+                            Attempted {
+                                id,
+                                destination,
+                                recorded,
+                            }
+                        });
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "reading the webhook outbox failed");
-                    Vec::new()
+                    pause = next_pause(pause);
+                    continue;
                 }
-            };
-            let full = due.len() == BATCH;
-            futures::future::join_all(due.into_iter().map(|d| self.attempt(d))).await;
-            if stop.is_cancelled() {
-                return;
             }
-            if full {
-                continue;
-            }
+            // Deliveries due now are in flight or wait for their
+            // destination: an attempt ending wakes the loop for them.
             let next = self.storage.next_webhook_at().await.ok().flatten();
             let timer = async {
                 match next {
-                    Some(at) => {
-                        tokio::time::sleep(Duration::from_millis(
-                            at.saturating_sub(now_ms()).max(0) as u64,
-                        ))
-                        .await
+                    Some(at) if at > now_ms() => {
+                        tokio::time::sleep(Duration::from_millis((at - now_ms()).max(0) as u64))
+                            .await
                     }
-                    None => std::future::pending().await,
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = timer => {}
                 () = self.storage.webhook_added() => {}
+                Some(ended) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Ok(ended) = ended {
+                        busy.remove(&ended.id);
+                        if let Some(count) = per_destination.get_mut(&ended.destination) {
+                            *count -= 1;
+                        }
+                        pause = if ended.recorded { Duration::ZERO } else { next_pause(pause) };
+                    }
+                }
             }
         }
     }
 
-    async fn attempt(&self, delivery: Delivery) {
+    /// Makes one attempt and records it; false when recording failed.
+    async fn attempt(&self, delivery: Delivery) -> bool {
         let outcome = self.send(&delivery).await;
         let label = match &outcome {
             AttemptOutcome::Delivered { .. } => "delivered",
@@ -141,12 +203,16 @@ impl Deliverer {
                 tracing::warn!(webhook = %delivery.id, job = %delivery.job_id, %error, "webhook delivery failed")
             }
         }
-        if let Err(error) = self
+        match self
             .storage
             .record_webhook_attempt(delivery, outcome, now_ms())
             .await
         {
-            tracing::warn!(%error, "recording a webhook attempt failed; it will be retried");
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "recording a webhook attempt failed; it will be retried");
+                false
+            }
         }
     }
 
@@ -161,10 +227,23 @@ impl Deliverer {
             }
             None => self.config.default_secret.clone(),
         };
+        let Ok(url) = reqwest::Url::parse(&delivery.url) else {
+            return AttemptOutcome::Failed {
+                status: None,
+                error: "invalid url".into(),
+            };
+        };
+        if let Err(refused) = self.config.policy.check_url(&url) {
+            tracing::warn!(webhook = %delivery.id, job = %delivery.job_id, %refused, "webhook refused");
+            return AttemptOutcome::Failed {
+                status: None,
+                error: REFUSED.into(),
+            };
+        }
         let timestamp = now_ms() / 1000;
         let response = self
             .client
-            .post(&delivery.url)
+            .post(url)
             .header("content-type", "application/json")
             .header("webhook-id", &delivery.id)
             .header("webhook-timestamp", timestamp.to_string())
@@ -188,16 +267,26 @@ impl Deliverer {
                 if !retryable {
                     return AttemptOutcome::Failed {
                         status: Some(status.as_u16()),
-                        error: format!("the receiver refused the delivery with {status}"),
+                        error: format!("http {}", status.as_u16()),
                     };
                 }
                 (
                     Some(status.as_u16()),
-                    format!("the receiver answered {status}"),
+                    format!("http {}", status.as_u16()),
                     retry_after(&response),
                 )
             }
-            Err(error) => (None, describe(&error), None),
+            Err(error) => {
+                tracing::info!(webhook = %delivery.id, job = %delivery.job_id, error = %error_chain(&error), "webhook request failed");
+                let category = category(&error);
+                if category == REFUSED {
+                    return AttemptOutcome::Failed {
+                        status: None,
+                        error: category.into(),
+                    };
+                }
+                (None, category.into(), None)
+            }
         };
         if attempts >= self.config.max_attempts {
             return AttemptOutcome::Failed {
@@ -228,12 +317,52 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
-fn describe(error: &reqwest::Error) -> String {
-    if error.is_timeout() {
-        "the receiver did not answer in time".into()
-    } else if error.is_connect() {
-        "could not connect to the receiver".into()
-    } else {
-        format!("the request failed: {error}")
+/// What readers of a job (and its events) are told went wrong: a
+/// category, never the error's text, which could tell a submitter about
+/// the host's network. The details go to the log.
+const REFUSED: &str = "refused by policy";
+
+fn category(error: &reqwest::Error) -> &'static str {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if cause.is::<Refused>() {
+            return REFUSED;
+        }
+        source = cause.source();
     }
+    if error.is_timeout() {
+        "timeout"
+    } else if error.is_connect() {
+        "connect"
+    } else {
+        "request"
+    }
+}
+
+fn error_chain(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Where a delivery goes, for the per-destination cap: scheme, host, port.
+fn destination(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(url) => format!(
+            "{}://{}:{}",
+            url.scheme(),
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or_default()
+        ),
+        Err(_) => url.to_owned(),
+    }
+}
+
+fn next_pause(pause: Duration) -> Duration {
+    (pause * 2).clamp(FIRST_PAUSE, MAX_PAUSE)
 }

@@ -143,3 +143,113 @@ async fn usage_is_reported() {
         "at least one wasm page"
     );
 }
+
+/// A legal plugin floods the host through the contract itself: what the
+/// host keeps of each flood stays within its bound, visibly cut.
+#[tokio::test]
+async fn floods_through_the_contract_are_bounded() {
+    let runtime = runtime();
+    let flood = load(&runtime, plugin_artifacts::FLOOD).await;
+    let config = test_config();
+
+    // 3,000 progress reports of 64 KiB at 100%: rate-limited with no
+    // bypass, each note cut, and only the latest kept.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut progress = jobhost::runtime::PhaseRun::new("{}");
+    progress.config = r#"{"mode": "progress", "count": 3000, "bytes": 65536}"#.into();
+    let sink_seen = seen.clone();
+    progress.progress = Some(std::sync::Arc::new(move |p| {
+        sink_seen.lock().unwrap().push(p)
+    }));
+    let started = std::time::Instant::now();
+    let result = runtime.run(&flood, progress).await;
+    assert_eq!(crate::output(&result)["sent"], 3000);
+    let seen = seen.lock().unwrap().clone();
+    let most = started.elapsed().as_millis() / 100 + 1;
+    assert!(
+        (1..=most as usize).contains(&seen.len()),
+        "{} reports passed",
+        seen.len()
+    );
+    let bound = jobhost::runtime::MAX_PROGRESS_NOTE + "… [truncated 65280 bytes]".len();
+    for report in seen.iter().chain(result.last_progress.iter()) {
+        assert_eq!(report.note.len(), bound);
+        assert!(report.note.ends_with("… [truncated 65280 bytes]"));
+    }
+
+    // 10,000 log lines of 64 KiB: each line cut, the total within the budget.
+    let result = run(
+        &runtime,
+        &flood,
+        "{}",
+        r#"{"mode": "log", "count": 10000, "bytes": 65536}"#,
+    )
+    .await;
+    assert_eq!(crate::output(&result)["sent"], 10000);
+    let kept: usize = result.log.entries.iter().map(|e| e.message.len()).sum();
+    assert!(kept <= config.max_log_bytes, "{kept} bytes of log kept");
+    assert!(result.log.entries[0].message.contains("[truncated "));
+    assert_eq!(
+        result.log.dropped_entries as usize,
+        10000 - result.log.entries.len()
+    );
+    assert_eq!(result.log.log_bytes, 10000 * 65536);
+
+    // A 40 MiB failure message, retryable or not: cut to the bound.
+    for mode in ["fail", "retry"] {
+        let result = run(
+            &runtime,
+            &flood,
+            "{}",
+            &format!(r#"{{"mode": "{mode}", "bytes": 41943040}}"#),
+        )
+        .await;
+        let message = match result.outcome {
+            Err(PhaseFailure::Fail(message) | PhaseFailure::Retry(message)) => message,
+            other => panic!("expected a failure, got {other:?}"),
+        };
+        let marker = format!("… [truncated {} bytes]", 41943040 - config.max_error_bytes);
+        assert_eq!(message.len(), config.max_error_bytes + marker.len());
+        assert!(message.ends_with(&marker));
+    }
+    assert_runtime_still_healthy(&runtime).await;
+}
+
+/// `describe()` answers of any size are cut to the documented bounds.
+#[tokio::test]
+async fn huge_metadata_is_cut() {
+    let runtime = runtime();
+    let plugin = load(&runtime, plugin_artifacts::HUGE_METADATA).await;
+    let metadata = &plugin.metadata;
+    let cut = |bound: usize| bound + format!("… [truncated {} bytes]", (1 << 20) - bound).len();
+    assert_eq!(
+        metadata.name.len(),
+        cut(jobhost::runtime::MAX_METADATA_NAME)
+    );
+    assert_eq!(
+        metadata.version.len(),
+        cut(jobhost::runtime::MAX_METADATA_NAME)
+    );
+    assert_eq!(
+        metadata.description.len(),
+        cut(jobhost::runtime::MAX_METADATA_DESCRIPTION)
+    );
+}
+
+/// A `describe()` parked in a WASI sleep, where no epoch check runs, is
+/// stopped by the wall-clock timeout: the load fails instead of hanging.
+#[tokio::test]
+async fn a_parked_describe_cannot_hang_a_load() {
+    let runtime = runtime();
+    let started = std::time::Instant::now();
+    let error = runtime
+        .load(&plugin_artifacts::bytes(plugin_artifacts::SLOW_DESCRIBE))
+        .await
+        .expect_err("a describe() that never returns");
+    assert!(
+        error.to_string().contains("did not return within"),
+        "{error}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_runtime_still_healthy(&runtime).await;
+}

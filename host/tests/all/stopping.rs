@@ -115,7 +115,8 @@ async fn progress_reaches_the_sink() {
     let sleep = load(&runtime, plugin_artifacts::SLEEP).await;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut run = PhaseRun::new("{}");
-    run.config = r#"{"ms": 50, "steps": 5}"#.into();
+    // Steps farther apart than the rate limit: each report goes through.
+    run.config = r#"{"ms": 600, "steps": 4}"#.into();
     let sink_seen = seen.clone();
     run.progress = Some(std::sync::Arc::new(move |p| {
         sink_seen.lock().unwrap().push(p)
@@ -123,9 +124,10 @@ async fn progress_reaches_the_sink() {
     let result = runtime.run(&sleep, run).await;
     assert!(result.outcome.is_ok());
     let seen = seen.lock().unwrap();
-    assert_eq!(seen.first().map(|p| p.percent), Some(20));
+    let percents: Vec<u8> = seen.iter().map(|p| p.percent).collect();
+    assert_eq!(percents, [25, 50, 75, 100]);
     assert_eq!(
-        seen.last().map(|p| (p.percent, p.note.as_str())),
-        Some((100, "step 5/5"))
+        result.last_progress.map(|p| (p.percent, p.note)),
+        Some((100, "step 4/4".to_owned()))
     );
 }

@@ -1,0 +1,370 @@
+//! The host under attack by who it does not trust: a legal plugin that
+//! floods it through the contract, a submitter with out-of-range specs and
+//! webhook URLs aimed inside, web pages and idle clients, and a receiver
+//! that never answers. Each test fails on a host without the bound.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::receiver::ALLOW_LOOPBACK;
+use crate::server::{Server, TIMEOUT};
+
+/// Bytes of every file under `dir`.
+fn size_of(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                size_of(&entry.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn out_of_range_specs_are_refused_and_listing_keeps_working() {
+    let server = Server::start(&[]).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let echo = json!([{"name": "e", "plugin": "echo"}]);
+    for (field, spec) in [
+        (
+            "delay_ms",
+            json!({"phases": echo, "delay_ms": 9_000_000_000_000_000_u64}),
+        ),
+        (
+            "run_at",
+            json!({"phases": echo, "run_at": "9999-12-31T23:59:59Z"}),
+        ),
+        ("priority", json!({"phases": echo, "priority": 1_000_000})),
+        (
+            "backoff.max_ms",
+            json!({"phases": echo, "backoff": {"max_ms": u64::MAX}}),
+        ),
+        (
+            "phases[0].timeout_ms",
+            json!({"phases": [{"name": "e", "plugin": "echo", "timeout_ms": u64::MAX}]}),
+        ),
+        (
+            "idempotency_key",
+            json!({"phases": echo, "idempotency_key": "k".repeat(257)}),
+        ),
+    ] {
+        let (status, body) = server.post("/jobs", &spec).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field), "`{message}` does not name {field}");
+    }
+    let (status, page) = server.get("/jobs").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["jobs"], json!([]), "nothing was stored");
+}
+
+/// A plugin that floods progress, logs and failure messages leaves the
+/// data directory and its jobs' JSON small.
+#[tokio::test]
+async fn a_flooding_plugin_cannot_fill_the_disk_or_the_job() {
+    let server = Server::start(&[]).await;
+    server
+        .upload("flood", "1.0.0", plugin_artifacts::FLOOD)
+        .await;
+    let data = server.dir.path().join("data");
+    let before = size_of(&data);
+
+    let floods = [
+        json!({"mode": "progress", "count": 3000, "bytes": 65536}),
+        json!({"mode": "log", "count": 3000, "bytes": 65536}),
+        json!({"mode": "fail", "bytes": 41_943_040}),
+    ];
+    for config in floods {
+        let job = server
+            .submit(&json!({"phases": [{"name": "f", "plugin": "flood", "config": config}], "max_attempts": 1}))
+            .await;
+        let id = job["id"].as_str().unwrap();
+        server.wait_finished(id).await;
+        let shown = server.get_text(&format!("/jobs/{id}")).await;
+        assert!(
+            shown.len() < 32 << 10,
+            "GET /jobs/{id} is {} bytes",
+            shown.len()
+        );
+    }
+    let grown = size_of(&data).saturating_sub(before);
+    assert!(grown < 1 << 20, "the data directory grew by {grown} bytes");
+}
+
+/// A webhook aimed at the host itself, by address or by a name that
+/// resolves to loopback, is refused before any connection; readers see
+/// only the category.
+#[tokio::test]
+async fn webhooks_cannot_reach_the_host_itself() {
+    let server = Server::start(&[]).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let port = server.url.rsplit(':').next().unwrap().to_owned();
+    for target in [
+        format!("http://127.0.0.1:{port}/queue/pause"),
+        format!("http://localhost:{port}/queue/pause"),
+        format!("http://[::ffff:127.0.0.1]:{port}/queue/pause"),
+    ] {
+        let job = server
+            .submit(
+                &json!({"phases": [{"name": "e", "plugin": "echo"}], "webhook": {"url": target}}),
+            )
+            .await;
+        let id = job["id"].as_str().unwrap();
+        let mut events = server
+            .events(
+                &format!("/events?job={id}&types=job:webhook:failed"),
+                Some(0),
+            )
+            .await;
+        let failed = events.next_event().await.expect("the delivery fails");
+        assert_eq!(
+            failed.data["data"]["error"], "refused by policy",
+            "{target}"
+        );
+        let (_, job) = server.get(&format!("/jobs/{id}")).await;
+        assert_eq!(job["webhook"]["last_error"], "refused by policy");
+    }
+    let (_, queue) = server.get("/queue").await;
+    assert_eq!(queue["paused"], false, "a webhook paused the queue");
+    assert!(server.log().contains("loopback address: refused by policy"));
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_exits_at_once() {
+    let server = Server::start(&[]).await;
+    let second = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(server.dir.path().join("data"))
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!("another jobhost (pid {})", server.pid())),
+        "{stderr}"
+    );
+    assert_eq!(
+        server.get("/healthz").await.0,
+        StatusCode::OK,
+        "the first still serves"
+    );
+}
+
+/// Redis's protected mode: without tokens, loopback only, and a page on
+/// another site (DNS rebinding, a forged form) cannot use the API.
+#[tokio::test]
+async fn without_tokens_only_local_clients_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let exposed = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(exposed.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&exposed.stderr);
+    assert!(
+        stderr.contains("--tokens-file") && stderr.contains("--insecure-no-auth"),
+        "{stderr}"
+    );
+
+    let server = Server::start(&["--allowed-host", "jobs.internal"]).await;
+    let c = &server.client;
+    let get_as = |host: &str| c.get(server.url("/jobs")).header("host", host).send();
+    let rebound = get_as("evil.example:8080").await.unwrap();
+    assert_eq!(rebound.status(), StatusCode::FORBIDDEN);
+    let body: Value = rebound.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden_host");
+    assert_eq!(
+        get_as("jobs.internal:8080").await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_as("localhost:1").await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    let post_from = |origin: &str| {
+        c.post(server.url("/queue/pause"))
+            .header("origin", origin)
+            .json(&json!({}))
+            .send()
+    };
+    let forged = post_from("http://evil.example").await.unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    let body: Value = forged.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden_origin");
+    assert_eq!(server.get("/queue").await.1["paused"], false);
+    assert_eq!(
+        post_from("http://localhost:3000").await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+/// Under the common 1,024-file limit, 1,100 idle streams from one address
+/// are refused past the per-address cap at once, and the server still
+/// answers health checks and submits.
+#[tokio::test]
+async fn idle_streams_cannot_exhaust_descriptors() {
+    let server = Server::start_with_file_limit(&[], 1024).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let attempts = (0..1100).map(|_| async {
+        // A client of its own per stream: one connection each.
+        let client = reqwest::Client::new();
+        let response = client.get(server.url("/events")).send().await.unwrap();
+        (response.status(), response)
+    });
+    let opened = futures::future::join_all(attempts).await;
+    let held = opened
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .count();
+    let refused = opened
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(held, 64, "the per-address cap");
+    assert_eq!(held + refused, 1100);
+    assert_eq!(server.get("/healthz").await.0, StatusCode::OK);
+    server
+        .submit(&json!({"phases": [{"name": "e", "plugin": "echo"}]}))
+        .await;
+    drop(opened);
+}
+
+/// A new `/events` client starts now, told the head in its first message;
+/// history is asked for with `Last-Event-ID: 0`.
+#[tokio::test]
+async fn a_new_stream_starts_now_and_history_is_explicit() {
+    let server = Server::start(&[]).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let first = server
+        .submit(&json!({"phases": [{"name": "e", "plugin": "echo"}]}))
+        .await;
+    server.wait_finished(first["id"].as_str().unwrap()).await;
+    let head = server.get("/readyz").await.1["last_event"]
+        .as_i64()
+        .unwrap();
+    assert!(head > 1);
+
+    let response = server
+        .client
+        .get(server.url("/events"))
+        .send()
+        .await
+        .unwrap();
+    let mut chunks = response.bytes_stream();
+    let opening = chunks.next().await.unwrap().unwrap();
+    assert_eq!(opening, format!("id: {head}\n\n").as_bytes());
+    let second = server
+        .submit(&json!({"phases": [{"name": "e", "plugin": "echo"}]}))
+        .await;
+    let next = tokio::time::timeout(TIMEOUT, chunks.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&next);
+    assert!(
+        text.starts_with(&format!("id: {}\nevent: job:created\n", head + 1)),
+        "{text}"
+    );
+    assert!(text.contains(second["id"].as_str().unwrap()));
+
+    let mut history = server.events("/events", Some(0)).await;
+    assert_eq!(history.next_event().await.unwrap().kind, "plugin:uploaded");
+}
+
+/// Listings carry summaries: no payloads, configs or outputs, at most 100.
+#[tokio::test]
+async fn job_listings_are_summaries() {
+    let server = Server::start(&[]).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let big = "x".repeat(100 << 10);
+    let job = server
+        .submit(&json!({"phases": [{"name": "e", "plugin": "echo", "config": {"c": 1}}], "payload": {"big": big}}))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    server.wait_finished(id).await;
+    let listing = server.get_text("/jobs").await;
+    assert!(listing.len() < 4096, "{} bytes", listing.len());
+    let page: Value = serde_json::from_str(&listing).unwrap();
+    let listed = &page["jobs"][0];
+    assert_eq!(listed["id"], id);
+    assert_eq!(listed["status"], "completed");
+    assert!(listed.get("payload").is_none() && listed["phases"][0].get("output").is_none());
+    assert_eq!(
+        server.get("/jobs?limit=101").await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        server.get(&format!("/jobs/{id}")).await.1["payload"]["big"],
+        big
+    );
+}
+
+/// A receiver that accepts and never answers cannot hold shutdown past its
+/// timeout, even beside a phase that ignores cancellation; its delivery
+/// stays in the outbox for the next start.
+#[tokio::test]
+async fn shutdown_is_bounded_by_its_timeout_as_a_whole() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            connections.push(socket);
+        }
+    });
+    let mut args = ALLOW_LOOPBACK.to_vec();
+    args.extend(["--shutdown-timeout", "2s"]);
+    let mut server = Server::start(&args).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    server.upload("spin", "1.0.0", plugin_artifacts::SPIN).await;
+    let hooked = server
+        .submit(
+            &json!({"phases": [{"name": "e", "plugin": "echo"}], "webhook": {"url": silent_url}}),
+        )
+        .await;
+    let hooked = hooked["id"].as_str().unwrap().to_owned();
+    server.wait_finished(&hooked).await;
+    let spinning = server
+        .submit(&json!({"phases": [{"name": "s", "plugin": "spin"}]}))
+        .await;
+    let mut events = server
+        .events(
+            &format!("/jobs/{}/events", spinning["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    events
+        .until(spinning["id"].as_str().unwrap(), "job:phase:started")
+        .await;
+
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.terminate();
+        (status, server)
+    });
+    let (status, server) = status.await.unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "exit status {status}");
+    // 2 s of shutdown timeout, a tick to stop the guest, and cleanup; the
+    // hung delivery alone used to add its 10 s webhook timeout.
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+
+    let server = server.restart();
+    let (_, job) = server.get(&format!("/jobs/{hooked}")).await;
+    assert_eq!(job["webhook"]["status"], "pending", "{job}");
+    held.abort();
+}
