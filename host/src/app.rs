@@ -3,7 +3,6 @@
 //! down in order on one signal.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -14,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::data_dir::{self, DataDirLock};
 use crate::events::Bus;
+use crate::http::serve::ConnectionLimits;
 use crate::http::{AppState, StreamLimits, router};
 use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
@@ -25,6 +25,7 @@ use crate::webhooks::{Secret, WebhookConfig};
 pub struct App {
     pub state: AppState,
     pub config: Config,
+    max_connections: usize,
     /// Held until the server has shut down and closed storage.
     _data_dir: DataDirLock,
 }
@@ -54,6 +55,7 @@ impl App {
         let (queue, recovered) =
             Queue::start(storage.clone(), plugins.clone(), queue_config).await?;
         tracing::info!(plugins = loaded, recovered = recovered.len(), db = %db.display(), "jobhost started");
+        let (max_connections, max_streams) = descriptor_budget(&config);
         let state = AppState {
             queue: Arc::new(queue),
             plugins,
@@ -64,14 +66,12 @@ impl App {
             max_plugin_bytes: config.max_plugin_bytes,
             metrics,
             sse_activity: Arc::default(),
-            streams: StreamLimits::new(
-                config.max_streams.unwrap_or_else(stream_budget),
-                config.max_streams_per_ip,
-            ),
+            streams: StreamLimits::new(max_streams, config.max_streams_per_ip),
         };
         Ok(App {
             state,
             config,
+            max_connections,
             _data_dir: data_dir,
         })
     }
@@ -90,13 +90,17 @@ impl App {
         let signalled = Arc::new(OnceLock::new());
         let server = {
             let signalled = signalled.clone();
-            let service = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-            axum::serve(listener, service).with_graceful_shutdown(async move {
+            let signal = async move {
                 signal.await;
                 tracing::info!("shutting down");
                 signalled.get_or_init(Instant::now);
                 shutdown.cancel();
-            })
+            };
+            let limits = ConnectionLimits {
+                max_connections: self.max_connections,
+                header_read_timeout: self.config.header_read_timeout,
+            };
+            crate::http::serve::serve(listener, router(state.clone()), limits, signal)
         };
         let limit = self.config.shutdown_timeout;
         // Connections get the shutdown timeout to finish: an SSE client
@@ -109,7 +113,7 @@ impl App {
             }
         };
         let served = tokio::select! {
-            served = server.into_future() => served.context("HTTP server failed"),
+            () = server => Ok::<(), anyhow::Error>(()),
             () = drain_limit => {
                 tracing::warn!("connections still open after the shutdown timeout; closing them");
                 Ok(())
@@ -167,19 +171,24 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
 /// plugins, the artifact cache, webhooks and ordinary requests.
 const DESCRIPTOR_HEADROOM: u64 = 256;
 
-/// How many event streams may be open at once: raises the soft open-file
-/// limit to the hard one, then gives streams three quarters of it less
-/// [`DESCRIPTOR_HEADROOM`], so that idle streams can never take the
-/// descriptors `/healthz`, a submit or the database need.
-fn stream_budget() -> usize {
+/// How many connections, and of them event streams, may be open at once:
+/// raises the soft open-file limit to the hard one, then gives connections
+/// all of it but [`DESCRIPTOR_HEADROOM`], and streams three quarters of
+/// that, so that neither can take the descriptors the database and plugins
+/// need, and idle streams leave room for `/healthz` and submits.
+fn descriptor_budget(config: &Config) -> (usize, usize) {
     let limit = raise_open_file_limit();
-    let budget = limit.saturating_sub(DESCRIPTOR_HEADROOM) * 3 / 4;
+    let connections = config
+        .max_connections
+        .unwrap_or(limit.saturating_sub(DESCRIPTOR_HEADROOM).max(1) as usize);
+    let streams = config.max_streams.unwrap_or((connections * 3 / 4).max(1));
     tracing::info!(
         open_file_limit = limit,
-        max_streams = budget,
-        "event stream budget"
+        max_connections = connections,
+        max_streams = streams,
+        "descriptor budget"
     );
-    budget.max(1) as usize
+    (connections, streams)
 }
 
 /// Raises the soft limit on open files to the hard one; returns the soft

@@ -100,8 +100,17 @@ pub struct ServeArgs {
     /// Serve `/metrics` without a token.
     #[arg(long, env = "JOBHOST_PUBLIC_METRICS")]
     pub public_metrics: bool,
-    /// Event streams (SSE) open at once, in all [default: derived from the
-    /// open-file limit: three quarters of it, less 256 kept for the rest].
+    /// Connections open at once; more wait to be accepted [default: the
+    /// open-file limit (raised to its hard limit at start) less 256 kept for
+    /// the database and plugins].
+    #[arg(long, env = "JOBHOST_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// How long a client may take to send a request's headers before its
+    /// connection is closed [default: 10s].
+    #[arg(long, env = "JOBHOST_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Option<HumanDuration>,
+    /// Event streams (SSE) open at once, in all [default: three quarters of
+    /// the connections].
     #[arg(long, env = "JOBHOST_MAX_STREAMS")]
     pub max_streams: Option<usize>,
     /// Event streams open at once from one client address [default: 64].
@@ -163,8 +172,10 @@ pub struct Config {
     pub webhook_max_attempts: u32,
     /// Which addresses outbound connections (webhooks) may reach.
     pub outbound: AddressPolicy,
-    /// Event streams at once in all; `None` derives it from the open-file
-    /// limit at start.
+    pub header_read_timeout: Duration,
+    /// Connections and event streams at once; `None` derives them from the
+    /// open-file limit at start.
+    pub max_connections: Option<usize>,
     pub max_streams: Option<usize>,
     pub max_streams_per_ip: usize,
     pub queue: QueueConfig,
@@ -310,6 +321,13 @@ impl ServeArgs {
                 .unwrap_or(8)
                 .max(1),
             outbound,
+            header_read_timeout: duration(
+                self.header_read_timeout,
+                file.header_read_timeout,
+                Some(Duration::from_secs(10)),
+            )
+            .unwrap_or(Duration::from_secs(10)),
+            max_connections: self.max_connections.or(file.max_connections),
             max_streams: self.max_streams.or(file.max_streams),
             max_streams_per_ip: self
                 .max_streams_per_ip

@@ -1,11 +1,21 @@
 // Opens the dashboard in headless Chromium, submits a job through the API,
 // and checks that it appears on the page and turns completed live (through
-// the page's EventSource, without reloading). Saves a screenshot.
+// the page's event stream, without reloading). With a token, the page first
+// says it needs one, then works once it is typed in. Any content-security
+// policy violation fails the test. Saves a screenshot.
 //
-//   node dashboard.mjs <server url> <screenshot.png>
+//   node dashboard.mjs <server url> <screenshot.png> [token]
 import { chromium } from "playwright-core";
 
-const [url, screenshot] = process.argv.slice(2);
+const [url, screenshot, token] = process.argv.slice(2);
+const auth = token ? { authorization: "Bearer " + token } : {};
+const submit = async spec => {
+  const response = await fetch(url + "/jobs", {
+    method: "POST", headers: { "content-type": "application/json", ...auth }, body: JSON.stringify(spec),
+  });
+  if (response.status !== 201) throw new Error("submit failed: " + response.status);
+  return response.json();
+};
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -14,20 +24,26 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 720 } });
   page.on("pageerror", error => { console.error("page error:", error); process.exitCode = 1; });
+  page.on("console", message => {
+    if (message.text().includes("Content Security Policy")) {
+      console.error("policy violation:", message.text());
+      process.exitCode = 1;
+    }
+  });
   await page.goto(url);
+  if (token) {
+    await page.locator("#message", { hasText: "needs a token" }).waitFor({ timeout: 10000 });
+    await page.locator("#token").fill(token);
+    await page.locator("#token").dispatchEvent("change");
+    console.log("the page asked for a token and got one");
+  }
   await page.locator("#live.on").waitFor({ timeout: 10000 });
   await page.locator(".plugin", { hasText: "sleep" }).waitFor();
 
-  const response = await fetch(url + "/jobs", {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({ phases: [
-      { name: "warm-up", plugin: "sleep", config: { ms: 600, steps: 6 } },
-      { name: "report", plugin: "echo" },
-    ] }),
-  });
-  if (response.status !== 201) throw new Error("submit failed: " + response.status);
-  const job = await response.json();
+  const job = await submit({ phases: [
+    { name: "warm-up", plugin: "sleep", config: { ms: 600, steps: 6 } },
+    { name: "report", plugin: "echo" },
+  ] });
   const row = page.locator(`tr[data-job="${job.id}"]`);
   await row.waitFor({ timeout: 10000 });
   console.log("the job appeared on the page with status", await row.getAttribute("data-status"));
@@ -37,8 +53,7 @@ try {
   console.log("the job turned completed live");
 
   // A failing job shows a Retry button; a scheduled one a Cancel button that works.
-  const later = await (await fetch(url + "/jobs", { method: "POST", headers: { "content-type": "application/json" },
-    body: JSON.stringify({ phases: [{ name: "later", plugin: "echo" }], delay_ms: 3600000 }) })).json();
+  const later = await submit({ phases: [{ name: "later", plugin: "echo" }], delay_ms: 3600000 });
   const laterRow = page.locator(`tr[data-job="${later.id}"]`);
   await laterRow.locator("button", { hasText: "Cancel" }).click();
   await page.locator(`tr[data-job="${later.id}"][data-status="cancelled"]`).waitFor({ timeout: 10000 });

@@ -242,6 +242,35 @@ async fn idle_streams_cannot_exhaust_descriptors() {
     drop(opened);
 }
 
+/// Clients that send their headers a byte at a time (slowloris) are cut
+/// off after the header deadline, so they cannot hold every connection:
+/// with all four allowed connections taken by them, `/healthz` still
+/// answers once their deadline passes.
+#[tokio::test]
+async fn slow_headers_cannot_hold_the_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(&["--max-connections", "4", "--header-read-timeout", "1s"]).await;
+    let address = server.url.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+        socket
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+            .await
+            .unwrap();
+        slow.push(socket);
+    }
+    let (status, _) = tokio::time::timeout(TIMEOUT, server.get("/healthz"))
+        .await
+        .expect("healthz answered while slow clients held the connections");
+    assert_eq!(status, StatusCode::OK);
+    for mut socket in slow {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(TIMEOUT, socket.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "a slow client was never cut off");
+    }
+}
+
 /// A new `/events` client starts now, told the head in its first message;
 /// history is asked for with `Last-Event-ID: 0`.
 #[tokio::test]

@@ -182,7 +182,13 @@ async fn component_version(bytes: &[u8]) -> anyhow::Result<String> {
         max_concurrent_runs: 1,
         ..Default::default()
     })?;
-    Ok(runtime.load(bytes).await?.metadata.version.clone())
+    Ok(runtime
+        .load(bytes, None)
+        .await?
+        .plugin
+        .metadata
+        .version
+        .clone())
 }
 
 fn print_plugin(plugin: &Value) {

@@ -42,9 +42,10 @@ pub async fn run_phase(args: RunPhaseArgs) -> anyhow::Result<i32> {
         ..RuntimeConfig::default()
     })?;
     let plugin = runtime
-        .load(&wasm)
+        .load(&wasm, None)
         .await
-        .with_context(|| format!("loading {}", args.file.display()))?;
+        .with_context(|| format!("loading {}", args.file.display()))?
+        .plugin;
 
     let mut run = PhaseRun::new(text_or_file(&args.input)?);
     run.config = text_or_file(&args.config)?;

@@ -106,6 +106,7 @@ impl From<PluginError> for ApiError {
                     LoadError::UnsupportedImports(_) => "unsupported_imports",
                     LoadError::NotAPlugin(_) => "not_a_plugin",
                     LoadError::Describe(_) => "describe_failed",
+                    LoadError::TooLarge(_) => "too_large",
                 };
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
             }

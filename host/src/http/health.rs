@@ -62,8 +62,44 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 }
 
 /// The dashboard: one self-contained page (no external assets) that lists
-/// plugins and jobs and follows them live over SSE.
+/// plugins and jobs and follows them live over SSE. Its policy lets the
+/// page run only its own inline script and style (by hash), talk only to
+/// this server, and be framed by nobody.
 #[utoipa::path(get, path = "/", tag = "operations", responses((status = 200, description = "HTML", content_type = "text/html")))]
-pub async fn dashboard() -> axum::response::Html<&'static str> {
-    axum::response::Html(include_str!("dashboard.html"))
+pub async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, dashboard_policy()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        axum::response::Html(DASHBOARD),
+    )
+}
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+fn dashboard_policy() -> &'static str {
+    static POLICY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    POLICY.get_or_init(|| {
+        format!(
+            "default-src 'none'; script-src '{}'; style-src '{}'; connect-src 'self'; \
+             img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            inline_hash(DASHBOARD, "<script>", "</script>"),
+            inline_hash(DASHBOARD, "<style>", "</style>"),
+        )
+    })
+}
+
+/// `sha256-<base64>` of the text between `open` and `close` in `page`.
+fn inline_hash(page: &str, open: &str, close: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let start = page.find(open).expect("the dashboard has the tag") + open.len();
+    let end = start + page[start..].find(close).expect("the tag is closed");
+    let digest = sha2::Sha256::digest(&page.as_bytes()[start..end]);
+    format!(
+        "sha256-{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
 }

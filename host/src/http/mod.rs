@@ -10,6 +10,7 @@ mod events;
 mod health;
 mod jobs;
 mod plugins;
+pub mod serve;
 
 use std::sync::Arc;
 

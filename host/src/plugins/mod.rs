@@ -109,7 +109,7 @@ impl PluginRegistry {
     ) -> Result<Uploaded, PluginError> {
         check_name("name", name)?;
         check_name("version", version)?;
-        let plugin = self.runtime.load(&component).await?;
+        let plugin = self.load_component(&component).await?;
         let new = NewPluginVersion {
             name: name.to_owned(),
             version: version.to_owned(),
@@ -151,8 +151,11 @@ impl PluginRegistry {
     pub async fn delete_version(&self, name: &str, version: &str) -> Result<(), PluginError> {
         let (n, v) = (name.to_owned(), version.to_owned());
         match self.storage.delete_plugin_version(name, version).await? {
-            DeleteVersionOutcome::Deleted => {
+            DeleteVersionOutcome::Deleted { unused_content } => {
                 self.loaded.lock().await.remove(&(n, v));
+                if let Some(hash) = unused_content {
+                    self.runtime.forget_artifact(&hash).await;
+                }
                 Ok(())
             }
             DeleteVersionOutcome::NotFound => Err(self.not_found(name, version)),
@@ -188,7 +191,7 @@ impl PluginRegistry {
             .plugin_component(name, version)
             .await?
             .ok_or_else(|| self.not_found(name, version))?;
-        let plugin = self.runtime.load(&component).await?;
+        let plugin = self.load_component(&component).await?;
         Ok(self
             .loaded
             .lock()
@@ -209,6 +212,21 @@ impl PluginRegistry {
             }
         }
         Ok(count)
+    }
+
+    /// Loads a component, trusting its cached artifact only with the digest
+    /// on record, and records the digest of an artifact it writes.
+    async fn load_component(&self, component: &[u8]) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let hash = content_hash(component);
+        let engine = self.runtime.engine_key();
+        let trusted = self.storage.artifact_digest(&hash, engine).await?;
+        let loaded = self.runtime.load(component, trusted.as_deref()).await?;
+        if let Some(digest) = &loaded.artifact_digest
+            && trusted.as_ref() != Some(digest)
+        {
+            self.storage.record_artifact(&hash, engine, digest).await?;
+        }
+        Ok(loaded.plugin)
     }
 
     fn not_found(&self, name: &str, version: &str) -> PluginError {

@@ -30,7 +30,7 @@ use wasmtime::component::Linker;
 pub use baseline::{RawPooling, RawWasmtime};
 pub use cache::CacheStats;
 pub use guest_text::{MAX_METADATA_DESCRIPTION, MAX_METADATA_NAME, MAX_PROGRESS_NOTE};
-pub use plugin::{LoadError, LoadedPlugin, PluginMetadata, content_hash};
+pub use plugin::{LoadError, Loaded, LoadedPlugin, PluginMetadata, content_hash};
 pub use run::{
     LogEntry, LogLevel, PhaseFailure, PhaseLog, PhaseResult, PhaseRun, Progress, ProgressSink,
     ResourceUsage,
@@ -59,6 +59,10 @@ pub struct RuntimeConfig {
     pub max_error_bytes: usize,
     /// Where compiled artifacts are cached; `None` compiles on every load.
     pub cache_dir: Option<PathBuf>,
+    /// Plugin compiles at once: each takes every core it can get.
+    pub max_concurrent_compiles: usize,
+    /// Most functions a plugin's core modules may define together.
+    pub max_functions: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -71,6 +75,8 @@ impl Default for RuntimeConfig {
             max_captured_output: 64 << 10,
             max_error_bytes: 4 << 10,
             cache_dir: None,
+            max_concurrent_compiles: 1,
+            max_functions: 100_000,
         }
     }
 }
@@ -83,6 +89,8 @@ pub struct Runtime {
     /// One permit per instance slot in the pool: a run waits here rather
     /// than fail instantiation when the pool is full.
     slots: Arc<Semaphore>,
+    /// One permit per compile allowed at once.
+    compiles: Semaphore,
     config: RuntimeConfig,
     _ticker: engine::EpochTicker,
 }
@@ -100,6 +108,7 @@ impl Runtime {
         let ticker = engine::EpochTicker::start(&engine, config.epoch_tick);
         Ok(Runtime {
             slots: Arc::new(Semaphore::new(config.max_concurrent_runs as usize)),
+            compiles: Semaphore::new(config.max_concurrent_compiles.max(1)),
             engine,
             linker,
             cache,
@@ -116,5 +125,11 @@ impl Runtime {
     /// reused a cached artifact, or rejected a bad cache file.
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
+    }
+
+    /// Which engine configuration compiled artifacts are for: with a
+    /// component's content hash, the key of its artifact's digest.
+    pub fn engine_key(&self) -> &str {
+        self.cache.engine_key()
     }
 }

@@ -43,6 +43,8 @@ pub enum LoadError {
     NotAPlugin(String),
     #[error("the component's `describe` function failed: {0}")]
     Describe(String),
+    #[error("the component is too large: {0}")]
+    TooLarge(String),
 }
 
 /// What a plugin says about itself through `describe()`.
@@ -78,23 +80,39 @@ pub fn content_hash(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// A loaded plugin and the digest of its compiled artifact on disk (the
+/// trusted one it was loaded from, or the one just written): the caller
+/// keeps it, and passes it to the next [`Runtime::load`] of the same bytes.
+#[derive(Debug)]
+pub struct Loaded {
+    pub plugin: Arc<LoadedPlugin>,
+    pub artifact_digest: Option<String>,
+}
+
 impl Runtime {
-    /// Validates and compiles `wasm` (or reuses its cached artifact), checks it
-    /// implements the plugin world, and asks it to describe itself.
-    pub async fn load(&self, wasm: &[u8]) -> Result<Arc<LoadedPlugin>, LoadError> {
+    /// Validates and compiles `wasm` (or loads its cached artifact, if its
+    /// digest is `trusted`), checks it implements the plugin world, and asks
+    /// it to describe itself. Only then is a new artifact written.
+    pub async fn load(&self, wasm: &[u8], trusted: Option<&str>) -> Result<Loaded, LoadError> {
         check_header(wasm)?;
+        check_functions(wasm, self.config.max_functions)?;
         let hash = content_hash(wasm);
-        let component = {
-            let (cache, engine, wasm, hash) = (
+        let cached = {
+            let (cache, engine, hash, trusted) = (
                 self.cache.clone(),
                 self.engine.clone(),
-                wasm.to_vec(),
                 hash.clone(),
+                trusted.map(str::to_owned),
             );
-            tokio::task::spawn_blocking(move || cache.load_or_compile(&engine, &wasm, &hash))
+            tokio::task::spawn_blocking(move || cache.load(&engine, &hash, trusted.as_deref()))
                 .await
-                .map_err(|e| LoadError::Invalid(format!("compilation did not finish: {e}")))?
-                .map_err(|e| LoadError::Invalid(format!("{e:#}")))?
+                .map_err(|e| {
+                    LoadError::Invalid(format!("loading the artifact did not finish: {e}"))
+                })?
+        };
+        let (component, fresh) = match cached {
+            Some(component) => (component, false),
+            None => (self.compile(wasm, &hash).await?, true),
         };
         let instance_pre = self
             .linker
@@ -103,12 +121,50 @@ impl Runtime {
         let pre =
             PluginPre::new(instance_pre).map_err(|e| LoadError::NotAPlugin(format!("{e:#}")))?;
         let metadata = self.describe(&pre).await?;
-        Ok(Arc::new(LoadedPlugin {
-            metadata,
-            content_hash: hash,
-            size: wasm.len(),
-            pre,
-        }))
+        let artifact_digest = if fresh {
+            let (cache, hash) = (self.cache.clone(), hash.clone());
+            tokio::task::spawn_blocking(move || cache.store(&hash, &component))
+                .await
+                .unwrap_or_default()
+        } else {
+            trusted.map(str::to_owned)
+        };
+        Ok(Loaded {
+            plugin: Arc::new(LoadedPlugin {
+                metadata,
+                content_hash: hash,
+                size: wasm.len(),
+                pre,
+            }),
+            artifact_digest,
+        })
+    }
+
+    /// Compiles on a blocking thread, at most
+    /// [`RuntimeConfig::max_concurrent_compiles`](super::RuntimeConfig) at a
+    /// time: a compile takes every core it can get.
+    async fn compile(
+        &self,
+        wasm: &[u8],
+        hash: &str,
+    ) -> Result<wasmtime::component::Component, LoadError> {
+        let _permit = self.compiles.acquire().await.expect("never closed");
+        let (cache, engine, wasm, hash) = (
+            self.cache.clone(),
+            self.engine.clone(),
+            wasm.to_vec(),
+            hash.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || cache.compile(&engine, &wasm, &hash))
+            .await
+            .map_err(|e| LoadError::Invalid(format!("compilation did not finish: {e}")))?
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))
+    }
+
+    /// Removes the compiled artifact of a component no version uses any more.
+    pub async fn forget_artifact(&self, content_hash: &str) {
+        let (cache, hash) = (self.cache.clone(), content_hash.to_owned());
+        let _ = tokio::task::spawn_blocking(move || cache.remove(&hash)).await;
     }
 
     async fn describe(&self, pre: &PluginPre<PhaseState>) -> Result<PluginMetadata, LoadError> {
@@ -155,6 +211,24 @@ impl Runtime {
             description: cut(metadata.description, MAX_METADATA_DESCRIPTION),
         })
     }
+}
+
+/// Counts the functions of every core module in the component, before
+/// anything is compiled: compile time and memory grow with them.
+fn check_functions(wasm: &[u8], max: u32) -> Result<(), LoadError> {
+    let mut functions: u64 = 0;
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        let payload = payload.map_err(|e| LoadError::Invalid(e.to_string()))?;
+        if let wasmparser::Payload::FunctionSection(section) = payload {
+            functions += u64::from(section.count());
+        }
+    }
+    if functions > u64::from(max) {
+        return Err(LoadError::TooLarge(format!(
+            "it defines {functions} functions, more than the limit of {max}"
+        )));
+    }
+    Ok(())
 }
 
 fn check_header(wasm: &[u8]) -> Result<(), LoadError> {

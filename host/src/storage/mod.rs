@@ -55,6 +55,8 @@ pub const MAX_BATCH: usize = 256;
 const CHECKPOINT_PAGES: i32 = 1000;
 /// Reads at once, each on a connection of its own, kept open between reads.
 const READERS: usize = 4;
+/// Bytes the WAL is truncated to after a checkpoint that empties it.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// Prepared statements cached per connection: more than the distinct
 /// statements the queue uses, so none is ever prepared twice.
 const STATEMENT_CACHE: usize = 128;
@@ -170,7 +172,13 @@ impl Storage {
     /// starts the writer. Committed events are published on `bus`.
     pub fn open(path: &Path, durability: Durability, bus: Bus) -> Result<Self> {
         let mut conn = open_connection(path, durability)?;
+        check_integrity(&conn)?;
         schema::migrate(&mut conn)?;
+        // Readers are opened now, not at their first read: a server whose
+        // descriptors run out (a flood of connections) still reads.
+        let readers = (0..READERS)
+            .map(|_| open_reader(path))
+            .collect::<Result<Vec<_>>>()?;
         // Checkpoints run on a thread of their own instead of inside the
         // writer's commits (SQLite's auto-checkpoint, which this hook
         // replaces): the writer is the queue's one serial resource.
@@ -209,7 +217,7 @@ impl Storage {
         Ok(Storage {
             writer: Mutex::new(Some(sender)),
             threads: Mutex::new(threads),
-            readers: Arc::default(),
+            readers: Arc::new(Mutex::new(readers)),
             read_permits: Arc::new(Semaphore::new(READERS)),
             log_read_permits: Semaphore::new(READERS / 2),
             webhook_added,
@@ -316,6 +324,9 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "wal")?;
     conn.pragma_update(None, "foreign_keys", "on")?;
     conn.pragma_update(None, "busy_timeout", 5000)?;
+    // A checkpoint that empties the WAL also truncates it to this: a WAL
+    // that grew under long reads does not keep its size for good.
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     let synchronous = match durability {
         Durability::Process => "normal",
         Durability::Full => "full",
@@ -337,6 +348,21 @@ fn tune(conn: &Connection) -> Result<()> {
     )?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(())
+}
+
+/// A damaged database is refused at start with a clear error, rather than
+/// failing requests one by one later.
+fn check_integrity(conn: &Connection) -> Result<()> {
+    let verdict = conn
+        .query_row("PRAGMA quick_check", [], |row| row.get::<_, String>(0))
+        .unwrap_or_else(|error| error.to_string());
+    if verdict == "ok" {
+        Ok(())
+    } else {
+        Err(StorageError::Corrupt(format!(
+            "the database is damaged ({verdict}); restore it from a backup"
+        )))
+    }
 }
 
 fn open_reader(path: &Path) -> Result<Connection> {
@@ -479,6 +505,33 @@ mod tests {
 
     use super::*;
     use crate::events::{EventKind, NewEvent};
+
+    /// A damaged database file is refused at start, saying so.
+    #[test]
+    fn a_damaged_database_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobhost.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE filler (n INTEGER PRIMARY KEY, text TEXT);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+                 INSERT INTO filler SELECT i, printf('%0100d', i) FROM n;",
+            )
+            .unwrap();
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Pages 3 to 6 (of 4 KiB): inside the table's b-tree.
+        bytes[3 * 4096..7 * 4096].fill(0x5a);
+        std::fs::write(&path, bytes).unwrap();
+        let error = Storage::open(&path, Durability::Process, Bus::default())
+            .err()
+            .expect("a damaged database is refused");
+        assert!(
+            error.to_string().contains("the database is damaged"),
+            "{error}"
+        );
+    }
 
     /// However many reads are asked for at once, at most [`READERS`] run
     /// at a time. Each read holds its reader until more than that many run

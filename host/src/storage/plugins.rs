@@ -37,7 +37,11 @@ pub enum ActivateOutcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeleteVersionOutcome {
-    Deleted,
+    /// `unused_content`: the content hash, when no other version has the
+    /// same bytes, so that its compiled artifacts can go.
+    Deleted {
+        unused_content: Option<String>,
+    },
     NotFound,
     /// Non-terminal jobs pin it.
     InUse {
@@ -164,17 +168,33 @@ fn delete_version(conn: &Connection, name: &str, version: &str) -> Result<Delete
     if active.as_deref() == Some(version) && versions > 1 {
         return Ok(DeleteVersionOutcome::Active);
     }
-    let deleted = conn.execute(
-        "DELETE FROM plugin_versions WHERE plugin = ?1 AND version = ?2",
-        params![name, version],
-    )?;
-    if deleted == 0 {
+    let deleted: Option<String> = conn
+        .query_row(
+            "DELETE FROM plugin_versions WHERE plugin = ?1 AND version = ?2 RETURNING content_hash",
+            params![name, version],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(hash) = deleted else {
         return Ok(DeleteVersionOutcome::NotFound);
-    }
+    };
     if versions == 1 {
         conn.execute("DELETE FROM plugins WHERE name = ?1", [name])?;
     }
-    Ok(DeleteVersionOutcome::Deleted)
+    let still_used: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM plugin_versions WHERE content_hash = ?1)",
+        [&hash],
+        |row| row.get(0),
+    )?;
+    if still_used {
+        return Ok(DeleteVersionOutcome::Deleted {
+            unused_content: None,
+        });
+    }
+    conn.execute("DELETE FROM artifacts WHERE content_hash = ?1", [&hash])?;
+    Ok(DeleteVersionOutcome::Deleted {
+        unused_content: Some(hash),
+    })
 }
 
 fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
@@ -245,6 +265,47 @@ impl Storage {
         let name = name.to_owned();
         self.read(move |conn| Ok(records(conn, Some(&name))?.pop()))
             .await
+    }
+
+    /// The digest recorded for the compiled artifact of a component.
+    pub async fn artifact_digest(
+        &self,
+        content_hash: &str,
+        engine: &str,
+    ) -> Result<Option<String>> {
+        let (hash, engine) = (content_hash.to_owned(), engine.to_owned());
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT digest FROM artifacts WHERE content_hash = ?1 AND engine = ?2",
+                )?
+                .query_row(params![hash, engine], |row| row.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Records the digest of a compiled artifact just written.
+    pub async fn record_artifact(
+        &self,
+        content_hash: &str,
+        engine: &str,
+        digest: &str,
+    ) -> Result<()> {
+        let (hash, engine, digest) = (
+            content_hash.to_owned(),
+            engine.to_owned(),
+            digest.to_owned(),
+        );
+        self.write(move |conn, _| {
+            conn.prepare_cached(
+                "INSERT INTO artifacts (content_hash, engine, digest) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (content_hash, engine) DO UPDATE SET digest = excluded.digest",
+            )?
+            .execute(params![hash, engine, digest])?;
+            Ok(())
+        })
+        .await
     }
 
     /// The component bytes of a stored version.

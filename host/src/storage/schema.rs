@@ -163,6 +163,16 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE phases ADD COLUMN progress TEXT;
     ",
+    // 5: the digest of each compiled artifact, by component and engine: an
+    // artifact on disk is loaded only if it still has this digest.
+    "
+    CREATE TABLE artifacts (
+        content_hash TEXT NOT NULL,
+        engine       TEXT NOT NULL,
+        digest       TEXT NOT NULL,
+        PRIMARY KEY (content_hash, engine)
+    );
+    ",
 ];
 
 /// Brings the database up to the latest schema.

@@ -243,7 +243,10 @@ async fn a_parked_describe_cannot_hang_a_load() {
     let runtime = runtime();
     let started = std::time::Instant::now();
     let error = runtime
-        .load(&plugin_artifacts::bytes(plugin_artifacts::SLOW_DESCRIBE))
+        .load(
+            &plugin_artifacts::bytes(plugin_artifacts::SLOW_DESCRIBE),
+            None,
+        )
         .await
         .expect_err("a describe() that never returns");
     assert!(

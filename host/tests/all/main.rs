@@ -31,9 +31,10 @@ pub fn test_config() -> RuntimeConfig {
 
 pub async fn load(runtime: &Runtime, component: &str) -> Arc<LoadedPlugin> {
     runtime
-        .load(&plugin_artifacts::bytes(component))
+        .load(&plugin_artifacts::bytes(component), None)
         .await
         .expect("plugin loads")
+        .plugin
 }
 
 /// Runs `plugin` with `payload` and `config` and a generous timeout.
