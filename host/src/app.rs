@@ -39,6 +39,12 @@ impl App {
             Storage::open(&db, config.durability, Bus::default())
                 .with_context(|| format!("opening {}", db.display()))?,
         );
+        if let Some(bytes) = config.max_db_bytes {
+            storage
+                .limit_size(bytes)
+                .await
+                .context("limiting the database's size")?;
+        }
         let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
         let plugins = Arc::new(PluginRegistry::new(runtime, storage.clone()));
         let loaded = plugins.preload().await.context("loading stored plugins")?;

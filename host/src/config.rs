@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// the database and plugins].
     #[arg(long, env = "JOBHOST_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Largest the database may grow, in MiB; past it writes answer 503
+    /// and nothing already stored is lost [default: no limit].
+    #[arg(long, env = "JOBHOST_MAX_DB_MB")]
+    pub max_db_mb: Option<u64>,
     /// How long a client may take to send a request's headers before its
     /// connection is closed [default: 10s].
     #[arg(long, env = "JOBHOST_HEADER_READ_TIMEOUT")]
@@ -173,6 +177,8 @@ pub struct Config {
     /// Which addresses outbound connections (webhooks) may reach.
     pub outbound: AddressPolicy,
     pub header_read_timeout: Duration,
+    /// Largest database, in bytes; `None` for no limit.
+    pub max_db_bytes: Option<u64>,
     /// Connections and event streams at once; `None` derives them from the
     /// open-file limit at start.
     pub max_connections: Option<usize>,
@@ -321,6 +327,7 @@ impl ServeArgs {
                 .unwrap_or(8)
                 .max(1),
             outbound,
+            max_db_bytes: self.max_db_mb.or(file.max_db_mb).map(|mb| mb << 20),
             header_read_timeout: duration(
                 self.header_read_timeout,
                 file.header_read_timeout,

@@ -271,6 +271,34 @@ async fn slow_headers_cannot_hold_the_connections() {
     }
 }
 
+/// A full database (here its size limit) answers 503 with a clear error,
+/// and loses nothing it had accepted.
+#[tokio::test]
+async fn a_full_database_answers_503_and_keeps_what_it_accepted() {
+    let server = Server::start(&["--max-db-mb", "2"]).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let big = "x".repeat(100 << 10);
+    let spec = json!({"phases": [{"name": "e", "plugin": "echo"}], "payload": {"big": big}, "delay_ms": 3_600_000});
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        assert!(accepted.len() < 100, "2 MiB held 100 jobs of 100 KiB");
+        let (status, body) = server.post("/jobs", &spec).await;
+        match status {
+            StatusCode::CREATED => accepted.push(body["id"].as_str().unwrap().to_owned()),
+            _ => break (status, body),
+        }
+    };
+    assert_eq!(refusal.0, StatusCode::SERVICE_UNAVAILABLE, "{}", refusal.1);
+    assert_eq!(refusal.1["error"]["code"], "storage_full");
+    assert!(!accepted.is_empty());
+    for id in &accepted {
+        let (status, job) = server.get(&format!("/jobs/{id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(job["payload"]["big"], big);
+    }
+    assert_eq!(server.get("/healthz").await.0, StatusCode::OK);
+}
+
 /// A new `/events` client starts now, told the head in its first message;
 /// history is asked for with `Last-Event-ID: 0`.
 #[tokio::test]

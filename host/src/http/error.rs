@@ -88,7 +88,7 @@ impl From<QueueError> for ApiError {
             QueueError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
-            QueueError::Storage(e) => ApiError::internal(e),
+            QueueError::Storage(e) => ApiError::from(e),
         }
     }
 }
@@ -120,13 +120,21 @@ impl From<PluginError> for ApiError {
             PluginError::Active { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "version_active", message)
             }
-            PluginError::Storage(e) => ApiError::internal(e),
+            PluginError::Storage(e) => ApiError::from(e),
         }
     }
 }
 
 impl From<crate::storage::StorageError> for ApiError {
     fn from(error: crate::storage::StorageError) -> Self {
+        if error.is_full() {
+            tracing::error!(%error, "storage is full");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_full",
+                "the server's storage is full: nothing was stored; try again when an operator has made room",
+            );
+        }
         ApiError::internal(error)
     }
 }

@@ -23,11 +23,42 @@ enum Stop {
     HandBack,
 }
 
+/// After a failed write, recovery is tried again this long after, doubling
+/// up to [`MAX_RECOVERY_PAUSE`].
+const FIRST_RECOVERY_PAUSE: Duration = Duration::from_millis(100);
+const MAX_RECOVERY_PAUSE: Duration = Duration::from_secs(30);
+
 pub(super) async fn run_job(shared: &Arc<Shared>, job: Job, cancel: CancellationToken) {
+    let id = job.id.clone();
     if let Err(error) = run_phases(shared, job, &cancel).await {
-        // Storage failed under us: the job stays `running` in the database,
-        // and recovery at the next start-up requeues it.
-        tracing::error!(%error, "worker could not record a job transition");
+        tracing::error!(%error, job = %id, "worker could not record a job transition; recovering the job");
+        recover_after_failed_write(shared, &id).await;
+    }
+}
+
+/// A job whose transition could not be recorded (a full disk, say) must not
+/// stay `running` forever: it is recovered as a crash would recover it,
+/// retrying with backoff until storage takes the write. At shutdown it is
+/// left to the recovery at the next start.
+async fn recover_after_failed_write(shared: &Shared, id: &str) {
+    let mut pause = FIRST_RECOVERY_PAUSE;
+    loop {
+        match shared.storage.recover_job(id, now_ms()).await {
+            Ok(recovered) => {
+                if recovered.is_some() {
+                    shared.wake.notify_one();
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, job = %id, "recovering the job failed; trying again")
+            }
+        }
+        tokio::select! {
+            () = shared.draining.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(MAX_RECOVERY_PAUSE);
     }
 }
 

@@ -1007,11 +1007,36 @@ fn delete_row(conn: &Connection, log: &mut EventLog, job_id: &str, now: i64) -> 
     )
 }
 
-fn recover(conn: &Connection, log: &mut EventLog, now: i64) -> Result<Vec<Recovered>> {
+/// Why running jobs are recovered, as their attempt error says.
+#[derive(Debug, Clone, Copy)]
+enum Interruption<'a> {
+    /// At start-up: the host stopped while they ran.
+    Crash,
+    /// A worker could not record one of this job's transitions.
+    FailedWrite(&'a str),
+}
+
+fn recover(
+    conn: &Connection,
+    log: &mut EventLog,
+    interruption: Interruption<'_>,
+    now: i64,
+) -> Result<Vec<Recovered>> {
+    let only = match interruption {
+        Interruption::Crash => None,
+        Interruption::FailedWrite(job_id) => Some(job_id),
+    };
     let running: Vec<(String, u32, u32)> = conn
-        .prepare("SELECT id, attempt, max_attempts FROM jobs WHERE status = 'running' ORDER BY id")?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .prepare(
+            "SELECT id, attempt, max_attempts FROM jobs
+             WHERE status = 'running' AND (?1 IS NULL OR id = ?1) ORDER BY id",
+        )?
+        .query_map([only], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
+    let cause = match interruption {
+        Interruption::Crash => "the host stopped",
+        Interruption::FailedWrite(_) => "storage failed to record its progress",
+    };
     let mut recovered = Vec::with_capacity(running.len());
     for (job_id, attempt, max_attempts) in running {
         let interrupted: Option<(i64, String)> = conn
@@ -1024,9 +1049,9 @@ fn recover(conn: &Connection, log: &mut EventLog, now: i64) -> Result<Vec<Recove
         let phase = interrupted.as_ref().map(|(_, name)| name.clone());
         let error = match &phase {
             Some(name) => {
-                format!("interrupted: the host stopped during phase `{name}` (attempt {attempt})")
+                format!("interrupted: {cause} during phase `{name}` (attempt {attempt})")
             }
-            None => format!("interrupted: the host stopped between phases (attempt {attempt})"),
+            None => format!("interrupted: {cause} between phases (attempt {attempt})"),
         };
         let requeued = attempt < max_attempts;
         record_attempt_error(conn, &job_id, phase.as_deref(), &error, now)?;
@@ -1302,7 +1327,19 @@ impl Storage {
     /// At start-up: requeues (or fails, when out of attempts) every job a
     /// crash left running, recording which phase and attempt it interrupted.
     pub async fn recover_running_jobs(&self, now: i64) -> Result<Vec<Recovered>> {
-        self.write(move |conn, log| recover(conn, log, now)).await
+        self.write(move |conn, log| recover(conn, log, Interruption::Crash, now))
+            .await
+    }
+
+    /// Recovers one running job whose worker could not record a
+    /// transition, as a crash would have: requeued, or failed when out of
+    /// attempts, with the interrupted phase on record.
+    pub async fn recover_job(&self, job_id: &str, now: i64) -> Result<Option<Recovered>> {
+        let job_id = job_id.to_owned();
+        self.write(move |conn, log| {
+            Ok(recover(conn, log, Interruption::FailedWrite(&job_id), now)?.pop())
+        })
+        .await
     }
 
     /// Deletes up to `limit` terminal jobs that finished before `cutoff`.

@@ -91,6 +91,15 @@ pub enum StorageError {
     Closed,
 }
 
+impl StorageError {
+    /// The database reached its size limit (`--max-db-mb`) or the disk is
+    /// full: the write was refused whole, and nothing else was lost.
+    pub fn is_full(&self) -> bool {
+        matches!(self, StorageError::Sqlite(error)
+            if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+    }
+}
+
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
 /// A write waiting for the writer thread.
@@ -302,6 +311,17 @@ impl Storage {
         .map_err(|_| StorageError::Closed)?
     }
 
+    /// Caps the database at `bytes` (rounded down to whole pages): a write
+    /// that would grow it further fails as full.
+    pub async fn limit_size(&self, bytes: u64) -> Result<()> {
+        self.write(move |conn, _| {
+            let page: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+            conn.pragma_update(None, "max_page_count", (bytes as i64 / page).max(1))?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Finishes the writes already sent, then closes the database. Later
     /// calls fail with [`StorageError::Closed`].
     pub async fn close(&self) {
@@ -439,11 +459,8 @@ fn write_loop(mut conn: Connection, writes: mpsc::Receiver<Box<dyn Write>>, anno
             }
             Err(error) => {
                 tracing::error!(%error, "storage commit failed");
-                let message = error.to_string();
                 for write in batch {
-                    write.reply(Err(StorageError::Corrupt(format!(
-                        "commit failed: {message}"
-                    ))));
+                    write.reply(Err(commit_failure(&error)));
                 }
             }
         }
@@ -481,19 +498,47 @@ fn commit_batch(
         return Ok(log);
     }
     drop(tx); // rolls back
-    let mut committed = EventLog::default();
-    let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    for write in batch.iter_mut() {
-        let savepoint = tx.savepoint()?;
-        let mut log = EventLog::default();
-        if write.run(&savepoint, &mut log) {
-            savepoint.commit()?;
-            committed.events.append(&mut log.events);
-            committed.webhook_added |= log.webhook_added;
-        } // else dropping the savepoint rolls it back
+    let mut failed = vec![false; batch.len()];
+    'pass: loop {
+        let mut committed = EventLog::default();
+        let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (write, failed) in batch.iter_mut().zip(failed.iter_mut()) {
+            if *failed {
+                continue;
+            }
+            let savepoint = tx.savepoint()?;
+            let mut log = EventLog::default();
+            if write.run(&savepoint, &mut log) {
+                savepoint.commit()?;
+                committed.events.append(&mut log.events);
+                committed.webhook_added |= log.webhook_added;
+                continue;
+            }
+            drop(savepoint); // rolls back this write
+            *failed = true;
+            if tx.is_autocommit() {
+                // SQLite rolled the whole transaction back (a full disk
+                // does that): the others run again, without this one.
+                continue 'pass;
+            }
+        }
+        tx.commit()?;
+        return Ok(committed);
     }
-    tx.commit()?;
-    Ok(committed)
+}
+
+/// What each write of a batch whose commit failed is told: a full disk
+/// stays recognisable as such (see [`StorageError::is_full`]).
+fn commit_failure(error: &rusqlite::Error) -> StorageError {
+    match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => {
+            StorageError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                Some(format!("commit failed: {error}")),
+            ))
+        }
+        _ => StorageError::Corrupt(format!("commit failed: {error}")),
+    }
 }
 
 #[cfg(test)]

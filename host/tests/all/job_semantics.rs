@@ -373,3 +373,55 @@ async fn retention_deletes_old_terminal_jobs_with_id_only_events() {
             .is_empty()
     );
 }
+
+/// A transition storage cannot record (the database may not grow, and the
+/// last phase's 256 KiB output needs room) does not leave its job
+/// `running`: the worker recovers it as a crash would, retrying until
+/// storage takes the write.
+#[tokio::test]
+async fn a_write_that_fails_does_not_leave_the_job_running() {
+    let mut host = Host::start(config(1)).await;
+    host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
+    host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let big = "x".repeat(256 << 10);
+    let mut spec = job(
+        vec![
+            phase("nap", "sleep", json!({"ms": 200, "steps": 1})),
+            phase("copy", "echo", json!({})),
+        ],
+        json!({ "big": big }),
+    );
+    spec.max_attempts = Some(1);
+    let queued = host.enqueue(spec).await;
+    host.wait_for(&queued.id, EventKind::PhaseStarted).await;
+    // Not a page more than the database has now.
+    host.storage.limit_size(1).await.unwrap();
+    let finished = match tokio::time::timeout(
+        Duration::from_secs(10),
+        host.wait_until_finished(&queued.id),
+    )
+    .await
+    {
+        Ok(job) => job,
+        // The recovery's own small write did not fit either: once there
+        // is room again, it goes through.
+        Err(_) => {
+            host.storage.limit_size(1 << 30).await.unwrap();
+            host.wait_until_finished(&queued.id).await
+        }
+    };
+    assert_eq!(finished.status, JobStatus::Failed);
+    assert!(
+        finished.errors[0]
+            .error
+            .contains("storage failed to record its progress during phase"),
+        "{:?}",
+        finished.errors
+    );
+    host.storage.limit_size(1 << 30).await.unwrap();
+    let next = host.enqueue(echo_job(1)).await;
+    assert_eq!(
+        host.wait_until_finished(&next.id).await.status,
+        JobStatus::Completed
+    );
+}
