@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::data_dir::{self, DataDirLock};
 use crate::events::Bus;
 use crate::http::serve::ConnectionLimits;
-use crate::http::{AppState, StreamLimits, router};
+use crate::http::{AppState, RateLimiter, StreamLimits, router};
 use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
 use crate::queue::{Queue, QueueConfig};
@@ -46,7 +46,11 @@ impl App {
                 .context("limiting the database's size")?;
         }
         let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
-        let plugins = Arc::new(PluginRegistry::new(runtime, storage.clone()));
+        let plugins = Arc::new(PluginRegistry::with_quota(
+            runtime,
+            storage.clone(),
+            config.plugin_quota,
+        ));
         let loaded = plugins.preload().await.context("loading stored plugins")?;
         let mut webhooks = WebhookConfig::new(webhook_secret(&config)?);
         webhooks.timeout = config.webhook_timeout;
@@ -73,6 +77,7 @@ impl App {
             metrics,
             sse_activity: Arc::default(),
             streams: StreamLimits::new(max_streams, config.max_streams_per_ip),
+            rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
         };
         Ok(App {
             state,

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::outbound::AddressPolicy;
 use crate::queue::QueueConfig;
 use crate::runtime::RuntimeConfig;
-use crate::storage::Durability;
+use crate::storage::{Durability, PluginQuota};
 use crate::webhooks::Secret;
 
 /// A duration written for people: `500ms`, `30s`, `7d`; `0` or `off` for none.
@@ -105,6 +105,21 @@ pub struct ServeArgs {
     /// the database and plugins].
     #[arg(long, env = "JOBHOST_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most jobs waiting to run at once; submits past it answer 429
+    /// [default: 100000].
+    #[arg(long, env = "JOBHOST_MAX_PENDING_JOBS")]
+    pub max_pending_jobs: Option<u64>,
+    /// Most plugin versions stored; uploads past it answer 507 [default: 1000].
+    #[arg(long, env = "JOBHOST_MAX_PLUGIN_VERSIONS")]
+    pub max_plugin_versions: Option<u64>,
+    /// Most bytes of plugin components stored, in MiB; uploads past it
+    /// answer 507 [default: 2048].
+    #[arg(long, env = "JOBHOST_MAX_PLUGIN_STORAGE_MB")]
+    pub max_plugin_storage_mb: Option<u64>,
+    /// Requests per second each token may make (bursts of as many); past it
+    /// requests answer 429 with Retry-After; `0` for no limit [default: 1000].
+    #[arg(long, env = "JOBHOST_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
     /// Largest the database may grow, in MiB; past it writes answer 503
     /// and nothing already stored is lost [default: no limit].
     #[arg(long, env = "JOBHOST_MAX_DB_MB")]
@@ -177,6 +192,9 @@ pub struct Config {
     /// Which addresses outbound connections (webhooks) may reach.
     pub outbound: AddressPolicy,
     pub header_read_timeout: Duration,
+    pub plugin_quota: PluginQuota,
+    /// Requests per second per token; 0 for none.
+    pub rate_limit: u32,
     /// Largest database, in bytes; `None` for no limit.
     pub max_db_bytes: Option<u64>,
     /// Connections and event streams at once; `None` derives them from the
@@ -230,6 +248,10 @@ impl ServeArgs {
                 .or(file.max_payload_kb)
                 .map_or(defaults.max_payload_bytes, |kb| kb << 10),
             retention: duration(self.retention, file.retention, defaults.retention),
+            max_pending_jobs: self
+                .max_pending_jobs
+                .or(file.max_pending_jobs)
+                .unwrap_or(defaults.max_pending_jobs),
             ..defaults
         };
         let runtime_defaults = RuntimeConfig::default();
@@ -327,6 +349,17 @@ impl ServeArgs {
                 .unwrap_or(8)
                 .max(1),
             outbound,
+            plugin_quota: PluginQuota {
+                max_versions: self
+                    .max_plugin_versions
+                    .or(file.max_plugin_versions)
+                    .unwrap_or(PluginQuota::default().max_versions),
+                max_bytes: self
+                    .max_plugin_storage_mb
+                    .or(file.max_plugin_storage_mb)
+                    .map_or(PluginQuota::default().max_bytes, |mb| mb << 20),
+            },
+            rate_limit: self.rate_limit.or(file.rate_limit).unwrap_or(1000),
             max_db_bytes: self.max_db_mb.or(file.max_db_mb).map(|mb| mb << 20),
             header_read_timeout: duration(
                 self.header_read_timeout,

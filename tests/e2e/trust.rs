@@ -425,3 +425,45 @@ async fn shutdown_is_bounded_by_its_timeout_as_a_whole() {
     assert_eq!(job["webhook"]["status"], "pending", "{job}");
     held.abort();
 }
+
+/// Quotas: pending jobs (429), stored plugin versions (507) and requests
+/// per token (429 with Retry-After), each a setting.
+#[tokio::test]
+async fn quotas_answer_with_clear_errors() {
+    let server = Server::start(&["--max-pending-jobs", "3", "--max-plugin-versions", "2"]).await;
+    for version in ["1.0.0", "2.0.0"] {
+        let (status, body) = server.upload("echo", version, plugin_artifacts::ECHO).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, body) = server.upload("echo", "3.0.0", plugin_artifacts::ECHO).await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    assert_eq!(body["error"]["code"], "plugin_quota");
+
+    let later = json!({"phases": [{"name": "e", "plugin": "echo"}], "delay_ms": 3_600_000});
+    for _ in 0..3 {
+        server.submit(&later).await;
+    }
+    let (status, body) = server.post("/jobs", &later).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_pending");
+
+    let limited =
+        Server::start(&["--tokens", "read:rate-limited-token", "--rate-limit", "5"]).await;
+    let mut refused = None;
+    for _ in 0..20 {
+        let response = limited
+            .client
+            .get(limited.url("/jobs"))
+            .bearer_auth("rate-limited-token")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(response);
+            break;
+        }
+    }
+    let refused = refused.expect("20 requests at once passed a limit of 5 a second");
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(limited.get("/healthz").await.0, StatusCode::OK);
+}

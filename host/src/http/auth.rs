@@ -61,7 +61,12 @@ pub async fn authorize(
                 .map_or("", MatchedPath::as_str);
             match need(request.method(), path, *public_metrics) {
                 Need::Nothing => None,
-                Need::Scope(needed) => check_token(tokens, bearer_token(request.headers()), needed),
+                Need::Scope(needed) => {
+                    match check_token(tokens, bearer_token(request.headers()), needed) {
+                        Ok(token) => state.rate_limiter.admit(token).err(),
+                        Err(refusal) => Some(refusal),
+                    }
+                }
             }
         }
     };
@@ -75,21 +80,22 @@ pub async fn authorize(
     Err(refusal)
 }
 
+/// The index of the presented token, if it has the scope `needed`.
 fn check_token(
     tokens: &[(Scope, String)],
     presented: Option<&str>,
     needed: Scope,
-) -> Option<ApiError> {
+) -> Result<usize, ApiError> {
     let Some(presented) = presented else {
-        return Some(ApiError::new(
+        return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "this route needs `Authorization: Bearer <token>`",
         ));
     };
-    match scope_of(tokens, presented) {
-        Some(scope) if scope >= needed => None,
-        Some(scope) => Some(ApiError::new(
+    match find_token(tokens, presented) {
+        Some((index, scope)) if scope >= needed => Ok(index),
+        Some((_, scope)) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
@@ -98,7 +104,7 @@ fn check_token(
                 scope.name()
             ),
         )),
-        None => Some(ApiError::new(
+        None => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "the bearer token is not valid",
@@ -171,13 +177,69 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-/// The scope of the presented token, comparing against every token, each
-/// in constant time.
-fn scope_of(tokens: &[(Scope, String)], presented: &str) -> Option<Scope> {
-    tokens.iter().fold(None, |found, (scope, token)| {
-        let matches = bool::from(token.as_bytes().ct_eq(presented.as_bytes()));
-        if matches { Some(*scope) } else { found }
-    })
+/// The index and scope of the presented token, comparing against every
+/// token, each in constant time.
+fn find_token(tokens: &[(Scope, String)], presented: &str) -> Option<(usize, Scope)> {
+    tokens
+        .iter()
+        .enumerate()
+        .fold(None, |found, (index, (scope, token))| {
+            let matches = bool::from(token.as_bytes().ct_eq(presented.as_bytes()));
+            if matches {
+                Some((index, *scope))
+            } else {
+                found
+            }
+        })
+}
+
+/// Requests per second per token, as token buckets that hold a second's
+/// worth: a token that asks faster is answered 429 with `Retry-After`.
+pub struct RateLimiter {
+    per_second: u32,
+    buckets: std::sync::Mutex<std::collections::HashMap<usize, Bucket>>,
+}
+
+struct Bucket {
+    available: f64,
+    at: std::time::Instant,
+}
+
+impl RateLimiter {
+    /// `per_second` 0 admits everything.
+    pub fn new(per_second: u32) -> Self {
+        RateLimiter {
+            per_second,
+            buckets: Default::default(),
+        }
+    }
+
+    fn admit(&self, token: usize) -> Result<(), ApiError> {
+        if self.per_second == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(self.per_second);
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().expect("never poisoned");
+        let bucket = buckets.entry(token).or_insert(Bucket {
+            available: rate,
+            at: now,
+        });
+        let refilled = now.duration_since(bucket.at).as_secs_f64() * rate;
+        bucket.available = (bucket.available + refilled).min(rate);
+        bucket.at = now;
+        if bucket.available >= 1.0 {
+            bucket.available -= 1.0;
+            return Ok(());
+        }
+        let wait = (1.0 - bucket.available) / rate;
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("this token may make {} requests a second", self.per_second),
+        )
+        .retry_after(std::time::Duration::from_secs_f64(wait)))
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +270,18 @@ mod tests {
             need(Method::PUT, "/plugins/{name}/versions/{version}"),
             Need::Scope(Scope::Admin)
         );
+    }
+
+    #[test]
+    fn a_token_gets_its_rate_then_waits() {
+        let limiter = RateLimiter::new(3);
+        for _ in 0..3 {
+            assert!(limiter.admit(0).is_ok());
+        }
+        let refused = limiter.admit(0).unwrap_err();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(limiter.admit(1).is_ok(), "another token has its own bucket");
+        assert!(RateLimiter::new(0).admit(0).is_ok(), "0 is no limit");
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub message: String,
     /// Ask the client to close the connection after this answer.
     close: bool,
+    /// Tell the client when to try again.
+    retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -25,6 +27,7 @@ impl ApiError {
         ApiError {
             status,
             close: status == StatusCode::PAYLOAD_TOO_LARGE,
+            retry_after: None,
             code,
             message: message.into(),
         }
@@ -34,6 +37,12 @@ impl ApiError {
     /// not keep holding one (an SSE stream over its cap).
     pub fn closing(mut self) -> Self {
         self.close = true;
+        self
+    }
+
+    /// The answer carries `Retry-After` (whole seconds, at least one).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after = Some(wait);
         self
     }
 
@@ -62,6 +71,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
         let mut response = (self.status, Json(body)).into_response();
+        if let Some(wait) = self.retry_after {
+            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         // After a 413 the rest of the oversized body was never read: the
         // connection cannot carry another request.
         if self.close {
@@ -85,6 +100,9 @@ impl From<QueueError> for ApiError {
             }
             QueueError::NotFound(_) => ApiError::not_found(message),
             QueueError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            QueueError::TooManyPending(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_pending", message)
+            }
             QueueError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
@@ -112,6 +130,9 @@ impl From<PluginError> for ApiError {
             }
             PluginError::VersionConflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "version_conflict", message)
+            }
+            PluginError::OverQuota(_) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "plugin_quota", message)
             }
             PluginError::NotFound { .. } => ApiError::not_found(message),
             PluginError::InUse { .. } => {

@@ -24,6 +24,7 @@ use utoipa::{OpenApi as _, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub use auth::RateLimiter;
 pub use error::ApiError;
 pub use events::StreamLimits;
 
@@ -49,6 +50,8 @@ pub struct AppState {
     pub sse_activity: Arc<events::SseActivity>,
     /// Caps on concurrent event streams.
     pub streams: Arc<events::StreamLimits>,
+    /// Requests per second per token.
+    pub rate_limiter: Arc<auth::RateLimiter>,
 }
 
 /// `Json` whose rejections become [`ApiError`]s with our error body.

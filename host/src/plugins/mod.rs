@@ -13,8 +13,8 @@ use tokio::sync::Mutex;
 
 use crate::runtime::{LoadError, LoadedPlugin, PluginMetadata, Runtime, content_hash};
 use crate::storage::{
-    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginRecord, PutOutcome, Storage,
-    StorageError,
+    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginQuota, PluginRecord, PutOutcome,
+    Storage, StorageError,
 };
 
 /// Longest plugin name or version accepted.
@@ -36,6 +36,8 @@ pub enum PluginError {
         version: String,
         existing_hash: String,
     },
+    #[error("the plugin store is full: {0}; delete versions no job needs")]
+    OverQuota(String),
     #[error("plugin `{name}` has no version `{version}`")]
     NotFound { name: String, version: String },
     #[error("version {version} of plugin `{name}` is pinned by {jobs} unfinished job(s)")]
@@ -66,6 +68,7 @@ pub enum Uploaded {
 pub struct PluginRegistry {
     runtime: Arc<Runtime>,
     storage: Arc<Storage>,
+    quota: PluginQuota,
     loaded: Mutex<HashMap<(String, String), Arc<LoadedPlugin>>>,
 }
 
@@ -88,9 +91,14 @@ fn check_name(what: &'static str, value: &str) -> Result<(), PluginError> {
 
 impl PluginRegistry {
     pub fn new(runtime: Arc<Runtime>, storage: Arc<Storage>) -> Self {
+        PluginRegistry::with_quota(runtime, storage, PluginQuota::default())
+    }
+
+    pub fn with_quota(runtime: Arc<Runtime>, storage: Arc<Storage>, quota: PluginQuota) -> Self {
         PluginRegistry {
             runtime,
             storage,
+            quota,
             loaded: Mutex::default(),
         }
     }
@@ -116,6 +124,7 @@ impl PluginRegistry {
             content_hash: content_hash(&component),
             description: plugin.metadata.description.clone(),
             component,
+            quota: self.quota,
         };
         match self.storage.put_plugin_version(new).await? {
             PutOutcome::Created { activated } => {
@@ -130,6 +139,7 @@ impl PluginRegistry {
                 })
             }
             PutOutcome::Unchanged => Ok(Uploaded::Unchanged),
+            PutOutcome::OverQuota { what } => Err(PluginError::OverQuota(what)),
             PutOutcome::Conflict { existing_hash } => Err(PluginError::VersionConflict {
                 name: name.to_owned(),
                 version: version.to_owned(),

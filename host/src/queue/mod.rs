@@ -54,6 +54,8 @@ pub struct QueueConfig {
     pub retention_interval: Duration,
     /// Webhook delivery; `None` leaves deliveries in the outbox.
     pub webhooks: Option<WebhookConfig>,
+    /// Most jobs waiting (`pending`) at once; submits past it answer 429.
+    pub max_pending_jobs: u64,
     pub metrics: Arc<Metrics>,
 }
 
@@ -69,6 +71,7 @@ impl Default for QueueConfig {
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_interval: Duration::from_secs(60),
             webhooks: None,
+            max_pending_jobs: 100_000,
             metrics: Arc::default(),
         }
     }
@@ -89,6 +92,8 @@ pub enum QueueError {
     },
     #[error("the queue is shutting down")]
     ShuttingDown,
+    #[error("{0} jobs are waiting, the server's limit: try again when some have run")]
+    TooManyPending(u64),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -140,7 +145,21 @@ pub(crate) struct Shared {
     /// Parent of every job's token: cancelled to stop running phases by force.
     force: CancellationToken,
     workers: TaskTracker,
+    /// Pending jobs as last counted, plus those enqueued since.
+    pending: PendingCount,
 }
+
+/// How many jobs wait, for the pending-jobs quota: counted in storage at
+/// most once per [`PENDING_RECOUNT`], and raised by each enqueue between
+/// counts, so that it errs towards refusing (claims lower it only at the
+/// next count).
+#[derive(Default)]
+struct PendingCount {
+    estimate: std::sync::atomic::AtomicU64,
+    counted_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+const PENDING_RECOUNT: Duration = Duration::from_secs(1);
 
 pub struct Queue {
     shared: Arc<Shared>,
@@ -172,6 +191,7 @@ impl Queue {
             draining: CancellationToken::new(),
             force: CancellationToken::new(),
             workers: TaskTracker::new(),
+            pending: PendingCount::default(),
         });
         let background = vec![
             tokio::spawn(dispatch::dispatch(shared.clone())),
@@ -218,6 +238,7 @@ impl Queue {
         }
         let now = now_ms();
         let new = enqueue::new_job(spec, &shared.config, now).map_err(QueueError::InvalidJob)?;
+        self.check_pending_quota().await?;
         let id = new.id.clone();
         let slot = self.reserve_slot(&id).await;
         let created = shared
@@ -243,6 +264,28 @@ impl Queue {
             }),
             CreateOutcome::UnknownPlugin(message) => Err(QueueError::UnknownPlugin(message)),
         }
+    }
+
+    /// Refuses a new job while the pending-jobs quota is used up.
+    async fn check_pending_quota(&self) -> Result<(), QueueError> {
+        let shared = &self.shared;
+        let stale = shared
+            .pending
+            .counted_at
+            .lock()
+            .unwrap()
+            .is_none_or(|at| at.elapsed() >= PENDING_RECOUNT);
+        if stale {
+            let counted = shared.storage.pending_count().await?;
+            shared.pending.estimate.store(counted, Ordering::Relaxed);
+            *shared.pending.counted_at.lock().unwrap() = Some(std::time::Instant::now());
+        }
+        let waiting = shared.pending.estimate.fetch_add(1, Ordering::Relaxed);
+        if waiting >= shared.config.max_pending_jobs {
+            shared.pending.estimate.fetch_sub(1, Ordering::Relaxed);
+            return Err(QueueError::TooManyPending(shared.config.max_pending_jobs));
+        }
+        Ok(())
     }
 
     /// Takes a free slot for the job about to be created, if the queue is

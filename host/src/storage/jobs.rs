@@ -1381,6 +1381,19 @@ impl Storage {
         .await
     }
 
+    /// Jobs waiting to run, now or later.
+    pub async fn pending_count(&self) -> Result<u64> {
+        self.read(|conn| {
+            let count: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM jobs INDEXED BY jobs_due WHERE status = 'pending'",
+                )?
+                .query_row([], |row| row.get(0))?;
+            Ok(count as u64)
+        })
+        .await
+    }
+
     /// Number of jobs in each status.
     pub async fn job_counts(&self) -> Result<Vec<(JobStatus, u64)>> {
         self.read(|conn| {
@@ -1424,6 +1437,7 @@ mod tests {
                     content_hash: format!("hash-{version}"),
                     description: String::new(),
                     component: vec![0; 8],
+                    quota: Default::default(),
                 })
                 .await
                 .unwrap();

@@ -41,7 +41,7 @@ pub use jobs::{
     MAX_PAGE, NewJob, NewPhase, Recovered, RetryOutcome,
 };
 pub use plugins::{
-    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginRecord, PutOutcome,
+    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginQuota, PluginRecord, PutOutcome,
     VersionRecord,
 };
 pub use schema::VERSION as SCHEMA_VERSION;

@@ -16,6 +16,24 @@ pub struct NewPluginVersion {
     pub content_hash: String,
     pub description: String,
     pub component: Vec<u8>,
+    /// The quotas this upload must fit in, with every stored version.
+    pub quota: PluginQuota,
+}
+
+/// How many plugin versions, and how many bytes of them, may be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PluginQuota {
+    pub max_versions: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for PluginQuota {
+    fn default() -> Self {
+        PluginQuota {
+            max_versions: 1000,
+            max_bytes: 2 << 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +44,8 @@ pub enum PutOutcome {
     Unchanged,
     /// Other bytes are already stored under this version.
     Conflict { existing_hash: String },
+    /// Storing it would pass a quota; `what` says which.
+    OverQuota { what: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +107,26 @@ fn put(conn: &Connection, log: &mut EventLog, new: &NewPluginVersion) -> Result<
         Some(hash) if hash == new.content_hash => return Ok(PutOutcome::Unchanged),
         Some(existing_hash) => return Ok(PutOutcome::Conflict { existing_hash }),
         None => {}
+    }
+    let (versions, bytes): (i64, i64) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM plugin_versions",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    let quota = new.quota;
+    if versions as u64 >= quota.max_versions {
+        return Ok(PutOutcome::OverQuota {
+            what: format!("{versions} plugin versions are stored, the limit"),
+        });
+    }
+    if bytes as u64 + new.component.len() as u64 > quota.max_bytes {
+        return Ok(PutOutcome::OverQuota {
+            what: format!(
+                "{bytes} bytes of plugins are stored; {} more would pass the limit of {}",
+                new.component.len(),
+                quota.max_bytes
+            ),
+        });
     }
     let now = now_ms();
     conn.execute(
