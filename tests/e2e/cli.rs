@@ -281,3 +281,24 @@ async fn events_tail_from_now_unless_asked_for_the_log() {
         }
     }
 }
+
+/// Guest text reaches the terminal with its control characters shown, not
+/// obeyed: a failure message cannot clear the screen or fake a line.
+#[tokio::test]
+async fn guest_text_cannot_drive_the_terminal() {
+    let server = Server::start(&[]).await;
+    server.upload("fail", "1.0.0", plugin_artifacts::FAIL).await;
+    let job = server
+        .submit(&json!({"phases": [{"name": "f", "plugin": "fail", "config": {"message": "\u{1b}[2J\u{1b}[Hall good\nfake: line"}}]}))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    server.wait_finished(id).await;
+    let shown = run(&server.url, &["job", "show", id]).await;
+    assert!(shown.status.success());
+    let stdout = String::from_utf8(shown.stdout).unwrap();
+    assert!(!stdout.contains('\u{1b}'), "{stdout:?}");
+    assert!(
+        stdout.contains(r"\u{1b}[2J\u{1b}[Hall good\u{a}fake: line"),
+        "{stdout}"
+    );
+}

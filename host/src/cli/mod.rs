@@ -95,3 +95,37 @@ async fn serve(args: crate::config::ServeArgs) -> anyhow::Result<i32> {
     app.serve(listener, crate::app::shutdown_signal()).await?;
     Ok(0)
 }
+
+/// Text from a server or a guest as a terminal should show it: control
+/// characters (an escape sequence could rewrite the screen or hide a line)
+/// written out as `\u{..}`. `keep_lines` keeps newlines and tabs, for
+/// multi-line blocks such as captured stdout.
+pub(crate) fn printable(text: &str, keep_lines: bool) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| c.is_control() && !(keep_lines && matches!(c, '\n' | '\t'));
+    if !text.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if escaped(c) {
+            shown.push_str(&c.escape_unicode().to_string());
+        } else {
+            shown.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(printable("plain text", false), "plain text");
+        assert_eq!(printable("red \u{1b}[31m!", false), "red \\u{1b}[31m!");
+        assert_eq!(printable("two\nlines\r", false), "two\\u{a}lines\\u{d}");
+        assert_eq!(printable("two\nlines\r", true), "two\nlines\\u{d}");
+        assert_eq!(printable("\u{9b}2J", true), "\\u{9b}2J");
+    }
+}

@@ -221,7 +221,7 @@ pub async fn job(remote: &Remote, action: JobAction) -> anyhow::Result<i32> {
         } => {
             let spec = build_spec(spec, &phases, payload)?;
             let job = client.post("/jobs", &serde_json::to_value(&spec)?).await?;
-            let id = text(&job["id"]).to_owned();
+            let id = text(&job["id"]).into_owned();
             if !wait {
                 remote.print(&job, |j| {
                     println!("submitted job {id} ({})", text(&j["status"]))
@@ -256,7 +256,7 @@ pub async fn job(remote: &Remote, action: JobAction) -> anyhow::Result<i32> {
             let body = client.get(&query).await?;
             remote.print(&body, |b| {
                 for job in b["jobs"].as_array().into_iter().flatten() {
-                    let phases: Vec<&str> = job["phases"]
+                    let phases: Vec<_> = job["phases"]
                         .as_array()
                         .into_iter()
                         .flatten()
@@ -344,7 +344,7 @@ fn build_spec(
 /// Follows a job's event stream with a progress bar per phase; the exit
 /// code says how it ended.
 async fn follow(remote: &Remote, client: &Client, job: &Value) -> anyhow::Result<i32> {
-    let id = text(&job["id"]).to_owned();
+    let id = text(&job["id"]).into_owned();
     let bars = MultiProgress::new();
     if remote.json {
         bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -358,7 +358,7 @@ async fn follow(remote: &Remote, client: &Client, job: &Value) -> anyhow::Result
         .flatten()
         .map(|phase| {
             let bar = bars.add(ProgressBar::new(100).with_style(style.clone()));
-            let name = text(&phase["name"]).to_owned();
+            let name = text(&phase["name"]).into_owned();
             bar.set_prefix(name.clone());
             bar.set_message(format!(
                 "pending ({}@{})",
@@ -386,7 +386,7 @@ async fn follow(remote: &Remote, client: &Client, job: &Value) -> anyhow::Result
             }
             ("job:phase:progress", Some(bar)) => {
                 bar.set_position(data["percent"].as_u64().unwrap_or(0));
-                bar.set_message(text(&data["note"]).to_owned());
+                bar.set_message(text(&data["note"]).into_owned());
             }
             ("job:phase:completed", Some(bar)) => {
                 bar.set_position(100);
@@ -412,11 +412,11 @@ async fn follow(remote: &Remote, client: &Client, job: &Value) -> anyhow::Result
         }
     }
     let final_job = client.get(&format!("/jobs/{id}")).await?;
-    let outcome = outcome.unwrap_or_else(|| text(&final_job["status"]).to_owned());
+    let outcome = outcome.unwrap_or_else(|| text(&final_job["status"]).into_owned());
     remote.print(&final_job, |j| {
         println!("job {id} {outcome}");
-        if let Some(error) = j["error"].as_str() {
-            println!("error: {error}");
+        if j["error"].is_string() {
+            println!("error: {}", text(&j["error"]));
         }
         if let Some(last) = j["phases"].as_array().and_then(|p| p.last())
             && !last["output"].is_null()
@@ -438,8 +438,8 @@ fn print_job(job: &Value) {
         job["attempt"],
         job["max_attempts"]
     );
-    if let Some(error) = job["error"].as_str() {
-        println!("  error: {error}");
+    if job["error"].is_string() {
+        println!("  error: {}", text(&job["error"]));
     }
     for phase in job["phases"].as_array().into_iter().flatten() {
         println!(
@@ -450,8 +450,8 @@ fn print_job(job: &Value) {
             text(&phase["status"]),
             phase["attempts"]
         );
-        if let Some(error) = phase["error"].as_str() {
-            println!("      error: {error}");
+        if phase["error"].is_string() {
+            println!("      error: {}", text(&phase["error"]));
         }
         if !phase["output"].is_null() {
             let output = phase["output"].to_string();
@@ -519,6 +519,7 @@ pub async fn events(
     Ok(0)
 }
 
-fn text(value: &Value) -> &str {
-    value.as_str().unwrap_or("-")
+/// A string field of the server's JSON, safe to print.
+fn text(value: &Value) -> std::borrow::Cow<'_, str> {
+    super::printable(value.as_str().unwrap_or("-"), false)
 }

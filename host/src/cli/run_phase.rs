@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
+use super::printable;
 use crate::runtime::{PhaseRun, Progress, Runtime, RuntimeConfig};
 
 #[derive(Debug, Args)]
@@ -57,12 +58,15 @@ pub async fn run_phase(args: RunPhaseArgs) -> anyhow::Result<i32> {
     }
     run.timeout = Duration::from_millis(args.timeout_ms);
     if !args.json {
+        let m = &plugin.metadata;
         eprintln!(
             "{} {} — {}",
-            plugin.metadata.name, plugin.metadata.version, plugin.metadata.description
+            printable(&m.name, false),
+            printable(&m.version, false),
+            printable(&m.description, false)
         );
         run.progress = Some(Arc::new(|p: Progress| {
-            eprintln!("progress {:>3}% {}", p.percent, p.note)
+            eprintln!("progress {:>3}% {}", p.percent, printable(&p.note, false))
         }));
     }
     // Ctrl-C asks the phase to stop, as a cancelled job would.
@@ -100,7 +104,7 @@ fn print_text(result: &crate::runtime::PhaseResult) {
             "log {:>5} +{}ms {}",
             format!("{:?}", entry.level).to_lowercase(),
             entry.at_ms,
-            entry.message
+            printable(&entry.message, false)
         );
     }
     if result.log.dropped_entries > 0 {
@@ -117,7 +121,7 @@ fn print_text(result: &crate::runtime::PhaseResult) {
             eprintln!(
                 "--- {name} ({total} bytes written, {} kept) ---\n{}",
                 text.len(),
-                text.trim_end()
+                printable(text.trim_end(), true)
             );
         }
     }
@@ -137,7 +141,7 @@ fn print_text(result: &crate::runtime::PhaseResult) {
             println!("{pretty}");
             eprintln!("outcome: completed");
         }
-        Err(failure) => eprintln!("outcome: {failure}"),
+        Err(failure) => eprintln!("outcome: {}", printable(&failure.to_string(), false)),
     }
 }
 
