@@ -256,3 +256,34 @@ async fn a_parked_describe_cannot_hang_a_load() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert_runtime_still_healthy(&runtime).await;
 }
+
+/// Handles a guest holds (here pollables it never drops) are bounded: past
+/// the resource table's capacity the run fails, and the host's memory
+/// stays bounded.
+#[tokio::test]
+async fn held_resources_are_bounded() {
+    let runtime = runtime();
+    let flood = load(&runtime, plugin_artifacts::FLOOD).await;
+    let result = run(
+        &runtime,
+        &flood,
+        "{}",
+        r#"{"mode": "resources", "count": 100000}"#,
+    )
+    .await;
+    match &result.outcome {
+        Err(PhaseFailure::Trapped(message)) => {
+            assert!(message.contains("resource table"), "{message}")
+        }
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    let within = run(
+        &runtime,
+        &flood,
+        "{}",
+        r#"{"mode": "resources", "count": 1000}"#,
+    )
+    .await;
+    assert_eq!(crate::output(&within)["sent"], 1000);
+    assert_runtime_still_healthy(&runtime).await;
+}

@@ -1,7 +1,8 @@
 //! A hostile but legal plugin: floods the host through the contract itself.
-//! Config `{"mode": "progress" | "log" | "fail" | "retry", "count": n,
-//! "bytes": n}`: `count` progress reports or log lines of `bytes` each, or
-//! one failure whose message is `bytes` long. Returns `{"sent": count}`.
+//! Config `{"mode": "progress" | "log" | "fail" | "retry" | "resources",
+//! "count": n, "bytes": n}`: `count` progress reports or log lines of
+//! `bytes` each, one failure whose message is `bytes` long, or `count` WASI
+//! pollables held and never dropped. Returns `{"sent": count}`.
 
 use jobhost_plugin::{Context, Input, Level, Phase, PhaseError, Value, export_phase, json};
 use serde::Deserialize;
@@ -13,6 +14,7 @@ enum Mode {
     Log,
     Fail,
     Retry,
+    Resources,
 }
 
 #[derive(Deserialize)]
@@ -20,6 +22,7 @@ struct Config {
     mode: Mode,
     #[serde(default = "one")]
     count: u32,
+    #[serde(default)]
     bytes: usize,
 }
 
@@ -38,6 +41,9 @@ impl Phase for Flood {
             Mode::Log => (0..config.count).for_each(|_| jobhost_plugin::log(Level::Info, &text)),
             Mode::Fail => return Err(PhaseError::fail(text)),
             Mode::Retry => return Err(PhaseError::retry(text)),
+            Mode::Resources => (0..config.count).for_each(|_| {
+                std::mem::forget(wasip2::clocks::monotonic_clock::subscribe_duration(1))
+            }),
         }
         Ok(json!({ "sent": config.count }))
     }
