@@ -173,6 +173,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (content_hash, engine)
     );
     ",
+    // 6: `types=` filters on the event stream read an index, not the log.
+    "
+    CREATE INDEX events_kind ON events (kind, seq);
+    ",
 ];
 
 /// Brings the database up to the latest schema.
