@@ -19,13 +19,37 @@ pub fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
-/// Parses RFC 3339 (e.g. `2026-11-30T12:00:00Z`) into Unix milliseconds.
+/// Parses RFC 3339 (e.g. `2026-11-30T12:00:00Z`, `2026-11-30t13:00:00+01:00`)
+/// into Unix milliseconds; times before 1970 are 0.
 pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
-    let time = humantime::parse_rfc3339_weak(text)
-        .map_err(|e| format!("`{text}` is not an RFC 3339 time: {e}"))?;
-    Ok(time
+    let invalid = |e: &dyn std::fmt::Display| format!("`{text}` is not an RFC 3339 time: {e}");
+    let (utc, offset_ms) = split_offset(text);
+    let utc = utc.replacen('t', "T", 1).replace('z', "Z");
+    let time = humantime::parse_rfc3339_weak(&utc).map_err(|e| invalid(&e))?;
+    let ms = time
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64))
+        .map_or(0, |d| d.as_millis() as i64);
+    Ok((ms - offset_ms).max(0))
+}
+
+/// The time without its numeric offset (`+01:00`), and the offset in ms.
+fn split_offset(text: &str) -> (&str, i64) {
+    let bytes = text.as_bytes();
+    let Some(at) = text.len().checked_sub(6) else {
+        return (text, 0);
+    };
+    let digits = |range: std::ops::Range<usize>| bytes[range].iter().all(u8::is_ascii_digit);
+    let sign = match bytes[at] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return (text, 0),
+    };
+    if bytes[at + 3] != b':' || !digits(at + 1..at + 3) || !digits(at + 4..at + 6) {
+        return (text, 0);
+    }
+    let hours: i64 = text[at + 1..at + 3].parse().unwrap_or(0);
+    let minutes: i64 = text[at + 4..at + 6].parse().unwrap_or(0);
+    (&text[..at], sign * (hours * 60 + minutes) * 60_000)
 }
 
 #[cfg(test)]
@@ -40,6 +64,18 @@ mod tests {
             Ok(1_764_504_000_123)
         );
         assert!(parse_rfc3339("next tuesday").is_err());
+        assert_eq!(
+            parse_rfc3339("2025-11-30t13:30:00.123+01:30"),
+            Ok(1_764_504_000_123)
+        );
+        assert_eq!(
+            parse_rfc3339("2025-11-30T10:00:00.123-02:00"),
+            Ok(1_764_504_000_123)
+        );
+        assert_eq!(
+            parse_rfc3339("2025-11-30T12:00:00.123z"),
+            Ok(1_764_504_000_123)
+        );
     }
 
     #[test]

@@ -79,3 +79,52 @@ async fn openapi_document_matches_the_routes() {
         }
     }
 }
+
+/// The bounds the server checks are the ones it publishes, so generated
+/// clients and fuzzers agree with it; every operation has its own id, and
+/// the ids a create returns link to the operations that take them.
+#[tokio::test]
+async fn the_document_publishes_the_bounds_and_links() {
+    use jobhost::queue::limits::*;
+    let server = Server::start(&[]).await;
+    let (_, doc) = server.get("/openapi.json").await;
+    let schemas = &doc["components"]["schemas"];
+    let spec = &schemas["JobSpec"]["properties"];
+    assert_eq!(spec["priority"]["minimum"], MIN_PRIORITY);
+    assert_eq!(spec["priority"]["maximum"], MAX_PRIORITY);
+    assert_eq!(spec["max_attempts"]["maximum"], MAX_ATTEMPTS);
+    assert_eq!(spec["delay_ms"]["maximum"], MAX_SCHEDULE_AHEAD_MS);
+    assert_eq!(spec["idempotency_key"]["maxLength"], MAX_IDEMPOTENCY_KEY);
+    assert_eq!(spec["run_at"]["maxLength"], MAX_RUN_AT_LENGTH);
+    assert_eq!(spec["phases"]["maxItems"], 32);
+    let phase = &schemas["PhaseSpec"]["properties"];
+    assert_eq!(phase["name"]["maxLength"], MAX_PHASE_NAME);
+    assert_eq!(phase["plugin"]["maxLength"], MAX_PLUGIN_NAME);
+    assert_eq!(phase["timeout_ms"]["maximum"], 3_600_000);
+    let webhook = &schemas["WebhookSpec"]["properties"];
+    assert_eq!(webhook["url"]["maxLength"], MAX_WEBHOOK_URL);
+    assert_eq!(webhook["secret"]["maxLength"], MAX_WEBHOOK_SECRET);
+    let backoff = &schemas["BackoffPolicy"]["properties"];
+    assert_eq!(backoff["max_ms"]["maximum"], MAX_BACKOFF_MS);
+
+    let mut ids = std::collections::HashSet::new();
+    for methods in doc["paths"].as_object().unwrap().values() {
+        for operation in methods.as_object().unwrap().values() {
+            let id = operation["operationId"].as_str().expect("an operation id");
+            assert!(ids.insert(id.to_owned()), "operation id {id} is used twice");
+        }
+    }
+    let links = &doc["paths"]["/jobs"]["post"]["responses"]["201"]["links"];
+    for (name, target) in [
+        ("show", "show_job"),
+        ("events", "stream_job_events"),
+        ("cancel", "cancel_job"),
+    ] {
+        assert_eq!(links[name]["operationId"], target);
+        assert_eq!(links[name]["parameters"]["id"], "$response.body#/id");
+    }
+    let upload =
+        &doc["paths"]["/plugins/{name}/versions/{version}"]["put"]["responses"]["201"]["links"];
+    assert_eq!(upload["show"]["operationId"], "show_plugin");
+    assert!(ids.contains("show_job") && ids.contains("show_plugin"));
+}

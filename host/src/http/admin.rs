@@ -31,21 +31,21 @@ async fn queue_state(state: &AppState) -> Result<QueueState, ApiError> {
 }
 
 /// The queue's state.
-#[utoipa::path(get, path = "/queue", tag = TAG, responses((status = 200, body = QueueState)))]
+#[utoipa::path(get, path = "/queue", operation_id = "queue_state", tag = TAG, responses((status = 200, body = QueueState)))]
 pub async fn show(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(AppJson(queue_state(&state).await?))
 }
 
 /// Pause: no new phase starts until resumed; running phases finish and
 /// their jobs wait, keeping completed phases.
-#[utoipa::path(post, path = "/queue/pause", tag = TAG, responses((status = 200, body = QueueState)))]
+#[utoipa::path(post, path = "/queue/pause", operation_id = "pause_queue", tag = TAG, responses((status = 200, body = QueueState)))]
 pub async fn pause(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     state.queue.pause();
     Ok(AppJson(queue_state(&state).await?))
 }
 
 /// Resume after a pause.
-#[utoipa::path(post, path = "/queue/resume", tag = TAG, responses((status = 200, body = QueueState)))]
+#[utoipa::path(post, path = "/queue/resume", operation_id = "resume_queue", tag = TAG, responses((status = 200, body = QueueState)))]
 pub async fn resume(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     state.queue.resume();
     Ok(AppJson(queue_state(&state).await?))
@@ -55,6 +55,7 @@ pub async fn resume(State(state): State<AppState>) -> Result<impl IntoResponse, 
 #[serde(deny_unknown_fields)]
 pub struct PurgeRequest {
     /// Delete finished jobs that finished before this time (RFC 3339).
+    #[schema(format = DateTime, max_length = 64)]
     finished_before: String,
 }
 
@@ -65,7 +66,7 @@ pub struct PurgeResponse {
 
 /// Delete every finished job that finished before a time (each emits
 /// `job:deleted`). The retention sweep does the same periodically.
-#[utoipa::path(post, path = "/queue/purge", tag = TAG, request_body = PurgeRequest,
+#[utoipa::path(post, path = "/queue/purge", operation_id = "purge_jobs", tag = TAG, request_body = PurgeRequest,
     responses((status = 200, body = PurgeResponse), (status = 400, body = ErrorBody)))]
 pub async fn purge(
     State(state): State<AppState>,

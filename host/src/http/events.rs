@@ -66,7 +66,7 @@ pub struct StreamQuery {
 /// events are replayed from the log, then live ones follow, with no gap and
 /// no duplicate; `0` replays the whole retained log. `job:phase:progress`
 /// is live only: it has no `id:` and is not replayed.
-#[utoipa::path(get, path = "/events", tag = "events",
+#[utoipa::path(get, path = "/events", operation_id = "stream_events", tag = "events",
     params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event")),
     responses((status = 200, description = "An event stream", content_type = "text/event-stream", body = Event)))]
 pub async fn stream(
@@ -91,7 +91,7 @@ pub async fn stream(
 /// Stream one job's events (SSE); the stream ends with the job: after its
 /// terminal event, even when `types` leaves that event out, and at once
 /// when resumed after it.
-#[utoipa::path(get, path = "/jobs/{id}/events", tag = "events",
+#[utoipa::path(get, path = "/jobs/{id}/events", operation_id = "stream_job_events", tag = "events",
     params(("id" = String, Path), StreamQuery, ("Last-Event-ID" = Option<i64>, Header)),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = Event),

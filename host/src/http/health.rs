@@ -13,13 +13,13 @@ use serde_json::{Value, json};
 use super::{ApiError, AppState};
 
 /// Liveness: the process is up.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "operations", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// Prometheus metrics; job counts and queue depth are read at scrape time.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations",
     responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let metrics = &state.metrics;
@@ -45,7 +45,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
 }
 
 /// Readiness: storage answers and the server is not shutting down.
-#[utoipa::path(get, path = "/readyz", tag = "operations",
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "operations",
     responses((status = 200, description = "Ready"), (status = 503, body = super::ErrorBody)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let last_event = state.storage.last_event_seq().await?;
@@ -65,7 +65,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 /// plugins and jobs and follows them live over SSE. Its policy lets the
 /// page run only its own inline script and style (by hash), talk only to
 /// this server, and be framed by nobody.
-#[utoipa::path(get, path = "/", tag = "operations", responses((status = 200, description = "HTML", content_type = "text/html")))]
+#[utoipa::path(get, path = "/", operation_id = "dashboard", tag = "operations", responses((status = 200, description = "HTML", content_type = "text/html")))]
 pub async fn dashboard() -> impl IntoResponse {
     (
         [

@@ -21,12 +21,20 @@ const DEFAULT_PAGE: usize = 50;
 /// Each phase's plugin version is pinned now (the active one when the spec
 /// names none). A second submit with the same `idempotency_key` returns the
 /// first job with 200 and stores nothing.
-#[utoipa::path(post, path = "/jobs", tag = TAG, request_body = JobSpec,
+#[utoipa::path(post, path = "/jobs", operation_id = "create_job", tag = TAG, request_body = JobSpec,
     responses(
-        (status = 201, description = "Created", body = Job),
+        (status = 201, description = "Created", body = Job, links(
+            ("show" = (operation_id = "show_job", parameters(("id" = "$response.body#/id")))),
+            ("events" = (operation_id = "stream_job_events", parameters(("id" = "$response.body#/id")))),
+            ("cancel" = (operation_id = "cancel_job", parameters(("id" = "$response.body#/id")))),
+            ("retry" = (operation_id = "retry_job", parameters(("id" = "$response.body#/id")))),
+            ("delete" = (operation_id = "delete_job", parameters(("id" = "$response.body#/id")))),
+        )),
         (status = 200, description = "An earlier job with the same idempotency key", body = Job),
         (status = 413, body = ErrorBody),
         (status = 422, description = "Invalid job spec or unknown plugin", body = ErrorBody),
+        (status = 429, description = "The pending-jobs quota or the token's rate is used up", body = ErrorBody),
+        (status = 503, description = "Storage is full", body = ErrorBody),
     ))]
 pub async fn create(
     State(state): State<AppState>,
@@ -42,7 +50,7 @@ pub async fn create(
 }
 
 /// Show a job: phases, outputs, errors, attempts and webhook status.
-#[utoipa::path(get, path = "/jobs/{id}", tag = TAG, params(("id" = String, Path)),
+#[utoipa::path(get, path = "/jobs/{id}", operation_id = "show_job", tag = TAG, params(("id" = String, Path)),
     responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
 pub async fn show(
     State(state): State<AppState>,
@@ -74,7 +82,7 @@ pub struct JobList {
 }
 
 /// List jobs, newest first.
-#[utoipa::path(get, path = "/jobs", tag = TAG, params(ListQuery),
+#[utoipa::path(get, path = "/jobs", operation_id = "list_jobs", tag = TAG, params(ListQuery),
     responses((status = 200, body = JobList), (status = 400, body = ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
@@ -116,7 +124,7 @@ pub async fn list(
 /// stop through `cancelled()` and stopped by force at the next epoch tick
 /// if it does not (202; `job:cancelled` follows). A finished job is left
 /// as it is (409).
-#[utoipa::path(post, path = "/jobs/{id}/cancel", tag = TAG, params(("id" = String, Path)),
+#[utoipa::path(post, path = "/jobs/{id}/cancel", operation_id = "cancel_job", tag = TAG, params(("id" = String, Path)),
     responses(
         (status = 200, body = Job), (status = 202, body = Job),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
@@ -143,7 +151,7 @@ pub struct RetryRequest {
 }
 
 /// Retry a failed or cancelled job (an empty body means `from_start: false`).
-#[utoipa::path(post, path = "/jobs/{id}/retry", tag = TAG, params(("id" = String, Path)),
+#[utoipa::path(post, path = "/jobs/{id}/retry", operation_id = "retry_job", tag = TAG, params(("id" = String, Path)),
     request_body(content = Option<RetryRequest>),
     responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn retry(
@@ -167,7 +175,7 @@ pub async fn retry(
 }
 
 /// Delete a finished job with its phases (its events stay in the log).
-#[utoipa::path(delete, path = "/jobs/{id}", tag = TAG, params(("id" = String, Path)),
+#[utoipa::path(delete, path = "/jobs/{id}", operation_id = "delete_job", tag = TAG, params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, description = "Not finished", body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,

@@ -42,15 +42,21 @@ pub struct UploadResponse {
 /// The body is the WebAssembly component. It is validated against the
 /// contract before anything is stored; the first version of a plugin
 /// becomes active.
-#[utoipa::path(put, path = "/plugins/{name}/versions/{version}", tag = TAG,
+#[utoipa::path(put, path = "/plugins/{name}/versions/{version}", operation_id = "upload_plugin_version", tag = TAG,
     params(("name" = String, Path), ("version" = String, Path), UploadQuery),
     request_body(content = Vec<u8>, content_type = "application/wasm"),
     responses(
-        (status = 201, description = "Stored", body = UploadResponse),
+        (status = 201, description = "Stored", body = UploadResponse, links(
+            ("show" = (operation_id = "show_plugin", parameters(("name" = "$request.path.name")))),
+            ("activate" = (operation_id = "activate_plugin", parameters(("name" = "$request.path.name")))),
+            ("delete" = (operation_id = "delete_plugin_version", parameters(
+                ("name" = "$request.path.name"), ("version" = "$request.path.version")))),
+        )),
         (status = 200, description = "The same bytes were already stored", body = UploadResponse),
         (status = 409, description = "Other bytes are stored under this version", body = ErrorBody),
         (status = 413, description = "The component is too large", body = ErrorBody),
         (status = 422, description = "Not a valid jobhost plugin component", body = ErrorBody),
+        (status = 507, description = "The plugin store's quota is used up", body = ErrorBody),
     ))]
 pub async fn upload(
     State(state): State<AppState>,
@@ -93,7 +99,7 @@ pub async fn upload(
 ///
 /// Refused while an unfinished job pins the version, and for the active
 /// version while other versions exist.
-#[utoipa::path(delete, path = "/plugins/{name}/versions/{version}", tag = TAG,
+#[utoipa::path(delete, path = "/plugins/{name}/versions/{version}", operation_id = "delete_plugin_version", tag = TAG,
     params(("name" = String, Path), ("version" = String, Path)),
     responses(
         (status = 204, description = "Deleted"),
@@ -114,7 +120,7 @@ pub struct PluginList {
 }
 
 /// List plugins with their versions and the active version.
-#[utoipa::path(get, path = "/plugins", tag = TAG, responses((status = 200, body = PluginList)))]
+#[utoipa::path(get, path = "/plugins", operation_id = "list_plugins", tag = TAG, responses((status = 200, body = PluginList)))]
 pub async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(AppJson(PluginList {
         plugins: state.plugins.list().await?,
@@ -122,7 +128,7 @@ pub async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, Ap
 }
 
 /// Show one plugin.
-#[utoipa::path(get, path = "/plugins/{name}", tag = TAG, params(("name" = String, Path)),
+#[utoipa::path(get, path = "/plugins/{name}", operation_id = "show_plugin", tag = TAG, params(("name" = String, Path)),
     responses((status = 200, body = PluginRecord), (status = 404, body = ErrorBody)))]
 pub async fn show(
     State(state): State<AppState>,
@@ -151,7 +157,7 @@ pub struct ActivateResponse {
 ///
 /// Jobs enqueued from now on pin this version; phases already running
 /// finish on the version they started with.
-#[utoipa::path(put, path = "/plugins/{name}/active", tag = TAG, params(("name" = String, Path)),
+#[utoipa::path(put, path = "/plugins/{name}/active", operation_id = "activate_plugin", tag = TAG, params(("name" = String, Path)),
     request_body = ActivateRequest,
     responses((status = 200, body = ActivateResponse), (status = 404, body = ErrorBody)))]
 pub async fn activate(

@@ -147,7 +147,7 @@ pub struct JobSpec {
     pub delay_ms: Option<u64>,
     /// Run no earlier than this time (RFC 3339, at most 10 years ahead).
     /// Exclusive with `delay_ms`.
-    #[schema(max_length = 64)]
+    #[schema(format = DateTime, max_length = 64)]
     pub run_at: Option<String>,
     /// Higher runs first among due jobs.
     #[serde(default)]
