@@ -78,6 +78,7 @@ impl App {
             sse_activity: Arc::default(),
             streams: StreamLimits::new(max_streams, config.max_streams_per_ip),
             rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
+            request_timeout: config.request_timeout,
         };
         Ok(App {
             state,

@@ -120,6 +120,10 @@ pub struct ServeArgs {
     /// requests answer 429 with Retry-After; `0` for no limit [default: 1000].
     #[arg(long, env = "JOBHOST_RATE_LIMIT")]
     pub rate_limit: Option<u32>,
+    /// How long a request may take, its body included, before it is
+    /// answered 408; event streams and plugin uploads are exempt [default: 30s].
+    #[arg(long, env = "JOBHOST_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<HumanDuration>,
     /// Largest the database may grow, in MiB; past it writes answer 503
     /// and nothing already stored is lost [default: no limit].
     #[arg(long, env = "JOBHOST_MAX_DB_MB")]
@@ -195,6 +199,7 @@ pub struct Config {
     pub plugin_quota: PluginQuota,
     /// Requests per second per token; 0 for none.
     pub rate_limit: u32,
+    pub request_timeout: Duration,
     /// Largest database, in bytes; `None` for no limit.
     pub max_db_bytes: Option<u64>,
     /// Connections and event streams at once; `None` derives them from the
@@ -360,6 +365,12 @@ impl ServeArgs {
                     .map_or(PluginQuota::default().max_bytes, |mb| mb << 20),
             },
             rate_limit: self.rate_limit.or(file.rate_limit).unwrap_or(1000),
+            request_timeout: duration(
+                self.request_timeout,
+                file.request_timeout,
+                Some(Duration::from_secs(30)),
+            )
+            .unwrap_or(Duration::from_secs(30)),
             max_db_bytes: self.max_db_mb.or(file.max_db_mb).map(|mb| mb << 20),
             header_read_timeout: duration(
                 self.header_read_timeout,

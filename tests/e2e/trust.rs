@@ -299,6 +299,28 @@ async fn a_full_database_answers_503_and_keeps_what_it_accepted() {
     assert_eq!(server.get("/healthz").await.0, StatusCode::OK);
 }
 
+/// A client that sends a request's body a byte at a time is answered 408
+/// at the request deadline, its connection closed.
+#[tokio::test]
+async fn a_slow_body_gets_a_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(&["--request-timeout", "1s"]).await;
+    let address = server.url.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    socket
+        .write_all(b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, socket.read_to_end(&mut answer))
+        .await
+        .expect("the slow request was never answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+}
+
 /// A new `/events` client starts now, told the head in its first message;
 /// history is asked for with `Last-Event-ID: 0`.
 #[tokio::test]

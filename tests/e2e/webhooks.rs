@@ -75,6 +75,26 @@ async fn webhook_arrives_once_signed_after_completion() {
         !job.to_string().contains("MDEyMzQ1"),
         "the API never echoes a secret: {job}"
     );
+
+    // Settled, the delivery no longer keeps the secret; deleted, the job
+    // takes its settled delivery with it.
+    let outbox = |query: &str| -> i64 {
+        let db = rusqlite::Connection::open_with_flags(
+            server.dir.path().join("data/jobhost.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        db.query_row(query, [], |row| row.get(0)).unwrap()
+    };
+    assert_eq!(
+        outbox("SELECT COUNT(*) FROM webhook_deliveries WHERE secret IS NOT NULL"),
+        0
+    );
+    let (status, _) = server
+        .send(server.client.delete(server.url(&format!("/jobs/{id}"))))
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(outbox("SELECT COUNT(*) FROM webhook_deliveries"), 0);
 }
 
 #[tokio::test]

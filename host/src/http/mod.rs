@@ -52,6 +52,8 @@ pub struct AppState {
     pub streams: Arc<events::StreamLimits>,
     /// Requests per second per token.
     pub rate_limiter: Arc<auth::RateLimiter>,
+    /// How long a request (but a stream or an upload) may take, body included.
+    pub request_timeout: std::time::Duration,
 }
 
 /// `Json` whose rejections become [`ApiError`]s with our error body.
@@ -123,8 +125,6 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::show, jobs::delete))
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::retry))
-        .routes(routes!(events::job_stream))
-        .routes(routes!(events::stream))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))
@@ -133,10 +133,40 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(admin::pause))
         .routes(routes!(admin::resume))
         .routes(routes!(admin::purge))
-        .layer(DefaultBodyLimit::max(state.max_body_bytes));
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.request_timeout,
+            request_deadline,
+        ));
+    // Streams last as long as their clients want; uploads may be large on a
+    // slow link. Neither gets the request deadline.
+    let streams = OpenApiRouter::new()
+        .routes(routes!(events::job_stream))
+        .routes(routes!(events::stream));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(uploads)
+        .merge(streams)
         .merge(api)
+}
+
+/// A request (its body included) must be answered within the deadline: a
+/// client that sends its body a byte at a time gets 408 instead of holding
+/// a connection and a handler.
+async fn request_deadline(
+    axum::extract::State(deadline): axum::extract::State<std::time::Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    tokio::time::timeout(deadline, next.run(request))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request took more than {} s", deadline.as_secs_f64()),
+            )
+            .closing()
+        })
 }
 
 pub fn router(state: AppState) -> Router {
