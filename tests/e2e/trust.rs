@@ -159,6 +159,13 @@ async fn a_second_server_on_the_same_data_directory_exits_at_once() {
         StatusCode::OK,
         "the first still serves"
     );
+    // Everything in the data directory is its owner's alone.
+    for entry in std::fs::read_dir(server.dir.path().join("data")).unwrap() {
+        use std::os::unix::fs::PermissionsExt;
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{:?} is {mode:o}", entry.path());
+    }
 }
 
 /// Redis's protected mode: without tokens, loopback only, and a page on
@@ -469,6 +476,17 @@ async fn quotas_answer_with_clear_errors() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(body["error"]["code"], "too_many_pending");
 
+    let small = Server::start(&["--max-plugin-storage-mb", "0"]).await;
+    let (status, body) = small.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bytes of plugins"),
+        "{body}"
+    );
+
     let limited =
         Server::start(&["--tokens", "read:rate-limited-token", "--rate-limit", "5"]).await;
     let mut refused = None;
@@ -488,4 +506,34 @@ async fn quotas_answer_with_clear_errors() {
     let refused = refused.expect("20 requests at once passed a limit of 5 a second");
     assert_eq!(refused.headers()["retry-after"], "1");
     assert_eq!(limited.get("/healthz").await.0, StatusCode::OK);
+}
+
+/// A receiver that never answers holds at most its destination's share of
+/// the deliveries in flight: a delivery to another receiver, queued behind
+/// 40 to the silent one, still goes out at once.
+#[tokio::test]
+async fn a_silent_receiver_does_not_stall_the_others() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            connections.push(socket);
+        }
+    });
+    let receiver = crate::receiver::Receiver::start(0).await;
+    let mut args = ALLOW_LOOPBACK.to_vec();
+    args.extend(["--webhook-timeout", "300s"]);
+    let server = Server::start(&args).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let hooked =
+        |url: &str| json!({"phases": [{"name": "e", "plugin": "echo"}], "webhook": {"url": url}});
+    for _ in 0..40 {
+        server.submit(&hooked(&silent_url)).await;
+    }
+    let last = server.submit(&hooked(&receiver.url)).await;
+    let deliveries = receiver.wait_for(1).await;
+    let body: Value = serde_json::from_slice(&deliveries[0].body).unwrap();
+    assert_eq!(body["data"]["job_id"], last["id"]);
+    held.abort();
 }

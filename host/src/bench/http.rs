@@ -76,7 +76,7 @@ pub async fn http_throughput(args: &BenchArgs) -> anyhow::Result<()> {
         "## Over HTTP: {} trivial jobs by {CLIENTS} concurrent clients, completion seen on SSE (jobs/s, concurrency 64)",
         args.jobs
     );
-    let compiled = tempfile::tempdir()?;
+    let compiled = super::queue::SharedCache::new()?;
     println!("| phases | HTTP + SSE | library, same run | ratio |\n|---:|---:|---:|---:|");
     for phases in [1, 3] {
         let mut over_http = Vec::new();
@@ -86,7 +86,7 @@ pub async fn http_throughput(args: &BenchArgs) -> anyhow::Result<()> {
         let http = median(&mut over_http);
         let library = super::queue::throughput(
             args,
-            compiled.path(),
+            &compiled,
             phases,
             64,
             Durability::Process,

@@ -50,9 +50,27 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<(i64, String, Option<String>, i64
     ))
 }
 
+/// The kinds every job emits, which `events_rare_kind` leaves out (the
+/// index's condition, word for word: SQLite uses a partial index only for a
+/// query that repeats it).
+const EVERY_JOBS_KINDS: &str = "kind NOT IN ('job:created', 'job:started', 'job:phase:started', 'job:phase:completed', 'job:completed')";
+
+/// Whether `events_rare_kind` holds events of this kind.
+fn is_rare(kind: EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::JobCreated
+            | EventKind::JobStarted
+            | EventKind::PhaseStarted
+            | EventKind::PhaseCompleted
+            | EventKind::JobCompleted
+    )
+}
+
 /// The query for [`Storage::events_after`]: one statement per filter shape,
-/// each on its own index: a job's events on `events_job`, kinds on
-/// `events_kind` (one range per kind), everything in the log's own order.
+/// each on its own index: a job's events on `events_job`, kinds that not
+/// every job emits on `events_rare_kind` (one range per kind), everything
+/// else in the log's own order, where kinds every job emits are dense.
 fn select_events(
     after: i64,
     filter: &EventFilter,
@@ -75,6 +93,9 @@ fn select_events(
             })
             .collect();
         sql.push_str(&format!(" AND kind IN ({})", places.join(", ")));
+        if filter.kinds.iter().all(|&kind| is_rare(kind)) {
+            sql.push_str(&format!(" AND {EVERY_JOBS_KINDS}"));
+        }
     }
     params.push(Value::Integer(limit as i64));
     sql.push_str(&format!(" ORDER BY seq LIMIT ?{}", params.len()));
@@ -137,6 +158,21 @@ impl Storage {
 mod tests {
     use super::*;
 
+    /// The partial index, the query's copy of its condition and `is_rare`
+    /// name the same kinds.
+    #[test]
+    fn the_rare_kinds_agree_everywhere() {
+        for kind in EventKind::ALL {
+            let listed = EVERY_JOBS_KINDS.contains(&format!("'{}'", kind.name()));
+            assert_eq!(is_rare(kind), !listed, "{kind}");
+        }
+        assert!(
+            crate::storage::schema::MIGRATIONS
+                .iter()
+                .any(|m| m.contains(EVERY_JOBS_KINDS))
+        );
+    }
+
     /// The plan SQLite picks for each filter shape reads an index, not the
     /// whole log.
     #[test]
@@ -157,7 +193,15 @@ mod tests {
             job_id: None,
             kinds: vec![EventKind::JobFailed, EventKind::JobCancelled],
         });
-        assert!(kinds.contains("USING INDEX events_kind"), "{kinds}");
+        assert!(kinds.contains("USING INDEX events_rare_kind"), "{kinds}");
+        let every_job = plan(EventFilter {
+            job_id: None,
+            kinds: vec![EventKind::JobCompleted],
+        });
+        assert!(
+            every_job.contains("USING INTEGER PRIMARY KEY"),
+            "{every_job}"
+        );
         let job = plan(EventFilter {
             job_id: Some("j".into()),
             kinds: vec![],

@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: plugins, jobs, phases, attempt errors, the event log.
     "
     CREATE TABLE plugins (
@@ -173,9 +173,13 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (content_hash, engine)
     );
     ",
-    // 6: `types=` filters on the event stream read an index, not the log.
+    // 6: `types=` filters for kinds that not every job emits read an index
+    // instead of the log. Kinds every job emits are left out of it: they are
+    // most of the log (an index on them cost 10-20% of queue throughput),
+    // and a scan for one of them finds a match every few rows anyway.
     "
-    CREATE INDEX events_kind ON events (kind, seq);
+    CREATE INDEX events_rare_kind ON events (kind, seq)
+        WHERE kind NOT IN ('job:created', 'job:started', 'job:phase:started', 'job:phase:completed', 'job:completed');
     ",
 ];
 
