@@ -175,8 +175,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ",
     // 6: `types=` filters for kinds that not every job emits read an index
     // instead of the log. Kinds every job emits are left out of it: they are
-    // most of the log (an index on them cost 10-20% of queue throughput),
-    // and a scan for one of them finds a match every few rows anyway. The
+    // most of the log, so indexing them would add an index write to every
+    // step of every job, and a scan for one of them finds a match every few
+    // rows anyway. The
     // condition is written as comparisons, not `NOT IN`: SQLite builds a
     // temporary b-tree for an IN list each time it evaluates one, here on
     // every insert (see 3).
