@@ -28,10 +28,10 @@ id=$(echo "$job" | sed -E 's/^\{"id":"([^"]+)".*/\1/')
 echo "job $id"
 
 echo "== watch it live (the stream ends after the job's terminal event)"
-curl -sSN "$url/jobs/$id/events" | grep -E '^(id|event):' | paste - - | head -40
+curl -sSN "${auth[@]}" "$url/jobs/$id/events" | grep -E '^event:' | head -40
 
 echo "== the report"
-curl -sS "$url/jobs/$id" | sed -E 's/.*"report":"(([^"\\]|\\.)*)".*/\1/' | sed 's/\\n/\n/g'
+curl -sS "${auth[@]}" "$url/jobs/$id" | sed -E 's/.*"report":"(([^"\\]|\\.)*)".*/\1/' | sed 's/\\n/\n/g'
 
 echo "== hot swap: upload render-report 1.1.0 (same code, new version) and activate it"
 curl -sS "${auth[@]}" -X PUT --data-binary @"$wasm/render_report.wasm" "$url/plugins/render-report/versions/1.1.0"
