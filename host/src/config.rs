@@ -15,7 +15,7 @@ use crate::outbound::AddressPolicy;
 use crate::queue::QueueConfig;
 use crate::runtime::RuntimeConfig;
 use crate::storage::{Durability, PluginQuota};
-use crate::webhooks::Secret;
+use crate::webhooks::{self, Secret};
 
 /// A duration written for people: `500ms`, `30s`, `7d`; `0` or `off` for none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,13 +345,13 @@ impl ServeArgs {
             webhook_timeout: duration(
                 self.webhook_timeout,
                 file.webhook_timeout,
-                Some(Duration::from_secs(10)),
+                Some(webhooks::DEFAULT_TIMEOUT),
             )
-            .unwrap_or(Duration::from_secs(10)),
+            .unwrap_or(webhooks::DEFAULT_TIMEOUT),
             webhook_max_attempts: self
                 .webhook_max_attempts
                 .or(file.webhook_max_attempts)
-                .unwrap_or(8)
+                .unwrap_or(webhooks::DEFAULT_MAX_ATTEMPTS)
                 .max(1),
             outbound,
             plugin_quota: PluginQuota {

@@ -106,6 +106,7 @@ impl From<QueueError> for ApiError {
             QueueError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
+            QueueError::Webhooks(_) => ApiError::internal(message),
             QueueError::Storage(e) => ApiError::from(e),
         }
     }

@@ -92,6 +92,9 @@ pub enum QueueError {
     },
     #[error("the queue is shutting down")]
     ShuttingDown,
+    /// The webhook client could not be set up (at start).
+    #[error("cannot start webhook delivery: {0}")]
+    Webhooks(String),
     #[error("{0} jobs are waiting, the server's limit: try again when some have run")]
     TooManyPending(u64),
     #[error(transparent)]
@@ -204,9 +207,7 @@ impl Queue {
                     config.clone(),
                     shared.config.metrics.clone(),
                 )
-                .map_err(|e| {
-                    QueueError::InvalidJob(format!("cannot start webhook delivery: {e}"))
-                })?;
+                .map_err(|e| QueueError::Webhooks(format!("{e:#}")))?;
                 let stop = CancellationToken::new();
                 Some((tokio::spawn(Arc::new(deliverer).run(stop.clone())), stop))
             }

@@ -23,6 +23,11 @@ use crate::queue::BackoffPolicy;
 use crate::storage::{AttemptOutcome, Delivery, Storage};
 use crate::time::now_ms;
 
+/// Per-attempt timeout unless configured (`--webhook-timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts before a delivery is marked failed, unless configured.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+
 /// Attempts in flight at once, in all.
 const MAX_IN_FLIGHT: usize = 32;
 /// Attempts in flight at once to one destination (scheme, host and port):
@@ -54,8 +59,8 @@ impl WebhookConfig {
     pub fn new(default_secret: Secret) -> Self {
         WebhookConfig {
             default_secret,
-            timeout: Duration::from_secs(10),
-            max_attempts: 8,
+            timeout: DEFAULT_TIMEOUT,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
             backoff: BackoffPolicy {
                 initial_ms: 1000,
                 multiplier: 2.0,
