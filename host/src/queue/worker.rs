@@ -94,7 +94,7 @@ async fn run_phases(
             None => {
                 match stop_reason(shared, cancel) {
                     Some(Stop::Cancelled) => {
-                        storage.cancel_running_job(&job.id, now_ms()).await?;
+                        storage.cancel_running_job(&job.id, None, now_ms()).await?;
                         return Ok(());
                     }
                     Some(Stop::HandBack) => {
@@ -226,7 +226,8 @@ async fn record_failure(
     let now = now_ms();
     let by_shutdown = failure == PhaseFailure::Cancelled && shared.force.is_cancelled();
     if failure == PhaseFailure::Cancelled && !by_shutdown && cancel.is_cancelled() {
-        storage.cancel_running_job(&job.id, now).await?;
+        let stopped = usage.map(|usage| (index, usage));
+        storage.cancel_running_job(&job.id, stopped, now).await?;
         return Ok(());
     }
     let message = if by_shutdown {

@@ -1287,11 +1287,28 @@ impl Storage {
     }
 
     /// Cancels a job its worker is running (the worker calls this once the
-    /// phase has stopped).
-    pub async fn cancel_running_job(&self, job_id: &str, now: i64) -> Result<bool> {
+    /// phase has stopped); `stopped` is the phase the cancel stopped, if
+    /// any, with what it used, which its phase keeps.
+    pub async fn cancel_running_job(
+        &self,
+        job_id: &str,
+        stopped: Option<(usize, ResourceUsage)>,
+        now: i64,
+    ) -> Result<bool> {
         let job_id = job_id.to_owned();
-        self.write(move |conn, log| cancel(conn, log, &job_id, JobStatus::Running, now))
-            .await
+        let stopped = stopped
+            .map(|(index, usage)| serde_json::to_string(&usage).map(|usage| (index, usage)))
+            .transpose()
+            .map_err(|e| corrupt("usage", e))?;
+        self.write(move |conn, log| {
+            let cancelled = cancel(conn, log, &job_id, JobStatus::Running, now)?;
+            if cancelled && let Some((index, usage)) = &stopped {
+                conn.prepare_cached("UPDATE phases SET usage = ?3 WHERE job_id = ?1 AND idx = ?2")?
+                    .execute(params![job_id, *index as i64, usage])?;
+            }
+            Ok(cancelled)
+        })
+        .await
     }
 
     /// Cancels a job if it is pending; otherwise says where it is.

@@ -425,3 +425,19 @@ async fn a_write_that_fails_does_not_leave_the_job_running() {
         JobStatus::Completed
     );
 }
+
+/// A phase stopped by a cancel keeps what it used, as a failed one does.
+#[tokio::test]
+async fn a_cancelled_phase_keeps_its_resource_use() {
+    let mut host = Host::start(config(1)).await;
+    host.upload("spin", "1.0.0", plugin_artifacts::SPIN).await;
+    let queued = host
+        .enqueue(job(vec![phase("forever", "spin", json!({}))], json!(null)))
+        .await;
+    host.wait_for(&queued.id, EventKind::PhaseStarted).await;
+    host.queue.cancel(&queued.id).await.unwrap();
+    let done = host.wait_until_finished(&queued.id).await;
+    assert_eq!(done.status, JobStatus::Cancelled);
+    let usage = done.phases[0].usage.expect("the cancelled phase's usage");
+    assert!(usage.epoch_ticks > 0, "{usage:?}");
+}
