@@ -388,14 +388,13 @@ async fn feed(
 /// once it has just been sent some: longer the more clients are busy (were
 /// sent live events in the last second or two), so that all of them
 /// together cost at most about [`SSE_WRITES_PER_SECOND`] socket writes
-/// (1,000 busy clients: 25 ms; one: 25 µs). A client that has not been
+/// (the linger grows with the busy clients). A client that has not been
 /// sent anything for that long gets new events at once. Clients that are
 /// connected but quiet (watching a job that waits) do not count: they cost
 /// no writes, and would otherwise hold back everybody else's events.
-/// Measured with 1,000 clients each receiving every completion, against no
-/// lingering: twice the job throughput and half the server CPU per job,
-/// for a p99 delay of about 130 ms instead of 65 (budgets of 20,000 and
-/// 80,000 did worse; see BENCHMARKS.md).
+/// Against no lingering, this trades a little delay for much more job
+/// throughput when many clients receive every completion (BENCHMARKS.md,
+/// "SSE fan-out", has the figures and the budgets tried).
 fn linger(state: &AppState) -> Duration {
     let busy = state.sse_activity.busy_clients().max(1);
     Duration::from_secs_f64(busy as f64 / SSE_WRITES_PER_SECOND)

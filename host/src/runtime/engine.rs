@@ -59,15 +59,14 @@ pub(super) fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
         .total_stacks(runs)
         .max_memory_size(usize::try_from(config.memory_limit).unwrap_or(usize::MAX))
         // Returning slots to the pool costs a madvise each, and with it a TLB
-        // shootdown across cores; batching them raised runs/s on 2 cores by
-        // about 40% (BENCHMARKS.md).
+        // shootdown across cores; batching them is much faster (figures in
+        // BENCHMARKS.md, "Phase overhead").
         .decommit_batch_size(DECOMMIT_BATCH)
         // Pages a run dirtied are reset in place instead of decommitted, so
         // the next run does not fault them in again. Without the scan only
         // the first pages can be kept, and a Rust guest's hot pages are
         // elsewhere: the top of its stack, at 1 MiB, and its data and heap
-        // above it. The scan raised runs/s on 2 cores 2.6-3.7x
-        // (BENCHMARKS.md).
+        // above it. The scan's gain is in BENCHMARKS.md, "Phase overhead".
         .pagemap_scan(Enabled::Auto)
         .linear_memory_keep_resident(if PoolingAllocationConfig::is_pagemap_scan_available() {
             SCANNED_KEEP_RESIDENT

@@ -484,8 +484,8 @@ fn created_job(new: &NewJob, pinned: Vec<String>) -> Job {
 /// (ending with a NULL row): one seek of `jobs_due` each. Every search for
 /// due jobs goes one priority at a time. Priority leads that index, so a
 /// search for `run_at <= now` across priorities reads every pending job,
-/// the ones scheduled for later too (with 20,000 of those, latency at low
-/// load went from 1 to 5 ms at p99). Within one priority, the due jobs
+/// the ones scheduled for later too (BENCHMARKS.md, "Latency", shows what
+/// that cost). Within one priority, the due jobs
 /// come first, so a search stops at the first job not yet due. Searches
 /// cost a seek per priority they visit: the claim and the check for
 /// another due job stop at the first priorities that satisfy them.
@@ -1635,8 +1635,7 @@ mod tests {
     /// claim, the check at enqueue for another due job, the dispatcher's
     /// next wake-up and the due count take as many SQLite steps with 5,000
     /// of them as with 5. (Scanning `jobs_due` for `run_at <= now` across
-    /// priorities read them all: p99 latency went from 1 to 5 ms with
-    /// 20,000 scheduled.)
+    /// priorities read them all.)
     #[test]
     fn searches_for_due_jobs_skip_jobs_scheduled_for_later() {
         let steps = |scheduled: usize| -> i32 {
