@@ -121,9 +121,10 @@ pub async fn list(
 /// Cancel a job.
 ///
 /// A pending job is cancelled at once (200). A running phase is asked to
-/// stop through `cancelled()` and stopped by force at the next epoch tick
-/// if it does not (202; `job:cancelled` follows). A finished job is left
-/// as it is (409).
+/// stop through `cancelled()` and stopped by force at the next epoch tick;
+/// the answer waits for that (200 when cancelled, 202 if it took more than
+/// a few seconds; `job:cancelled` follows). A job that is finished, or that
+/// finished before the cancel took effect, is left as it is (409).
 #[utoipa::path(post, path = "/jobs/{id}/cancel", operation_id = "cancel_job", tag = TAG, params(("id" = String, Path)),
     responses(
         (status = 200, body = Job), (status = 202, body = Job),

@@ -113,8 +113,8 @@ pub struct Enqueued {
 pub enum Cancelled {
     /// The job was pending: it is cancelled now.
     Done,
-    /// The job is running: its phase is being stopped, and the job will be
-    /// cancelled when it has stopped (`job:cancelled` follows).
+    /// The job is running and its phase did not stop within the wait: it
+    /// will be cancelled when it has stopped (`job:cancelled` follows).
     Stopping,
 }
 
@@ -163,6 +163,10 @@ struct PendingCount {
 }
 
 const PENDING_RECOUNT: Duration = Duration::from_secs(1);
+
+/// How long a cancel of a running job waits for its worker to stop it
+/// (by force within an epoch tick) before answering that it is stopping.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Queue {
     shared: Arc<Shared>,
@@ -326,14 +330,26 @@ impl Queue {
     }
 
     /// Cancels a pending job at once, or stops a running one (cooperatively
-    /// through `cancelled()`, by force at the next epoch tick).
+    /// through `cancelled()`, by force at the next epoch tick) and waits up
+    /// to [`CANCEL_WAIT`] for its worker to say what happened: the job may
+    /// have finished before the cancel took effect.
     pub async fn cancel(&self, id: &str) -> Result<Cancelled, QueueError> {
         let running = self.shared.running.lock().await;
         match self.shared.storage.cancel_pending_job(id, now_ms()).await? {
             // This process runs it: its worker stops the phase and records the cancel.
             CancelOutcome::Running if running.contains_key(id) => {
                 running[id].cancel();
-                Ok(Cancelled::Stopping)
+                drop(running);
+                let stopped =
+                    tokio::time::timeout(CANCEL_WAIT, self.wait_until_not_running(id)).await;
+                match (stopped, self.job_status(id).await?) {
+                    (Ok(()), JobStatus::Cancelled) => Ok(Cancelled::Done),
+                    (Ok(()), status) if status.is_terminal() => Err(QueueError::Conflict {
+                        status,
+                        reason: "the job finished before the cancel took effect",
+                    }),
+                    _ => Ok(Cancelled::Stopping),
+                }
             }
             CancelOutcome::Cancelled => Ok(Cancelled::Done),
             CancelOutcome::NotFound => Err(QueueError::NotFound(id.to_owned())),
@@ -415,6 +431,19 @@ impl Queue {
         };
         stop.cancel();
         let _ = task.await;
+    }
+
+    /// Waits until this process no longer runs the job `id`.
+    async fn wait_until_not_running(&self, id: &str) {
+        loop {
+            let done = self.shared.worker_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if !self.shared.running.lock().await.contains_key(id) {
+                return;
+            }
+            done.await;
+        }
     }
 
     /// Waits until this process runs no job.
