@@ -135,3 +135,30 @@ async fn receive(
         (StatusCode::TOO_MANY_REQUESTS, headers)
     }
 }
+
+/// A receiver that accepts connections and never answers, holding them
+/// until dropped.
+pub struct Silent {
+    pub url: String,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Silent {
+    pub async fn start() -> Silent {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        Silent { url, server }
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}

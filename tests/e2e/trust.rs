@@ -404,14 +404,8 @@ async fn job_listings_are_summaries() {
 /// stays in the outbox for the next start.
 #[tokio::test]
 async fn shutdown_is_bounded_by_its_timeout_as_a_whole() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut connections = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            connections.push(socket);
-        }
-    });
+    let silent = crate::receiver::Silent::start().await;
+    let silent_url = silent.url.clone();
     let mut args = ALLOW_LOOPBACK.to_vec();
     args.extend(["--shutdown-timeout", "2s"]);
     let mut server = Server::start(&args).await;
@@ -452,7 +446,6 @@ async fn shutdown_is_bounded_by_its_timeout_as_a_whole() {
     let server = server.restart();
     let (_, job) = server.get(&format!("/jobs/{hooked}")).await;
     assert_eq!(job["webhook"]["status"], "pending", "{job}");
-    held.abort();
 }
 
 /// Quotas: pending jobs (429), stored plugin versions (507) and requests
@@ -513,14 +506,8 @@ async fn quotas_answer_with_clear_errors() {
 /// 40 to the silent one, still goes out at once.
 #[tokio::test]
 async fn a_silent_receiver_does_not_stall_the_others() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut connections = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            connections.push(socket);
-        }
-    });
+    let silent = crate::receiver::Silent::start().await;
+    let silent_url = silent.url.clone();
     let receiver = crate::receiver::Receiver::start(0).await;
     let mut args = ALLOW_LOOPBACK.to_vec();
     args.extend(["--webhook-timeout", "300s"]);
@@ -535,5 +522,4 @@ async fn a_silent_receiver_does_not_stall_the_others() {
     let deliveries = receiver.wait_for(1).await;
     let body: Value = serde_json::from_slice(&deliveries[0].body).unwrap();
     assert_eq!(body["data"]["job_id"], last["id"]);
-    held.abort();
 }
