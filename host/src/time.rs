@@ -24,8 +24,19 @@ pub fn rfc3339(ms: i64) -> String {
 pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
     let invalid = |e: &dyn std::fmt::Display| format!("`{text}` is not an RFC 3339 time: {e}");
     let (utc, offset_ms) = split_offset(text);
-    let utc = utc.replacen('t', "T", 1).replace('z', "Z");
+    let mut utc = utc.replacen('t', "T", 1).replace('z', "Z");
+    // humantime refuses years before 1970; they are all 0 here anyway.
+    let before_1970 = utc
+        .get(..4)
+        .and_then(|year| year.parse::<u32>().ok())
+        .is_some_and(|year| year < 1970);
+    if before_1970 {
+        utc.replace_range(..4, "1970");
+    }
     let time = humantime::parse_rfc3339_weak(&utc).map_err(|e| invalid(&e))?;
+    if before_1970 {
+        return Ok(0);
+    }
     let ms = time
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);

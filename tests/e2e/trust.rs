@@ -523,3 +523,28 @@ async fn a_silent_receiver_does_not_stall_the_others() {
     let body: Value = serde_json::from_slice(&deliveries[0].body).unwrap();
     assert_eq!(body["data"]["job_id"], last["id"]);
 }
+
+/// Requests the published schema allows are taken as such (found by a
+/// schema-driven fuzzer): a `null` retry body, a time before 1970.
+#[tokio::test]
+async fn what_the_schema_allows_is_accepted() {
+    let server = Server::start(&[]).await;
+    let retry = server
+        .send(
+            server
+                .client
+                .post(server.url("/jobs/no-such-job/retry"))
+                .header("content-type", "application/json")
+                .body("null"),
+        )
+        .await;
+    assert_eq!(retry.0, StatusCode::NOT_FOUND, "{}", retry.1);
+    let (status, body) = server
+        .post(
+            "/queue/purge",
+            &json!({"finished_before": "1853-03-01T05:57:20.269135Z"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["deleted"], json!([]));
+}

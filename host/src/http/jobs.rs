@@ -151,17 +151,22 @@ pub struct RetryRequest {
     from_start: bool,
 }
 
-/// Retry a failed or cancelled job (an empty body means `from_start: false`).
+/// Retry a failed or cancelled job (an empty or `null` body means
+/// `from_start: false`).
 #[utoipa::path(post, path = "/jobs/{id}/retry", operation_id = "retry_job", tag = TAG, params(("id" = String, Path)),
     request_body(content = Option<RetryRequest>),
-    responses((status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses(
+        (status = 200, body = Job), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, description = "The body is not a retry request", body = ErrorBody),
+    ))]
 pub async fn retry(
     State(state): State<AppState>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body?;
-    let request: RetryRequest = if body.iter().all(u8::is_ascii_whitespace) {
+    let text = body.trim_ascii();
+    let request: RetryRequest = if text.is_empty() || text == b"null" {
         RetryRequest::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| {
