@@ -67,7 +67,11 @@ pub struct PurgeResponse {
 /// Delete every finished job that finished before a time (each emits
 /// `job:deleted`). The retention sweep does the same periodically.
 #[utoipa::path(post, path = "/queue/purge", operation_id = "purge_jobs", tag = TAG, request_body = PurgeRequest,
-    responses((status = 200, body = PurgeResponse), (status = 400, body = ErrorBody)))]
+    responses(
+        (status = 200, body = PurgeResponse),
+        (status = 400, description = "Malformed JSON or time", body = ErrorBody),
+        (status = 422, description = "A body that is not a purge request", body = ErrorBody),
+    ))]
 pub async fn purge(
     State(state): State<AppState>,
     AppJson(request): AppJson<PurgeRequest>,

@@ -159,7 +159,12 @@ pub struct ActivateResponse {
 /// finish on the version they started with.
 #[utoipa::path(put, path = "/plugins/{name}/active", operation_id = "activate_plugin", tag = TAG, params(("name" = String, Path)),
     request_body = ActivateRequest,
-    responses((status = 200, body = ActivateResponse), (status = 404, body = ErrorBody)))]
+    responses(
+        (status = 200, body = ActivateResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 422, description = "A body that is not an activation", body = ErrorBody),
+    ))]
 pub async fn activate(
     State(state): State<AppState>,
     Path(name): Path<String>,
