@@ -16,6 +16,7 @@ use crate::storage::{
     ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginQuota, PluginRecord, PutOutcome,
     Storage, StorageError,
 };
+use crate::time::now_ms;
 
 /// Longest plugin name or version accepted.
 const MAX_NAME_LEN: usize = 64;
@@ -126,7 +127,7 @@ impl PluginRegistry {
             component,
             quota: self.quota,
         };
-        match self.storage.put_plugin_version(new).await? {
+        match self.storage.put_plugin_version(new, now_ms()).await? {
             PutOutcome::Created { activated } => {
                 let metadata = plugin.metadata.clone();
                 self.loaded
@@ -151,7 +152,11 @@ impl PluginRegistry {
     /// Makes `version` the one new jobs pin (hot swap, or rollback). Returns
     /// the previously active version.
     pub async fn activate(&self, name: &str, version: &str) -> Result<Option<String>, PluginError> {
-        match self.storage.activate_plugin_version(name, version).await? {
+        match self
+            .storage
+            .activate_plugin_version(name, version, now_ms())
+            .await?
+        {
             ActivateOutcome::Activated { previous } => Ok(previous),
             ActivateOutcome::AlreadyActive => Ok(Some(version.to_owned())),
             ActivateOutcome::NotFound => Err(self.not_found(name, version)),

@@ -1448,14 +1448,17 @@ mod tests {
         let storage = Storage::open(&dir.join("db"), Durability::Process, bus).unwrap();
         for version in ["1.0.0", "2.0.0"] {
             storage
-                .put_plugin_version(NewPluginVersion {
-                    name: "echo".into(),
-                    version: version.into(),
-                    content_hash: format!("hash-{version}"),
-                    description: String::new(),
-                    component: vec![0; 8],
-                    quota: Default::default(),
-                })
+                .put_plugin_version(
+                    NewPluginVersion {
+                        name: "echo".into(),
+                        version: version.into(),
+                        content_hash: format!("hash-{version}"),
+                        description: String::new(),
+                        component: vec![0; 8],
+                        quota: Default::default(),
+                    },
+                    0,
+                )
                 .await
                 .unwrap();
         }

@@ -7,7 +7,6 @@ use serde_json::json;
 
 use super::{EventLog, Result, Storage};
 use crate::events::{EventKind, NewEvent};
-use crate::time::now_ms;
 
 /// A validated plugin version to store.
 pub struct NewPluginVersion {
@@ -96,7 +95,12 @@ fn active_version(conn: &Connection, name: &str) -> rusqlite::Result<Option<Opti
         .optional()
 }
 
-fn put(conn: &Connection, log: &mut EventLog, new: &NewPluginVersion) -> Result<PutOutcome> {
+fn put(
+    conn: &Connection,
+    log: &mut EventLog,
+    new: &NewPluginVersion,
+    now: i64,
+) -> Result<PutOutcome> {
     let existing: Option<String> = conn
         .prepare_cached(
             "SELECT content_hash FROM plugin_versions WHERE plugin = ?1 AND version = ?2",
@@ -128,7 +132,6 @@ fn put(conn: &Connection, log: &mut EventLog, new: &NewPluginVersion) -> Result<
             ),
         });
     }
-    let now = now_ms();
     conn.execute(
         "INSERT OR IGNORE INTO plugins (name, active_version, created_at) VALUES (?1, NULL, ?2)",
         params![new.name, now],
@@ -161,6 +164,7 @@ fn activate(
     log: &mut EventLog,
     name: &str,
     version: &str,
+    now: i64,
 ) -> Result<ActivateOutcome> {
     let exists: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM plugin_versions WHERE plugin = ?1 AND version = ?2)",
@@ -182,7 +186,7 @@ fn activate(
     log.emit(
         conn,
         NewEvent::plugin(EventKind::PluginActivated, data),
-        now_ms(),
+        now,
     )?;
     Ok(ActivateOutcome::Activated { previous })
 }
@@ -273,17 +277,18 @@ fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
 }
 
 impl Storage {
-    pub async fn put_plugin_version(&self, new: NewPluginVersion) -> Result<PutOutcome> {
-        self.write(move |conn, log| put(conn, log, &new)).await
+    pub async fn put_plugin_version(&self, new: NewPluginVersion, now: i64) -> Result<PutOutcome> {
+        self.write(move |conn, log| put(conn, log, &new, now)).await
     }
 
     pub async fn activate_plugin_version(
         &self,
         name: &str,
         version: &str,
+        now: i64,
     ) -> Result<ActivateOutcome> {
         let (name, version) = (name.to_owned(), version.to_owned());
-        self.write(move |conn, log| activate(conn, log, &name, &version))
+        self.write(move |conn, log| activate(conn, log, &name, &version, now))
             .await
     }
 
