@@ -68,7 +68,12 @@ pub struct StreamQuery {
 /// is live only: it has no `id:` and is not replayed.
 #[utoipa::path(get, path = "/events", operation_id = "stream_events", tag = "events",
     params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event")),
-    responses((status = 200, description = "An event stream", content_type = "text/event-stream", body = Event)))]
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = Event),
+        (status = 400, description = "An unknown event type, or a Last-Event-ID that is not a number", body = super::ErrorBody),
+        (status = 429, description = "This address has its most streams open", body = super::ErrorBody),
+        (status = 503, description = "The server has its most streams open", body = super::ErrorBody),
+    ))]
 pub async fn stream(
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -95,7 +100,10 @@ pub async fn stream(
     params(("id" = String, Path), StreamQuery, ("Last-Event-ID" = Option<i64>, Header)),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = Event),
+        (status = 400, description = "An unknown event type, or a Last-Event-ID that is not a number", body = super::ErrorBody),
         (status = 404, body = super::ErrorBody),
+        (status = 429, description = "This address has its most streams open", body = super::ErrorBody),
+        (status = 503, description = "The server has its most streams open", body = super::ErrorBody),
     ))]
 pub async fn job_stream(
     State(state): State<AppState>,
