@@ -95,7 +95,6 @@ impl Runtime {
     /// it to describe itself. Only then is a new artifact written.
     pub async fn load(&self, wasm: &[u8], trusted: Option<&str>) -> Result<Loaded, LoadError> {
         check_header(wasm)?;
-        check_functions(wasm, self.config.max_functions)?;
         let hash = content_hash(wasm);
         let cached = {
             let (cache, engine, hash, trusted) = (
@@ -142,12 +141,16 @@ impl Runtime {
 
     /// Compiles on a blocking thread, at most
     /// [`RuntimeConfig::max_concurrent_compiles`](super::RuntimeConfig) at a
-    /// time: a compile takes every core it can get.
+    /// time: a compile takes every core it can get. A component with too
+    /// many functions is refused first; one loaded from its trusted artifact
+    /// passed this check when the artifact was written, so it is not parsed
+    /// again at every start.
     async fn compile(
         &self,
         wasm: &[u8],
         hash: &str,
     ) -> Result<wasmtime::component::Component, LoadError> {
+        check_functions(wasm, self.config.max_functions)?;
         let _permit = self.compiles.acquire().await.expect("never closed");
         let (cache, engine, wasm, hash) = (
             self.cache.clone(),
