@@ -548,3 +548,30 @@ async fn what_the_schema_allows_is_accepted() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["deleted"], json!([]));
 }
+
+/// The cap on streams in all answers 503 at once; `/metrics` needs a token
+/// unless `--public-metrics` says otherwise.
+#[tokio::test]
+async fn the_stream_cap_in_all_and_public_metrics() {
+    let server = Server::start(&["--max-streams", "2", "--max-streams-per-ip", "10"]).await;
+    let open = || server.client.get(server.url("/events")).send();
+    let (first, second) = (open().await.unwrap(), open().await.unwrap());
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let third = open().await.unwrap();
+    assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_streams");
+    drop((first, second));
+
+    let closed = Server::start(&["--tokens", "read:metrics-reader"]).await;
+    let metrics = |server: &Server| server.client.get(server.url("/metrics")).send();
+    assert_eq!(
+        metrics(&closed).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let public = Server::start(&["--tokens", "read:metrics-reader", "--public-metrics"]).await;
+    assert_eq!(metrics(&public).await.unwrap().status(), StatusCode::OK);
+}
