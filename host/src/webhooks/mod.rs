@@ -79,11 +79,41 @@ pub struct Deliverer {
     metrics: Arc<Metrics>,
 }
 
-/// What an attempt task reports when it ends.
-struct Attempted {
-    id: String,
-    destination: String,
-    recorded: bool,
+/// The attempts in flight: which deliveries, and how many per destination
+/// (only destinations with one in flight are kept, so the map stays as
+/// small as what is in flight, whatever URLs submitters chose).
+#[derive(Default)]
+struct InFlight {
+    tasks: HashMap<tokio::task::Id, (String, String)>,
+    deliveries: HashSet<String>,
+    per_destination: HashMap<String, usize>,
+}
+
+impl InFlight {
+    fn admits(&self, delivery: &str, destination: &str) -> bool {
+        !self.deliveries.contains(delivery)
+            && self.per_destination.get(destination).copied().unwrap_or(0) < PER_DESTINATION
+    }
+
+    fn start(&mut self, task: tokio::task::Id, delivery: String, destination: String) {
+        self.deliveries.insert(delivery.clone());
+        *self.per_destination.entry(destination.clone()).or_default() += 1;
+        self.tasks.insert(task, (delivery, destination));
+    }
+
+    /// Forgets a task that ended, however it ended.
+    fn end(&mut self, task: tokio::task::Id) {
+        let Some((delivery, destination)) = self.tasks.remove(&task) else {
+            return;
+        };
+        self.deliveries.remove(&delivery);
+        if let Some(count) = self.per_destination.get_mut(&destination) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_destination.remove(&destination);
+            }
+        }
+    }
 }
 
 impl Deliverer {
@@ -112,9 +142,9 @@ impl Deliverer {
     /// in flight at the stop are abandoned: their deliveries stay pending in
     /// the outbox and go out after the next start.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut in_flight: JoinSet<Attempted> = JoinSet::new();
-        let mut busy: HashSet<String> = HashSet::new();
-        let mut per_destination: HashMap<String, usize> = HashMap::new();
+        // Each task says whether its attempt was recorded.
+        let mut tasks: JoinSet<bool> = JoinSet::new();
+        let mut in_flight = InFlight::default();
         let mut pause = Duration::ZERO;
         loop {
             if !pause.is_zero() {
@@ -126,26 +156,17 @@ impl Deliverer {
             match self.storage.due_webhooks(now_ms(), LOOK_AHEAD).await {
                 Ok(due) => {
                     for delivery in due {
-                        if in_flight.len() >= MAX_IN_FLIGHT {
+                        if tasks.len() >= MAX_IN_FLIGHT {
                             break;
                         }
                         let destination = destination(&delivery.url);
-                        let count = per_destination.entry(destination.clone()).or_default();
-                        if busy.contains(&delivery.id) || *count >= PER_DESTINATION {
+                        if !in_flight.admits(&delivery.id, &destination) {
                             continue;
                         }
-                        *count += 1;
-                        busy.insert(delivery.id.clone());
+                        let id = delivery.id.clone();
                         let deliverer = self.clone();
-                        in_flight.spawn(async move {
-                            let id = delivery.id.clone();
-                            let recorded = deliverer.attempt(delivery).await;
-                            Attempted {
-                                id,
-                                destination,
-                                recorded,
-                            }
-                        });
+                        let task = tasks.spawn(async move { deliverer.attempt(delivery).await });
+                        in_flight.start(task.id(), id, destination);
                     }
                 }
                 Err(error) => {
@@ -170,14 +191,13 @@ impl Deliverer {
                 () = stop.cancelled() => return,
                 () = timer => {}
                 () = self.storage.webhook_added() => {}
-                Some(ended) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Ok(ended) = ended {
-                        busy.remove(&ended.id);
-                        if let Some(count) = per_destination.get_mut(&ended.destination) {
-                            *count -= 1;
-                        }
-                        pause = if ended.recorded { Duration::ZERO } else { next_pause(pause) };
-                    }
+                Some(ended) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let (task, recorded) = match ended {
+                        Ok((task, recorded)) => (task, recorded),
+                        Err(error) => (error.id(), false),
+                    };
+                    in_flight.end(task);
+                    pause = if recorded { Duration::ZERO } else { next_pause(pause) };
                 }
             }
         }
@@ -370,4 +390,38 @@ fn destination(url: &str) -> String {
 
 fn next_pause(pause: Duration) -> Duration {
     (pause * 2).clamp(FIRST_PAUSE, MAX_PAUSE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In-flight bookkeeping caps each destination and forgets it once
+    /// nothing is in flight there.
+    #[tokio::test]
+    async fn in_flight_caps_destinations_and_forgets_them() {
+        let mut tasks = JoinSet::new();
+        let mut in_flight = InFlight::default();
+        let mut ids = Vec::new();
+        for n in 0..PER_DESTINATION {
+            let delivery = format!("msg_{n}");
+            assert!(in_flight.admits(&delivery, "http://a:80"));
+            let task = tasks.spawn(async {});
+            in_flight.start(task.id(), delivery, "http://a:80".into());
+            ids.push(task.id());
+        }
+        assert!(
+            !in_flight.admits("msg_more", "http://a:80"),
+            "the destination is at its cap"
+        );
+        assert!(
+            !in_flight.admits("msg_0", "http://b:80"),
+            "a delivery runs once"
+        );
+        assert!(in_flight.admits("msg_more", "http://b:80"));
+        for id in ids {
+            in_flight.end(id);
+        }
+        assert!(in_flight.per_destination.is_empty() && in_flight.deliveries.is_empty());
+    }
 }
