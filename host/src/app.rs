@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
 use crate::queue::{Queue, QueueConfig};
 use crate::runtime::Runtime;
-use crate::storage::Storage;
+use crate::storage;
 use crate::webhooks::{Secret, WebhookConfig};
 
 pub struct App {
@@ -35,10 +35,8 @@ impl App {
     pub async fn start(config: Config) -> anyhow::Result<App> {
         let data_dir = data_dir::open(&config.data_dir)?;
         let db = config.data_dir.join("jobhost.db");
-        let storage = Arc::new(
-            Storage::open(&db, config.durability, Bus::default())
-                .with_context(|| format!("opening {}", db.display()))?,
-        );
+        let storage = storage::open_sqlite(&db, config.durability)
+            .with_context(|| format!("opening {}", db.display()))?;
         if let Some(bytes) = config.max_db_bytes {
             storage
                 .limit_size(bytes)
@@ -63,13 +61,12 @@ impl App {
             ..config.queue.clone()
         };
         let (queue, recovered) =
-            Queue::start(storage.clone(), plugins.clone(), queue_config).await?;
+            Queue::start(storage, plugins.clone(), Bus::default(), queue_config).await?;
         tracing::info!(plugins = loaded, recovered = recovered.len(), db = %db.display(), "jobhost started");
         let (max_connections, max_streams) = descriptor_budget(&config);
         let state = AppState {
             queue: Arc::new(queue),
             plugins,
-            storage,
             access: Arc::new(config.access.clone()),
             shutdown: CancellationToken::new(),
             max_body_bytes: config.max_body_bytes,

@@ -10,22 +10,20 @@
 //! - [`webhooks`] delivers signed, durable webhooks when jobs end.
 //! - [`events`] are the typed lifecycle events every state change emits.
 //! - [`http`] is the API (axum) and [`app`] wires everything for `jobhost serve`.
-//! - [`cli`] is the `jobhost` command line; [`bench`] its benchmarks.
+//! - [`cli`] is the `jobhost` command line (its benchmarks live in the binary).
 
 pub mod app;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data_dir;
 pub mod events;
 pub mod http;
-pub mod json;
 pub mod metrics;
+pub mod model;
 pub mod outbound;
 pub mod plugins;
 pub mod queue;
 pub mod runtime;
 pub mod storage;
-pub mod time;
 pub mod tls;
 pub mod webhooks;

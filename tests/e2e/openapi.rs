@@ -85,7 +85,7 @@ async fn openapi_document_matches_the_routes() {
 /// the ids a create returns link to the operations that take them.
 #[tokio::test]
 async fn the_document_publishes_the_bounds_and_links() {
-    use jobhost::queue::limits::*;
+    use jobhost::model::limits::*;
     let server = Server::start(&[]).await;
     let (_, doc) = server.get("/openapi.json").await;
     let schemas = &doc["components"]["schemas"];

@@ -24,7 +24,7 @@ use super::BenchArgs;
 use super::http::submit_and_watch;
 use super::server::{event_stream, upload_echo};
 use super::stats::{median, percentile};
-use crate::time::{now_ms, parse_rfc3339};
+use jobhost::model::time::{now_ms, parse_rfc3339};
 
 const CLIENTS: usize = 1000;
 /// Jobs submitted at once, for the burst's delay.
@@ -152,7 +152,7 @@ async fn run(server: &Server<'_>, after: i64) -> anyhow::Result<Run> {
 }
 
 async fn measure(args: &BenchArgs, base: &str, pid: u32) -> anyhow::Result<()> {
-    crate::tls::init();
+    jobhost::tls::init();
     let http = reqwest::Client::new();
     upload_echo(&http, args, base, "1.0.0").await?;
     let watched_jobs = queue_jobs_for_watchers(&http, base).await?;

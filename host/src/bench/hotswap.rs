@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::json;
+
+use jobhost::model::{Event, EventBody};
 
 use super::BenchArgs;
 use super::server::{LocalServer, event_stream, upload_echo};
@@ -26,7 +28,7 @@ const LOAD_AROUND_SWAP: Duration = Duration::from_millis(500);
 async fn sample(args: &BenchArgs) -> anyhow::Result<(f64, u64, u64)> {
     let server = LocalServer::start(8).await?;
     let base = server.base.clone();
-    crate::tls::init();
+    jobhost::tls::init();
     let http = reqwest::Client::new();
     for version in ["1.0.0", "2.0.0"] {
         upload_echo(&http, args, &base, version).await?;
@@ -63,8 +65,8 @@ async fn sample(args: &BenchArgs) -> anyhow::Result<(f64, u64, u64)> {
     let mut to_first_v2 = None;
     while to_first_v2.is_none() {
         let event = started.next().await.context("stream ended")??;
-        let data: Value = serde_json::from_str(&event.data)?;
-        if data["data"]["version"] == "2.0.0" {
+        let event: Event = serde_json::from_str(&event.data)?;
+        if matches!(&event.body, EventBody::PhaseStarted(started) if started.version == "2.0.0") {
             to_first_v2 = Some(millis(answered.elapsed()));
         }
     }

@@ -12,13 +12,13 @@ use serde_json::json;
 use super::BenchArgs;
 use super::server::{LocalServer, event_stream, upload_echo};
 use super::stats::median;
-use crate::storage::Durability;
+use jobhost::storage::Durability;
 
 const CLIENTS: usize = 64;
 
 async fn sample(args: &BenchArgs, phases: usize) -> anyhow::Result<f64> {
     let server = LocalServer::start(64).await?;
-    crate::tls::init();
+    jobhost::tls::init();
     let http = reqwest::Client::new();
     upload_echo(&http, args, &server.base, "1.0.0").await?;
     let (rate, _) = submit_and_watch(&http, &server.base, phases, args.jobs, 0).await?;

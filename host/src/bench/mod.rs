@@ -2,6 +2,7 @@
 //! repeated samples, and ratios against a baseline measured in the same run),
 //! never assert on time. Run with `./bench.sh` (a release build).
 
+mod baseline;
 mod fanout;
 mod hotswap;
 mod http;

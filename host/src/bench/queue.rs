@@ -13,12 +13,14 @@ use tokio::sync::broadcast;
 
 use super::BenchArgs;
 use super::stats::{median, millis, percentile};
-use crate::events::{Bus, EventKind, Subscription};
-use crate::json::Json;
-use crate::plugins::PluginRegistry;
-use crate::queue::{JobSpec, JobStatus, PhaseSpec, Queue, QueueConfig};
-use crate::runtime::{Runtime, RuntimeConfig};
-use crate::storage::{Durability, Storage};
+use jobhost::events::{Bus, Subscription};
+use jobhost::model::EventKind;
+use jobhost::model::json::Json;
+use jobhost::model::{JobSpec, JobStatus, PhaseSpec};
+use jobhost::plugins::PluginRegistry;
+use jobhost::queue::{Queue, QueueConfig};
+use jobhost::runtime::{Runtime, RuntimeConfig};
+use jobhost::storage::{Durability, Storage};
 
 const LATENCY_SAMPLES: usize = 100;
 /// Jobs scheduled for later in the second latency measurement.
@@ -75,11 +77,7 @@ async fn start(
     let dir = tempfile::tempdir()?;
     let bus = Bus::default();
     let events = bus.subscribe();
-    let storage = Arc::new(Storage::open(
-        &dir.path().join("bench.db"),
-        durability,
-        bus,
-    )?);
+    let storage = jobhost::storage::open_sqlite(&dir.path().join("bench.db"), durability)?;
     let runtime = Arc::new(Runtime::new(RuntimeConfig {
         max_concurrent_runs: concurrency as u32 + 1,
         cache_dir: Some(compiled.dir.path().to_path_buf()),
@@ -93,7 +91,7 @@ async fn start(
     let plugins = Arc::new(PluginRegistry::new(runtime, storage.clone()));
     let echo = std::fs::read(args.plugins.join("echo.wasm"))
         .context("reading echo.wasm (see ./bench.sh)")?;
-    let hash = crate::runtime::content_hash(&echo);
+    let hash = jobhost::runtime::content_hash(&echo);
     plugins.upload("echo", "1.0.0", echo).await?;
     if let Some(digest) = storage.artifact_digest(&hash, &engine).await? {
         *compiled.recorded.lock().unwrap() = Some((hash, engine, digest));
@@ -103,7 +101,7 @@ async fn start(
         retention: None,
         ..QueueConfig::default()
     };
-    let (queue, _) = Queue::start(storage.clone(), plugins, config).await?;
+    let (queue, _) = Queue::start(storage.clone(), plugins, bus, config).await?;
     Ok(Bench {
         queue,
         storage,
@@ -154,7 +152,7 @@ async fn completions(
     let (mut seen, mut lagged) = (0, false);
     loop {
         match events.recv().await {
-            Ok(event) if event.kind == EventKind::JobCompleted => {
+            Ok(event) if event.kind() == EventKind::JobCompleted => {
                 seen += 1;
                 if seen >= count {
                     return Ok(());
@@ -202,7 +200,7 @@ pub(super) async fn throughput(
         for submitter in submitters {
             submitter.await??;
         }
-        completions(&mut bench.events, &bench.storage, args.jobs).await?;
+        completions(&mut bench.events, bench.storage.as_ref(), args.jobs).await?;
         let elapsed = started.elapsed();
         let after = bench.storage.writer_stats();
         let busy = (after.busy - before.busy).as_secs_f64();
@@ -245,7 +243,7 @@ fn raw_sqlite(
         "normal"
     };
     conn.pragma_update(None, "synchronous", sync)?;
-    crate::storage::migrate(&mut conn)?;
+    jobhost::storage::sqlite::migrate(&mut conn)?;
     conn.execute(
         "INSERT INTO plugins (name, active_version, created_at) VALUES ('echo', '1.0.0', 0)",
         [],
@@ -419,7 +417,7 @@ pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     // Unread: the scheduled jobs' `job:created` events.
-    bench.events = bench.storage.bus().subscribe();
+    bench.events = bench.queue.bus().subscribe();
     let mut measured = latencies(&mut bench).await?;
     println!("\n## The same with {SCHEDULED_LATER} jobs scheduled an hour ahead");
     print_latencies(&mut measured);
@@ -436,7 +434,7 @@ async fn latencies(bench: &mut Bench) -> anyhow::Result<Vec<f64>> {
     for _ in 0..LATENCY_SAMPLES {
         let started = Instant::now();
         bench.queue.enqueue(spec(1)).await?;
-        completions(&mut bench.events, &bench.storage, 1).await?;
+        completions(&mut bench.events, bench.storage.as_ref(), 1).await?;
         latencies.push(millis(started.elapsed()));
     }
     Ok(latencies)

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use super::BenchArgs;
+use super::baseline::{RawPooling, RawWasmtime};
 use super::stats::{median, micros, millis, percentile};
-use crate::runtime::{LoadedPlugin, PhaseRun, RawPooling, RawWasmtime, Runtime, RuntimeConfig};
+use jobhost::runtime::{LoadedPlugin, PhaseRun, Runtime, RuntimeConfig};
 
 /// Runs per sample of the trivial-phase figures.
 const TRIVIAL_RUNS: usize = 400;

@@ -6,9 +6,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::BenchArgs;
-use crate::app::App;
-use crate::config::ServeArgs;
-use crate::storage::Durability;
+use jobhost::app::App;
+use jobhost::config::ServeArgs;
+use jobhost::storage::Durability;
 
 pub struct LocalServer {
     /// `http://127.0.0.1:<port>`
@@ -80,7 +80,7 @@ pub async fn event_stream(
     impl futures::Stream<Item = Result<eventsource_stream::Event, EventError>> + Unpin + use<>,
 > {
     let response = http.get(url).send().await?.error_for_status()?;
-    Ok(crate::cli::sse_events(response))
+    Ok(jobhost::cli::sse_events(response))
 }
 
 type EventError = eventsource_stream::EventStreamError<reqwest::Error>;

@@ -9,10 +9,9 @@ use anyhow::Context as _;
 
 use super::BenchArgs;
 use super::stats::{median, millis};
-use crate::events::Bus;
-use crate::plugins::PluginRegistry;
-use crate::runtime::{Runtime, RuntimeConfig};
-use crate::storage::{Durability, Storage};
+use jobhost::plugins::PluginRegistry;
+use jobhost::runtime::{Runtime, RuntimeConfig};
+use jobhost::storage::Durability;
 
 const VERSIONS: usize = 50;
 
@@ -21,7 +20,7 @@ async fn preload(
     cache: Option<std::path::PathBuf>,
 ) -> anyhow::Result<(f64, usize)> {
     let started = Instant::now();
-    let storage = Arc::new(Storage::open(db, Durability::Process, Bus::default())?);
+    let storage = jobhost::storage::open_sqlite(db, Durability::Process)?;
     let runtime = Arc::new(Runtime::new(RuntimeConfig {
         cache_dir: cache,
         ..RuntimeConfig::default()
@@ -41,7 +40,7 @@ pub async fn startup(args: &BenchArgs) -> anyhow::Result<()> {
     // Distinct components, so that every version compiles on its own.
     let files = ["echo", "csv_parse", "aggregate", "render_report", "sleep"];
     {
-        let storage = Arc::new(Storage::open(&db, Durability::Process, Bus::default())?);
+        let storage = jobhost::storage::open_sqlite(&db, Durability::Process)?;
         let runtime = Arc::new(Runtime::new(RuntimeConfig {
             cache_dir: Some(cache.clone()),
             ..RuntimeConfig::default()

@@ -8,6 +8,8 @@ use futures::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::Value;
 
+use crate::model::Event;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
@@ -126,8 +128,7 @@ impl Client {
     pub async fn events(
         &self,
         path: &str,
-    ) -> Result<impl Stream<Item = Result<(i64, String, Value), ClientError>> + use<>, ClientError>
-    {
+    ) -> Result<impl Stream<Item = Result<Event, ClientError>> + use<>, ClientError> {
         let response = self
             .request(Method::GET, path)
             .send()
@@ -147,9 +148,9 @@ impl Client {
         }
         Ok(sse_events(response).map(|event| {
             let event: SseEvent = event.map_err(|e| ClientError::Transport(e.to_string()))?;
-            let data = serde_json::from_str(&event.data)
-                .map_err(|e| ClientError::Transport(e.to_string()))?;
-            Ok((event.id.parse().unwrap_or(0), event.event, data))
+            serde_json::from_str(&event.data).map_err(|e| {
+                ClientError::Transport(format!("unreadable `{}` event: {e}", event.event))
+            })
         }))
     }
 }

@@ -1,4 +1,5 @@
-//! The `jobhost` command line. `main.rs` only parses and dispatches here.
+//! The `jobhost` command line. `main.rs` parses it (adding `jobhost bench`,
+//! which is not part of the library) and dispatches here.
 
 mod client;
 mod new_plugin;
@@ -6,21 +7,10 @@ mod remote;
 mod run_phase;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 
 pub use client::sse_events;
 use remote::{JobAction, PluginAction, Remote};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "jobhost",
-    version,
-    about = "A job platform whose phases are sandboxed WebAssembly components"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -61,13 +51,11 @@ pub enum Command {
         #[arg(long)]
         since: Option<i64>,
     },
-    /// Run the benchmark scenarios and print their figures.
-    Bench(crate::bench::BenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
-pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command {
+pub async fn run(command: Command) -> anyhow::Result<i32> {
+    match command {
         Command::Serve(args) => serve(*args).await,
         Command::RunPhase(args) => run_phase::run_phase(args).await,
         Command::NewPlugin(args) => new_plugin::new_plugin(args),
@@ -79,7 +67,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             types,
             since,
         } => remote::events(&remote, job, types, since).await,
-        Command::Bench(args) => crate::bench::bench(args).await,
     }
 }
 

@@ -11,7 +11,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use super::client::Client;
-use crate::queue::{JobSpec, PhaseSpec};
+use crate::model::time::rfc3339;
+use crate::model::{EventBody, JobSpec, PhaseSpec};
 
 /// Where the server is, and how to print.
 #[derive(Debug, Clone, Args)]
@@ -377,31 +378,38 @@ async fn follow(remote: &Remote, client: &Client, job: &Value) -> anyhow::Result
     let mut stream = std::pin::pin!(client.events(&format!("/jobs/{id}/events")).await?);
     let mut outcome = None;
     while let Some(event) = stream.next().await {
-        let (_, kind, event) = event?;
-        let data = &event["data"];
-        let bar = data["phase"].as_str().and_then(bar_of);
-        match (kind.as_str(), bar) {
-            ("job:phase:started", Some(bar)) => {
-                bar.set_message(format!("running (attempt {})", data["attempt"]))
+        let event = event?;
+        match &event.body {
+            EventBody::PhaseStarted(started) => {
+                if let Some(bar) = bar_of(&started.phase) {
+                    bar.set_message(format!("running (attempt {})", started.attempt))
+                }
             }
-            ("job:phase:progress", Some(bar)) => {
-                bar.set_position(data["percent"].as_u64().unwrap_or(0));
-                bar.set_message(text(&data["note"]).into_owned());
+            EventBody::PhaseProgress(progress) => {
+                if let Some(bar) = bar_of(&progress.phase) {
+                    bar.set_position(progress.percent.into());
+                    bar.set_message(super::printable(&progress.note, false).into_owned());
+                }
             }
-            ("job:phase:completed", Some(bar)) => {
-                bar.set_position(100);
-                bar.finish_with_message(format!("done in {} ms", data["usage"]["wall_ms"]));
+            EventBody::PhaseCompleted(completed) => {
+                if let Some(bar) = bar_of(&completed.phase) {
+                    bar.set_position(100);
+                    bar.finish_with_message(format!("done in {} ms", completed.usage.wall_ms));
+                }
             }
-            ("job:phase:failed", Some(bar)) => {
-                let next = if data["retrying"] == true {
-                    "will retry"
-                } else {
-                    "failed"
-                };
-                bar.set_message(format!("{next}: {}", text(&data["error"])));
+            EventBody::PhaseFailed(failed) => {
+                if let Some(bar) = bar_of(&failed.phase) {
+                    let next = if failed.retrying {
+                        "will retry"
+                    } else {
+                        "failed"
+                    };
+                    let error = super::printable(&failed.error, false);
+                    bar.set_message(format!("{next}: {error}"));
+                }
             }
-            ("job:completed" | "job:failed" | "job:cancelled", _) => {
-                outcome = Some(kind.trim_start_matches("job:").to_owned());
+            body if body.kind().is_job_terminal() => {
+                outcome = Some(body.kind().name().trim_start_matches("job:").to_owned());
             }
             _ => {}
         }
@@ -504,15 +512,18 @@ pub async fn events(
     let path = format!("/events?{}", query.join("&"));
     let mut stream = std::pin::pin!(client.events(&path).await?);
     while let Some(event) = stream.next().await {
-        let (id, kind, event) = event?;
+        let event = event?;
         if remote.json {
-            println!("{event}");
+            println!("{}", serde_json::to_string(&event)?);
         } else {
-            let subject = event["job_id"].as_str().unwrap_or("");
+            let subject = event.job_id.as_deref().unwrap_or("");
+            let data = serde_json::to_value(&event.body)?;
             println!(
-                "{id:>6} {} {kind:<22} {subject} {}",
-                text(&event["at"]),
-                event["data"]
+                "{:>6} {} {:<22} {subject} {}",
+                event.seq,
+                rfc3339(event.at),
+                event.kind().name(),
+                data["data"]
             );
         }
     }

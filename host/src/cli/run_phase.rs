@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::printable;
-use crate::runtime::{PhaseRun, Progress, Runtime, RuntimeConfig};
+use crate::model::Progress;
+use crate::runtime::{PhaseRun, Runtime, RuntimeConfig};
 
 #[derive(Debug, Args)]
 pub struct RunPhaseArgs {

@@ -1,19 +1,23 @@
-//! Typed lifecycle events and the in-process bus.
+//! The in-process fan-out of events: the [`Bus`], fed by [`tail`].
 //!
 //! Every event is written to the event log by storage in the same transaction
-//! as the state change it reports, which gives it its sequence number; it is
-//! published on the [`Bus`] only after that commit. Subscribers (SSE
-//! clients, tests, the bench) that fall behind the bus's buffer are told
-//! how many batches they missed and catch up from the log, so the queue
-//! never waits for them.
+//! as the state change it reports, which gives it its sequence number. A
+//! commit only wakes the tailer, which reads the log by cursor and publishes
+//! what it read: subscribers hear events in the log's one order, whichever
+//! process committed them. Subscribers (SSE clients, tests, the bench) that
+//! fall behind the bus's buffer are told how many batches they missed and
+//! catch up from the log, so the queue never waits for them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{Bytes, BytesMut};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::broadcast;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Event, EventKind};
+use crate::storage::Storage;
 
 /// Most events in one batch: a big commit is published as several, so that
 /// what the bus keeps stays bounded.
@@ -24,165 +28,6 @@ const BUS_CAPACITY: usize = 256;
 /// The same for one job's channel: a job has few events per commit, and a
 /// channel per watched job should stay small.
 const JOB_CAPACITY: usize = 64;
-
-/// The closed set of event kinds. On the wire (JSON, SSE) each is its
-/// [`EventKind::name`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventKind {
-    JobCreated,
-    JobStarted,
-    PhaseStarted,
-    PhaseProgress,
-    PhaseCompleted,
-    PhaseFailed,
-    JobRetrying,
-    JobCompleted,
-    JobFailed,
-    JobCancelled,
-    JobDeleted,
-    WebhookDelivered,
-    WebhookFailed,
-    PluginUploaded,
-    PluginActivated,
-}
-
-impl EventKind {
-    pub const ALL: [EventKind; 15] = [
-        EventKind::JobCreated,
-        EventKind::JobStarted,
-        EventKind::PhaseStarted,
-        EventKind::PhaseProgress,
-        EventKind::PhaseCompleted,
-        EventKind::PhaseFailed,
-        EventKind::JobRetrying,
-        EventKind::JobCompleted,
-        EventKind::JobFailed,
-        EventKind::JobCancelled,
-        EventKind::JobDeleted,
-        EventKind::WebhookDelivered,
-        EventKind::WebhookFailed,
-        EventKind::PluginUploaded,
-        EventKind::PluginActivated,
-    ];
-
-    /// The wire name, e.g. `job:phase:started`.
-    pub fn name(self) -> &'static str {
-        match self {
-            EventKind::JobCreated => "job:created",
-            EventKind::JobStarted => "job:started",
-            EventKind::PhaseStarted => "job:phase:started",
-            EventKind::PhaseProgress => "job:phase:progress",
-            EventKind::PhaseCompleted => "job:phase:completed",
-            EventKind::PhaseFailed => "job:phase:failed",
-            EventKind::JobRetrying => "job:retrying",
-            EventKind::JobCompleted => "job:completed",
-            EventKind::JobFailed => "job:failed",
-            EventKind::JobCancelled => "job:cancelled",
-            EventKind::JobDeleted => "job:deleted",
-            EventKind::WebhookDelivered => "job:webhook:delivered",
-            EventKind::WebhookFailed => "job:webhook:failed",
-            EventKind::PluginUploaded => "plugin:uploaded",
-            EventKind::PluginActivated => "plugin:activated",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<EventKind> {
-        EventKind::ALL.into_iter().find(|kind| kind.name() == name)
-    }
-
-    /// Whether the job this event is about has ended with it.
-    pub fn is_job_terminal(self) -> bool {
-        matches!(
-            self,
-            EventKind::JobCompleted | EventKind::JobFailed | EventKind::JobCancelled
-        )
-    }
-}
-
-impl Serialize for EventKind {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.name())
-    }
-}
-
-impl<'de> Deserialize<'de> for EventKind {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        EventKind::from_name(&name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown event type `{name}`")))
-    }
-}
-
-impl std::fmt::Display for EventKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// An event about to be written: storage gives it its sequence number.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewEvent {
-    pub kind: EventKind,
-    pub job_id: Option<String>,
-    pub data: Value,
-}
-
-impl NewEvent {
-    pub fn job(kind: EventKind, job_id: &str, data: Value) -> Self {
-        NewEvent {
-            kind,
-            job_id: Some(job_id.to_owned()),
-            data,
-        }
-    }
-
-    pub fn plugin(kind: EventKind, data: Value) -> Self {
-        NewEvent {
-            kind,
-            job_id: None,
-            data,
-        }
-    }
-}
-
-/// A committed event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Event {
-    /// Monotonically increasing across all events; the SSE `id:`.
-    pub seq: i64,
-    #[serde(rename = "type")]
-    #[schema(value_type = String, example = "job:completed")]
-    pub kind: EventKind,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub job_id: Option<String>,
-    /// Unix time in milliseconds (RFC 3339 in JSON).
-    #[serde(
-        serialize_with = "crate::time::as_rfc3339::serialize",
-        deserialize_with = "crate::time::as_rfc3339::deserialize"
-    )]
-    #[schema(value_type = String, format = DateTime)]
-    pub at: i64,
-    pub data: Value,
-    /// Published on the bus only, never logged (progress reports): it has no
-    /// sequence number of its own (`seq` is 0), goes out without an SSE
-    /// `id:`, and is not replayed on resume.
-    #[serde(skip)]
-    pub live: bool,
-}
-
-impl Event {
-    /// A live-only event about a job (see [`Event::live`]).
-    pub fn live(kind: EventKind, job_id: &str, at: i64, data: Value) -> Self {
-        Event {
-            seq: 0,
-            kind,
-            job_id: Some(job_id.to_owned()),
-            at,
-            data,
-            live: true,
-        }
-    }
-}
 
 /// An event as subscribers receive it: shared by all of them, and rendered
 /// as an SSE message at most once however many clients send it (a thousand
@@ -208,7 +53,7 @@ impl Published {
     pub fn sse_message(&self) -> &Bytes {
         self.sse_message.get_or_init(|| {
             let json = serde_json::to_string(&self.event).expect("an event always serializes");
-            let kind = self.event.kind.name();
+            let kind = self.event.kind().name();
             let message = if self.event.live {
                 format!("event: {kind}\ndata: {json}\n\n")
             } else {
@@ -345,7 +190,11 @@ impl Bus {
         for batch in events.chunks(BATCH_EVENTS) {
             let batch = Arc::new(Batch::new(batch.to_vec()));
             for (kinds, sender) in &topics.kinds {
-                if batch.events.iter().any(|event| kinds.contains(event.kind)) {
+                if batch
+                    .events
+                    .iter()
+                    .any(|event| kinds.contains(event.kind()))
+                {
                     let _ = sender.send(batch.clone());
                 }
             }
@@ -485,26 +334,74 @@ impl Subscription {
     }
 }
 
+/// Most events one read of the log's tail takes.
+const TAIL_BATCH: usize = 512;
+/// Pause after a failed read of the log before trying again.
+const TAIL_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Feeds the bus from the event log: reads it by cursor from `after`
+/// whenever storage says the log grew, and publishes what it read, in log
+/// order. The log is the only source of what subscribers hear (besides live
+/// progress reports), as it will be when other hosts append to it. When
+/// `stop` fires, publishes what is already committed, then returns.
+pub async fn tail(storage: Arc<Storage>, bus: Bus, mut after: i64, stop: CancellationToken) {
+    let mut appended = storage.log_appended();
+    loop {
+        let newest = *appended.borrow_and_update();
+        while after < newest {
+            match storage.tail_log(after, TAIL_BATCH).await {
+                Ok(events) if events.is_empty() => break,
+                Ok(events) => {
+                    after = events.last().map_or(after, |event| event.seq);
+                    bus.publish(events);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading the event log failed; trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(TAIL_RETRY) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            changed = appended.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn names_round_trip_and_match_serde() {
-        for kind in EventKind::ALL {
-            assert_eq!(EventKind::from_name(kind.name()), Some(kind));
-            assert_eq!(serde_json::to_value(kind).unwrap(), kind.name());
-        }
-        assert_eq!(EventKind::from_name("job:exploded"), None);
-    }
-
+    /// An event of `kind` (with a made-up payload: only kinds matter here).
     fn event(seq: i64, kind: EventKind, job: Option<&str>) -> Event {
+        use crate::model::event::*;
+        let body = match kind {
+            EventKind::JobCreated => EventBody::JobCreated(JobCreated {
+                run_at: 0,
+                priority: 0,
+                phases: vec![],
+            }),
+            EventKind::JobStarted => EventBody::JobStarted(JobStarted { attempt: 1 }),
+            EventKind::JobCompleted => EventBody::JobCompleted(JobCompleted {}),
+            EventKind::PluginUploaded => EventBody::PluginUploaded(PluginUploaded {
+                plugin: "p".into(),
+                version: "1".into(),
+                content_hash: String::new(),
+                size: 0,
+            }),
+            other => unreachable!("no test publishes {other}"),
+        };
         Event {
             seq,
-            kind,
             job_id: job.map(str::to_owned),
             at: 0,
-            data: Value::Null,
+            body,
             live: false,
         }
     }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{ApiError, AppJson, AppState, ErrorBody};
-use crate::time::{now_ms, parse_rfc3339};
+use crate::model::time::parse_rfc3339;
 
 const TAG: &str = "queue";
 
@@ -25,7 +25,7 @@ async fn queue_state(state: &AppState) -> Result<QueueState, ApiError> {
     Ok(QueueState {
         paused: state.queue.is_paused(),
         running: state.queue.running().await,
-        due: state.storage.due_count(now_ms()).await?,
+        due: state.queue.due_count().await?,
         concurrency: state.queue.config().concurrency,
     })
 }

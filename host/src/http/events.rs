@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use utoipa::IntoParams;
 
 use super::{ApiError, AppState};
-use crate::events::{Batch, Event, EventKind, KindSet, Published, Topic};
+use crate::events::{Batch, KindSet, Published, Topic};
+use crate::model::{Event, EventKind};
 use crate::queue::QueueError;
 use crate::storage::EventFilter;
 
@@ -88,7 +89,7 @@ pub async fn stream(
     };
     let start = match resume_point(&headers, query.last_event_id)? {
         Some(after) => Start::After(after),
-        None => Start::Now(state.storage.last_event_seq().await?),
+        None => Start::Now(state.queue.last_event_seq().await?),
     };
     Ok(sse(state, permit, filter, start, false))
 }
@@ -320,7 +321,7 @@ async fn feed(
         Some(job) => Topic::Job(job.clone()),
         None => Topic::Kinds(KindSet::of(&filter.kinds)),
     };
-    let mut live = state.storage.bus().subscribe_batches(topic);
+    let mut live = state.queue.bus().subscribe_batches(topic);
     let mut client = Client {
         filter,
         last: after,
@@ -463,7 +464,7 @@ impl SseActivity {
 }
 
 fn current_second() -> u64 {
-    crate::time::now_ms() as u64 / 1000
+    crate::model::time::now_ms() as u64 / 1000
 }
 
 /// Whether a job's stream ends with this event: the job ended, or it is gone.
@@ -537,7 +538,7 @@ impl Client {
         let mut read_up_to = self.last;
         loop {
             let page = match state
-                .storage
+                .queue
                 .events_after(read_up_to, filter.clone(), CATCH_UP_PAGE)
                 .await
             {
@@ -594,7 +595,7 @@ impl Client {
                 }
                 messages.extend_from_slice(event.sse_message());
             }
-            self.ended = self.end_after_terminal && ends_job(event.kind);
+            self.ended = self.end_after_terminal && ends_job(event.kind());
         }
         if !messages.is_empty() {
             self.pending.push(messages.freeze());

@@ -6,8 +6,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 
 use crate::metrics::StatusLabel;
-use crate::queue::JobStatus;
-use crate::time::now_ms;
+use crate::model::JobStatus;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
@@ -23,7 +22,7 @@ pub async fn healthz() -> Json<Value> {
     responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let metrics = &state.metrics;
-    let counts = state.storage.job_counts().await?;
+    let counts = state.queue.counts().await?;
     for status in JobStatus::ALL {
         let count = counts
             .iter()
@@ -38,7 +37,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
     }
     metrics
         .queue_depth
-        .set(state.storage.due_count(now_ms()).await? as i64);
+        .set(state.queue.due_count().await? as i64);
     metrics.running_jobs.set(state.queue.running().await as i64);
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     Ok(([(header::CONTENT_TYPE, content_type)], metrics.encode()))
@@ -48,7 +47,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
 #[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "operations",
     responses((status = 200, description = "Ready"), (status = 503, body = super::ErrorBody)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let last_event = state.storage.last_event_seq().await?;
+    let last_event = state.queue.last_event_seq().await?;
     if state.shutdown.is_cancelled() {
         return Err(ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, AppJson, AppState, ErrorBody};
-use crate::queue::{Cancelled, Job, JobSpec, JobStatus, JobSummary};
+use crate::model::{Job, JobSpec, JobStatus, JobSummary};
+use crate::queue::Cancelled;
 use crate::storage::{JobFilter, MAX_PAGE};
 
 const TAG: &str = "jobs";
@@ -111,7 +112,7 @@ pub async fn list(
         },
         cursor: query.cursor,
     };
-    let page = state.storage.jobs(filter).await?;
+    let page = state.queue.list(filter).await?;
     Ok(AppJson(JobList {
         jobs: page.jobs,
         next_cursor: page.next_cursor,

@@ -31,14 +31,12 @@ pub use events::StreamLimits;
 use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
 use crate::queue::Queue;
-use crate::storage::Storage;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub queue: Arc<Queue>,
     pub plugins: Arc<PluginRegistry>,
-    pub storage: Arc<Storage>,
     pub access: Arc<crate::config::Access>,
     /// Cancelled when the server shuts down: SSE streams end cleanly.
     pub shutdown: CancellationToken,

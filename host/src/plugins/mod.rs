@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
+use crate::model::time::now_ms;
 use crate::runtime::{LoadError, LoadedPlugin, PluginMetadata, Runtime, content_hash};
 use crate::storage::{
     ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginQuota, PluginRecord, PutOutcome,
     Storage, StorageError,
 };
-use crate::time::now_ms;
 
 /// Longest plugin name or version accepted.
 const MAX_NAME_LEN: usize = 64;

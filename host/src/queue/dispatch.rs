@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Job, QueueError, Shared, worker};
-use crate::time::now_ms;
+use super::{QueueError, Shared, worker};
+use crate::storage::Claimed;
 
 /// Pause after a storage error before claiming again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
@@ -40,7 +40,7 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
         let timer = async {
             match next_due {
                 Some(at) => {
-                    let wait = Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64);
+                    let wait = Duration::from_millis(at.saturating_sub(shared.now()).max(0) as u64);
                     tokio::time::sleep(wait).await
                 }
                 None => std::future::pending().await,
@@ -67,23 +67,23 @@ async fn claim(shared: &Arc<Shared>) -> Result<bool, QueueError> {
     if free == 0 {
         return Ok(false);
     }
-    let jobs = shared.storage.claim_due_jobs(now_ms(), free).await?;
-    let slot_left = jobs.len() < free;
-    for job in jobs {
+    let claims = shared.storage.claim_due_jobs(shared.now(), free).await?;
+    let slot_left = claims.len() < free;
+    for claimed in claims {
         let cancel = shared.force.child_token();
-        running.insert(job.id.clone(), cancel.clone());
-        spawn_worker(shared, job, cancel);
+        running.insert(claimed.job.id.clone(), cancel.clone());
+        spawn_worker(shared, claimed, cancel);
     }
     Ok(slot_left)
 }
 
 /// Runs a claimed job whose cancellation token is in `running`, and frees
 /// its slot when done.
-pub(super) fn spawn_worker(shared: &Arc<Shared>, job: Job, cancel: CancellationToken) {
+pub(super) fn spawn_worker(shared: &Arc<Shared>, claimed: Claimed, cancel: CancellationToken) {
     let shared = shared.clone();
     shared.workers.clone().spawn(async move {
-        let id = job.id.clone();
-        worker::run_job(&shared, job, cancel).await;
+        let id = claimed.job.id.clone();
+        worker::run_job(&shared, claimed, cancel).await;
         shared.running.lock().await.remove(&id);
         shared.wake.notify_one();
         shared.worker_done.notify_waiters();
@@ -102,7 +102,7 @@ pub(super) async fn retention(shared: Arc<Shared>) {
             _ = ticker.tick() => {}
             () = shared.draining.cancelled() => return,
         }
-        let cutoff = now_ms() - age.as_millis() as i64;
+        let cutoff = shared.now() - age.as_millis() as i64;
         match purge(&shared, cutoff).await {
             Ok(ids) if !ids.is_empty() => tracing::info!(deleted = ids.len(), "retention sweep"),
             Ok(_) => {}
@@ -116,7 +116,7 @@ pub(super) async fn purge(shared: &Shared, cutoff: i64) -> Result<Vec<String>, Q
     loop {
         let batch = shared
             .storage
-            .delete_finished_before(cutoff, PURGE_BATCH, now_ms())
+            .delete_finished_before(cutoff, PURGE_BATCH, shared.now())
             .await?;
         let done = batch.len() < PURGE_BATCH || shared.draining.is_cancelled();
         deleted.extend(batch);

@@ -5,11 +5,12 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::{JobSpec, QueueConfig};
+use super::QueueConfig;
+use crate::model::JobSpec;
+use crate::model::time::parse_rfc3339;
 use crate::storage::{NewJob, NewPhase};
-use crate::time::parse_rfc3339;
 
-use super::limits::*;
+use crate::model::limits::*;
 
 pub(super) fn new_job(spec: JobSpec, config: &QueueConfig, now: i64) -> Result<NewJob, String> {
     if spec.phases.is_empty() {
@@ -42,7 +43,7 @@ pub(super) fn new_job(spec: JobSpec, config: &QueueConfig, now: i64) -> Result<N
             check_range(&field("timeout_ms"), timeout, 1, max_timeout)?;
         }
         if let Some(config) = &phase.config {
-            let size = crate::json::text(config).len();
+            let size = crate::model::json::text(config).len();
             if size > MAX_PHASE_CONFIG_BYTES {
                 return Err(format!(
                     "{}: {size} bytes is more than the limit of {MAX_PHASE_CONFIG_BYTES}",
@@ -151,8 +152,8 @@ fn check_range<T: PartialOrd + std::fmt::Display>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json::Json;
-    use crate::queue::PhaseSpec;
+    use crate::model::PhaseSpec;
+    use crate::model::json::Json;
 
     fn spec(phases: &[&str]) -> JobSpec {
         JobSpec {
@@ -236,7 +237,7 @@ mod tests {
             spec
         };
         let webhook = |url: String, secret: Option<String>| JobSpec {
-            webhook: Some(crate::queue::WebhookSpec { url, secret }),
+            webhook: Some(crate::model::WebhookSpec { url, secret }),
             ..spec(&["a"])
         };
         let cases: Vec<(&str, JobSpec)> = vec![
@@ -345,7 +346,7 @@ mod tests {
             (
                 "backoff.max_ms",
                 JobSpec {
-                    backoff: Some(crate::queue::BackoffPolicy {
+                    backoff: Some(crate::model::BackoffPolicy {
                         max_ms: MAX_BACKOFF_MS + 1,
                         ..Default::default()
                     }),
@@ -390,11 +391,11 @@ mod tests {
             spec.run_at = run_at;
             spec.priority = priority;
             spec.max_attempts = attempts;
-            spec.backoff = Some(crate::queue::BackoffPolicy { initial_ms: initial, max_ms: max, multiplier, jitter: true });
+            spec.backoff = Some(crate::model::BackoffPolicy { initial_ms: initial, max_ms: max, multiplier, jitter: true });
             if let Ok(job) = check(spec) {
                 proptest::prop_assert!(job.run_at <= NOW + MAX_SCHEDULE_AHEAD_MS as i64);
-                let shown = crate::time::rfc3339(job.run_at);
-                proptest::prop_assert!(crate::time::parse_rfc3339(&shown).is_ok());
+                let shown = crate::model::time::rfc3339(job.run_at);
+                proptest::prop_assert!(crate::model::time::parse_rfc3339(&shown).is_ok());
                 let delay = job.backoff.delay(job.max_attempts, 0.5);
                 proptest::prop_assert!(delay.as_millis() as u64 <= MAX_BACKOFF_MS);
             }

@@ -9,8 +9,6 @@
 
 mod dispatch;
 mod enqueue;
-mod job;
-mod retry;
 mod worker;
 
 use std::collections::HashMap;
@@ -23,22 +21,19 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use job::limits;
-pub use job::{
-    AttemptError, Job, JobSpec, JobStatus, JobSummary, Phase, PhaseSpec, PhaseStatus, PhaseSummary,
-    WebhookSpec,
-};
-pub use retry::BackoffPolicy;
-
+use crate::events::Bus;
 use crate::metrics::Metrics;
+use crate::model::time::now_ms;
+use crate::model::{Event, Job, JobSpec, JobStatus};
 use crate::plugins::PluginRegistry;
 use crate::storage::{
-    CancelOutcome, CreateOutcome, DeleteOutcome, Recovered, RetryOutcome, Storage, StorageError,
+    AfterFailure, CancelOutcome, Claimed, CreateOutcome, DeleteOutcome, EventFilter, Interrupted,
+    JobFilter, JobPage, Recovered, Recovery, RecoveryPolicy, RecoveryScope, RetryOutcome, Storage,
+    StorageError,
 };
-use crate::time::now_ms;
 use crate::webhooks::{Deliverer, WebhookConfig};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct QueueConfig {
     /// Jobs run at once.
     pub concurrency: usize,
@@ -57,6 +52,39 @@ pub struct QueueConfig {
     /// Most jobs waiting (`pending`) at once; submits past it answer 429.
     pub max_pending_jobs: u64,
     pub metrics: Arc<Metrics>,
+    /// The queue's clock, Unix ms: tests inject their own.
+    pub clock: Clock,
+    /// Runs between two phases of a job, when the first is recorded and the
+    /// next not yet started (and keeps the worker from starting the next in
+    /// the same write). A seam for tests that act at that boundary.
+    pub between_phases: Option<BetweenPhases>,
+}
+
+/// A source of the current time, Unix ms.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// See [`QueueConfig::between_phases`]: called with the job's id, the
+/// index of the next phase, and the job's cancellation token.
+pub type BetweenPhases = Arc<
+    dyn Fn(&str, usize, &CancellationToken) -> futures::future::BoxFuture<'static, ()>
+        + Send
+        + Sync,
+>;
+
+impl std::fmt::Debug for QueueConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueConfig")
+            .field("concurrency", &self.concurrency)
+            .field("default_phase_timeout", &self.default_phase_timeout)
+            .field("max_phase_timeout", &self.max_phase_timeout)
+            .field("default_max_attempts", &self.default_max_attempts)
+            .field("max_phases", &self.max_phases)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("retention", &self.retention)
+            .field("webhooks", &self.webhooks)
+            .field("max_pending_jobs", &self.max_pending_jobs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for QueueConfig {
@@ -73,6 +101,8 @@ impl Default for QueueConfig {
             webhooks: None,
             max_pending_jobs: 100_000,
             metrics: Arc::default(),
+            clock: Arc::new(now_ms),
+            between_phases: None,
         }
     }
 }
@@ -134,6 +164,9 @@ pub struct ShutdownTimedOut {
 pub(crate) struct Shared {
     storage: Arc<Storage>,
     plugins: Arc<PluginRegistry>,
+    /// Where committed events (read back from the log) and live progress
+    /// reports reach this host's subscribers.
+    bus: Bus,
     config: QueueConfig,
     /// Wakes the dispatcher: a job was enqueued, a worker finished, resume.
     wake: Notify,
@@ -164,6 +197,33 @@ struct PendingCount {
 
 const PENDING_RECOUNT: Duration = Duration::from_secs(1);
 
+impl Shared {
+    fn now(&self) -> i64 {
+        (self.config.clock)()
+    }
+}
+
+/// What the queue does with a running job whose worker is gone (`cause`):
+/// requeued at once while attempts remain, failed otherwise, with an error
+/// that names the cause and the interrupted phase.
+fn recovery_policy(cause: &'static str, now: i64) -> RecoveryPolicy {
+    Arc::new(move |job: &Interrupted| {
+        let attempt = job.attempt;
+        let error = match &job.phase {
+            Some((_, name)) => {
+                format!("interrupted: {cause} during phase `{name}` (attempt {attempt})")
+            }
+            None => format!("interrupted: {cause} between phases (attempt {attempt})"),
+        };
+        let after = if attempt < job.max_attempts {
+            AfterFailure::Retry { run_at: now }
+        } else {
+            AfterFailure::Fail
+        };
+        Recovery { error, after }
+    })
+}
+
 /// How long a cancel of a running job waits for its worker to stop it
 /// (by force within an epoch tick) before answering that it is stopping.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
@@ -173,23 +233,43 @@ pub struct Queue {
     background: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// The webhook deliverer and how to stop it.
     deliverer: std::sync::Mutex<Option<(JoinHandle<()>, CancellationToken)>>,
+    /// The fan-out of the event log to the bus, and how to stop it.
+    tailer: std::sync::Mutex<Option<(JoinHandle<()>, CancellationToken)>>,
 }
 
 impl Queue {
     /// Recovers jobs a crash left running, then starts the dispatcher and
     /// the retention sweep. Returns the queue and what recovery did.
+    /// Recovers jobs a crash left running, then starts the dispatcher, the
+    /// retention sweep and the fan-out of the event log to `bus` (from the
+    /// log's end as it was before recovery, so that subscribers see what
+    /// recovery did). Returns the queue and what recovery did.
     pub async fn start(
         storage: Arc<Storage>,
         plugins: Arc<PluginRegistry>,
+        bus: Bus,
         config: QueueConfig,
     ) -> Result<(Queue, Vec<Recovered>), QueueError> {
-        let recovered = storage.recover_running_jobs(now_ms()).await?;
+        let log_end = storage.last_event_seq().await?;
+        let now = (config.clock)();
+        let policy = recovery_policy("the host stopped", now);
+        let recovered = storage
+            .recover_jobs(RecoveryScope::AllRunning, policy, now)
+            .await?;
         for job in &recovered {
             tracing::warn!(job = %job.job_id, phase = ?job.phase, attempt = job.attempt, requeued = job.requeued, "recovered a job interrupted by a crash");
         }
+        let stop_tailing = CancellationToken::new();
+        let tailer = tokio::spawn(crate::events::tail(
+            storage.clone(),
+            bus.clone(),
+            log_end,
+            stop_tailing.clone(),
+        ));
         let shared = Arc::new(Shared {
             storage,
             plugins,
+            bus,
             config,
             wake: Notify::new(),
             worker_done: Notify::new(),
@@ -221,12 +301,53 @@ impl Queue {
             shared,
             background: std::sync::Mutex::new(background),
             deliverer: std::sync::Mutex::new(deliverer),
+            tailer: std::sync::Mutex::new(Some((tailer, stop_tailing))),
         };
         Ok((queue, recovered))
     }
 
     pub fn config(&self) -> &QueueConfig {
         &self.shared.config
+    }
+
+    /// This host's event bus: committed events in log order, and live
+    /// progress reports.
+    pub fn bus(&self) -> &Bus {
+        &self.shared.bus
+    }
+
+    /// Jobs newest first, filtered, a page at a time.
+    pub async fn list(&self, filter: JobFilter) -> Result<JobPage, QueueError> {
+        Ok(self.shared.storage.jobs(filter).await?)
+    }
+
+    /// How many jobs are in each status.
+    pub async fn counts(&self) -> Result<Vec<(JobStatus, u64)>, QueueError> {
+        Ok(self.shared.storage.job_counts().await?)
+    }
+
+    /// Pending jobs due now: the backlog.
+    pub async fn due_count(&self) -> Result<u64, QueueError> {
+        Ok(self.shared.storage.due_count(self.shared.now()).await?)
+    }
+
+    /// Logged events after `after` that match `filter`, oldest first.
+    pub async fn events_after(
+        &self,
+        after: i64,
+        filter: EventFilter,
+        limit: usize,
+    ) -> Result<Vec<Event>, QueueError> {
+        Ok(self
+            .shared
+            .storage
+            .events_after(after, filter, limit)
+            .await?)
+    }
+
+    /// The newest logged event's sequence number (0 when there is none).
+    pub async fn last_event_seq(&self) -> Result<i64, QueueError> {
+        Ok(self.shared.storage.last_event_seq().await?)
     }
 
     /// Validates and stores a job (acknowledged only after its commit).
@@ -241,7 +362,7 @@ impl Queue {
         if shared.draining.is_cancelled() {
             return Err(QueueError::ShuttingDown);
         }
-        let now = now_ms();
+        let now = shared.now();
         let new = enqueue::new_job(spec, &shared.config, now).map_err(QueueError::InvalidJob)?;
         self.check_pending_quota().await?;
         let id = new.id.clone();
@@ -250,16 +371,21 @@ impl Queue {
             .storage
             .create_job(new, slot.as_ref().map(|_| now))
             .await;
-        let claimed =
-            matches!(&created, Ok(CreateOutcome::Created(job)) if job.status == JobStatus::Running);
+        let claimed = matches!(&created, Ok(CreateOutcome::Created(_, Some(_))));
         if slot.is_some() && !claimed {
             self.release_slot(&id).await;
         }
         match created? {
-            CreateOutcome::Created(job) => {
-                match slot.filter(|_| claimed) {
-                    Some(cancel) => dispatch::spawn_worker(shared, job.clone(), cancel),
-                    None => shared.wake.notify_one(),
+            CreateOutcome::Created(job, lease) => {
+                match (slot, lease) {
+                    (Some(cancel), Some(lease)) => {
+                        let claimed = Claimed {
+                            job: job.clone(),
+                            lease,
+                        };
+                        dispatch::spawn_worker(shared, claimed, cancel)
+                    }
+                    _ => shared.wake.notify_one(),
                 }
                 Ok(Enqueued { job, created: true })
             }
@@ -335,7 +461,12 @@ impl Queue {
     /// have finished before the cancel took effect.
     pub async fn cancel(&self, id: &str) -> Result<Cancelled, QueueError> {
         let running = self.shared.running.lock().await;
-        match self.shared.storage.cancel_pending_job(id, now_ms()).await? {
+        match self
+            .shared
+            .storage
+            .cancel_pending_job(id, self.shared.now())
+            .await?
+        {
             // This process runs it: its worker stops the phase and records the cancel.
             CancelOutcome::Running if running.contains_key(id) => {
                 running[id].cancel();
@@ -370,7 +501,7 @@ impl Queue {
         match self
             .shared
             .storage
-            .retry_job(id, from_start, now_ms())
+            .retry_job(id, from_start, self.shared.now())
             .await?
         {
             RetryOutcome::Retried(job) => {
@@ -387,7 +518,12 @@ impl Queue {
 
     /// Deletes a finished job and its phases.
     pub async fn delete(&self, id: &str) -> Result<(), QueueError> {
-        match self.shared.storage.delete_job(id, now_ms()).await? {
+        match self
+            .shared
+            .storage
+            .delete_job(id, self.shared.now())
+            .await?
+        {
             DeleteOutcome::Deleted => Ok(()),
             DeleteOutcome::NotTerminal(status) => Err(QueueError::Conflict {
                 status,
@@ -427,6 +563,15 @@ impl Queue {
     /// receivers may see them twice, under the same `webhook-id`).
     async fn stop_deliverer(&self) {
         let Some((task, stop)) = self.deliverer.lock().unwrap().take() else {
+            return;
+        };
+        stop.cancel();
+        let _ = task.await;
+    }
+
+    /// Stops the fan-out once it has published everything committed.
+    async fn stop_tailer(&self) {
+        let Some((task, stop)) = self.tailer.lock().unwrap().take() else {
             return;
         };
         stop.cancel();
@@ -488,6 +633,7 @@ impl Queue {
             shared.workers.wait().await;
         }
         self.stop_deliverer().await;
+        self.stop_tailer().await;
         shared.storage.close().await;
         let report = ShutdownReport { forced };
         if report.forced.is_empty() {

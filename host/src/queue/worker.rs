@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Job, PhaseStatus, Shared};
-use crate::events::{Event, EventKind};
+use super::{Shared, recovery_policy};
 use crate::metrics::PhaseLabels;
-use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, Progress, ProgressSink};
-use crate::storage::{AfterFailure, Completion};
-use crate::time::now_ms;
+use crate::model::event::PhaseProgress;
+use crate::model::{Event, EventBody, Job, PhaseStatus, Progress, ResourceUsage};
+use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, ProgressSink};
+use crate::storage::{
+    AfterFailure, Claimed, Completion, Guarded, Lease, PhaseDone, PhaseFailed, RecoveryScope,
+};
 
 /// Why a job stopped before its next phase.
 enum Stop {
@@ -28,30 +30,42 @@ enum Stop {
 const FIRST_RECOVERY_PAUSE: Duration = Duration::from_millis(100);
 const MAX_RECOVERY_PAUSE: Duration = Duration::from_secs(30);
 
-pub(super) async fn run_job(shared: &Arc<Shared>, job: Job, cancel: CancellationToken) {
-    let id = job.id.clone();
-    if let Err(error) = run_phases(shared, job, &cancel).await {
-        tracing::error!(%error, job = %id, "worker could not record a job transition; recovering the job");
-        recover_after_failed_write(shared, &id).await;
+pub(super) async fn run_job(shared: &Arc<Shared>, claimed: Claimed, cancel: CancellationToken) {
+    let Claimed { job, lease } = claimed;
+    if let Err(error) = run_phases(shared, job, &lease, &cancel).await {
+        tracing::error!(%error, job = %lease.job_id, "worker could not record a job transition; recovering the job");
+        recover_after_failed_write(shared, &lease).await;
     }
+}
+
+/// Whether a guarded write went through; a refused one means the job is no
+/// longer this worker's to move, and it stops.
+fn holds<T>(outcome: Guarded<T>, lease: &Lease) -> Option<T> {
+    if matches!(outcome, Guarded::Fenced) {
+        tracing::warn!(job = %lease.job_id, "the job runs under a newer claim: this worker stops");
+    }
+    outcome.applied()
 }
 
 /// A job whose transition could not be recorded (a full disk, say) must not
 /// stay `running` forever: it is recovered as a crash would recover it,
 /// retrying with backoff until storage takes the write. At shutdown it is
 /// left to the recovery at the next start.
-async fn recover_after_failed_write(shared: &Shared, id: &str) {
+async fn recover_after_failed_write(shared: &Shared, lease: &Lease) {
     let mut pause = FIRST_RECOVERY_PAUSE;
     loop {
-        match shared.storage.recover_job(id, now_ms()).await {
+        let now = shared.now();
+        let policy = recovery_policy("storage failed to record its progress", now);
+        let scope = RecoveryScope::Job(lease.clone());
+        match shared.storage.recover_jobs(scope, policy, now).await {
             Ok(recovered) => {
-                if recovered.is_some() {
+                if !recovered.is_empty() {
                     shared.wake.notify_one();
                 }
                 return;
             }
             Err(error) => {
-                tracing::warn!(%error, job = %id, "recovering the job failed; trying again")
+                tracing::warn!(%error, job = %lease.job_id, "recovering the job failed; trying again")
             }
         }
         tokio::select! {
@@ -75,13 +89,14 @@ fn stop_reason(shared: &Shared, cancel: &CancellationToken) -> Option<Stop> {
 async fn run_phases(
     shared: &Arc<Shared>,
     mut job: Job,
+    lease: &Lease,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let storage = &shared.storage;
     let Some(first) = job.next_phase() else {
         // Nothing was left to run (the last phase's completion completes
         // the job otherwise).
-        storage.complete_job(&job.id, now_ms()).await?;
+        storage.complete_job(lease, shared.now()).await?;
         return Ok(());
     };
     // The claim started the first phase; each completion starts the next
@@ -92,47 +107,53 @@ async fn run_phases(
         let attempt = match started.take() {
             Some(attempt) => attempt,
             None => {
+                if let Some(between_phases) = &shared.config.between_phases {
+                    between_phases(&job.id, index, cancel).await;
+                }
                 match stop_reason(shared, cancel) {
                     Some(Stop::Cancelled) => {
-                        storage.cancel_running_job(&job.id, None, now_ms()).await?;
+                        storage
+                            .cancel_running_job(lease, None, shared.now())
+                            .await?;
                         return Ok(());
                     }
                     Some(Stop::HandBack) => {
-                        storage.release_job(&job.id, now_ms()).await?;
+                        storage.release_job(lease, shared.now()).await?;
                         return Ok(());
                     }
                     None => {}
                 }
-                match storage.start_phase(&job.id, index, now_ms()).await? {
+                let started = storage.start_phase(lease, index, shared.now()).await?;
+                match holds(started, lease) {
                     Some(attempt) => attempt,
                     None => return Ok(()), // moved on underneath us
                 }
             }
         };
-        let result = run_phase(shared, &job, index, attempt, cancel).await;
+        let result = run_phase(shared, &job, lease, index, attempt, cancel).await;
         match result.outcome {
             Ok(output) => {
-                let start_next =
-                    index + 1 < job.phases.len() && stop_reason(shared, cancel).is_none();
-                match storage
-                    .complete_phase(
-                        &job.id,
-                        &job.phases[index],
-                        output.clone(),
-                        result.usage,
-                        start_next,
-                        now_ms(),
-                    )
-                    .await?
-                {
-                    Completion::Stale => return Ok(()),
-                    Completion::Recorded => {}
-                    Completion::NextStarted(attempt) => started = Some(attempt),
+                let start_next = index + 1 < job.phases.len()
+                    && stop_reason(shared, cancel).is_none()
+                    && shared.config.between_phases.is_none();
+                let done = PhaseDone {
+                    index,
+                    name: job.phases[index].name.clone(),
+                    output: output.clone(),
+                    usage: result.usage,
+                    start_next,
+                    now: shared.now(),
+                };
+                match holds(storage.complete_phase(lease, done).await?, lease) {
+                    None => return Ok(()),
+                    Some(Completion::Recorded) => {}
+                    Some(Completion::NextStarted(attempt)) => started = Some(attempt),
                 }
                 job.phases[index].output = Some(output);
             }
             Err(failure) => {
-                record_failure(shared, &job, index, failure, Some(result.usage), cancel).await?;
+                let usage = Some(result.usage);
+                record_failure(shared, &job, lease, index, failure, usage, cancel).await?;
                 return Ok(());
             }
         }
@@ -143,6 +164,7 @@ async fn run_phases(
 async fn run_phase(
     shared: &Arc<Shared>,
     job: &Job,
+    lease: &Lease,
     index: usize,
     attempt: u32,
     cancel: &CancellationToken,
@@ -162,26 +184,26 @@ async fn run_phase(
     // Progress is live-only: each report (rate-limited by the runtime) goes
     // straight to the bus, and only the last one is stored, on the phase.
     let report_progress: ProgressSink = {
-        let (bus, job_id, name) = (
-            shared.storage.bus().clone(),
+        let (bus, job_id, name, clock) = (
+            shared.bus.clone(),
             job.id.clone(),
             phase.name.clone(),
+            shared.config.clock.clone(),
         );
         Arc::new(move |p: Progress| {
-            let data = serde_json::json!({"phase": name, "percent": p.percent, "note": p.note});
-            bus.publish_live(Event::live(
-                EventKind::PhaseProgress,
-                &job_id,
-                now_ms(),
-                data,
-            ));
+            let body = EventBody::PhaseProgress(PhaseProgress {
+                phase: name.clone(),
+                percent: p.percent,
+                note: p.note,
+            });
+            bus.publish_live(Event::live(&job_id, clock(), body));
         })
     };
     let run = PhaseRun {
         job_id: job.id.clone(),
         phase: phase.name.clone(),
         attempt,
-        config: crate::json::text(&phase.config),
+        config: crate::model::json::text(&phase.config),
         payload: job.payload.as_str().to_owned(),
         previous: job.outputs_before(index),
         timeout: Duration::from_millis(phase.timeout_ms),
@@ -190,10 +212,7 @@ async fn run_phase(
     };
     let result = shared.plugins.runtime().run(&plugin, run).await;
     if let Some(progress) = &result.last_progress
-        && let Err(error) = shared
-            .storage
-            .record_progress(&job.id, index, progress)
-            .await
+        && let Err(error) = shared.storage.record_progress(lease, index, progress).await
     {
         tracing::warn!(%error, "could not record a phase's last progress");
     }
@@ -217,17 +236,18 @@ async fn run_phase(
 async fn record_failure(
     shared: &Shared,
     job: &Job,
+    lease: &Lease,
     index: usize,
     failure: PhaseFailure,
-    usage: Option<crate::runtime::ResourceUsage>,
+    usage: Option<ResourceUsage>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let storage = &shared.storage;
-    let now = now_ms();
+    let now = shared.now();
     let by_shutdown = failure == PhaseFailure::Cancelled && shared.force.is_cancelled();
     if failure == PhaseFailure::Cancelled && !by_shutdown && cancel.is_cancelled() {
         let stopped = usage.map(|usage| (index, usage));
-        storage.cancel_running_job(&job.id, stopped, now).await?;
+        storage.cancel_running_job(lease, stopped, now).await?;
         return Ok(());
     }
     let message = if by_shutdown {
@@ -243,8 +263,14 @@ async fn record_failure(
     } else {
         AfterFailure::Fail
     };
-    storage
-        .fail_phase(&job.id, &job.phases[index], message, usage, after, now)
-        .await?;
+    let failed = PhaseFailed {
+        index,
+        name: job.phases[index].name.clone(),
+        error: message,
+        usage,
+        after,
+        now,
+    };
+    holds(storage.fail_phase(lease, failed).await?, lease);
     Ok(())
 }

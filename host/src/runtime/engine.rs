@@ -40,13 +40,14 @@ pub(super) fn new_engine(config: &RuntimeConfig) -> wasmtime::Result<Engine> {
     wasm.wasm_component_model(true)
         .epoch_interruption(true)
         .max_wasm_stack(MAX_WASM_STACK)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(config)));
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(config)));
     Engine::new(&wasm)
 }
 
-/// The pooling allocator's settings (also used by the raw-wasmtime baseline,
-/// so that benchmarks can compare like with like).
-pub(super) fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
+/// The pooling allocator's settings the runtime derives from `config`
+/// (public so that a benchmark's raw-wasmtime baseline can compare like
+/// with like).
+pub fn pooling_config(config: &RuntimeConfig) -> PoolingAllocationConfig {
     let runs = config.max_concurrent_runs.max(1);
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(runs)
@@ -79,12 +80,12 @@ pub(super) fn pooling(config: &RuntimeConfig) -> PoolingAllocationConfig {
 
 /// Advances the engine's epoch every `tick` on a background thread, until
 /// dropped. Holds only a weak reference, so it never keeps an engine alive.
-pub(super) struct EpochTicker {
+pub struct EpochTicker {
     stop: Arc<AtomicBool>,
 }
 
 impl EpochTicker {
-    pub(super) fn start(engine: &Engine, tick: Duration) -> Self {
+    pub fn start(engine: &Engine, tick: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let engine = engine.weak();
         let stopped = stop.clone();

@@ -8,7 +8,6 @@
 //! Only this module touches wasmtime configuration. The rest of jobhost sees
 //! [`Runtime::load`], [`Runtime::run`] and plain result types.
 
-mod baseline;
 mod bindings;
 mod cache;
 mod capture;
@@ -27,14 +26,11 @@ use tokio::sync::Semaphore;
 use wasmtime::Engine;
 use wasmtime::component::Linker;
 
-pub use baseline::{RawPooling, RawWasmtime};
 pub use cache::CacheStats;
+pub use engine::{EpochTicker, pooling_config};
 pub use guest_text::{MAX_METADATA_DESCRIPTION, MAX_METADATA_NAME, MAX_PROGRESS_NOTE};
 pub use plugin::{LoadError, Loaded, LoadedPlugin, PluginMetadata, content_hash};
-pub use run::{
-    LogEntry, LogLevel, PhaseFailure, PhaseLog, PhaseResult, PhaseRun, Progress, ProgressSink,
-    ResourceUsage,
-};
+pub use run::{LogEntry, LogLevel, PhaseFailure, PhaseLog, PhaseResult, PhaseRun, ProgressSink};
 pub use tokio_util::sync::CancellationToken;
 
 use sandbox::PhaseState;

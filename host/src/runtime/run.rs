@@ -12,17 +12,10 @@ use super::Runtime;
 use super::bindings::phase;
 use super::plugin::LoadedPlugin;
 use super::sandbox::{Interruption, PhaseState, SandboxLimits, SandboxReport};
-use crate::json::Json;
+use crate::model::{Json, Progress, ResourceUsage};
 
 /// Receives a run's progress updates (already rate-limited).
 pub type ProgressSink = Arc<dyn Fn(Progress) + Send + Sync>;
-
-/// A progress report: `percent` 0-100 and a short note (at most 256 bytes).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Progress {
-    pub percent: u8,
-    pub note: String,
-}
 
 /// One phase run: what to run it on, and how it may be stopped.
 #[derive(Clone)]
@@ -184,19 +177,6 @@ pub struct PhaseLog {
     pub stdout_bytes: u64,
     pub stderr: String,
     pub stderr_bytes: u64,
-}
-
-/// What a run used, stored with the phase.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ResourceUsage {
-    pub wall_ms: u64,
-    /// Epoch ticks during which guest code was running: CPU time in units
-    /// of the runtime's tick.
-    pub epoch_ticks: u64,
-    pub peak_memory_bytes: u64,
-    pub output_bytes: u64,
-    /// Bytes of `log()` messages plus stdout plus stderr, kept or not.
-    pub log_bytes: u64,
 }
 
 /// The outcome of a run, with its log and resource use.

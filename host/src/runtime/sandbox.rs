@@ -16,7 +16,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use super::bindings::{Plugin, host};
 use super::capture::BoundedCapture;
 use super::guest_text::{MAX_PROGRESS_NOTE, cut};
-use super::run::{LogEntry, LogLevel, PhaseLog, Progress, ProgressSink};
+use super::run::{LogEntry, LogLevel, PhaseLog, ProgressSink};
+use crate::model::Progress;
 
 /// Progress updates closer together than this are coalesced (the latest one
 /// is kept and reported with the result). No value bypasses it: a guest

@@ -1,12 +1,10 @@
-//! Plugins and their versions: the component bytes, content hash and which
-//! version is active.
+//! Plugins and their versions: the component bytes, content hash, which
+//! version is active, and the digests of compiled artifacts.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use async_trait::async_trait;
 use serde::Serialize;
-use serde_json::json;
 
-use super::{EventLog, Result, Storage};
-use crate::events::{EventKind, NewEvent};
+use super::Result;
 
 /// A validated plugin version to store.
 pub struct NewPluginVersion {
@@ -84,286 +82,38 @@ pub struct VersionRecord {
     pub content_hash: String,
     pub size: u64,
     pub description: String,
-    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[serde(serialize_with = "crate::model::time::as_rfc3339::serialize")]
     #[schema(value_type = String, format = DateTime)]
     pub uploaded_at: i64,
 }
 
-fn active_version(conn: &Connection, name: &str) -> rusqlite::Result<Option<Option<String>>> {
-    conn.prepare_cached("SELECT active_version FROM plugins WHERE name = ?1")?
-        .query_row([name], |row| row.get(0))
-        .optional()
-}
+#[async_trait]
+pub trait PluginStore: Send + Sync {
+    async fn put_plugin_version(&self, new: NewPluginVersion, now: i64) -> Result<PutOutcome>;
 
-fn put(
-    conn: &Connection,
-    log: &mut EventLog,
-    new: &NewPluginVersion,
-    now: i64,
-) -> Result<PutOutcome> {
-    let existing: Option<String> = conn
-        .prepare_cached(
-            "SELECT content_hash FROM plugin_versions WHERE plugin = ?1 AND version = ?2",
-        )?
-        .query_row(params![new.name, new.version], |row| row.get(0))
-        .optional()?;
-    match existing {
-        Some(hash) if hash == new.content_hash => return Ok(PutOutcome::Unchanged),
-        Some(existing_hash) => return Ok(PutOutcome::Conflict { existing_hash }),
-        None => {}
-    }
-    let (versions, bytes): (i64, i64) = conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM plugin_versions",
-        [],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?;
-    let quota = new.quota;
-    if versions as u64 >= quota.max_versions {
-        return Ok(PutOutcome::OverQuota {
-            what: format!("{versions} plugin versions are stored, the limit"),
-        });
-    }
-    if bytes as u64 + new.component.len() as u64 > quota.max_bytes {
-        return Ok(PutOutcome::OverQuota {
-            what: format!(
-                "{bytes} bytes of plugins are stored; {} more would pass the limit of {}",
-                new.component.len(),
-                quota.max_bytes
-            ),
-        });
-    }
-    conn.execute(
-        "INSERT OR IGNORE INTO plugins (name, active_version, created_at) VALUES (?1, NULL, ?2)",
-        params![new.name, now],
-    )?;
-    conn.execute(
-        "INSERT INTO plugin_versions (plugin, version, content_hash, size, description, component, uploaded_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![new.name, new.version, new.content_hash, new.component.len() as i64, new.description, new.component, now],
-    )?;
-    let data = json!({"plugin": new.name, "version": new.version, "content_hash": new.content_hash, "size": new.component.len()});
-    log.emit(conn, NewEvent::plugin(EventKind::PluginUploaded, data), now)?;
-    let activated = active_version(conn, &new.name)?.flatten().is_none();
-    if activated {
-        conn.execute(
-            "UPDATE plugins SET active_version = ?2 WHERE name = ?1",
-            params![new.name, new.version],
-        )?;
-        let data = json!({"plugin": new.name, "version": new.version, "previous": null});
-        log.emit(
-            conn,
-            NewEvent::plugin(EventKind::PluginActivated, data),
-            now,
-        )?;
-    }
-    Ok(PutOutcome::Created { activated })
-}
-
-fn activate(
-    conn: &Connection,
-    log: &mut EventLog,
-    name: &str,
-    version: &str,
-    now: i64,
-) -> Result<ActivateOutcome> {
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM plugin_versions WHERE plugin = ?1 AND version = ?2)",
-        params![name, version],
-        |row| row.get(0),
-    )?;
-    if !exists {
-        return Ok(ActivateOutcome::NotFound);
-    }
-    let previous = active_version(conn, name)?.flatten();
-    if previous.as_deref() == Some(version) {
-        return Ok(ActivateOutcome::AlreadyActive);
-    }
-    conn.execute(
-        "UPDATE plugins SET active_version = ?2 WHERE name = ?1",
-        params![name, version],
-    )?;
-    let data = json!({"plugin": name, "version": version, "previous": previous});
-    log.emit(
-        conn,
-        NewEvent::plugin(EventKind::PluginActivated, data),
-        now,
-    )?;
-    Ok(ActivateOutcome::Activated { previous })
-}
-
-fn delete_version(conn: &Connection, name: &str, version: &str) -> Result<DeleteVersionOutcome> {
-    let Some(active) = active_version(conn, name)? else {
-        return Ok(DeleteVersionOutcome::NotFound);
-    };
-    let versions: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM plugin_versions WHERE plugin = ?1",
-        [name],
-        |row| row.get(0),
-    )?;
-    let jobs: i64 = conn.query_row(
-        "SELECT COUNT(DISTINCT p.job_id) FROM phases p JOIN jobs j ON j.id = p.job_id
-         WHERE p.plugin = ?1 AND p.version = ?2 AND j.status IN ('pending', 'running')",
-        params![name, version],
-        |row| row.get(0),
-    )?;
-    if jobs > 0 {
-        return Ok(DeleteVersionOutcome::InUse { jobs: jobs as u64 });
-    }
-    if active.as_deref() == Some(version) && versions > 1 {
-        return Ok(DeleteVersionOutcome::Active);
-    }
-    let deleted: Option<String> = conn
-        .query_row(
-            "DELETE FROM plugin_versions WHERE plugin = ?1 AND version = ?2 RETURNING content_hash",
-            params![name, version],
-            |row| row.get(0),
-        )
-        .optional()?;
-    let Some(hash) = deleted else {
-        return Ok(DeleteVersionOutcome::NotFound);
-    };
-    if versions == 1 {
-        conn.execute("DELETE FROM plugins WHERE name = ?1", [name])?;
-    }
-    let still_used: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM plugin_versions WHERE content_hash = ?1)",
-        [&hash],
-        |row| row.get(0),
-    )?;
-    if still_used {
-        return Ok(DeleteVersionOutcome::Deleted {
-            unused_content: None,
-        });
-    }
-    conn.execute("DELETE FROM artifacts WHERE content_hash = ?1", [&hash])?;
-    Ok(DeleteVersionOutcome::Deleted {
-        unused_content: Some(hash),
-    })
-}
-
-fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at
-         FROM plugins p JOIN plugin_versions v ON v.plugin = p.name
-         WHERE ?1 IS NULL OR p.name = ?1
-         ORDER BY p.name, v.uploaded_at, v.version",
-    )?;
-    let mut plugins: Vec<PluginRecord> = Vec::new();
-    let rows = stmt.query_map([name], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            row.get::<_, Option<String>>(1)?,
-            VersionRecord {
-                version: row.get(2)?,
-                content_hash: row.get(3)?,
-                size: row.get::<_, i64>(4)? as u64,
-                description: row.get(5)?,
-                uploaded_at: row.get(6)?,
-            },
-        ))
-    })?;
-    for row in rows {
-        let (name, active_version, version) = row?;
-        match plugins.last_mut() {
-            Some(last) if last.name == name => last.versions.push(version),
-            _ => plugins.push(PluginRecord {
-                name,
-                active_version,
-                versions: vec![version],
-            }),
-        }
-    }
-    Ok(plugins)
-}
-
-impl Storage {
-    pub async fn put_plugin_version(&self, new: NewPluginVersion, now: i64) -> Result<PutOutcome> {
-        self.write(move |conn, log| put(conn, log, &new, now)).await
-    }
-
-    pub async fn activate_plugin_version(
+    async fn activate_plugin_version(
         &self,
         name: &str,
         version: &str,
         now: i64,
-    ) -> Result<ActivateOutcome> {
-        let (name, version) = (name.to_owned(), version.to_owned());
-        self.write(move |conn, log| activate(conn, log, &name, &version, now))
-            .await
-    }
+    ) -> Result<ActivateOutcome>;
 
-    pub async fn delete_plugin_version(
+    async fn delete_plugin_version(
         &self,
         name: &str,
         version: &str,
-    ) -> Result<DeleteVersionOutcome> {
-        let (name, version) = (name.to_owned(), version.to_owned());
-        self.write(move |conn, _| delete_version(conn, &name, &version))
-            .await
-    }
+    ) -> Result<DeleteVersionOutcome>;
 
-    pub async fn plugins(&self) -> Result<Vec<PluginRecord>> {
-        self.read(|conn| records(conn, None)).await
-    }
+    async fn plugins(&self) -> Result<Vec<PluginRecord>>;
 
-    pub async fn plugin(&self, name: &str) -> Result<Option<PluginRecord>> {
-        let name = name.to_owned();
-        self.read(move |conn| Ok(records(conn, Some(&name))?.pop()))
-            .await
-    }
+    async fn plugin(&self, name: &str) -> Result<Option<PluginRecord>>;
 
     /// The digest recorded for the compiled artifact of a component.
-    pub async fn artifact_digest(
-        &self,
-        content_hash: &str,
-        engine: &str,
-    ) -> Result<Option<String>> {
-        let (hash, engine) = (content_hash.to_owned(), engine.to_owned());
-        self.read(move |conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT digest FROM artifacts WHERE content_hash = ?1 AND engine = ?2",
-                )?
-                .query_row(params![hash, engine], |row| row.get(0))
-                .optional()?)
-        })
-        .await
-    }
+    async fn artifact_digest(&self, content_hash: &str, engine: &str) -> Result<Option<String>>;
 
     /// Records the digest of a compiled artifact just written.
-    pub async fn record_artifact(
-        &self,
-        content_hash: &str,
-        engine: &str,
-        digest: &str,
-    ) -> Result<()> {
-        let (hash, engine, digest) = (
-            content_hash.to_owned(),
-            engine.to_owned(),
-            digest.to_owned(),
-        );
-        self.write(move |conn, _| {
-            conn.prepare_cached(
-                "INSERT INTO artifacts (content_hash, engine, digest) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (content_hash, engine) DO UPDATE SET digest = excluded.digest",
-            )?
-            .execute(params![hash, engine, digest])?;
-            Ok(())
-        })
-        .await
-    }
+    async fn record_artifact(&self, content_hash: &str, engine: &str, digest: &str) -> Result<()>;
 
     /// The component bytes of a stored version.
-    pub async fn plugin_component(&self, name: &str, version: &str) -> Result<Option<Vec<u8>>> {
-        let (name, version) = (name.to_owned(), version.to_owned());
-        self.read(move |conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT component FROM plugin_versions WHERE plugin = ?1 AND version = ?2",
-                )?
-                .query_row(params![name, version], |row| row.get(0))
-                .optional()?)
-        })
-        .await
-    }
+    async fn plugin_component(&self, name: &str, version: &str) -> Result<Option<Vec<u8>>>;
 }

@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 pub use signing::Secret;
 
 use crate::metrics::{Metrics, OutcomeLabel};
+use crate::model::BackoffPolicy;
+use crate::model::time::now_ms;
 use crate::outbound::{AddressPolicy, Refused};
-use crate::queue::BackoffPolicy;
 use crate::storage::{AttemptOutcome, Delivery, Storage};
-use crate::time::now_ms;
 
 /// Per-attempt timeout unless configured (`--webhook-timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -6,10 +6,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobhost::events::{Bus, Event, EventKind, Subscription};
-use jobhost::json::Json;
+use jobhost::events::{Bus, Subscription};
+use jobhost::model::json::Json;
+use jobhost::model::{Event, EventKind};
+use jobhost::model::{Job, JobSpec, PhaseSpec};
 use jobhost::plugins::PluginRegistry;
-use jobhost::queue::{Job, JobSpec, PhaseSpec, Queue, QueueConfig};
+use jobhost::queue::{Queue, QueueConfig};
 use jobhost::runtime::{Runtime, RuntimeConfig};
 use jobhost::storage::{Durability, EventFilter, Recovered, Storage};
 use serde_json::{Value, json};
@@ -43,9 +45,9 @@ impl Host {
     pub async fn open(dir: Arc<tempfile::TempDir>, config: QueueConfig) -> Host {
         let bus = Bus::default();
         let events = bus.subscribe();
-        let storage = Arc::new(
-            Storage::open(&dir.path().join("jobhost.db"), Durability::Process, bus).unwrap(),
-        );
+        let storage =
+            jobhost::storage::open_sqlite(&dir.path().join("jobhost.db"), Durability::Process)
+                .unwrap();
         let runtime_config = RuntimeConfig {
             max_concurrent_runs: config.concurrency as u32 + 1,
             memory_limit: 64 << 20,
@@ -54,7 +56,7 @@ impl Host {
         };
         let runtime = Arc::new(Runtime::new(runtime_config).unwrap());
         let plugins = Arc::new(PluginRegistry::new(runtime, storage.clone()));
-        let (queue, recovered) = Queue::start(storage.clone(), plugins.clone(), config)
+        let (queue, recovered) = Queue::start(storage.clone(), plugins.clone(), bus, config)
             .await
             .unwrap();
         Host {
@@ -88,7 +90,9 @@ impl Host {
         let wait = async {
             loop {
                 match self.events.recv().await {
-                    Ok(event) if event.kind == kind && event.job_id.as_deref() == Some(job_id) => {
+                    Ok(event)
+                        if event.kind() == kind && event.job_id.as_deref() == Some(job_id) =>
+                    {
                         return Event::clone(&event);
                     }
                     Ok(_) => {}
@@ -113,7 +117,8 @@ impl Host {
                 loop {
                     match self.events.recv().await {
                         Ok(e)
-                            if e.kind.is_job_terminal() && e.job_id.as_deref() == Some(job_id) =>
+                            if e.kind().is_job_terminal()
+                                && e.job_id.as_deref() == Some(job_id) =>
                         {
                             return;
                         }
@@ -146,7 +151,7 @@ impl Host {
 }
 
 pub fn kinds(events: &[Event]) -> Vec<&'static str> {
-    events.iter().map(|e| e.kind.name()).collect()
+    events.iter().map(|e| e.kind().name()).collect()
 }
 
 pub fn phase(name: &str, plugin: &str, config: Value) -> PhaseSpec {

@@ -4,11 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobhost::events::EventKind;
-use jobhost::json::Json;
-use jobhost::queue::{Cancelled, JobSpec, JobStatus, PhaseStatus};
-use jobhost::storage::{Durability, Storage};
-use jobhost::time::now_ms;
+use jobhost::model::event::JobDeleted;
+use jobhost::model::json::Json;
+use jobhost::model::time::now_ms;
+use jobhost::model::{EventBody, EventKind};
+use jobhost::model::{JobSpec, JobStatus, PhaseStatus};
+use jobhost::queue::Cancelled;
+use jobhost::storage::{Claimed, Durability};
 use serde_json::json;
 
 use crate::fixture::{Host, config, echo_job, job, kinds, phase};
@@ -73,11 +75,11 @@ async fn cancel_between_phases_emits_exactly_one_cancelled_event() {
         let events = host.job_events(&created.id).await;
         let cancelled = events
             .iter()
-            .filter(|e| e.kind == EventKind::JobCancelled)
+            .filter(|e| e.kind() == EventKind::JobCancelled)
             .count();
         assert_eq!(cancelled, 1, "{:?}", kinds(&events));
         assert_eq!(
-            events.last().unwrap().kind,
+            events.last().unwrap().kind(),
             EventKind::JobCancelled,
             "nothing after the terminal event"
         );
@@ -198,11 +200,10 @@ async fn jobs_left_running_by_a_crash_are_recovered() {
         host.queue.shutdown(Duration::from_secs(5)).await.unwrap();
         // Simulate a crash mid-phase: claim both jobs (which starts their
         // first phase), then never finish them.
-        let storage =
-            Storage::open(&host.db_path(), Durability::Process, Default::default()).unwrap();
+        let storage = jobhost::storage::open_sqlite(&host.db_path(), Durability::Process).unwrap();
         let claimed = storage.claim_due_jobs(now_ms(), 10).await.unwrap();
         assert_eq!(claimed.len(), 2);
-        for job in &claimed {
+        for Claimed { job, .. } in &claimed {
             assert_eq!(job.phases[0].status, PhaseStatus::Running);
             assert_eq!(job.phases[0].attempts, 1);
         }
@@ -280,7 +281,7 @@ async fn shutdown_forces_stuck_phases_and_always_cleans_up() {
     );
 
     // The interrupted job was requeued, with the interruption on record.
-    let reopened = Storage::open(&host.db_path(), Durability::Process, Default::default()).unwrap();
+    let reopened = jobhost::storage::open_sqlite(&host.db_path(), Durability::Process).unwrap();
     let job = reopened.job(&created.id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Pending);
     assert_eq!(job.errors[0].error, "interrupted by shutdown");
@@ -306,7 +307,7 @@ async fn graceful_shutdown_hands_jobs_back_between_phases() {
     let report = host.queue.shutdown(Duration::from_secs(20)).await.unwrap();
     assert!(report.forced.is_empty());
 
-    let reopened = Storage::open(&host.db_path(), Durability::Process, Default::default()).unwrap();
+    let reopened = jobhost::storage::open_sqlite(&host.db_path(), Durability::Process).unwrap();
     let job = reopened.job(&created.id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Pending);
     assert_eq!(
@@ -351,7 +352,12 @@ async fn retention_deletes_old_terminal_jobs_with_id_only_events() {
     // The job's history went with it; only its `job:deleted` remains.
     let events = host.job_events(&done.id).await;
     assert_eq!(kinds(&events), ["job:deleted"]);
-    assert_eq!(events[0].data, json!({"id": done.id}));
+    assert_eq!(
+        events[0].body,
+        EventBody::JobDeleted(JobDeleted {
+            id: done.id.clone()
+        })
+    );
     // Old log entries about nothing that is still stored went too (the
     // plugin upload); the waiting job keeps its history.
     let all = host

@@ -1,7 +1,7 @@
 //! Guests that misbehave fail only their own run, with a clear error, and the
 //! runtime goes on serving the next run.
 
-use jobhost::json::Json;
+use jobhost::model::json::Json;
 use jobhost::runtime::PhaseFailure;
 
 use crate::{assert_runtime_still_healthy, load, run, runtime, test_config};

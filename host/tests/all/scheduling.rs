@@ -2,9 +2,10 @@
 //! start times, pinned plugin versions across a hot swap, idempotent
 //! enqueue, and bad input refused with nothing stored.
 
-use jobhost::events::EventKind;
-use jobhost::json::Json;
-use jobhost::queue::{JobSpec, JobStatus, PhaseSpec, QueueError};
+use jobhost::model::EventKind;
+use jobhost::model::json::Json;
+use jobhost::model::{JobSpec, JobStatus, PhaseSpec};
+use jobhost::queue::QueueError;
 use serde_json::json;
 
 use crate::fixture::{Host, config, echo_job, job, phase};
@@ -20,7 +21,7 @@ fn sleep_job(ms: u64) -> JobSpec {
 async fn concurrency_limit_is_never_exceeded() {
     let mut host = Host::start(config(2)).await;
     host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
-    let mut events = host.storage.bus().subscribe();
+    let mut events = host.queue.bus().subscribe();
     let mut ids = Vec::new();
     for _ in 0..6 {
         ids.push(host.enqueue(sleep_job(150)).await.id);
@@ -31,7 +32,7 @@ async fn concurrency_limit_is_never_exceeded() {
     // Replay the lifecycle in commit order: never more than 2 at once.
     let (mut running, mut most) = (0i32, 0i32);
     while let Ok(event) = events.try_recv() {
-        match event.kind {
+        match event.kind() {
             EventKind::JobStarted => running += 1,
             EventKind::JobCompleted => running -= 1,
             _ => continue,
@@ -96,7 +97,7 @@ async fn higher_priority_due_jobs_start_first() {
             host.job_events(&id)
                 .await
                 .iter()
-                .find(|e| e.kind == EventKind::JobStarted)
+                .find(|e| e.kind() == EventKind::JobStarted)
                 .unwrap()
                 .seq
         }
@@ -316,7 +317,7 @@ async fn retryable_failures_back_off_and_then_succeed() {
     host.upload("flaky", "1.0.0", plugin_artifacts::FLAKY).await;
     let spec = JobSpec {
         max_attempts: Some(3),
-        backoff: Some(jobhost::queue::BackoffPolicy {
+        backoff: Some(jobhost::model::BackoffPolicy {
             initial_ms: 50,
             multiplier: 2.0,
             max_ms: 1000,
@@ -342,13 +343,13 @@ async fn retryable_failures_back_off_and_then_succeed() {
     let events = host.job_events(&created.id).await;
     let retries: Vec<_> = events
         .iter()
-        .filter(|e| e.kind == EventKind::JobRetrying)
+        .filter(|e| e.kind() == EventKind::JobRetrying)
         .collect();
     assert_eq!(retries.len(), 2);
     // The second retry waited at least its backoff (50 ms, then 100 ms).
     let second_start = events
         .iter()
-        .filter(|e| e.kind == EventKind::JobStarted)
+        .filter(|e| e.kind() == EventKind::JobStarted)
         .nth(2)
         .unwrap();
     assert!(
@@ -379,7 +380,7 @@ async fn a_fail_error_fails_the_job_at_once() {
     assert_eq!(done.error.as_deref(), Some("phase failed: no"));
     assert_eq!(
         done.phases[1].status,
-        jobhost::queue::PhaseStatus::Cancelled,
+        jobhost::model::PhaseStatus::Cancelled,
         "no phase left pending"
     );
 }

@@ -4,9 +4,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::retry::BackoffPolicy;
-use crate::json::Json;
-use crate::runtime::{Progress, ResourceUsage};
+use super::backoff::BackoffPolicy;
+use super::json::Json;
+use super::usage::{Progress, ResourceUsage};
 
 /// Where a job is in its life. Each state says who moves a job in and out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -194,7 +194,7 @@ pub struct Job {
     pub payload: Json,
     pub priority: i32,
     /// When it is due (pending) or was last due.
-    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::serialize")]
     #[schema(value_type = String, format = DateTime)]
     pub run_at: i64,
     /// Attempts started so far.
@@ -205,13 +205,13 @@ pub struct Job {
     pub idempotency_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
-    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::serialize")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
-    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::option::serialize")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<i64>,
-    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::option::serialize")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
     /// Why the job failed or was cancelled.
@@ -221,7 +221,7 @@ pub struct Job {
     pub errors: Vec<AttemptError>,
     /// The latest webhook delivery, once the job has ended (not in listings).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub webhook: Option<crate::storage::WebhookStatus>,
+    pub webhook: Option<super::webhook::WebhookStatus>,
 }
 
 impl Job {
@@ -261,10 +261,10 @@ pub struct Phase {
     pub error: Option<String>,
     /// Times this phase was started.
     pub attempts: u32,
-    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::option::serialize")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<i64>,
-    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::option::serialize")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
     pub usage: Option<ResourceUsage>,
@@ -281,18 +281,18 @@ pub struct JobSummary {
     pub id: String,
     pub status: JobStatus,
     pub priority: i32,
-    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::serialize")]
     #[schema(value_type = String, format = DateTime)]
     pub run_at: i64,
     pub attempt: u32,
     pub max_attempts: u32,
-    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::serialize")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
-    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::option::serialize")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<i64>,
-    #[serde(serialize_with = "crate::time::as_rfc3339::option::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::option::serialize")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
     pub error: Option<String>,
@@ -349,7 +349,7 @@ pub struct AttemptError {
     pub attempt: u32,
     pub phase: Option<String>,
     pub error: String,
-    #[serde(serialize_with = "crate::time::as_rfc3339::serialize")]
+    #[serde(serialize_with = "super::time::as_rfc3339::serialize")]
     #[schema(value_type = String, format = DateTime)]
     pub at: i64,
 }

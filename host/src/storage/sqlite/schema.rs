@@ -186,10 +186,16 @@ pub(super) const MIGRATIONS: &[&str] = &[
         WHERE kind <> 'job:created' AND kind <> 'job:started' AND kind <> 'job:phase:started'
           AND kind <> 'job:phase:completed' AND kind <> 'job:completed';
     ",
+    // 7: each claim's lease token (see `storage::Lease`): every worker write
+    // is guarded by it, so a worker whose job was recovered and claimed
+    // again cannot write over the new claim.
+    "
+    ALTER TABLE jobs ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// Brings the database up to the latest schema.
-pub(crate) fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let current = conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
     if current > MIGRATIONS.len() {
         return Err(rusqlite::Error::InvalidParameterName(format!(

@@ -8,9 +8,21 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::RuntimeConfig;
-use super::bindings::{Plugin, PluginPre, host, phase};
-use super::engine::{EpochTicker, pooling};
+use jobhost::runtime::{EpochTicker, RuntimeConfig, pooling_config};
+
+use self::bindings::exports::jobhost::plugin::phase;
+use self::bindings::jobhost::plugin::host;
+use self::bindings::{Plugin, PluginPre};
+
+/// The contract's bindings, generated for the baseline alone: the
+/// runtime's own are not public API.
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+        exports: { default: async },
+    });
+}
 
 /// The pooling-allocator settings of a raw engine.
 pub enum RawPooling {
@@ -55,7 +67,7 @@ impl RawWasmtime {
     pub fn new(wasm: &[u8], epoch_interruption: bool, pool: RawPooling) -> anyhow::Result<Self> {
         let pool = match pool {
             RawPooling::Defaults => Default::default(),
-            RawPooling::SameAs(config) => pooling(&config),
+            RawPooling::SameAs(config) => pooling_config(&config),
         };
         let mut config = Config::new();
         config

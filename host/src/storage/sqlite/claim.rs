@@ -1,0 +1,359 @@
+//! Claiming due jobs, highest priority first, and starting their first
+//! unfinished phase, each under a new lease.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::rows::{JOB_COLUMNS, LEASE_COLUMN, RawJob, job_row, phases_of};
+use super::transitions::{job_event, mark_phase_running};
+use super::writer::EventLog;
+use crate::model::event::JobStarted;
+use crate::model::{EventBody, Job, JobStatus, Phase, PhaseStatus};
+use crate::storage::{Claimed, Lease, Result};
+
+/// The priorities of pending jobs, highest first, as the table `levels`
+/// (ending with a NULL row): one seek of `jobs_due` each. Every search for
+/// due jobs goes one priority at a time. Priority leads that index, so a
+/// search for `run_at <= now` across priorities reads every pending job,
+/// the ones scheduled for later too (BENCHMARKS.md, "Latency", shows what
+/// that cost). Within one priority, the due jobs
+/// come first, so a search stops at the first job not yet due. Searches
+/// cost a seek per priority they visit: the claim and the check for
+/// another due job stop at the first priorities that satisfy them.
+pub(super) const PENDING_PRIORITIES: &str = "
+    WITH RECURSIVE levels(priority) AS (
+        SELECT (SELECT priority FROM jobs INDEXED BY jobs_due WHERE status = 'pending'
+                ORDER BY priority DESC LIMIT 1)
+        UNION ALL
+        SELECT (SELECT priority FROM jobs INDEXED BY jobs_due
+                WHERE status = 'pending' AND priority < levels.priority
+                ORDER BY priority DESC LIMIT 1)
+        FROM levels WHERE levels.priority IS NOT NULL
+    )";
+
+/// Whether a pending job other than `?2` is due at `?1`.
+pub(super) const OTHER_JOB_DUE: &str = "
+    SELECT EXISTS (SELECT 1 FROM levels CROSS JOIN jobs INDEXED BY jobs_due
+                   WHERE jobs.status = 'pending' AND jobs.priority = levels.priority
+                     AND jobs.run_at <= ?1 AND jobs.id != ?2)";
+
+/// The earliest `run_at` of any pending job.
+pub(super) const NEXT_DUE: &str = "
+    SELECT MIN((SELECT run_at FROM jobs INDEXED BY jobs_due
+                WHERE status = 'pending' AND priority = levels.priority
+                ORDER BY run_at LIMIT 1))
+    FROM levels WHERE priority IS NOT NULL";
+
+/// How many pending jobs are due at `?1`.
+pub(super) const DUE_COUNT: &str = "
+    SELECT COALESCE(SUM((SELECT COUNT(*) FROM jobs INDEXED BY jobs_due
+                         WHERE status = 'pending' AND priority = levels.priority
+                           AND run_at <= ?1)), 0)
+    FROM levels WHERE priority IS NOT NULL";
+
+/// Claims up to `?2` jobs of priority `?3` due at `?1`, earliest first.
+pub(super) fn claim_level_sql() -> String {
+    format!(
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease = lease + 1,
+                         started_at = COALESCE(started_at, ?1)
+         WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_due
+                      WHERE status = 'pending' AND priority = ?3 AND run_at <= ?1
+                      ORDER BY run_at, id LIMIT ?2)
+         RETURNING {JOB_COLUMNS}, lease"
+    )
+}
+
+/// Whether a pending job other than `job_id` is due at `now`.
+pub(super) fn other_job_due(conn: &Connection, job_id: &str, now: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(&format!("{PENDING_PRIORITIES} {OTHER_JOB_DUE}"))?
+        .query_row(params![now, job_id], |row| row.get(0))?)
+}
+
+pub(super) fn next_due_at(conn: &Connection) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached(&format!("{PENDING_PRIORITIES} {NEXT_DUE}"))?
+        .query_row([], |row| row.get(0))?)
+}
+
+/// The highest priority of a pending job below `?1`: one index seek.
+pub(super) const PRIORITY_BELOW: &str = "
+    SELECT priority FROM jobs INDEXED BY jobs_due WHERE status = 'pending' AND priority < ?1
+    ORDER BY priority DESC LIMIT 1";
+
+pub(super) fn pending_priority_below(conn: &Connection, below: i64) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached(PRIORITY_BELOW)?
+        .query_row([below], |row| row.get(0))
+        .optional()?)
+}
+
+/// Claims due jobs, highest priority first, and starts the first unfinished
+/// phase of each. Without `INDEXED BY`, SQLite chose `jobs_status` and
+/// sorted every pending job on each claim, so claims slowed down as the
+/// backlog grew. The claimed rows come back from the update itself, and the
+/// started phase is updated in memory rather than read again: claims are
+/// most of the writer's work.
+pub(super) fn claim(
+    conn: &Connection,
+    log: &mut EventLog,
+    now: i64,
+    limit: usize,
+) -> Result<Vec<Claimed>> {
+    // Priorities are visited only until the claim is full: there may be
+    // many of them.
+    let mut claimed: Vec<(RawJob, i64)> = Vec::new();
+    let mut below = i64::MAX;
+    while claimed.len() < limit
+        && let Some(priority) = pending_priority_below(conn, below)?
+    {
+        let wanted = (limit - claimed.len()) as i64;
+        let level = conn
+            .prepare_cached(&claim_level_sql())?
+            .query_map(params![now, wanted, priority], |row| {
+                Ok((job_row(row)?, row.get(LEASE_COLUMN)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        claimed.extend(level);
+        below = priority;
+    }
+    let mut jobs = Vec::with_capacity(claimed.len());
+    for (raw, token) in claimed {
+        let mut job = raw.decode()?;
+        job.phases = phases_of(conn, &job.id)?;
+        start_claimed(conn, log, &mut job, now)?;
+        let lease = Lease {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            token,
+        };
+        jobs.push(Claimed { job, lease });
+    }
+    // RETURNING has no order: hand them out highest priority first.
+    jobs.sort_by(|a, b| {
+        let (a, b) = (&a.job, &b.job);
+        (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id))
+    });
+    Ok(jobs)
+}
+
+/// Claims the job just created, which the caller knows is due and the only
+/// job due: what [`claim`] would do, without searching for it or reading
+/// back what was just written.
+pub(super) fn claim_created(
+    conn: &Connection,
+    log: &mut EventLog,
+    job: &mut Job,
+    now: i64,
+) -> Result<Lease> {
+    conn.prepare_cached(
+        "UPDATE jobs SET status = 'running', attempt = 1, lease = 1, started_at = ?2 WHERE id = ?1",
+    )?
+    .execute(params![job.id, now])?;
+    job.status = JobStatus::Running;
+    job.attempt = 1;
+    job.started_at = Some(now);
+    start_claimed(conn, log, job, now)?;
+    Ok(Lease {
+        job_id: job.id.clone(),
+        attempt: 1,
+        token: 1,
+    })
+}
+
+/// Announces a job just marked running and starts its first unfinished
+/// phase, in the job's copy too.
+pub(super) fn start_claimed(
+    conn: &Connection,
+    log: &mut EventLog,
+    job: &mut Job,
+    now: i64,
+) -> Result<()> {
+    let started = EventBody::JobStarted(JobStarted {
+        attempt: job.attempt,
+    });
+    job_event(conn, log, &job.id, started, now)?;
+    if let Some(first) = job
+        .phases
+        .iter_mut()
+        .find(|p| p.status != PhaseStatus::Completed)
+    {
+        start_loaded_phase(conn, log, &job.id, first, now)?;
+    }
+    Ok(())
+}
+
+/// Starts a pending phase of a running job whose row the caller has just
+/// read, and updates that copy to match.
+pub(super) fn start_loaded_phase(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    phase: &mut Phase,
+    now: i64,
+) -> Result<bool> {
+    if !mark_phase_running(conn, job_id, phase.index, now)? {
+        return Ok(false);
+    }
+    phase.status = PhaseStatus::Running;
+    phase.attempts += 1;
+    phase.started_at = Some(now);
+    phase.finished_at = None;
+    job_event(conn, log, job_id, EventBody::phase_started(phase), now)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+    use serde_json::json;
+
+    use super::super::create::create;
+    use super::super::writer::EventLog;
+    use super::*;
+    use crate::model::{BackoffPolicy, Json};
+    use crate::storage::{NewJob, NewPhase};
+
+    /// A job of two `echo` phases, "first" (the active version) and
+    /// "second" (2.0.0), with every option set.
+    fn two_phase_job(id: &str) -> NewJob {
+        let phase = |name: &str, version: Option<&str>| NewPhase {
+            name: name.into(),
+            plugin: "echo".into(),
+            version: version.map(Into::into),
+            config: json!({"name": name}),
+            timeout_ms: 1234,
+        };
+        NewJob {
+            id: id.into(),
+            payload: Json::from_value(&json!({"rows": [1, 2, 3], "note": "é"})),
+            priority: 7,
+            run_at: 1_000,
+            max_attempts: 4,
+            backoff: BackoffPolicy {
+                initial_ms: 10,
+                multiplier: 1.5,
+                max_ms: 100,
+                jitter: false,
+            },
+            idempotency_key: Some("key-1".into()),
+            webhook_url: Some("http://127.0.0.1:9/hook".into()),
+            webhook_secret: Some("whsec_c2VjcmV0".into()),
+            phases: vec![phase("first", None), phase("second", Some("2.0.0"))],
+            created_at: 900,
+        }
+    }
+
+    /// A connection set up like the writer's, on an in-memory database
+    /// with the plugin versions `two_phase_job` pins.
+    fn writer_with_echo() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::migrate(&mut conn).unwrap();
+        super::super::tune(&conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO plugins (name, active_version, created_at) VALUES ('echo', '1.0.0', 0);
+             INSERT INTO plugin_versions (plugin, version, content_hash, size, description, component, uploaded_at)
+             VALUES ('echo', '1.0.0', 'a', 1, '', x'00', 0), ('echo', '2.0.0', 'b', 1, '', x'00', 0);",
+        )
+        .unwrap();
+        conn
+    }
+
+    /// The SQLite VM steps these cached statements took since the last
+    /// call, which starts counting anew.
+    fn steps_of(conn: &Connection, statements: &[String]) -> i32 {
+        statements
+            .iter()
+            .map(|sql| {
+                let statement = conn.prepare_cached(sql).unwrap();
+                statement.reset_status(rusqlite::StatementStatus::VmStep)
+            })
+            .sum()
+    }
+
+    /// Jobs scheduled for later cost the searches for due jobs nothing: a
+    /// claim, the check at enqueue for another due job, the dispatcher's
+    /// next wake-up and the due count take as many SQLite steps with 5,000
+    /// of them as with 5. (Scanning `jobs_due` for `run_at <= now` across
+    /// priorities read them all.)
+    #[test]
+    fn searches_for_due_jobs_skip_jobs_scheduled_for_later() {
+        let steps = |scheduled: usize| -> i32 {
+            let conn = writer_with_echo();
+            let mut log = EventLog::default();
+            let job = |id: String, priority: i32, run_at: i64| NewJob {
+                id,
+                priority,
+                run_at,
+                idempotency_key: None,
+                ..two_phase_job("")
+            };
+            for i in 0..scheduled {
+                let later = job(format!("later-{i}"), i as i32 % 3, 1_000_000);
+                create(&conn, &mut log, &later).unwrap();
+            }
+            create(&conn, &mut log, &job("due".into(), 1, 0)).unwrap();
+
+            let searches = [
+                format!("{PENDING_PRIORITIES} {OTHER_JOB_DUE}"),
+                format!("{PENDING_PRIORITIES} {NEXT_DUE}"),
+                format!("{PENDING_PRIORITIES} {DUE_COUNT}"),
+                PRIORITY_BELOW.to_owned(),
+                claim_level_sql(),
+            ];
+            steps_of(&conn, &searches);
+            assert!(other_job_due(&conn, "another", 1_000).unwrap());
+            assert_eq!(next_due_at(&conn).unwrap(), Some(0));
+            let due: i64 = conn
+                .prepare_cached(&searches[2])
+                .unwrap()
+                .query_row([1_000], |row| row.get(0))
+                .unwrap();
+            assert_eq!(due, 1);
+            let claimed = claim(&conn, &mut log, 1_000, 8).unwrap();
+            assert_eq!(claimed.len(), 1);
+            assert_eq!(claimed[0].job.id, "due");
+            steps_of(&conn, &searches)
+        };
+        let (few, many) = (steps(5), steps(5_000));
+        assert!(
+            many < 2 * few,
+            "{few} SQLite steps with 5 jobs scheduled for later, {many} with 5,000"
+        );
+    }
+
+    /// A claim visits priorities only until it is full: with every pending
+    /// job due and each at a priority of its own, claiming 8 takes as many
+    /// SQLite steps with 5,000 priorities as with 20.
+    #[test]
+    fn a_claim_visits_only_the_priorities_it_takes_jobs_from() {
+        let steps = |priorities: usize| -> i32 {
+            let conn = writer_with_echo();
+            let mut log = EventLog::default();
+            for i in 0..priorities {
+                let job = NewJob {
+                    id: format!("job-{i}"),
+                    priority: i as i32,
+                    run_at: 0,
+                    idempotency_key: None,
+                    ..two_phase_job("")
+                };
+                create(&conn, &mut log, &job).unwrap();
+            }
+            let searches = [PRIORITY_BELOW.to_owned(), claim_level_sql()];
+            steps_of(&conn, &searches);
+            let claimed = claim(&conn, &mut log, 1_000, 8).unwrap();
+            let priorities_claimed: Vec<i32> = claimed.iter().map(|c| c.job.priority).collect();
+            let top = priorities as i32 - 1;
+            assert_eq!(
+                priorities_claimed,
+                (top - 7..=top).rev().collect::<Vec<_>>()
+            );
+            steps_of(&conn, &searches)
+        };
+        let (few, many) = (steps(20), steps(5_000));
+        assert!(
+            many < 2 * few,
+            "{few} SQLite steps with 20 priorities, {many} with 5,000"
+        );
+    }
+}
