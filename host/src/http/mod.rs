@@ -82,6 +82,7 @@ pub struct ErrorDetail {
 #[openapi(
     info(title = "jobhost", description = "Run multi-phase jobs whose phases are sandboxed WebAssembly components."),
     modifiers(&BearerAuth),
+    components(schemas(crate::model::webhook::WebhookBody)),
     tags(
         (name = "plugins", description = "Upload, list, activate (hot swap) and delete plugin versions"),
         (name = "jobs", description = "Submit, inspect, cancel, retry and delete jobs"),

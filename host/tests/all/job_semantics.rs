@@ -10,6 +10,7 @@ use jobhost::model::time::now_ms;
 use jobhost::model::{EventBody, EventKind};
 use jobhost::model::{JobSpec, JobStatus, PhaseStatus};
 use jobhost::queue::Cancelled;
+use jobhost::runtime::CancellationToken;
 use jobhost::storage::{Claimed, Durability};
 use serde_json::json;
 
@@ -84,6 +85,56 @@ async fn cancel_between_phases_emits_exactly_one_cancelled_event() {
             "nothing after the terminal event"
         );
     }
+}
+
+/// A cancel that lands exactly between two phases (the seam holds the
+/// worker there until the cancel has asked it to stop): the first phase
+/// stays completed, the second never starts, and the job is cancelled
+/// once.
+#[tokio::test]
+async fn a_cancel_between_phases_stops_the_job_at_the_boundary() {
+    let (at_boundary, mut boundaries) = tokio::sync::mpsc::unbounded_channel();
+    let mut config = config(2);
+    config.between_phases = Some(Arc::new(
+        move |job_id: &str, next: usize, stop: &CancellationToken| {
+            let _ = at_boundary.send((job_id.to_owned(), next));
+            let stop = stop.clone();
+            Box::pin(async move { stop.cancelled().await })
+        },
+    ));
+    let host = Host::start(config).await;
+    host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let spec = job(
+        vec![
+            phase("first", "echo", json!({})),
+            phase("second", "echo", json!({})),
+        ],
+        json!({}),
+    );
+    let created = host.enqueue(spec).await;
+    let (held, next) = boundaries.recv().await.unwrap();
+    assert_eq!((held.as_str(), next), (created.id.as_str(), 1));
+
+    assert_eq!(
+        host.queue.cancel(&created.id).await.unwrap(),
+        Cancelled::Done
+    );
+    let job = host.queue.job(&created.id).await.unwrap();
+    assert_eq!(job.status, JobStatus::Cancelled);
+    assert_eq!(job.phases[0].status, PhaseStatus::Completed);
+    assert_eq!(job.phases[1].status, PhaseStatus::Cancelled);
+    assert_eq!(job.phases[1].attempts, 0, "the second phase never started");
+    let events = host.job_events(&created.id).await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "job:created",
+            "job:started",
+            "job:phase:started",
+            "job:phase:completed",
+            "job:cancelled"
+        ]
+    );
 }
 
 /// Behaviour 3.

@@ -2,6 +2,9 @@
 //! start times, pinned plugin versions across a hot swap, idempotent
 //! enqueue, and bad input refused with nothing stored.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use jobhost::model::EventKind;
 use jobhost::model::json::Json;
 use jobhost::model::{JobSpec, JobStatus, PhaseSpec};
@@ -134,6 +137,45 @@ async fn scheduled_job_starts_on_time_not_before() {
         "started {} ms late",
         started.at - due
     );
+}
+
+/// The queue reads time from its injected clock: a job scheduled an hour
+/// ahead is stored with that clock's times, is not claimed before the
+/// clock reaches its `run_at`, and runs once it has, without the hour
+/// passing.
+#[tokio::test]
+async fn the_queue_keeps_the_time_of_its_injected_clock() {
+    const START: i64 = 1_700_000_000_000;
+    let clock = Arc::new(AtomicI64::new(START));
+    let mut config = config(2);
+    config.clock = {
+        let clock = clock.clone();
+        Arc::new(move || clock.load(Ordering::SeqCst))
+    };
+    let mut host = Host::start(config).await;
+    host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let created = host
+        .enqueue(JobSpec {
+            delay_ms: Some(3_600_000),
+            ..echo_job(1)
+        })
+        .await;
+    assert_eq!(created.created_at, START);
+    assert_eq!(created.run_at, START + 3_600_000);
+    host.queue.resume(); // wakes the dispatcher: nothing is due yet
+    clock.store(START + 3_599_999, Ordering::SeqCst);
+    host.queue.resume();
+    assert_eq!(host.queue.due_count().await.unwrap(), 0);
+    assert_eq!(
+        host.queue.job_status(&created.id).await.unwrap(),
+        JobStatus::Pending
+    );
+
+    clock.store(START + 3_600_000, Ordering::SeqCst);
+    host.queue.resume();
+    let job = host.wait_until_finished(&created.id).await;
+    assert_eq!(job.status, JobStatus::Completed);
+    assert_eq!(job.started_at, Some(START + 3_600_000));
 }
 
 #[tokio::test]

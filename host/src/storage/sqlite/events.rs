@@ -10,14 +10,51 @@ use super::SqliteStore;
 use crate::model::{Event, EventBody, EventKind, NewEvent};
 use crate::storage::{EventFilter, EventStore, Result, StorageError};
 
-/// Appends an event; its sequence number.
-pub(super) fn insert(conn: &Connection, event: NewEvent, at: i64) -> Result<i64> {
+/// Appends an event.
+pub(super) fn insert(conn: &Connection, event: NewEvent, at: i64) -> Result<Event> {
     let data = event.body.data_json();
     conn.prepare_cached("INSERT INTO events (kind, job_id, at, data) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![event.kind().name(), event.job_id, at, data])?;
     // `seq` is the rowid. Not `RETURNING seq`: SQLite buffers RETURNING rows
     // in a temporary b-tree, which cost more than the insert itself.
-    Ok(conn.last_insert_rowid())
+    Ok(Event {
+        seq: conn.last_insert_rowid(),
+        job_id: event.job_id,
+        at,
+        body: event.body,
+        live: false,
+    })
+}
+
+/// The newest committed events, in log order: the log's tail, read by the
+/// fan-out once per commit, costs no query while it is here. Only the
+/// writer adds to it, after each commit, so it holds every event after its
+/// first.
+#[derive(Default)]
+pub(super) struct RecentEvents {
+    events: std::sync::Mutex<std::collections::VecDeque<Event>>,
+}
+
+impl RecentEvents {
+    /// Events kept: a few commits of the largest batches.
+    const CAPACITY: usize = 4096;
+
+    pub(super) fn append(&self, events: Vec<Event>) {
+        let mut recent = self.events.lock().expect("never poisoned");
+        recent.extend(events);
+        let excess = recent.len().saturating_sub(Self::CAPACITY);
+        recent.drain(..excess);
+    }
+
+    /// Up to `limit` events after `after`, if every such event is here.
+    fn after(&self, after: i64, limit: usize) -> Option<Vec<Event>> {
+        let recent = self.events.lock().expect("never poisoned");
+        if after < recent.front()?.seq - 1 {
+            return None;
+        }
+        let start = recent.partition_point(|event| event.seq <= after);
+        Some(recent.range(start..).take(limit).cloned().collect())
+    }
 }
 
 /// Reads the events a query selects as `seq, kind, job_id, at, data`.
@@ -125,6 +162,9 @@ impl EventStore for SqliteStore {
     }
 
     async fn tail_log(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
+        if let Some(events) = self.recent.after(after, limit) {
+            return Ok(events);
+        }
         self.read(move |conn| {
             let (sql, params) = select_events(after, &EventFilter::default(), limit);
             read_events(conn, &sql, rusqlite::params_from_iter(params))

@@ -121,6 +121,8 @@ pub struct SqliteStore {
     /// The newest event's sequence number, sent after each commit that
     /// appended events.
     log_appended: watch::Sender<i64>,
+    /// The events of the latest commits.
+    recent: Arc<events::RecentEvents>,
     closed: AtomicBool,
     path: PathBuf,
 }
@@ -156,7 +158,9 @@ impl SqliteStore {
         let (sender, receiver) = mpsc::channel();
         let webhook_added = Arc::new(Notify::new());
         let writer_stats = Arc::new(WriterCounters::default());
+        let recent = Arc::new(events::RecentEvents::default());
         let announcer = Announcer {
+            recent: recent.clone(),
             log_appended: log_appended.clone(),
             webhook_added: webhook_added.clone(),
             stats: writer_stats.clone(),
@@ -191,6 +195,7 @@ impl SqliteStore {
             webhook_added,
             writer_stats,
             log_appended,
+            recent,
             closed: Default::default(),
             path: path.to_path_buf(),
         })

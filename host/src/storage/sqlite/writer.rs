@@ -16,7 +16,8 @@ use rusqlite::Connection;
 use tokio::sync::{Notify, oneshot, watch};
 
 use super::MAX_BATCH;
-use crate::model::NewEvent;
+use super::events::RecentEvents;
+use crate::model::{Event, NewEvent};
 use crate::storage::{Result, StorageError, WriterStats};
 
 /// A write waiting for the writer thread.
@@ -57,23 +58,23 @@ where
 }
 
 /// What writes did that the writer thread must announce after the commit:
-/// the newest event they appended, and whether any added a webhook
-/// delivery to the outbox.
+/// the events they appended, and whether any added a webhook delivery to
+/// the outbox.
 #[derive(Default)]
 pub(super) struct EventLog {
-    newest: Option<i64>,
+    events: Vec<Event>,
     pub(super) webhook_added: bool,
 }
 
 impl EventLog {
     /// Appends an event to the log, in the write's transaction.
     pub(super) fn emit(&mut self, conn: &Connection, event: NewEvent, at: i64) -> Result<()> {
-        self.newest = Some(super::events::insert(conn, event, at)?);
+        self.events.push(super::events::insert(conn, event, at)?);
         Ok(())
     }
 
-    fn merge(&mut self, other: EventLog) {
-        self.newest = other.newest.or(self.newest);
+    fn merge(&mut self, mut other: EventLog) {
+        self.events.append(&mut other.events);
         self.webhook_added |= other.webhook_added;
     }
 }
@@ -81,6 +82,7 @@ impl EventLog {
 /// Where the writer announces what a commit did. It announces no payload:
 /// readers of the log are woken, and read it.
 pub(super) struct Announcer {
+    pub(super) recent: Arc<RecentEvents>,
     pub(super) log_appended: watch::Sender<i64>,
     pub(super) webhook_added: Arc<Notify>,
     pub(super) stats: Arc<WriterCounters>,
@@ -126,7 +128,8 @@ pub(super) fn write_loop(
                 if log.webhook_added {
                     announcer.webhook_added.notify_one();
                 }
-                if let Some(newest) = log.newest {
+                if let Some(newest) = log.events.last().map(|event| event.seq) {
+                    announcer.recent.append(log.events);
                     announcer.log_appended.send_replace(newest);
                 }
                 for write in batch {

@@ -71,8 +71,8 @@ pub async fn recovery_applies_the_queues_decision_to_every_running_job(store: Ar
         summary,
         [("again", Some("p0"), true), ("last-try", None, false)]
     );
-    let asked = asked.lock().unwrap();
-    assert_eq!(asked.len(), 2, "only running jobs: {asked:?}");
+    let asked = asked.lock().unwrap().len();
+    assert_eq!(asked, 2, "only the running jobs are asked about");
 
     let again = store.job("again").await.unwrap().unwrap();
     assert_eq!((again.status, again.run_at), (JobStatus::Pending, 7_000));
