@@ -1,9 +1,9 @@
-//! The in-process fan-out of events: the [`Bus`], fed by [`tail`].
+//! The in-process fan-out of events: the [`Bus`], fed by [`fan_out`].
 //!
 //! Every event is written to the event log by storage in the same transaction
 //! as the state change it reports, which gives it its sequence number. A
-//! commit only wakes the tailer, which reads the log by cursor and publishes
-//! what it read: subscribers hear events in the log's one order, whichever
+//! commit only wakes the fan-out, which reads the log by cursor and
+//! publishes what it read: subscribers hear events in the log's one order, whichever
 //! process committed them. Subscribers (SSE clients, tests, the bench) that
 //! fall behind the bus's buffer are told how many batches they missed and
 //! catch up from the log, so the queue never waits for them.
@@ -339,21 +339,91 @@ const TAIL_BATCH: usize = 512;
 /// Pause after a failed read of the log before trying again.
 const TAIL_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Feeds the bus from the event log: reads it by cursor from `after`
-/// whenever storage says the log grew, and publishes what it read, in log
-/// order. The log is the only source of what subscribers hear (besides live
-/// progress reports), as it will be when other hosts append to it. When
-/// `stop` fires, publishes what is already committed, then returns.
-pub async fn tail(storage: Arc<Storage>, bus: Bus, mut after: i64, stop: CancellationToken) {
-    let mut appended = storage.log_appended();
+/// Feeds the bus from the event log, by cursor from `after`: whenever
+/// storage says the log grew, reads what follows the cursor and publishes
+/// it, in log order. The log is the only source of what subscribers hear
+/// (besides live progress reports), as it is when other hosts append to
+/// it. The wake-up reads the backend's in-memory tail at once, on the
+/// committing thread; when that lacks events, the returned task reads the
+/// log itself. When `stop` fires, the task publishes what is committed,
+/// then returns.
+pub fn fan_out(
+    storage: &Arc<Storage>,
+    bus: Bus,
+    after: i64,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let tail = Arc::new(Tail {
+        cursor: Mutex::new(after),
+        bus,
+        behind: tokio::sync::Notify::new(),
+    });
+    let store = Arc::downgrade(storage);
+    let woken = tail.clone();
+    storage.on_append(Arc::new(move || {
+        let caught_up = store
+            .upgrade()
+            .is_some_and(|storage| woken.publish_cached(storage.as_ref()));
+        if !caught_up {
+            woken.behind.notify_one();
+        }
+    }));
+    tokio::spawn(tail_from_log(storage.clone(), tail, stop))
+}
+
+/// Where the fan-out is in the log, and where it publishes.
+struct Tail {
+    /// The last event published. Held while publishing, so that events go
+    /// out once each, in order, whichever path read them.
+    cursor: Mutex<i64>,
+    bus: Bus,
+    /// Notified when the in-memory tail lacked events: the log must be read.
+    behind: tokio::sync::Notify,
+}
+
+impl Tail {
+    /// Publishes what the backend holds in memory after the cursor; false
+    /// if it does not hold all of it.
+    fn publish_cached(&self, storage: &Storage) -> bool {
+        let mut cursor = self.cursor.lock().expect("never poisoned");
+        loop {
+            match storage.tail_cached(*cursor, TAIL_BATCH) {
+                None => return false,
+                Some(events) if events.is_empty() => return true,
+                Some(events) => {
+                    *cursor = events.last().map_or(*cursor, |event| event.seq);
+                    self.bus.publish(events);
+                }
+            }
+        }
+    }
+
+    /// Publishes the events of a read of the log that follow the cursor
+    /// (the other path may have published some meanwhile); whether the
+    /// read had any.
+    fn publish_read(&self, events: Vec<Event>) -> bool {
+        let read_any = !events.is_empty();
+        let mut cursor = self.cursor.lock().expect("never poisoned");
+        let fresh: Vec<Event> = events.into_iter().filter(|e| e.seq > *cursor).collect();
+        if let Some(last) = fresh.last() {
+            *cursor = last.seq;
+            self.bus.publish(fresh);
+        }
+        read_any
+    }
+}
+
+/// Reads the log after the cursor until caught up: at start, whenever the
+/// in-memory tail lacked events, and once more when stopping.
+async fn tail_from_log(storage: Arc<Storage>, tail: Arc<Tail>, stop: CancellationToken) {
     loop {
-        let newest = *appended.borrow_and_update();
-        while after < newest {
+        loop {
+            let after = *tail.cursor.lock().expect("never poisoned");
             match storage.tail_log(after, TAIL_BATCH).await {
-                Ok(events) if events.is_empty() => break,
                 Ok(events) => {
-                    after = events.last().map_or(after, |event| event.seq);
-                    bus.publish(events);
+                    if !tail.publish_read(events) {
+                        break;
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, "reading the event log failed; trying again");
@@ -368,7 +438,7 @@ pub async fn tail(storage: Arc<Storage>, bus: Bus, mut after: i64, stop: Cancell
             return;
         }
         tokio::select! {
-            changed = appended.changed() => if changed.is_err() { return },
+            () = tail.behind.notified() => {}
             () = stop.cancelled() => {}
         }
     }

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::job::{Job, JobStatus, Phase};
+use super::job::{AfterFailure, Job, JobStatus, Phase};
 use super::usage::ResourceUsage;
 
 /// Declares the event kinds once: the [`EventKind`] tag, its wire name, and
@@ -144,12 +144,44 @@ impl EventBody {
         })
     }
 
+    /// The event that ends an attempt: the job waits for its retry, or
+    /// fails, as the queue decided.
+    pub fn attempt_ended(ended: &EndedAttempt<'_>, after: &AfterFailure) -> EventBody {
+        match after {
+            AfterFailure::Retry { run_at } => {
+                EventBody::JobRetrying(JobRetrying::Automatic(AutomaticRetry {
+                    attempt: ended.attempt,
+                    next_attempt: ended.attempt + 1,
+                    run_at: *run_at,
+                    error: ended.error.to_owned(),
+                    recovered: ended.recovered,
+                }))
+            }
+            AfterFailure::Fail => EventBody::JobFailed(JobFailed {
+                phase: ended.phase.map(str::to_owned),
+                error: ended.error.to_owned(),
+                recovered: ended.recovered,
+            }),
+        }
+    }
+
     /// Reads a payload stored as JSON text beside its kind.
     pub fn parse(kind: EventKind, data: &str) -> Result<EventBody, serde_json::Error> {
         // The tag first: serde then reads the payload straight into its
         // struct, without buffering it.
         serde_json::from_str(&format!(r#"{{"type":"{}","data":{data}}}"#, kind.name()))
     }
+}
+
+/// An attempt that failed, or that a crash or a failed write interrupted
+/// (`recovered`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EndedAttempt<'a> {
+    pub attempt: u32,
+    /// The phase that failed or was interrupted, if any.
+    pub phase: Option<&'a str>,
+    pub error: &'a str,
+    pub recovered: bool,
 }
 
 /// An event about to be written: the log gives it its sequence number.

@@ -105,6 +105,16 @@ impl PhaseStatus {
     }
 }
 
+/// What happens to a job after a phase attempt failed (or a crash or a
+/// failed write interrupted it): the queue decides, storage records.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterFailure {
+    /// Run the job again at `run_at` (Unix ms), resuming at this phase.
+    Retry { run_at: i64 },
+    /// The job fails; phases after this one will not run.
+    Fail,
+}
+
 /// The bounds of a job spec. Each is checked on submit (a 422 naming the
 /// field) and published in `/openapi.json`; a test keeps the two equal.
 pub mod limits {

@@ -15,8 +15,8 @@ pub mod webhook;
 pub use backoff::BackoffPolicy;
 pub use event::{Event, EventBody, EventKind, NewEvent};
 pub use job::{
-    AttemptError, Job, JobSpec, JobStatus, JobSummary, Phase, PhaseSpec, PhaseStatus, PhaseSummary,
-    WebhookSpec, limits,
+    AfterFailure, AttemptError, Job, JobSpec, JobStatus, JobSummary, Phase, PhaseSpec, PhaseStatus,
+    PhaseSummary, WebhookSpec, limits,
 };
 pub use json::Json;
 pub use usage::{Progress, ResourceUsage};

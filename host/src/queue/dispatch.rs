@@ -82,8 +82,7 @@ async fn claim(shared: &Arc<Shared>) -> Result<bool, QueueError> {
 pub(super) fn spawn_worker(shared: &Arc<Shared>, claimed: Claimed, cancel: CancellationToken) {
     let shared = shared.clone();
     shared.workers.clone().spawn(async move {
-        let id = claimed.job.id.clone();
-        worker::run_job(&shared, claimed, cancel).await;
+        let id = worker::run_job(&shared, claimed, cancel).await;
         shared.running.lock().await.remove(&id);
         shared.wake.notify_one();
         shared.worker_done.notify_waiters();

@@ -201,6 +201,11 @@ impl Shared {
     fn now(&self) -> i64 {
         (self.config.clock)()
     }
+
+    /// Whether the queue takes new jobs now (not paused, not draining).
+    fn may_claim(&self) -> bool {
+        !self.paused.load(Ordering::SeqCst) && !self.draining.is_cancelled()
+    }
 }
 
 /// What the queue does with a running job whose worker is gone (`cause`):
@@ -260,12 +265,7 @@ impl Queue {
             tracing::warn!(job = %job.job_id, phase = ?job.phase, attempt = job.attempt, requeued = job.requeued, "recovered a job interrupted by a crash");
         }
         let stop_tailing = CancellationToken::new();
-        let tailer = tokio::spawn(crate::events::tail(
-            storage.clone(),
-            bus.clone(),
-            log_end,
-            stop_tailing.clone(),
-        ));
+        let tailer = crate::events::fan_out(&storage, bus.clone(), log_end, stop_tailing.clone());
         let shared = Arc::new(Shared {
             storage,
             plugins,

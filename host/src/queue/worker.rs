@@ -30,12 +30,28 @@ enum Stop {
 const FIRST_RECOVERY_PAUSE: Duration = Duration::from_millis(100);
 const MAX_RECOVERY_PAUSE: Duration = Duration::from_secs(30);
 
-pub(super) async fn run_job(shared: &Arc<Shared>, claimed: Claimed, cancel: CancellationToken) {
-    let Claimed { job, lease } = claimed;
-    if let Err(error) = run_phases(shared, job, &lease, &cancel).await {
-        tracing::error!(%error, job = %lease.job_id, "worker could not record a job transition; recovering the job");
-        recover_after_failed_write(shared, &lease).await;
+/// Runs a claimed job, then each job its completions claim for this worker
+/// (see [`JobStore::complete_phase`](crate::storage::JobStore::complete_phase)),
+/// in the slot the first one took. Returns the id of the last job it ran,
+/// which still holds the slot.
+pub(super) async fn run_job(
+    shared: &Arc<Shared>,
+    claimed: Claimed,
+    cancel: CancellationToken,
+) -> String {
+    let mut next = Some((claimed, cancel));
+    let mut last = String::new();
+    while let Some((Claimed { job, lease }, cancel)) = next.take() {
+        last.clone_from(&lease.job_id);
+        match run_phases(shared, job, &lease, &cancel).await {
+            Ok(claimed) => next = claimed,
+            Err(error) => {
+                tracing::error!(%error, job = %lease.job_id, "worker could not record a job transition; recovering the job");
+                recover_after_failed_write(shared, &lease).await;
+            }
+        }
     }
+    last
 }
 
 /// Whether a guarded write went through; a refused one means the job is no
@@ -86,18 +102,22 @@ fn stop_reason(shared: &Shared, cancel: &CancellationToken) -> Option<Stop> {
     }
 }
 
+/// A job claimed for this worker as its previous one completed, with the
+/// cancellation token it was registered under.
+type NextJob = Option<(Claimed, CancellationToken)>;
+
 async fn run_phases(
     shared: &Arc<Shared>,
     mut job: Job,
     lease: &Lease,
     cancel: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<NextJob> {
     let storage = &shared.storage;
     let Some(first) = job.next_phase() else {
         // Nothing was left to run (the last phase's completion completes
         // the job otherwise).
         storage.complete_job(lease, shared.now()).await?;
-        return Ok(());
+        return Ok(None);
     };
     // The claim started the first phase; each completion starts the next
     // in the same write unless the job is to stop there.
@@ -115,50 +135,68 @@ async fn run_phases(
                         storage
                             .cancel_running_job(lease, None, shared.now())
                             .await?;
-                        return Ok(());
+                        return Ok(None);
                     }
                     Some(Stop::HandBack) => {
                         storage.release_job(lease, shared.now()).await?;
-                        return Ok(());
+                        return Ok(None);
                     }
                     None => {}
                 }
                 let started = storage.start_phase(lease, index, shared.now()).await?;
                 match holds(started, lease) {
                     Some(attempt) => attempt,
-                    None => return Ok(()), // moved on underneath us
+                    None => return Ok(None), // moved on underneath us
                 }
             }
         };
         let result = run_phase(shared, &job, lease, index, attempt, cancel).await;
         match result.outcome {
             Ok(output) => {
-                let start_next = index + 1 < job.phases.len()
+                let last = index + 1 == job.phases.len();
+                let start_next = !last
                     && stop_reason(shared, cancel).is_none()
                     && shared.config.between_phases.is_none();
+                // A claim holds the slots' lock, as the dispatcher's claims
+                // do, so that a cancel never misses the job claimed here.
+                let mut slots = if last && shared.may_claim() {
+                    Some(shared.running.lock().await)
+                } else {
+                    None
+                };
                 let done = PhaseDone {
                     index,
                     name: job.phases[index].name.clone(),
                     output: output.clone(),
                     usage: result.usage,
                     start_next,
+                    claim_next: slots.is_some() && shared.may_claim(),
                     now: shared.now(),
                 };
                 match holds(storage.complete_phase(lease, done).await?, lease) {
-                    None => return Ok(()),
+                    None => return Ok(None),
                     Some(Completion::Recorded) => {}
                     Some(Completion::NextStarted(attempt)) => started = Some(attempt),
+                    Some(Completion::Claimed(next)) => {
+                        let slots = slots.as_mut().expect("claimed under the lock");
+                        // The slot passes from this job to the next.
+                        slots.remove(&job.id);
+                        let cancel = shared.force.child_token();
+                        slots.insert(next.job.id.clone(), cancel.clone());
+                        shared.worker_done.notify_waiters();
+                        return Ok(Some((*next, cancel)));
+                    }
                 }
                 job.phases[index].output = Some(output);
             }
             Err(failure) => {
                 let usage = Some(result.usage);
                 record_failure(shared, &job, lease, index, failure, usage, cancel).await?;
-                return Ok(());
+                return Ok(None);
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 async fn run_phase(

@@ -1,11 +1,12 @@
 //! The event log: appended in the same transaction as each state change it
 //! reports, in one global order (its sequence numbers). Readers follow it
 //! by cursor: SSE clients catching up, and the fan-out that feeds the
-//! in-process bus. A commit only wakes them ([`EventStore::log_appended`]);
+//! in-process bus. A commit only wakes them ([`EventStore::on_append`]);
 //! what they deliver is what they read.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
-use tokio::sync::watch;
 
 use super::Result;
 use crate::model::{Event, EventKind};
@@ -44,10 +45,19 @@ pub trait EventStore: Send + Sync {
     /// fan-out's read of the log's tail.
     async fn tail_log(&self, after: i64, limit: usize) -> Result<Vec<Event>>;
 
+    /// The same, if the backend holds all of it in memory (the tail of the
+    /// log as its latest commits left it); `None` when it does not, and the
+    /// log must be read. Does no I/O, so a waker may call it.
+    fn tail_cached(&self, after: i64, limit: usize) -> Option<Vec<Event>>;
+
     /// The sequence number of the newest event (0 when there is none).
     async fn last_event_seq(&self) -> Result<i64>;
 
-    /// Changes (to the newest sequence number) after every commit that
-    /// appended events.
-    fn log_appended(&self) -> watch::Receiver<i64>;
+    /// Registers `wake`, called after every commit that appended events.
+    fn on_append(&self, wake: AppendWaker);
 }
+
+/// Called after each commit that appended events, on the committing thread
+/// (or, for a database shared by hosts, on the task that heard of another
+/// host's commit): it must be quick and must not block.
+pub type AppendWaker = Arc<dyn Fn() + Send + Sync>;

@@ -70,6 +70,9 @@ pub struct PhaseDone {
     /// Start the next phase in the same write (there is one, and the job is
     /// not to stop here); otherwise, after the last phase, the job completes.
     pub start_next: bool,
+    /// When the job completes with this phase, the same write also claims
+    /// the worker's next job, if one is due (see [`Completion::Claimed`]).
+    pub claim_next: bool,
     pub now: i64,
 }
 
@@ -121,24 +124,19 @@ pub enum CreateOutcome {
     UnknownPlugin(String),
 }
 
-/// What happens to a job after a phase attempt failed (or a crash or a
-/// failed write interrupted it): the queue decides, storage records.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AfterFailure {
-    /// Run the job again at `run_at` (Unix ms), resuming at this phase.
-    Retry { run_at: i64 },
-    /// The job fails; phases after this one will not run.
-    Fail,
-}
+pub use crate::model::AfterFailure;
 
 /// What recording a phase's completion did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Completion {
     /// Recorded; if it was the last phase, the job completed with it.
     Recorded,
     /// Recorded, and the next phase started in the same write, with this
     /// attempt number.
     NextStarted(u32),
+    /// Recorded, the job completed, and the same write claimed this job
+    /// for the worker (asked for with [`PhaseDone::claim_next`]).
+    Claimed(Box<Claimed>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -264,7 +262,8 @@ pub trait JobStore: Send + Sync {
     -> Result<()>;
 
     /// Stores a running phase's output, and in the same write either starts
-    /// the next phase or, after the last phase, completes the job.
+    /// the next phase or, after the last phase, completes the job (and may
+    /// claim the worker's next one).
     async fn complete_phase(&self, lease: &Lease, done: PhaseDone) -> Result<Guarded<Completion>>;
 
     /// Completes the leased job, whose phases all completed.

@@ -32,7 +32,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use error::{ErrorClass, Result, StorageError};
-pub use events::{EventFilter, EventStore};
+pub use events::{AppendWaker, EventFilter, EventStore};
 pub use jobs::{
     AfterFailure, CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded,
     Interrupted, JobFilter, JobPage, JobStore, Lease, MAX_PAGE, NewJob, NewPhase, PhaseDone,

@@ -2,7 +2,6 @@
 //! SQLite file, a runtime, the plugin registry and the queue, plus helpers
 //! that wait on events (never on sleeps).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,42 @@ use tokio::sync::broadcast;
 /// Longest any test waits for an event before failing.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A storage backend the queue's tests run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+}
+
+impl Backend {
+    /// Opens the store of the host whose data directory is `dir`: the
+    /// same data each time it is opened (a restart).
+    pub fn open(self, dir: &std::path::Path) -> Arc<Storage> {
+        match self {
+            Backend::Sqlite => {
+                jobhost::storage::open_sqlite(&dir.join("jobhost.db"), Durability::Process).unwrap()
+            }
+        }
+    }
+}
+
+/// Instantiates each listed test (an `async fn(Backend)`) once per backend,
+/// as `<module>::<backend>::<test>`.
+macro_rules! on_each_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(crate::fixture::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_each_backend;
+
 pub struct Host {
+    pub backend: Backend,
     pub dir: Arc<tempfile::TempDir>,
     pub storage: Arc<Storage>,
     pub plugins: Arc<PluginRegistry>,
@@ -37,17 +71,24 @@ pub fn config(concurrency: usize) -> QueueConfig {
 }
 
 impl Host {
+    /// A host on SQLite.
     pub async fn start(config: QueueConfig) -> Host {
-        Host::open(Arc::new(tempfile::tempdir().unwrap()), config).await
+        Host::start_on(Backend::Sqlite, config).await
+    }
+
+    pub async fn start_on(backend: Backend, config: QueueConfig) -> Host {
+        Host::open_on(backend, Arc::new(tempfile::tempdir().unwrap()), config).await
     }
 
     /// Opens the host on an existing data directory, as a restart would.
-    pub async fn open(dir: Arc<tempfile::TempDir>, config: QueueConfig) -> Host {
+    pub async fn open_on(
+        backend: Backend,
+        dir: Arc<tempfile::TempDir>,
+        config: QueueConfig,
+    ) -> Host {
         let bus = Bus::default();
         let events = bus.subscribe();
-        let storage =
-            jobhost::storage::open_sqlite(&dir.path().join("jobhost.db"), Durability::Process)
-                .unwrap();
+        let storage = backend.open(dir.path());
         let runtime_config = RuntimeConfig {
             max_concurrent_runs: config.concurrency as u32 + 1,
             memory_limit: 64 << 20,
@@ -60,6 +101,7 @@ impl Host {
             .await
             .unwrap();
         Host {
+            backend,
             dir,
             storage,
             plugins,
@@ -69,8 +111,9 @@ impl Host {
         }
     }
 
-    pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("jobhost.db")
+    /// The host's store opened again, beside the queue or after it stopped.
+    pub fn reopen_storage(&self) -> Arc<Storage> {
+        self.backend.open(self.dir.path())
     }
 
     /// Uploads a component from `plugins/` under `name`@`version`.

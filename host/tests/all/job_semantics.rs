@@ -11,15 +11,14 @@ use jobhost::model::{EventBody, EventKind};
 use jobhost::model::{JobSpec, JobStatus, PhaseStatus};
 use jobhost::queue::Cancelled;
 use jobhost::runtime::CancellationToken;
-use jobhost::storage::{Claimed, Durability};
+use jobhost::storage::Claimed;
 use serde_json::json;
 
-use crate::fixture::{Host, config, echo_job, job, kinds, phase};
+use crate::fixture::{Backend, Host, config, echo_job, job, kinds, phase};
 
 /// Behaviour 1.
-#[tokio::test]
-async fn cancelling_a_job_that_has_not_started_cancels_every_phase() {
-    let host = Host::start(config(2)).await;
+async fn cancelling_a_job_that_has_not_started_cancels_every_phase(backend: Backend) {
+    let host = Host::start_on(backend, config(2)).await;
     host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let spec = JobSpec {
         delay_ms: Some(3_600_000),
@@ -51,9 +50,8 @@ async fn cancelling_a_job_that_has_not_started_cancels_every_phase() {
 
 /// Behaviour 2: a cancel landing as one phase completes and the next is
 /// about to start gives exactly one `job:cancelled`, whichever side wins.
-#[tokio::test]
-async fn cancel_between_phases_emits_exactly_one_cancelled_event() {
-    let mut host = Host::start(config(2)).await;
+async fn cancel_between_phases_emits_exactly_one_cancelled_event(backend: Backend) {
+    let mut host = Host::start_on(backend, config(2)).await;
     host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
     for _ in 0..5 {
@@ -91,8 +89,7 @@ async fn cancel_between_phases_emits_exactly_one_cancelled_event() {
 /// worker there until the cancel has asked it to stop): the first phase
 /// stays completed, the second never starts, and the job is cancelled
 /// once.
-#[tokio::test]
-async fn a_cancel_between_phases_stops_the_job_at_the_boundary() {
+async fn a_cancel_between_phases_stops_the_job_at_the_boundary(backend: Backend) {
     let (at_boundary, mut boundaries) = tokio::sync::mpsc::unbounded_channel();
     let mut config = config(2);
     config.between_phases = Some(Arc::new(
@@ -102,7 +99,7 @@ async fn a_cancel_between_phases_stops_the_job_at_the_boundary() {
             Box::pin(async move { stop.cancelled().await })
         },
     ));
-    let host = Host::start(config).await;
+    let host = Host::start_on(backend, config).await;
     host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let spec = job(
         vec![
@@ -138,9 +135,8 @@ async fn a_cancel_between_phases_stops_the_job_at_the_boundary() {
 }
 
 /// Behaviour 3.
-#[tokio::test]
-async fn retry_keeps_completed_phases_unless_from_start() {
-    let mut host = Host::start(config(2)).await;
+async fn retry_keeps_completed_phases_unless_from_start(backend: Backend) {
+    let mut host = Host::start_on(backend, config(2)).await;
     host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     host.upload("flaky", "1.0.0", plugin_artifacts::FLAKY).await;
     let spec = JobSpec {
@@ -198,9 +194,8 @@ async fn retry_keeps_completed_phases_unless_from_start() {
 }
 
 /// Behaviour 3, the other half: from_start clears stored results.
-#[tokio::test]
-async fn retry_from_start_clears_stored_results() {
-    let mut host = Host::start(config(2)).await;
+async fn retry_from_start_clears_stored_results(backend: Backend) {
+    let mut host = Host::start_on(backend, config(2)).await;
     host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     host.upload("fail", "1.0.0", plugin_artifacts::FAIL).await;
     let spec = job(
@@ -234,11 +229,10 @@ async fn retry_from_start_clears_stored_results() {
 
 /// Behaviour 4: jobs found running at start-up are requeued, or failed when
 /// out of attempts, and the failure record names the phase and attempt.
-#[tokio::test]
-async fn jobs_left_running_by_a_crash_are_recovered() {
+async fn jobs_left_running_by_a_crash_are_recovered(backend: Backend) {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let (requeued_id, exhausted_id) = {
-        let host = Host::open(dir.clone(), config(2)).await;
+        let host = Host::open_on(backend, dir.clone(), config(2)).await;
         host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
         host.queue.pause();
         let a = host.enqueue(echo_job(2)).await;
@@ -251,7 +245,7 @@ async fn jobs_left_running_by_a_crash_are_recovered() {
         host.queue.shutdown(Duration::from_secs(5)).await.unwrap();
         // Simulate a crash mid-phase: claim both jobs (which starts their
         // first phase), then never finish them.
-        let storage = jobhost::storage::open_sqlite(&host.db_path(), Durability::Process).unwrap();
+        let storage = host.reopen_storage();
         let claimed = storage.claim_due_jobs(now_ms(), 10).await.unwrap();
         assert_eq!(claimed.len(), 2);
         for Claimed { job, .. } in &claimed {
@@ -262,7 +256,7 @@ async fn jobs_left_running_by_a_crash_are_recovered() {
         (a.id, b.id)
     };
 
-    let mut host = Host::open(dir, config(2)).await;
+    let mut host = Host::open_on(backend, dir, config(2)).await;
     let mut recovered = host.recovered.clone();
     recovered.sort_by_key(|r| r.job_id != requeued_id);
     assert_eq!(recovered.len(), 2);
@@ -306,9 +300,8 @@ async fn jobs_left_running_by_a_crash_are_recovered() {
 /// Behaviour 5: shutdown stops claiming, waits up to its timeout, stops the
 /// rest by force (even a guest that never yields), always closes storage,
 /// and reports the timeout after that cleanup.
-#[tokio::test]
-async fn shutdown_forces_stuck_phases_and_always_cleans_up() {
-    let mut host = Host::start(config(2)).await;
+async fn shutdown_forces_stuck_phases_and_always_cleans_up(backend: Backend) {
+    let mut host = Host::start_on(backend, config(2)).await;
     host.upload("spin", "1.0.0", plugin_artifacts::SPIN).await;
     let created = host
         .enqueue(job(vec![phase("forever", "spin", json!({}))], json!({})))
@@ -332,7 +325,7 @@ async fn shutdown_forces_stuck_phases_and_always_cleans_up() {
     );
 
     // The interrupted job was requeued, with the interruption on record.
-    let reopened = jobhost::storage::open_sqlite(&host.db_path(), Durability::Process).unwrap();
+    let reopened = host.reopen_storage();
     let job = reopened.job(&created.id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Pending);
     assert_eq!(job.errors[0].error, "interrupted by shutdown");
@@ -342,9 +335,8 @@ async fn shutdown_forces_stuck_phases_and_always_cleans_up() {
 
 /// Behaviour 5, the graceful half: within the timeout, a running job is
 /// handed back between phases and nothing is forced.
-#[tokio::test]
-async fn graceful_shutdown_hands_jobs_back_between_phases() {
-    let mut host = Host::start(config(2)).await;
+async fn graceful_shutdown_hands_jobs_back_between_phases(backend: Backend) {
+    let mut host = Host::start_on(backend, config(2)).await;
     host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
     let spec = job(
         vec![
@@ -358,7 +350,7 @@ async fn graceful_shutdown_hands_jobs_back_between_phases() {
     let report = host.queue.shutdown(Duration::from_secs(20)).await.unwrap();
     assert!(report.forced.is_empty());
 
-    let reopened = jobhost::storage::open_sqlite(&host.db_path(), Durability::Process).unwrap();
+    let reopened = host.reopen_storage();
     let job = reopened.job(&created.id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Pending);
     assert_eq!(
@@ -376,9 +368,8 @@ async fn graceful_shutdown_hands_jobs_back_between_phases() {
 }
 
 /// Behaviour 8.
-#[tokio::test]
-async fn retention_deletes_old_terminal_jobs_with_id_only_events() {
-    let mut host = Host::start(config(2)).await;
+async fn retention_deletes_old_terminal_jobs_with_id_only_events(backend: Backend) {
+    let mut host = Host::start_on(backend, config(2)).await;
     host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let done = host.enqueue(echo_job(1)).await;
     host.wait_until_finished(&done.id).await;
@@ -435,9 +426,8 @@ async fn retention_deletes_old_terminal_jobs_with_id_only_events() {
 /// last phase's 256 KiB output needs room) does not leave its job
 /// `running`: the worker recovers it as a crash would, retrying until
 /// storage takes the write.
-#[tokio::test]
-async fn a_write_that_fails_does_not_leave_the_job_running() {
-    let mut host = Host::start(config(1)).await;
+async fn a_write_that_fails_does_not_leave_the_job_running(backend: Backend) {
+    let mut host = Host::start_on(backend, config(1)).await;
     host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
     host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let big = "x".repeat(256 << 10);
@@ -484,9 +474,8 @@ async fn a_write_that_fails_does_not_leave_the_job_running() {
 }
 
 /// A phase stopped by a cancel keeps what it used, as a failed one does.
-#[tokio::test]
-async fn a_cancelled_phase_keeps_its_resource_use() {
-    let mut host = Host::start(config(1)).await;
+async fn a_cancelled_phase_keeps_its_resource_use(backend: Backend) {
+    let mut host = Host::start_on(backend, config(1)).await;
     host.upload("spin", "1.0.0", plugin_artifacts::SPIN).await;
     let queued = host
         .enqueue(job(vec![phase("forever", "spin", json!({}))], json!(null)))
@@ -497,4 +486,18 @@ async fn a_cancelled_phase_keeps_its_resource_use() {
     assert_eq!(done.status, JobStatus::Cancelled);
     let usage = done.phases[0].usage.expect("the cancelled phase's usage");
     assert!(usage.epoch_ticks > 0, "{usage:?}");
+}
+
+crate::fixture::on_each_backend! {
+    cancelling_a_job_that_has_not_started_cancels_every_phase,
+    cancel_between_phases_emits_exactly_one_cancelled_event,
+    a_cancel_between_phases_stops_the_job_at_the_boundary,
+    retry_keeps_completed_phases_unless_from_start,
+    retry_from_start_clears_stored_results,
+    jobs_left_running_by_a_crash_are_recovered,
+    shutdown_forces_stuck_phases_and_always_cleans_up,
+    graceful_shutdown_hands_jobs_back_between_phases,
+    retention_deletes_old_terminal_jobs_with_id_only_events,
+    a_write_that_fails_does_not_leave_the_job_running,
+    a_cancelled_phase_keeps_its_resource_use,
 }

@@ -4,11 +4,10 @@
 use rusqlite::{Connection, params};
 
 use async_trait::async_trait;
-use tokio::sync::watch;
 
 use super::SqliteStore;
 use crate::model::{Event, EventBody, EventKind, NewEvent};
-use crate::storage::{EventFilter, EventStore, Result, StorageError};
+use crate::storage::{AppendWaker, EventFilter, EventStore, Result, StorageError};
 
 /// Appends an event.
 pub(super) fn insert(conn: &Connection, event: NewEvent, at: i64) -> Result<Event> {
@@ -47,7 +46,7 @@ impl RecentEvents {
     }
 
     /// Up to `limit` events after `after`, if every such event is here.
-    fn after(&self, after: i64, limit: usize) -> Option<Vec<Event>> {
+    pub(super) fn after(&self, after: i64, limit: usize) -> Option<Vec<Event>> {
         let recent = self.events.lock().expect("never poisoned");
         if after < recent.front()?.seq - 1 {
             return None;
@@ -162,9 +161,6 @@ impl EventStore for SqliteStore {
     }
 
     async fn tail_log(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
-        if let Some(events) = self.recent.after(after, limit) {
-            return Ok(events);
-        }
         self.read(move |conn| {
             let (sql, params) = select_events(after, &EventFilter::default(), limit);
             read_events(conn, &sql, rusqlite::params_from_iter(params))
@@ -172,8 +168,12 @@ impl EventStore for SqliteStore {
         .await
     }
 
-    fn log_appended(&self) -> watch::Receiver<i64> {
-        self.log_appended.subscribe()
+    fn tail_cached(&self, after: i64, limit: usize) -> Option<Vec<Event>> {
+        self.recent.after(after, limit)
+    }
+
+    fn on_append(&self, wake: AppendWaker) {
+        self.wakers.lock().expect("never poisoned").push(wake);
     }
 
     async fn last_event_seq(&self) -> Result<i64> {

@@ -4,8 +4,9 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::commands::delete_row;
-use super::transitions::{EndedAttempt, end_attempt, record_attempt_error};
+use super::transitions::{end_attempt, record_attempt_error};
 use super::writer::EventLog;
+use crate::model::event::EndedAttempt;
 use crate::storage::{AfterFailure, Interrupted, Recovered, RecoveryPolicy, RecoveryScope, Result};
 
 /// Recovers the running jobs `scope` names, each as `policy` decides.
@@ -57,13 +58,12 @@ pub(super) fn recover(
             .execute(params![job_id, *index as i64, status, error, now])?;
         }
         let ended = EndedAttempt {
-            job_id,
             attempt: job.attempt,
             phase,
             error,
             recovered: true,
         };
-        end_attempt(conn, log, &ended, &decision.after, now)?;
+        end_attempt(conn, log, job_id, &ended, &decision.after, now)?;
         recovered.push(Recovered {
             phase: phase.map(str::to_owned),
             job_id: job.job_id,

@@ -7,10 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::corrupt;
 use super::writer::EventLog;
-use crate::model::event::{
-    AutomaticRetry, JobCancelled, JobCompleted, JobFailed, JobRetrying, PhaseCompleted,
-    PhaseStarted,
-};
+use crate::model::event::{EndedAttempt, JobCancelled, JobCompleted, PhaseCompleted, PhaseStarted};
 use crate::model::{EventBody, JobStatus, NewEvent, Progress, ResourceUsage, event};
 use crate::storage::{AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, Result};
 
@@ -199,8 +196,15 @@ pub(super) fn complete_phase(
     {
         return Ok(Guarded::Applied(Completion::NextStarted(attempt)));
     }
-    // The job completes in the same write when this was its last phase.
-    complete_job(conn, log, lease, done.now)?;
+    // The job completes in the same write when this was its last phase,
+    // and the worker may take its next job in it too.
+    let completed = complete_job(conn, log, lease, done.now)?;
+    if done.claim_next
+        && completed.applied().is_some()
+        && let Some(next) = super::claim::claim(conn, log, done.now, 1)?.pop()
+    {
+        return Ok(Guarded::Applied(Completion::Claimed(Box::new(next))));
+    }
     Ok(Guarded::Applied(Completion::Recorded))
 }
 
@@ -302,25 +306,13 @@ pub(super) fn fail_phase(
     });
     job_event(conn, log, job_id, event, now)?;
     let ended = EndedAttempt {
-        job_id,
         attempt,
         phase: Some(&failed.name),
         error: &failed.error,
         recovered: false,
     };
-    end_attempt(conn, log, &ended, &failed.after, now)?;
+    end_attempt(conn, log, job_id, &ended, &failed.after, now)?;
     Ok(Guarded::Applied(()))
-}
-
-/// An attempt that failed, or that a crash or a failed write interrupted
-/// (`recovered`).
-pub(super) struct EndedAttempt<'a> {
-    pub(super) job_id: &'a str,
-    pub(super) attempt: u32,
-    /// The phase that failed or was interrupted, if any.
-    pub(super) phase: Option<&'a str>,
-    pub(super) error: &'a str,
-    pub(super) recovered: bool,
 }
 
 /// After a failed attempt: the job waits for its retry at `run_at`, or
@@ -328,25 +320,17 @@ pub(super) struct EndedAttempt<'a> {
 pub(super) fn end_attempt(
     conn: &Connection,
     log: &mut EventLog,
+    job_id: &str,
     ended: &EndedAttempt<'_>,
     after: &AfterFailure,
     now: i64,
 ) -> Result<()> {
-    let job_id = ended.job_id;
     match after {
         AfterFailure::Retry { run_at } => {
             conn.prepare_cached(
                 "UPDATE jobs SET status = 'pending', run_at = ?2, error = ?3 WHERE id = ?1",
             )?
             .execute(params![job_id, run_at, ended.error])?;
-            let retrying = JobRetrying::Automatic(AutomaticRetry {
-                attempt: ended.attempt,
-                next_attempt: ended.attempt + 1,
-                run_at: *run_at,
-                error: ended.error.to_owned(),
-                recovered: ended.recovered,
-            });
-            job_event(conn, log, job_id, EventBody::JobRetrying(retrying), now)
         }
         AfterFailure::Fail => {
             cancel_unfinished_phases(conn, job_id, now)?;
@@ -354,14 +338,10 @@ pub(super) fn end_attempt(
                 "UPDATE jobs SET status = 'failed', finished_at = ?2, error = ?3 WHERE id = ?1",
             )?
             .execute(params![job_id, now, ended.error])?;
-            let failed = EventBody::JobFailed(JobFailed {
-                phase: ended.phase.map(str::to_owned),
-                error: ended.error.to_owned(),
-                recovered: ended.recovered,
-            });
-            job_event(conn, log, job_id, failed, now)
         }
     }
+    let event = EventBody::attempt_ended(ended, after);
+    job_event(conn, log, job_id, event, now)
 }
 
 /// Moves a job from `expected` to cancelled, with every unfinished phase.

@@ -7,18 +7,18 @@
 //! every page it touches to a sub-journal, which was an eighth of the
 //! writer's time.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, oneshot};
 
 use super::MAX_BATCH;
 use super::events::RecentEvents;
 use crate::model::{Event, NewEvent};
-use crate::storage::{Result, StorageError, WriterStats};
+use crate::storage::{AppendWaker, Result, StorageError, WriterStats};
 
 /// A write waiting for the writer thread.
 pub(super) trait Write: Send {
@@ -83,7 +83,7 @@ impl EventLog {
 /// readers of the log are woken, and read it.
 pub(super) struct Announcer {
     pub(super) recent: Arc<RecentEvents>,
-    pub(super) log_appended: watch::Sender<i64>,
+    pub(super) wakers: Arc<Mutex<Vec<AppendWaker>>>,
     pub(super) webhook_added: Arc<Notify>,
     pub(super) stats: Arc<WriterCounters>,
 }
@@ -128,9 +128,11 @@ pub(super) fn write_loop(
                 if log.webhook_added {
                     announcer.webhook_added.notify_one();
                 }
-                if let Some(newest) = log.events.last().map(|event| event.seq) {
+                if !log.events.is_empty() {
                     announcer.recent.append(log.events);
-                    announcer.log_appended.send_replace(newest);
+                    for wake in announcer.wakers.lock().expect("never poisoned").iter() {
+                        wake();
+                    }
                 }
                 for write in batch {
                     write.reply(Ok(()));

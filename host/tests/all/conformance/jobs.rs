@@ -1,20 +1,20 @@
 //! Jobs through their life: create, claim, complete, fail, retry, cancel,
 //! release.
 
-use std::sync::Arc;
-
 use jobhost::model::event::PhaseStarted;
 use jobhost::model::{EventBody, JobStatus, PhaseStatus};
 use jobhost::storage::{
-    AfterFailure, CancelOutcome, Completion, CreateOutcome, Guarded, NewJob, PhaseFailed,
-    RetryOutcome, Storage,
+    AfterFailure, CancelOutcome, Completion, CreateOutcome, Guarded, NewJob, PhaseDone,
+    PhaseFailed, RetryOutcome,
 };
 
-use super::{create, done, job, kinds, running, with_echo};
+use super::{create, done, fresh, job, kinds, running, with_echo};
+use crate::fixture::Backend;
 
 /// `create` and `claim` return the jobs they changed without reading them
 /// back: what they return must be exactly what loading returns.
-pub async fn created_and_claimed_jobs_read_back_as_returned(store: Arc<Storage>) {
+pub async fn created_and_claimed_jobs_read_back_as_returned(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let created = create(&store, job("job-1", 2)).await;
     assert_eq!(created.phases[0].version, "1.0.0", "the active version");
@@ -59,7 +59,8 @@ pub async fn created_and_claimed_jobs_read_back_as_returned(store: Arc<Storage>)
 }
 
 /// A completion starts the next phase in the same write, and logs both.
-pub async fn a_completion_starts_the_next_phase_and_logs_both(store: Arc<Storage>) {
+pub async fn a_completion_starts_the_next_phase_and_logs_both(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     let outcome = store
@@ -118,7 +119,8 @@ pub async fn a_completion_starts_the_next_phase_and_logs_both(store: Arc<Storage
 
 /// Claims take due jobs only: the highest priority first, then the
 /// earliest `run_at`.
-pub async fn claims_take_the_highest_priority_then_the_earliest_due(store: Arc<Storage>) {
+pub async fn claims_take_the_highest_priority_then_the_earliest_due(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let at = |id: &str, priority: i32, run_at: i64| NewJob {
         priority,
@@ -147,7 +149,8 @@ pub async fn claims_take_the_highest_priority_then_the_earliest_due(store: Arc<S
 
 /// A second job with the same idempotency key stores nothing and returns
 /// the first.
-pub async fn an_idempotency_key_returns_the_first_job(store: Arc<Storage>) {
+pub async fn an_idempotency_key_returns_the_first_job(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let keyed = |id: &str| NewJob {
         idempotency_key: Some("order-17".into()),
@@ -162,7 +165,8 @@ pub async fn an_idempotency_key_returns_the_first_job(store: Arc<Storage>) {
 
 /// A failed attempt retries at the time the queue chose, resuming at the
 /// failed phase, and fails the job when the queue says so.
-pub async fn a_failed_attempt_retries_or_fails_as_the_queue_decides(store: Arc<Storage>) {
+pub async fn a_failed_attempt_retries_or_fails_as_the_queue_decides(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     store
@@ -222,7 +226,8 @@ pub async fn a_failed_attempt_retries_or_fails_as_the_queue_decides(store: Arc<S
 
 /// A manual retry runs a failed job again from its first unfinished phase,
 /// or from the start.
-pub async fn a_manual_retry_keeps_completed_phases_unless_from_start(store: Arc<Storage>) {
+pub async fn a_manual_retry_keeps_completed_phases_unless_from_start(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     store
@@ -275,9 +280,8 @@ pub async fn a_manual_retry_keeps_completed_phases_unless_from_start(store: Arc<
 
 /// Cancelling a pending job cancels it and its phases; a running job is
 /// left to its worker, and a finished one stays as it was.
-pub async fn cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker(
-    store: Arc<Storage>,
-) {
+pub async fn cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     create(
         &store,
@@ -331,7 +335,8 @@ pub async fn cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker(
 
 /// A job handed back between phases (shutdown) waits again, and its next
 /// claim is the same attempt.
-pub async fn a_released_job_runs_again_without_counting_the_attempt(store: Arc<Storage>) {
+pub async fn a_released_job_runs_again_without_counting_the_attempt(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     let outcome = store
@@ -366,5 +371,72 @@ pub async fn a_released_job_runs_again_without_counting_the_attempt(store: Arc<S
             .await
             .unwrap(),
         Guarded::Applied(Completion::Recorded)
+    );
+}
+
+/// The last phase's completion can claim the worker's next job in the same
+/// write: the due job a claim would pick, started, under its own lease.
+pub async fn completing_a_job_can_claim_the_workers_next_one(backend: Backend) {
+    let (store, _dir) = fresh(backend);
+    with_echo(&store).await;
+    let claiming = |index, start_next, now| PhaseDone {
+        claim_next: true,
+        ..done(index, start_next, now)
+    };
+    let first = running(&store, job("first", 2)).await;
+    create(
+        &store,
+        NewJob {
+            priority: -1,
+            ..job("low", 1)
+        },
+    )
+    .await;
+    create(
+        &store,
+        NewJob {
+            priority: 1,
+            ..job("high", 1)
+        },
+    )
+    .await;
+    assert_eq!(
+        store
+            .complete_phase(&first.lease, claiming(0, true, 3_000))
+            .await
+            .unwrap(),
+        Guarded::Applied(Completion::NextStarted(1)),
+        "no claim before the job completes"
+    );
+    let mut lease = first.lease;
+    for (expected, now) in [("high", 3_100), ("low", 3_200)] {
+        let index = if expected == "high" { 1 } else { 0 };
+        let Guarded::Applied(Completion::Claimed(next)) = store
+            .complete_phase(&lease, claiming(index, false, now))
+            .await
+            .unwrap()
+        else {
+            panic!("no next job claimed");
+        };
+        assert_eq!(next.job.id, expected, "the job a claim would pick");
+        assert_eq!(next.job.phases[0].status, PhaseStatus::Running);
+        assert_eq!(Some(next.job.clone()), store.job(expected).await.unwrap());
+        lease = next.lease;
+    }
+    assert_eq!(
+        store.job_status("first").await.unwrap(),
+        Some(JobStatus::Completed)
+    );
+    assert_eq!(
+        store.job_status("high").await.unwrap(),
+        Some(JobStatus::Completed)
+    );
+    assert_eq!(
+        store
+            .complete_phase(&lease, claiming(0, false, 3_300))
+            .await
+            .unwrap(),
+        Guarded::Applied(Completion::Recorded),
+        "nothing left to claim"
     );
 }

@@ -1,7 +1,8 @@
 //! The storage conformance suite: what the queue relies on from storage,
 //! written once against the backend-neutral interface (`Arc<Storage>`) and
-//! run for every backend by [`for_each_backend!`]. A new backend adds its
-//! opener to [`Fresh`] and a module to the macro; no test is copied.
+//! run for every backend by `on_each_backend!`. A new backend adds its
+//! opener to `fixture::Backend` and a module to the macro; no test is
+//! copied.
 //!
 //! Time is injected: every call passes its own `now`.
 
@@ -14,61 +15,56 @@ use std::sync::Arc;
 
 use jobhost::model::{BackoffPolicy, Json};
 use jobhost::storage::{
-    Claimed, CreateOutcome, Durability, Lease, NewJob, NewPhase, NewPluginVersion, Storage,
+    Claimed, CreateOutcome, Lease, NewJob, NewPhase, NewPluginVersion, Storage,
 };
+
+use crate::fixture::Backend;
 use serde_json::json;
 
-/// A fresh, empty store of one backend, with what keeps it alive.
-pub struct Fresh {
-    pub store: Arc<Storage>,
-    _dir: tempfile::TempDir,
+/// A fresh, empty store of `backend`, and the directory it lives in.
+pub fn fresh(backend: Backend) -> (Arc<Storage>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (backend.open(dir.path()), dir)
 }
 
-impl Fresh {
-    pub fn sqlite() -> Fresh {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            jobhost::storage::open_sqlite(&dir.path().join("jobhost.db"), Durability::Process)
-                .unwrap();
-        Fresh { store, _dir: dir }
-    }
-}
+use events::an_ending_job_with_a_webhook_adds_one_delivery;
+use events::the_log_reads_back_in_order_by_cursor_and_filter;
+use jobs::a_completion_starts_the_next_phase_and_logs_both;
+use jobs::a_failed_attempt_retries_or_fails_as_the_queue_decides;
+use jobs::a_manual_retry_keeps_completed_phases_unless_from_start;
+use jobs::a_released_job_runs_again_without_counting_the_attempt;
+use jobs::an_idempotency_key_returns_the_first_job;
+use jobs::cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker;
+use jobs::claims_take_the_highest_priority_then_the_earliest_due;
+use jobs::completing_a_job_can_claim_the_workers_next_one;
+use jobs::created_and_claimed_jobs_read_back_as_returned;
+use races::a_cancel_racing_a_completion_ends_the_job_once;
+use races::a_transition_replayed_after_an_unknown_outcome_changes_nothing;
+use races::concurrent_claimers_never_share_a_job;
+use races::one_idempotency_key_submitted_at_once_creates_one_job;
+use recovery::a_job_claimed_again_fences_its_old_worker;
+use recovery::recovery_applies_the_queues_decision_to_every_running_job;
+use recovery::retention_deletes_old_finished_jobs_and_logs_their_deletion;
 
-/// Instantiates each listed test (an `async fn(Arc<Storage>)`) once per
-/// backend, as `conformance::<backend>::<test>`.
-macro_rules! for_each_backend {
-    ($($module:ident :: $test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    let fresh = super::Fresh::sqlite();
-                    super::$module::$test(fresh.store.clone()).await;
-                    fresh.store.close().await;
-                }
-            )*
-        }
-    };
-}
-
-for_each_backend! {
-    jobs::created_and_claimed_jobs_read_back_as_returned,
-    jobs::a_completion_starts_the_next_phase_and_logs_both,
-    jobs::claims_take_the_highest_priority_then_the_earliest_due,
-    jobs::an_idempotency_key_returns_the_first_job,
-    jobs::a_failed_attempt_retries_or_fails_as_the_queue_decides,
-    jobs::a_manual_retry_keeps_completed_phases_unless_from_start,
-    jobs::cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker,
-    jobs::a_released_job_runs_again_without_counting_the_attempt,
-    recovery::recovery_applies_the_queues_decision_to_every_running_job,
-    recovery::a_job_claimed_again_fences_its_old_worker,
-    recovery::retention_deletes_old_finished_jobs_and_logs_their_deletion,
-    events::an_ending_job_with_a_webhook_adds_one_delivery,
-    events::the_log_reads_back_in_order_by_cursor_and_filter,
-    races::concurrent_claimers_never_share_a_job,
-    races::one_idempotency_key_submitted_at_once_creates_one_job,
-    races::a_cancel_racing_a_completion_ends_the_job_once,
-    races::a_transition_replayed_after_an_unknown_outcome_changes_nothing,
+crate::fixture::on_each_backend! {
+    created_and_claimed_jobs_read_back_as_returned,
+    a_completion_starts_the_next_phase_and_logs_both,
+    claims_take_the_highest_priority_then_the_earliest_due,
+    an_idempotency_key_returns_the_first_job,
+    a_failed_attempt_retries_or_fails_as_the_queue_decides,
+    a_manual_retry_keeps_completed_phases_unless_from_start,
+    cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker,
+    a_released_job_runs_again_without_counting_the_attempt,
+    completing_a_job_can_claim_the_workers_next_one,
+    recovery_applies_the_queues_decision_to_every_running_job,
+    a_job_claimed_again_fences_its_old_worker,
+    retention_deletes_old_finished_jobs_and_logs_their_deletion,
+    an_ending_job_with_a_webhook_adds_one_delivery,
+    the_log_reads_back_in_order_by_cursor_and_filter,
+    concurrent_claimers_never_share_a_job,
+    one_idempotency_key_submitted_at_once_creates_one_job,
+    a_cancel_racing_a_completion_ends_the_job_once,
+    a_transition_replayed_after_an_unknown_outcome_changes_nothing,
 }
 
 /// Stores `echo` 1.0.0 (active) and 2.0.0, which [`job`] pins.
@@ -138,6 +134,7 @@ pub fn done(index: usize, start_next: bool, now: i64) -> jobhost::storage::Phase
         output: Json::parse(format!(r#"{{"done":{index}}}"#)).unwrap(),
         usage: Default::default(),
         start_next,
+        claim_next: false,
         now,
     }
 }

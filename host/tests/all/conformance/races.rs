@@ -3,16 +3,17 @@
 //! serial ones.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use jobhost::model::{EventKind, JobStatus};
-use jobhost::storage::{Completion, CreateOutcome, EventFilter, Guarded, NewJob, Storage};
+use jobhost::storage::{Completion, CreateOutcome, EventFilter, Guarded, NewJob};
 
-use super::{create, done, job, kinds, running, with_echo};
+use super::{create, done, fresh, job, kinds, running, with_echo};
+use crate::fixture::Backend;
 
 /// Claimers running at once never take the same job, and together take
 /// every due job.
-pub async fn concurrent_claimers_never_share_a_job(store: Arc<Storage>) {
+pub async fn concurrent_claimers_never_share_a_job(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     const JOBS: usize = 60;
     for i in 0..JOBS {
@@ -42,7 +43,8 @@ pub async fn concurrent_claimers_never_share_a_job(store: Arc<Storage>) {
 
 /// The same idempotency key submitted many times at once stores one job;
 /// every other submit gets that job back.
-pub async fn one_idempotency_key_submitted_at_once_creates_one_job(store: Arc<Storage>) {
+pub async fn one_idempotency_key_submitted_at_once_creates_one_job(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let submits = (0..12).map(|i| {
         let store = store.clone();
@@ -79,7 +81,8 @@ pub async fn one_idempotency_key_submitted_at_once_creates_one_job(store: Arc<St
 
 /// A cancel and the last phase's completion, at once: exactly one of them
 /// ends the job, and the log holds exactly one terminal event.
-pub async fn a_cancel_racing_a_completion_ends_the_job_once(store: Arc<Storage>) {
+pub async fn a_cancel_racing_a_completion_ends_the_job_once(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     for round in 0..20 {
         let id = format!("job-{round}");
@@ -116,7 +119,8 @@ pub async fn a_cancel_racing_a_completion_ends_the_job_once(store: Arc<Storage>)
 
 /// A worker that did not learn whether its write committed sends it again:
 /// the replay changes nothing and logs nothing.
-pub async fn a_transition_replayed_after_an_unknown_outcome_changes_nothing(store: Arc<Storage>) {
+pub async fn a_transition_replayed_after_an_unknown_outcome_changes_nothing(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     let first = done(0, true, 3_000);

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use jobhost::model::{JobStatus, PhaseStatus};
 use jobhost::storage::{
     AfterFailure, Completion, DeleteOutcome, Guarded, Interrupted, NewJob, Recovery,
-    RecoveryPolicy, RecoveryScope, Storage,
+    RecoveryPolicy, RecoveryScope,
 };
 
-use super::{create, done, job, kinds, other_token, running, with_echo};
+use super::{create, done, fresh, job, kinds, other_token, running, with_echo};
+use crate::fixture::Backend;
 
 /// A policy that requeues at `run_at` while attempts remain, and records
 /// what it was asked about.
@@ -32,7 +33,8 @@ fn requeue_while_attempts_remain(
 
 /// Recovery hands every running job to the queue's policy, with the phase
 /// that was interrupted, and records what the policy decided.
-pub async fn recovery_applies_the_queues_decision_to_every_running_job(store: Arc<Storage>) {
+pub async fn recovery_applies_the_queues_decision_to_every_running_job(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     running(&store, job("again", 2)).await;
     let last_try = running(
@@ -94,7 +96,8 @@ pub async fn recovery_applies_the_queues_decision_to_every_running_job(store: Ar
 
 /// A worker whose job was recovered and claimed again can write nothing:
 /// its lease is fenced; the new claim's writes go through.
-pub async fn a_job_claimed_again_fences_its_old_worker(store: Arc<Storage>) {
+pub async fn a_job_claimed_again_fences_its_old_worker(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let old = running(&store, job("job-1", 2)).await;
     let asked = Arc::default();
@@ -150,7 +153,8 @@ pub async fn a_job_claimed_again_fences_its_old_worker(store: Arc<Storage>) {
 
 /// Retention deletes terminal jobs that finished before the cutoff, with
 /// their history, leaving only `job:deleted` in the log.
-pub async fn retention_deletes_old_finished_jobs_and_logs_their_deletion(store: Arc<Storage>) {
+pub async fn retention_deletes_old_finished_jobs_and_logs_their_deletion(backend: Backend) {
+    let (store, _dir) = fresh(backend);
     with_echo(&store).await;
     let old = running(&store, job("old", 1)).await;
     store
