@@ -40,6 +40,8 @@ async fn openapi_document_matches_the_routes() {
         "Phase",
         "PluginRecord",
         "Event",
+        "EventBody",
+        "WebhookBody",
         "ErrorBody",
         "BackoffPolicy",
     ] {
@@ -48,6 +50,29 @@ async fn openapi_document_matches_the_routes() {
             "schema {schema} missing"
         );
     }
+    // Every event type's payload is published: one variant per type, each
+    // naming its `type` and describing its `data`.
+    let variants = doc["components"]["schemas"]["EventBody"]["oneOf"]
+        .as_array()
+        .expect("EventBody is one of the event types");
+    let mut types: Vec<&str> = variants
+        .iter()
+        .flat_map(|variant| variant["properties"]["type"]["enum"].as_array().unwrap())
+        .map(|name| name.as_str().unwrap())
+        .collect();
+    types.sort_unstable();
+    let mut expected: Vec<&str> = jobhost::model::EventKind::ALL
+        .iter()
+        .map(|kind| kind.name())
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(types, expected);
+    assert!(
+        variants
+            .iter()
+            .all(|variant| variant["properties"].get("data").is_some()),
+        "{variants:?}"
+    );
 
     // Every documented operation is served (the fallback answers unknown
     // routes with "no such route").

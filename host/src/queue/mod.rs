@@ -461,25 +461,29 @@ impl Queue {
     /// have finished before the cancel took effect.
     pub async fn cancel(&self, id: &str) -> Result<Cancelled, QueueError> {
         let running = self.shared.running.lock().await;
-        match self
+        let outcome = self
             .shared
             .storage
             .cancel_pending_job(id, self.shared.now())
-            .await?
-        {
-            // This process runs it: its worker stops the phase and records the cancel.
-            CancelOutcome::Running if running.contains_key(id) => {
-                running[id].cancel();
-                drop(running);
-                let stopped =
-                    tokio::time::timeout(CANCEL_WAIT, self.wait_until_not_running(id)).await;
-                match (stopped, self.job_status(id).await?) {
-                    (Ok(()), JobStatus::Cancelled) => Ok(Cancelled::Done),
-                    (Ok(()), status) if status.is_terminal() => Err(QueueError::Conflict {
-                        status,
-                        reason: "the job finished before the cancel took effect",
+            .await?;
+        let token = running.get(id).cloned();
+        drop(running);
+        match outcome {
+            CancelOutcome::Running => {
+                // A job a worker claimed as its previous one completed is
+                // in `running` a moment after that commit: wait for it.
+                let token = match token {
+                    Some(token) => Some(token),
+                    None => self.slot_of(id).await,
+                };
+                match token {
+                    // This process runs it: its worker stops the phase and
+                    // records the cancel.
+                    Some(token) => self.stop_and_wait(id, token).await,
+                    None => Err(QueueError::Conflict {
+                        status: JobStatus::Running,
+                        reason: "the job is running on another host",
                     }),
-                    _ => Ok(Cancelled::Stopping),
                 }
             }
             CancelOutcome::Cancelled => Ok(Cancelled::Done),
@@ -488,11 +492,51 @@ impl Queue {
                 status,
                 reason: "the job has already finished; nothing changed",
             }),
-            CancelOutcome::Running => Err(QueueError::Conflict {
-                status: JobStatus::Running,
-                reason: "the job is running on another host",
-            }),
         }
+    }
+
+    /// Stops a job this process runs and waits, up to [`CANCEL_WAIT`], for
+    /// its worker to say what happened.
+    async fn stop_and_wait(
+        &self,
+        id: &str,
+        token: CancellationToken,
+    ) -> Result<Cancelled, QueueError> {
+        token.cancel();
+        let stopped = tokio::time::timeout(CANCEL_WAIT, self.wait_until_not_running(id)).await;
+        match (stopped, self.job_status(id).await?) {
+            (Ok(()), JobStatus::Cancelled) => Ok(Cancelled::Done),
+            (Ok(()), status) if status.is_terminal() => Err(QueueError::Conflict {
+                status,
+                reason: "the job finished before the cancel took effect",
+            }),
+            _ => Ok(Cancelled::Stopping),
+        }
+    }
+
+    /// The token of a running job that is not (yet) in `running`: a worker
+    /// registers the job it claimed with its previous one's completion right
+    /// after that commit. `None` if it does not appear within
+    /// [`CANCEL_WAIT`] or stops running first (it runs elsewhere).
+    async fn slot_of(&self, id: &str) -> Option<CancellationToken> {
+        let appears = async {
+            loop {
+                let changed = self.shared.worker_done.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if let Some(token) = self.shared.running.lock().await.get(id) {
+                    return Some(token.clone());
+                }
+                if !matches!(self.job_status(id).await, Ok(JobStatus::Running)) {
+                    return None;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(CANCEL_WAIT, appears)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Runs a failed or cancelled job again: from its first unfinished phase,

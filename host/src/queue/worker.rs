@@ -157,20 +157,13 @@ async fn run_phases(
                 let start_next = !last
                     && stop_reason(shared, cancel).is_none()
                     && shared.config.between_phases.is_none();
-                // A claim holds the slots' lock, as the dispatcher's claims
-                // do, so that a cancel never misses the job claimed here.
-                let mut slots = if last && shared.may_claim() {
-                    Some(shared.running.lock().await)
-                } else {
-                    None
-                };
                 let done = PhaseDone {
                     index,
                     name: job.phases[index].name.clone(),
                     output: output.clone(),
                     usage: result.usage,
                     start_next,
-                    claim_next: slots.is_some() && shared.may_claim(),
+                    claim_next: last && shared.may_claim(),
                     now: shared.now(),
                 };
                 match holds(storage.complete_phase(lease, done).await?, lease) {
@@ -178,8 +171,10 @@ async fn run_phases(
                     Some(Completion::Recorded) => {}
                     Some(Completion::NextStarted(attempt)) => started = Some(attempt),
                     Some(Completion::Claimed(next)) => {
-                        let slots = slots.as_mut().expect("claimed under the lock");
-                        // The slot passes from this job to the next.
+                        // The slot passes from this job to the next. A
+                        // cancel of the next that comes first waits for
+                        // this (see `Queue::cancel`).
+                        let mut slots = shared.running.lock().await;
                         slots.remove(&job.id);
                         let cancel = shared.force.child_token();
                         slots.insert(next.job.id.clone(), cancel.clone());
