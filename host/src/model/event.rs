@@ -36,7 +36,7 @@ macro_rules! event_kinds {
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
         #[serde(tag = "type", content = "data")]
         pub enum EventBody {
-            $( $(#[$doc])* #[serde(rename = $name)] $variant($data), )*
+            $( $(#[$doc])* #[serde(rename = $name)] #[schema(rename = $name)] $variant($data), )*
         }
 
         impl EventBody {
