@@ -43,14 +43,6 @@ pub enum Guarded<T> {
 }
 
 impl<T> Guarded<T> {
-    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Guarded<U> {
-        match self {
-            Guarded::Applied(value) => Guarded::Applied(f(value)),
-            Guarded::Stale => Guarded::Stale,
-            Guarded::Fenced => Guarded::Fenced,
-        }
-    }
-
     pub fn applied(self) -> Option<T> {
         match self {
             Guarded::Applied(value) => Some(value),

@@ -125,8 +125,10 @@ pub(super) fn start_phase(
     index: usize,
     now: i64,
 ) -> Result<Guarded<u32>> {
-    if let refusal @ (Guarded::Stale | Guarded::Fenced) = check_lease(conn, lease)? {
-        return Ok(refusal.map(|()| 0));
+    match check_lease(conn, lease)? {
+        Guarded::Applied(()) => {}
+        Guarded::Stale => return Ok(Guarded::Stale),
+        Guarded::Fenced => return Ok(Guarded::Fenced),
     }
     Ok(
         match start_pending_phase(conn, log, &lease.job_id, index, now)? {
