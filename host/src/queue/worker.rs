@@ -278,7 +278,9 @@ async fn record_failure(
     let storage = &shared.storage;
     let now = shared.now();
     let by_shutdown = failure == PhaseFailure::Cancelled && shared.force.is_cancelled();
-    if failure == PhaseFailure::Cancelled && !by_shutdown && cancel.is_cancelled() {
+    // A user's cancel ends the job however its phase ended: a guest that
+    // noticed `cancelled()` and returned an error is not to be retried.
+    if matches!(stop_reason(shared, cancel), Some(Stop::Cancelled)) {
         let stopped = usage.map(|usage| (index, usage));
         storage.cancel_running_job(lease, stopped, now).await?;
         return Ok(());

@@ -476,16 +476,57 @@ async fn a_write_that_fails_does_not_leave_the_job_running(backend: Backend) {
 /// A phase stopped by a cancel keeps what it used, as a failed one does.
 async fn a_cancelled_phase_keeps_its_resource_use(backend: Backend) {
     let mut host = Host::start_on(backend, config(1)).await;
-    host.upload("spin", "1.0.0", plugin_artifacts::SPIN).await;
-    let queued = host
-        .enqueue(job(vec![phase("forever", "spin", json!({}))], json!(null)))
+    host.upload("cooperative", "1.0.0", plugin_artifacts::COOPERATIVE)
         .await;
-    host.wait_for(&queued.id, EventKind::PhaseStarted).await;
+    let queued = host
+        .enqueue(job(
+            vec![phase("forever", "cooperative", json!({}))],
+            json!(null),
+        ))
+        .await;
+    // Its first progress report says the guest runs (a cancel before that
+    // never starts it, and it would have used nothing).
+    host.wait_for(&queued.id, EventKind::PhaseProgress).await;
     host.queue.cancel(&queued.id).await.unwrap();
     let done = host.wait_until_finished(&queued.id).await;
     assert_eq!(done.status, JobStatus::Cancelled);
     let usage = done.phases[0].usage.expect("the cancelled phase's usage");
-    assert!(usage.epoch_ticks > 0, "{usage:?}");
+    assert!(usage.peak_memory_bytes > 0, "{usage:?}");
+}
+
+/// A guest that notices the cancel and returns an error of its own (here a
+/// permanent one, under a retry budget) ends the job cancelled: the error
+/// neither fails nor retries a job its user cancelled.
+async fn a_guest_that_stops_on_cancel_with_an_error_is_cancelled(backend: Backend) {
+    let mut host = Host::start_on(backend, config(1)).await;
+    host.upload("cooperative", "1.0.0", plugin_artifacts::COOPERATIVE)
+        .await;
+    let mut spec = job(
+        vec![phase("until-cancelled", "cooperative", json!({}))],
+        json!(null),
+    );
+    spec.max_attempts = Some(3);
+    let queued = host.enqueue(spec).await;
+    host.wait_for(&queued.id, EventKind::PhaseProgress).await;
+
+    assert_eq!(
+        host.queue.cancel(&queued.id).await.unwrap(),
+        Cancelled::Done
+    );
+    let done = host.wait_until_finished(&queued.id).await;
+    assert_eq!(done.status, JobStatus::Cancelled);
+    assert_eq!(done.phases[0].status, PhaseStatus::Cancelled);
+    assert_eq!(done.attempt, 1, "not retried");
+    let events = host.job_events(&queued.id).await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "job:created",
+            "job:started",
+            "job:phase:started",
+            "job:cancelled"
+        ]
+    );
 }
 
 crate::fixture::on_each_backend! {
@@ -500,4 +541,5 @@ crate::fixture::on_each_backend! {
     retention_deletes_old_terminal_jobs_with_id_only_events,
     a_write_that_fails_does_not_leave_the_job_running,
     a_cancelled_phase_keeps_its_resource_use,
+    a_guest_that_stops_on_cancel_with_an_error_is_cancelled,
 }

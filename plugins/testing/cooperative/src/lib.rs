@@ -1,4 +1,6 @@
-//! Busy loop that polls `cancelled()` and returns early when asked.
+//! Busy loop that polls `cancelled()` and returns early, with an error, when
+//! asked. It reports progress once as it starts, so that a test can wait
+//! until it runs.
 
 use jobhost_plugin::{Context, Input, Phase, PhaseError, Value, export_phase};
 
@@ -6,6 +8,7 @@ struct Cooperative;
 
 impl Phase for Cooperative {
     fn run(_: &Context, _: &Input) -> Result<Value, PhaseError> {
+        jobhost_plugin::progress(0, "running");
         let mut polls = 0u64;
         while !jobhost_plugin::cancelled() {
             polls += 1;
