@@ -34,9 +34,21 @@ impl App {
     /// Opens the data directory and starts every component but HTTP.
     pub async fn start(config: Config) -> anyhow::Result<App> {
         let data_dir = data_dir::open(&config.data_dir)?;
-        let db = config.data_dir.join("jobhost.db");
-        let storage = storage::open_sqlite(&db, config.durability)
-            .with_context(|| format!("opening {}", db.display()))?;
+        let (storage, db) = match &config.postgres {
+            Some(options) => {
+                let db = options.redacted_url();
+                let storage = storage::open_postgres(options)
+                    .await
+                    .with_context(|| format!("opening {db}"))?;
+                (storage, db)
+            }
+            None => {
+                let db = config.data_dir.join("jobhost.db");
+                let storage = storage::open_sqlite(&db, config.durability)
+                    .with_context(|| format!("opening {}", db.display()))?;
+                (storage, db.display().to_string())
+            }
+        };
         if let Some(bytes) = config.max_db_bytes {
             storage
                 .limit_size(bytes)
@@ -62,7 +74,7 @@ impl App {
         };
         let (queue, recovered) =
             Queue::start(storage, plugins.clone(), Bus::default(), queue_config).await?;
-        tracing::info!(plugins = loaded, recovered = recovered.len(), db = %db.display(), "jobhost started");
+        tracing::info!(plugins = loaded, recovered = recovered.len(), %db, "jobhost started");
         let (max_connections, max_streams) = descriptor_budget(&config);
         let state = AppState {
             queue: Arc::new(queue),

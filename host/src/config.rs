@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::outbound::AddressPolicy;
 use crate::queue::QueueConfig;
 use crate::runtime::RuntimeConfig;
+use crate::storage::postgres::{DEFAULT_POOL_SIZE, PgOptions};
 use crate::storage::{Durability, PluginQuota};
 use crate::webhooks::{self, Secret};
 
@@ -57,6 +58,13 @@ pub struct ServeArgs {
     /// Directory for the SQLite database and compiled artifacts [default: ./data].
     #[arg(long, env = "JOBHOST_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL to keep the queue in, as `postgres://user@host:port/db`,
+    /// instead of the data directory's SQLite file [default: SQLite].
+    #[arg(long, env = "JOBHOST_DATABASE_URL")]
+    pub database: Option<String>,
+    /// Connections to PostgreSQL this host keeps at most [default: 16].
+    #[arg(long, env = "JOBHOST_DB_POOL_SIZE")]
+    pub db_pool_size: Option<usize>,
     /// Jobs run at once [default: 8].
     #[arg(long, env = "JOBHOST_CONCURRENCY")]
     pub concurrency: Option<usize>,
@@ -184,6 +192,8 @@ pub struct ServeArgs {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// `None`: SQLite in the data directory.
+    pub postgres: Option<PgOptions>,
     pub durability: Durability,
     pub access: Access,
     pub max_plugin_bytes: usize,
@@ -324,8 +334,16 @@ impl ServeArgs {
             AddressPolicy::parse_allowed(&allowed)
                 .map_err(|e| anyhow::anyhow!("allow-net: {e}"))?,
         );
+        let postgres = self.database.or(file.database).map(|url| PgOptions {
+            pool_size: self
+                .db_pool_size
+                .or(file.db_pool_size)
+                .unwrap_or(DEFAULT_POOL_SIZE),
+            ..PgOptions::new(url)
+        });
         Ok(Config {
             listen,
+            postgres,
             durability: self.durability.or(file.durability).unwrap_or_default(),
             access,
             max_plugin_bytes: self.max_plugin_mb.or(file.max_plugin_mb).unwrap_or(50) << 20,

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use super::Result;
-use crate::model::{BackoffPolicy, Job, JobStatus, JobSummary, Json, Progress, ResourceUsage};
+use crate::model::{
+    BackoffPolicy, Job, JobStatus, JobSummary, Json, Phase, PhaseStatus, Progress, ResourceUsage,
+};
 
 /// What a worker holds for a job it claimed. Every write it makes about the
 /// job is guarded by all of it: the job must still be running, in this
@@ -93,6 +95,54 @@ pub struct NewJob {
     pub webhook_secret: Option<String>,
     pub phases: Vec<NewPhase>,
     pub created_at: i64,
+}
+
+impl NewJob {
+    /// The job just stored, as loading it would return it (a unit test holds
+    /// the two equal), without reading back what was just written.
+    pub fn stored(&self, pinned: Vec<String>) -> Job {
+        let new = self;
+        Job {
+            id: new.id.clone(),
+            status: JobStatus::Pending,
+            payload: new.payload.clone(),
+            priority: new.priority,
+            run_at: new.run_at,
+            attempt: 0,
+            max_attempts: new.max_attempts,
+            backoff: new.backoff,
+            idempotency_key: new.idempotency_key.clone(),
+            webhook_url: new.webhook_url.clone(),
+            created_at: new.created_at,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            phases: new
+                .phases
+                .iter()
+                .zip(pinned)
+                .enumerate()
+                .map(|(index, (phase, version))| Phase {
+                    index,
+                    name: phase.name.clone(),
+                    plugin: phase.plugin.clone(),
+                    version,
+                    config: phase.config.clone(),
+                    timeout_ms: phase.timeout_ms,
+                    status: PhaseStatus::Pending,
+                    output: None,
+                    error: None,
+                    attempts: 0,
+                    started_at: None,
+                    finished_at: None,
+                    usage: None,
+                    progress: None,
+                })
+                .collect(),
+            errors: Vec::new(),
+            webhook: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -324,4 +374,14 @@ pub trait JobStore: Send + Sync {
 
     /// Number of jobs in each status.
     async fn job_counts(&self) -> Result<Vec<(JobStatus, u64)>>;
+}
+
+/// The resource use of a phase a cancel stopped, as backends store it.
+pub(super) fn stopped_usage(
+    stopped: Option<(usize, ResourceUsage)>,
+) -> Result<Option<(usize, String)>> {
+    stopped
+        .map(|(index, usage)| serde_json::to_string(&usage).map(|usage| (index, usage)))
+        .transpose()
+        .map_err(|e| super::StorageError::corrupt(format!("usage: {e}")))
 }

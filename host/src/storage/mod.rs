@@ -23,6 +23,7 @@ mod error;
 mod events;
 mod jobs;
 mod plugins;
+pub mod postgres;
 pub mod sqlite;
 mod webhooks;
 
@@ -63,6 +64,11 @@ pub trait Store: JobStore + EventStore + WebhookOutbox + PluginStore {
 
 /// Storage as the rest of jobhost holds it: `Arc<Storage>`.
 pub type Storage = dyn Store;
+
+/// Connects to PostgreSQL and migrates its schema.
+pub async fn open_postgres(options: &postgres::PgOptions) -> Result<Arc<Storage>> {
+    Ok(Arc::new(postgres::PgStore::open(options).await?))
+}
 
 /// Opens (creating if needed) the embedded SQLite database at `path`.
 pub fn open_sqlite(path: &std::path::Path, durability: Durability) -> Result<Arc<Storage>> {

@@ -6,6 +6,9 @@
 use async_trait::async_trait;
 
 use super::Result;
+use crate::model::event::WebhookSettled;
+use crate::model::webhook::{EndedJob, WebhookBody};
+use crate::model::{DeliveryStatus, EventBody};
 
 /// A delivery to attempt.
 #[derive(Debug, Clone)]
@@ -59,4 +62,79 @@ pub trait WebhookOutbox: Send + Sync {
     /// Resolves after a commit that added a delivery (at once if one
     /// happened since the last call returned).
     async fn webhook_added(&self);
+}
+
+/// What one attempt writes to its delivery row.
+pub(super) struct AttemptRecord<'a> {
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub http_status: Option<u16>,
+    pub error: Option<&'a str>,
+    pub next_attempt_at: i64,
+    pub finished_at: Option<i64>,
+    /// The event a settled delivery logs.
+    pub settled: Option<EventBody>,
+}
+
+impl AttemptOutcome {
+    /// What recording this attempt of `delivery` at `now` writes.
+    pub(super) fn record<'a>(&'a self, delivery: &Delivery, now: i64) -> AttemptRecord<'a> {
+        let attempts = delivery.attempts + 1;
+        let (status, http_status, error, next_attempt_at, finished_at) = match self {
+            AttemptOutcome::Delivered { status } => (
+                DeliveryStatus::Delivered,
+                Some(*status),
+                None,
+                now,
+                Some(now),
+            ),
+            AttemptOutcome::Retry {
+                status,
+                error,
+                next_attempt_at,
+            } => (
+                DeliveryStatus::Pending,
+                *status,
+                Some(error.as_str()),
+                *next_attempt_at,
+                None,
+            ),
+            AttemptOutcome::Failed { status, error } => (
+                DeliveryStatus::Failed,
+                *status,
+                Some(error.as_str()),
+                now,
+                Some(now),
+            ),
+        };
+        let settled = WebhookSettled {
+            webhook_id: delivery.id.clone(),
+            url: delivery.url.clone(),
+            attempts,
+            status: http_status,
+            error: error.map(str::to_owned),
+        };
+        let settled = match self {
+            AttemptOutcome::Delivered { .. } => Some(EventBody::WebhookDelivered(settled)),
+            AttemptOutcome::Failed { .. } => Some(EventBody::WebhookFailed(settled)),
+            AttemptOutcome::Retry { .. } => None,
+        };
+        AttemptRecord {
+            status,
+            attempts,
+            http_status,
+            error,
+            next_attempt_at,
+            finished_at,
+            settled,
+        }
+    }
+}
+
+/// A new delivery's id (stable across attempts: the receiver's
+/// idempotency key) and the body every attempt sends.
+pub(super) fn new_delivery(ended: EndedJob<'_>) -> (String, String) {
+    let body =
+        serde_json::to_string(&WebhookBody::new(ended)).expect("a webhook body always serializes");
+    (format!("msg_{}", uuid::Uuid::now_v7().simple()), body)
 }

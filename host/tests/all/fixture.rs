@@ -12,6 +12,7 @@ use jobhost::model::{Job, JobSpec, PhaseSpec};
 use jobhost::plugins::PluginRegistry;
 use jobhost::queue::{Queue, QueueConfig};
 use jobhost::runtime::{Runtime, RuntimeConfig};
+use jobhost::storage::postgres::PgOptions;
 use jobhost::storage::{Durability, EventFilter, Recovered, Storage};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -23,22 +24,152 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
+    Postgres,
 }
 
 impl Backend {
     /// Opens the store of the host whose data directory is `dir`: the
     /// same data each time it is opened (a restart).
-    pub fn open(self, dir: &std::path::Path) -> Arc<Storage> {
+    pub async fn open(self, dir: &DataDir) -> Arc<Storage> {
         match self {
             Backend::Sqlite => {
-                jobhost::storage::open_sqlite(&dir.join("jobhost.db"), Durability::Process).unwrap()
+                jobhost::storage::open_sqlite(&dir.path().join("jobhost.db"), Durability::Process)
+                    .unwrap()
+            }
+            Backend::Postgres => {
+                let database = dir.database.as_ref().expect("a PostgreSQL data directory");
+                let options = PgOptions {
+                    pool_size: 8,
+                    ..PgOptions::new(postgres::url_of(database))
+                };
+                jobhost::storage::open_postgres(&options).await.unwrap()
             }
         }
     }
 }
 
+/// A host's data: a temporary directory (compiled artifacts; the SQLite
+/// file) and, on PostgreSQL, a database of its own, dropped with it.
+pub struct DataDir {
+    dir: tempfile::TempDir,
+    database: Option<String>,
+}
+
+impl DataDir {
+    pub async fn new(backend: Backend) -> DataDir {
+        let dir = tempfile::tempdir().unwrap();
+        let database = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(postgres::create_database().await),
+        };
+        DataDir { dir, database }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        if let Some(database) = self.database.take() {
+            postgres::drop_database(database);
+        }
+    }
+}
+
+/// Test databases on the PostgreSQL that `JOBHOST_TEST_DATABASE_URL`
+/// names (by default this project's machines' own, on 127.0.0.1:5432).
+pub mod postgres {
+    use std::sync::OnceLock;
+
+    const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    /// The server's URL, with the database that tests connect to first.
+    fn admin_url() -> String {
+        std::env::var("JOBHOST_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+    }
+
+    /// The URL of `database` on the same server.
+    pub fn url_of(database: &str) -> String {
+        let admin = admin_url();
+        let (server, _) = admin.rsplit_once('/').expect("a URL with a database");
+        format!("{server}/{database}")
+    }
+
+    async fn connect() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) =
+            tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// Whether PostgreSQL tests run here. Without a server they are
+    /// skipped, saying so, unless `JOBHOST_REQUIRE_POSTGRES=1` (CI), where
+    /// a missing server fails them.
+    pub async fn available() -> bool {
+        static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
+        if AVAILABLE.get().is_none() {
+            let probe = connect().await.map(drop).map_err(|e| e.to_string());
+            let _ = AVAILABLE.set(probe);
+        }
+        match AVAILABLE.get().expect("just set") {
+            Ok(()) => true,
+            Err(error) if std::env::var("JOBHOST_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+                panic!(
+                    "JOBHOST_REQUIRE_POSTGRES=1, but PostgreSQL at {} is unreachable: {error}",
+                    admin_url()
+                )
+            }
+            Err(error) => {
+                eprintln!(
+                    "SKIPPED: PostgreSQL at {} is unreachable ({error}). \
+                     Set JOBHOST_TEST_DATABASE_URL=postgres://user@host:port/database to run the PostgreSQL tests.",
+                    admin_url()
+                );
+                false
+            }
+        }
+    }
+
+    /// Creates an empty database for one test: its name.
+    pub async fn create_database() -> String {
+        let name = format!("jobhost_test_{}", uuid::Uuid::now_v7().simple());
+        connect()
+            .await
+            .unwrap()
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Drops a test's database, closing what still connects to it. Runs
+    /// on a thread of its own: it is called from `Drop`, maybe inside a
+    /// runtime that is shutting down.
+    pub fn drop_database(name: String) {
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let client = connect().await?;
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+            })
+        })
+        .join();
+        if let Ok(Err(error)) = dropped {
+            eprintln!("could not drop a test database: {error}");
+        }
+    }
+}
+
 /// Instantiates each listed test (an `async fn(Backend)`) once per backend,
-/// as `<module>::<backend>::<test>`.
+/// as `<module>::<backend>::<test>`. PostgreSQL's are skipped, saying so,
+/// where no server runs (see [`postgres::available`]).
 macro_rules! on_each_backend {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -49,13 +180,23 @@ macro_rules! on_each_backend {
                 }
             )*
         }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    if crate::fixture::postgres::available().await {
+                        super::$test(crate::fixture::Backend::Postgres).await
+                    }
+                }
+            )*
+        }
     };
 }
 pub(crate) use on_each_backend;
 
 pub struct Host {
     pub backend: Backend,
-    pub dir: Arc<tempfile::TempDir>,
+    pub dir: Arc<DataDir>,
     pub storage: Arc<Storage>,
     pub plugins: Arc<PluginRegistry>,
     pub queue: Queue,
@@ -77,18 +218,14 @@ impl Host {
     }
 
     pub async fn start_on(backend: Backend, config: QueueConfig) -> Host {
-        Host::open_on(backend, Arc::new(tempfile::tempdir().unwrap()), config).await
+        Host::open_on(backend, Arc::new(DataDir::new(backend).await), config).await
     }
 
     /// Opens the host on an existing data directory, as a restart would.
-    pub async fn open_on(
-        backend: Backend,
-        dir: Arc<tempfile::TempDir>,
-        config: QueueConfig,
-    ) -> Host {
+    pub async fn open_on(backend: Backend, dir: Arc<DataDir>, config: QueueConfig) -> Host {
         let bus = Bus::default();
         let events = bus.subscribe();
-        let storage = backend.open(dir.path());
+        let storage = backend.open(&dir).await;
         let runtime_config = RuntimeConfig {
             max_concurrent_runs: config.concurrency as u32 + 1,
             memory_limit: 64 << 20,
@@ -112,8 +249,8 @@ impl Host {
     }
 
     /// The host's store opened again, beside the queue or after it stopped.
-    pub fn reopen_storage(&self) -> Arc<Storage> {
-        self.backend.open(self.dir.path())
+    pub async fn reopen_storage(&self) -> Arc<Storage> {
+        self.backend.open(&self.dir).await
     }
 
     /// Uploads a component from `plugins/` under `name`@`version`.

@@ -7,7 +7,7 @@ use super::corrupt;
 use super::rows::must_load;
 use super::transitions::job_event;
 use super::writer::EventLog;
-use crate::model::{EventBody, Job, JobStatus, Phase, PhaseStatus};
+use crate::model::EventBody;
 use crate::storage::{CreateOutcome, NewJob, Result};
 
 pub(super) fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Result<CreateOutcome> {
@@ -81,52 +81,7 @@ pub(super) fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Res
             phase.timeout_ms as i64
         ])?;
     }
-    let job = created_job(new, pinned);
+    let job = new.stored(pinned);
     job_event(conn, log, &job.id, EventBody::created(&job), new.created_at)?;
     Ok(CreateOutcome::Created(job, None))
-}
-
-/// The job just inserted, as loading it would return it (a unit test holds
-/// the two equal), without reading back what was just written.
-pub(super) fn created_job(new: &NewJob, pinned: Vec<String>) -> Job {
-    Job {
-        id: new.id.clone(),
-        status: JobStatus::Pending,
-        payload: new.payload.clone(),
-        priority: new.priority,
-        run_at: new.run_at,
-        attempt: 0,
-        max_attempts: new.max_attempts,
-        backoff: new.backoff,
-        idempotency_key: new.idempotency_key.clone(),
-        webhook_url: new.webhook_url.clone(),
-        created_at: new.created_at,
-        started_at: None,
-        finished_at: None,
-        error: None,
-        phases: new
-            .phases
-            .iter()
-            .zip(pinned)
-            .enumerate()
-            .map(|(index, (phase, version))| Phase {
-                index,
-                name: phase.name.clone(),
-                plugin: phase.plugin.clone(),
-                version,
-                config: phase.config.clone(),
-                timeout_ms: phase.timeout_ms,
-                status: PhaseStatus::Pending,
-                output: None,
-                error: None,
-                attempts: 0,
-                started_at: None,
-                finished_at: None,
-                usage: None,
-                progress: None,
-            })
-            .collect(),
-        errors: Vec::new(),
-        webhook: None,
-    }
 }

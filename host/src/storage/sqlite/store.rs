@@ -87,7 +87,7 @@ impl JobStore for SqliteStore {
         now: i64,
     ) -> Result<Guarded<()>> {
         let lease = lease.clone();
-        let stopped = transitions::stopped_usage(stopped)?;
+        let stopped = crate::storage::jobs::stopped_usage(stopped)?;
         self.write(move |conn, log| {
             transitions::cancel_running(conn, log, &lease, stopped.as_ref(), now)
         })

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::corrupt;
 use super::writer::EventLog;
 use crate::model::event::{EndedAttempt, JobCancelled, JobCompleted, PhaseCompleted, PhaseStarted};
-use crate::model::{EventBody, JobStatus, NewEvent, Progress, ResourceUsage, event};
+use crate::model::{EventBody, JobStatus, NewEvent, Progress, event};
 use crate::storage::{AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, Result};
 
 /// The guard every worker write puts on the job's row, with the lease in
@@ -400,14 +400,4 @@ pub(super) fn release(conn: &Connection, lease: &Lease, now: i64) -> Result<Guar
         return refused(conn, lease);
     }
     Ok(Guarded::Applied(()))
-}
-
-/// The resource use of a phase a cancel stopped, as stored.
-pub(super) fn stopped_usage(
-    stopped: Option<(usize, ResourceUsage)>,
-) -> Result<Option<(usize, String)>> {
-    stopped
-        .map(|(index, usage)| serde_json::to_string(&usage).map(|usage| (index, usage)))
-        .transpose()
-        .map_err(|e| corrupt("usage", e))
 }

@@ -9,9 +9,9 @@ use async_trait::async_trait;
 
 use super::SqliteStore;
 use super::writer::EventLog;
-use crate::model::event::WebhookSettled;
-use crate::model::webhook::{EndedJob, WebhookBody};
-use crate::model::{DeliveryStatus, EventBody, EventKind, NewEvent, WebhookStatus};
+use crate::model::webhook::EndedJob;
+use crate::model::{DeliveryStatus, EventKind, NewEvent, WebhookStatus};
+use crate::storage::webhooks::new_delivery;
 use crate::storage::{AttemptOutcome, Delivery, Result, WebhookOutbox};
 
 /// Adds a delivery for a job that just reached a terminal state, if the job
@@ -31,7 +31,7 @@ pub(super) fn enqueue(
     let Some((Some(url), secret, attempt, created_at, error)) = target else {
         return Ok(());
     };
-    let body = WebhookBody::new(EndedJob {
+    let (id, body) = new_delivery(EndedJob {
         job_id,
         kind,
         attempt,
@@ -39,13 +39,12 @@ pub(super) fn enqueue(
         created_at,
         finished_at: now,
     });
-    let body = serde_json::to_string(&body).expect("a webhook body always serializes");
     conn.prepare_cached(
         "INSERT INTO webhook_deliveries (id, job_id, url, secret, event, body, status, next_attempt_at, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)",
     )?
     .execute(params![
-        format!("msg_{}", uuid::Uuid::now_v7().simple()),
+        id,
         job_id,
         url,
         secret,
@@ -86,34 +85,7 @@ fn record(
     outcome: &AttemptOutcome,
     now: i64,
 ) -> Result<()> {
-    let attempts = delivery.attempts + 1;
-    let (status, http, error, next, finished) = match outcome {
-        AttemptOutcome::Delivered { status } => (
-            DeliveryStatus::Delivered,
-            Some(*status),
-            None,
-            now,
-            Some(now),
-        ),
-        AttemptOutcome::Retry {
-            status,
-            error,
-            next_attempt_at,
-        } => (
-            DeliveryStatus::Pending,
-            *status,
-            Some(error.as_str()),
-            *next_attempt_at,
-            None,
-        ),
-        AttemptOutcome::Failed { status, error } => (
-            DeliveryStatus::Failed,
-            *status,
-            Some(error.as_str()),
-            now,
-            Some(now),
-        ),
-    };
+    let record = outcome.record(delivery, now);
     // A settled delivery no longer needs its secret.
     conn.prepare_cached(
         "UPDATE webhook_deliveries SET status = ?2, attempts = ?3, last_status = ?4, last_error = ?5,
@@ -121,8 +93,16 @@ fn record(
                 secret = CASE WHEN ?2 = 'pending' THEN secret END
          WHERE id = ?1",
     )?
-    .execute(params![delivery.id, status.as_str(), attempts, http, error, next, finished])?;
-    if finished.is_some() {
+    .execute(params![
+        delivery.id,
+        record.status.as_str(),
+        record.attempts,
+        record.http_status,
+        record.error,
+        record.next_attempt_at,
+        record.finished_at
+    ])?;
+    if record.finished_at.is_some() {
         // Retention already took its job: the settled row goes too.
         conn.prepare_cached(
             "DELETE FROM webhook_deliveries
@@ -130,19 +110,10 @@ fn record(
         )?
         .execute([&delivery.id])?;
     }
-    let settled = WebhookSettled {
-        webhook_id: delivery.id.clone(),
-        url: delivery.url.clone(),
-        attempts,
-        status: http,
-        error: error.map(str::to_owned),
-    };
-    let body = match outcome {
-        AttemptOutcome::Delivered { .. } => EventBody::WebhookDelivered(settled),
-        AttemptOutcome::Failed { .. } => EventBody::WebhookFailed(settled),
-        AttemptOutcome::Retry { .. } => return Ok(()),
-    };
-    log.emit(conn, NewEvent::job(&delivery.job_id, body), now)
+    match record.settled {
+        Some(body) => log.emit(conn, NewEvent::job(&delivery.job_id, body), now),
+        None => Ok(()),
+    }
 }
 
 #[async_trait]

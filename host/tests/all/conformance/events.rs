@@ -14,7 +14,7 @@ use crate::fixture::Backend;
 /// A job that ends with a webhook adds one delivery, in the same write,
 /// with the body every attempt sends; a settled delivery is logged.
 pub async fn an_ending_job_with_a_webhook_adds_one_delivery(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let hooked = NewJob {
         webhook_url: Some("http://127.0.0.1:9/hook".into()),
@@ -92,7 +92,7 @@ pub async fn an_ending_job_with_a_webhook_adds_one_delivery(backend: Backend) {
 /// event gets exactly the rest, filtered by job or kind, and a commit
 /// wakes readers with the newest sequence number.
 pub async fn the_log_reads_back_in_order_by_cursor_and_filter(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     let woken = Arc::new(AtomicUsize::new(0));
     store.on_append({
         let woken = woken.clone();

@@ -14,7 +14,7 @@ use crate::fixture::Backend;
 /// `create` and `claim` return the jobs they changed without reading them
 /// back: what they return must be exactly what loading returns.
 pub async fn created_and_claimed_jobs_read_back_as_returned(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let created = create(&store, job("job-1", 2)).await;
     assert_eq!(created.phases[0].version, "1.0.0", "the active version");
@@ -60,7 +60,7 @@ pub async fn created_and_claimed_jobs_read_back_as_returned(backend: Backend) {
 
 /// A completion starts the next phase in the same write, and logs both.
 pub async fn a_completion_starts_the_next_phase_and_logs_both(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     let outcome = store
@@ -120,7 +120,7 @@ pub async fn a_completion_starts_the_next_phase_and_logs_both(backend: Backend) 
 /// Claims take due jobs only: the highest priority first, then the
 /// earliest `run_at`.
 pub async fn claims_take_the_highest_priority_then_the_earliest_due(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let at = |id: &str, priority: i32, run_at: i64| NewJob {
         priority,
@@ -150,7 +150,7 @@ pub async fn claims_take_the_highest_priority_then_the_earliest_due(backend: Bac
 /// A second job with the same idempotency key stores nothing and returns
 /// the first.
 pub async fn an_idempotency_key_returns_the_first_job(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let keyed = |id: &str| NewJob {
         idempotency_key: Some("order-17".into()),
@@ -166,7 +166,7 @@ pub async fn an_idempotency_key_returns_the_first_job(backend: Backend) {
 /// A failed attempt retries at the time the queue chose, resuming at the
 /// failed phase, and fails the job when the queue says so.
 pub async fn a_failed_attempt_retries_or_fails_as_the_queue_decides(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     store
@@ -227,7 +227,7 @@ pub async fn a_failed_attempt_retries_or_fails_as_the_queue_decides(backend: Bac
 /// A manual retry runs a failed job again from its first unfinished phase,
 /// or from the start.
 pub async fn a_manual_retry_keeps_completed_phases_unless_from_start(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     store
@@ -281,7 +281,7 @@ pub async fn a_manual_retry_keeps_completed_phases_unless_from_start(backend: Ba
 /// Cancelling a pending job cancels it and its phases; a running job is
 /// left to its worker, and a finished one stays as it was.
 pub async fn cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     create(
         &store,
@@ -336,7 +336,7 @@ pub async fn cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker(b
 /// A job handed back between phases (shutdown) waits again, and its next
 /// claim is the same attempt.
 pub async fn a_released_job_runs_again_without_counting_the_attempt(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     let outcome = store
@@ -377,7 +377,7 @@ pub async fn a_released_job_runs_again_without_counting_the_attempt(backend: Bac
 /// The last phase's completion can claim the worker's next job in the same
 /// write: the due job a claim would pick, started, under its own lease.
 pub async fn completing_a_job_can_claim_the_workers_next_one(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let claiming = |index, start_next, now| PhaseDone {
         claim_next: true,

@@ -18,13 +18,13 @@ use jobhost::storage::{
     Claimed, CreateOutcome, Lease, NewJob, NewPhase, NewPluginVersion, Storage,
 };
 
-use crate::fixture::Backend;
+use crate::fixture::{Backend, DataDir};
 use serde_json::json;
 
 /// A fresh, empty store of `backend`, and the directory it lives in.
-pub fn fresh(backend: Backend) -> (Arc<Storage>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    (backend.open(dir.path()), dir)
+pub async fn fresh(backend: Backend) -> (Arc<Storage>, DataDir) {
+    let dir = DataDir::new(backend).await;
+    (backend.open(&dir).await, dir)
 }
 
 use events::an_ending_job_with_a_webhook_adds_one_delivery;

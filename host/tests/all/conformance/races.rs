@@ -13,7 +13,7 @@ use crate::fixture::Backend;
 /// Claimers running at once never take the same job, and together take
 /// every due job.
 pub async fn concurrent_claimers_never_share_a_job(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     const JOBS: usize = 60;
     for i in 0..JOBS {
@@ -44,7 +44,7 @@ pub async fn concurrent_claimers_never_share_a_job(backend: Backend) {
 /// The same idempotency key submitted many times at once stores one job;
 /// every other submit gets that job back.
 pub async fn one_idempotency_key_submitted_at_once_creates_one_job(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let submits = (0..12).map(|i| {
         let store = store.clone();
@@ -82,7 +82,7 @@ pub async fn one_idempotency_key_submitted_at_once_creates_one_job(backend: Back
 /// A cancel and the last phase's completion, at once: exactly one of them
 /// ends the job, and the log holds exactly one terminal event.
 pub async fn a_cancel_racing_a_completion_ends_the_job_once(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     for round in 0..20 {
         let id = format!("job-{round}");
@@ -120,7 +120,7 @@ pub async fn a_cancel_racing_a_completion_ends_the_job_once(backend: Backend) {
 /// A worker that did not learn whether its write committed sends it again:
 /// the replay changes nothing and logs nothing.
 pub async fn a_transition_replayed_after_an_unknown_outcome_changes_nothing(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let claimed = running(&store, job("job-1", 2)).await;
     let first = done(0, true, 3_000);

@@ -34,7 +34,7 @@ fn requeue_while_attempts_remain(
 /// Recovery hands every running job to the queue's policy, with the phase
 /// that was interrupted, and records what the policy decided.
 pub async fn recovery_applies_the_queues_decision_to_every_running_job(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     running(&store, job("again", 2)).await;
     let last_try = running(
@@ -97,7 +97,7 @@ pub async fn recovery_applies_the_queues_decision_to_every_running_job(backend: 
 /// A worker whose job was recovered and claimed again can write nothing:
 /// its lease is fenced; the new claim's writes go through.
 pub async fn a_job_claimed_again_fences_its_old_worker(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let old = running(&store, job("job-1", 2)).await;
     let asked = Arc::default();
@@ -154,7 +154,7 @@ pub async fn a_job_claimed_again_fences_its_old_worker(backend: Backend) {
 /// Retention deletes terminal jobs that finished before the cutoff, with
 /// their history, leaving only `job:deleted` in the log.
 pub async fn retention_deletes_old_finished_jobs_and_logs_their_deletion(backend: Backend) {
-    let (store, _dir) = fresh(backend);
+    let (store, _dir) = fresh(backend).await;
     with_echo(&store).await;
     let old = running(&store, job("old", 1)).await;
     store

@@ -1,0 +1,227 @@
+//! What users and chores ask for, beside the workers' transitions:
+//! cancelling a pending job, retrying or deleting a finished one, recovery
+//! of interrupted jobs (the queue's policy decides each one's fate), and
+//! retention. Each locks the job's row before deciding from its status.
+
+use super::rows::{must_load, phases_of};
+use super::transitions::{cancel, end_attempt, job_event, record_attempt_error};
+use super::{Tx, Written, corrupt, execute, query, query_opt};
+use crate::model::event::{EndedAttempt, JobDeleted, JobRetrying, ManualRetry};
+use crate::model::{EventBody, JobStatus, PhaseStatus};
+use crate::storage::{
+    AfterFailure, CancelOutcome, DeleteOutcome, Interrupted, Recovered, RecoveryPolicy,
+    RecoveryScope, Result, RetryOutcome,
+};
+
+/// The job's status, with its row locked until the transaction ends.
+async fn locked_status(tx: &Tx<'_>, job_id: &str) -> Result<Option<JobStatus>> {
+    let row = query_opt(
+        tx,
+        "SELECT status FROM jobs WHERE id = $1 FOR UPDATE",
+        &[&job_id],
+    )
+    .await?;
+    row.map(|row| {
+        let status: &str = row.get(0);
+        JobStatus::parse(status).ok_or_else(|| corrupt("job status", status))
+    })
+    .transpose()
+}
+
+pub(super) async fn cancel_if_pending(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job_id: &str,
+    now: i64,
+) -> Result<CancelOutcome> {
+    Ok(match locked_status(tx, job_id).await? {
+        None => CancelOutcome::NotFound,
+        Some(JobStatus::Pending) => {
+            cancel(tx, written, job_id, JobStatus::Pending, now).await?;
+            CancelOutcome::Cancelled
+        }
+        Some(JobStatus::Running) => CancelOutcome::Running,
+        Some(status) => CancelOutcome::AlreadyFinished(status),
+    })
+}
+
+pub(super) async fn retry(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job_id: &str,
+    from_start: bool,
+    now: i64,
+) -> Result<RetryOutcome> {
+    match locked_status(tx, job_id).await? {
+        None => return Ok(RetryOutcome::NotFound),
+        Some(JobStatus::Failed | JobStatus::Cancelled) => {}
+        Some(status) => return Ok(RetryOutcome::NotRetryable(status)),
+    }
+    let reset = if from_start {
+        "UPDATE phases SET status = 'pending', output = NULL, error = NULL, usage = NULL,
+                           progress = NULL, attempts = 0, started_at = NULL, finished_at = NULL
+         WHERE job_id = $1"
+    } else {
+        "UPDATE phases SET status = 'pending', error = NULL, started_at = NULL, finished_at = NULL
+         WHERE job_id = $1 AND status <> 'completed'"
+    };
+    execute(tx, reset, &[&job_id]).await?;
+    execute(
+        tx,
+        "UPDATE jobs SET status = 'pending', run_at = $2, attempt = 0, finished_at = NULL, error = NULL
+         WHERE id = $1",
+        &[&job_id, &now],
+    )
+    .await?;
+    let retrying = JobRetrying::Manual(ManualRetry {
+        manual: true,
+        from_start,
+        run_at: now,
+    });
+    job_event(tx, written, job_id, EventBody::JobRetrying(retrying), now).await?;
+    Ok(RetryOutcome::Retried(Box::new(
+        must_load(tx, job_id).await?,
+    )))
+}
+
+pub(super) async fn delete(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job_id: &str,
+    now: i64,
+) -> Result<DeleteOutcome> {
+    match locked_status(tx, job_id).await? {
+        None => Ok(DeleteOutcome::NotFound),
+        Some(status) if !status.is_terminal() => Ok(DeleteOutcome::NotTerminal(status)),
+        Some(_) => {
+            delete_row(tx, written, job_id, now).await?;
+            Ok(DeleteOutcome::Deleted)
+        }
+    }
+}
+
+/// Deletes a job with its history: its phases, attempt errors, logged
+/// events and settled webhook deliveries. Only the `job:deleted` event is
+/// left, for watchers to replay.
+async fn delete_row(tx: &Tx<'_>, written: &mut Written, job_id: &str, now: i64) -> Result<()> {
+    execute(tx, "DELETE FROM jobs WHERE id = $1", &[&job_id]).await?;
+    execute(tx, "DELETE FROM events WHERE job_id = $1", &[&job_id]).await?;
+    // Settled deliveries go with their job; pending ones still go out.
+    execute(
+        tx,
+        "DELETE FROM webhook_deliveries WHERE job_id = $1 AND status <> 'pending'",
+        &[&job_id],
+    )
+    .await?;
+    let deleted = EventBody::JobDeleted(JobDeleted {
+        id: job_id.to_owned(),
+    });
+    job_event(tx, written, job_id, deleted, now).await
+}
+
+/// Recovers the running jobs `scope` names, each as `policy` decides.
+pub(super) async fn recover(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    scope: &RecoveryScope,
+    policy: &RecoveryPolicy,
+    now: i64,
+) -> Result<Vec<Recovered>> {
+    let rows = match scope {
+        RecoveryScope::AllRunning => {
+            query(
+                tx,
+                "SELECT id, attempt, max_attempts FROM jobs WHERE status = 'running'
+                 ORDER BY id FOR UPDATE",
+                &[],
+            )
+            .await?
+        }
+        RecoveryScope::Job(lease) => {
+            query(
+                tx,
+                "SELECT id, attempt, max_attempts FROM jobs
+                 WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease = $3 FOR UPDATE",
+                &[&lease.job_id, &(lease.attempt as i32), &lease.token],
+            )
+            .await?
+        }
+    };
+    let mut recovered = Vec::with_capacity(rows.len());
+    for row in rows {
+        let job_id: String = row.get(0);
+        let phases = phases_of(tx, &job_id, super::rows::Listed::Summary).await?;
+        let job = Interrupted {
+            attempt: row.get::<_, i32>(1) as u32,
+            max_attempts: row.get::<_, i32>(2) as u32,
+            phase: phases
+                .iter()
+                .find(|phase| phase.status == PhaseStatus::Running)
+                .map(|phase| (phase.index, phase.name.clone())),
+            job_id,
+        };
+        let decision = policy(&job);
+        let requeued = matches!(decision.after, AfterFailure::Retry { .. });
+        let phase = job.phase.as_ref().map(|(_, name)| name.as_str());
+        let (job_id, error) = (job.job_id.as_str(), decision.error.as_str());
+        record_attempt_error(tx, job_id, job.attempt, phase, error, now).await?;
+        if let Some((index, _)) = &job.phase {
+            let status = if requeued { "pending" } else { "failed" };
+            execute(
+                tx,
+                "UPDATE phases SET status = $3, error = $4, finished_at = $5
+                 WHERE job_id = $1 AND idx = $2",
+                &[&job_id, &(*index as i32), &status, &error, &now],
+            )
+            .await?;
+        }
+        let ended = EndedAttempt {
+            attempt: job.attempt,
+            phase,
+            error,
+            recovered: true,
+        };
+        end_attempt(tx, written, job_id, &ended, &decision.after, now).await?;
+        recovered.push(Recovered {
+            phase: phase.map(str::to_owned),
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+            requeued,
+        });
+    }
+    Ok(recovered)
+}
+
+pub(super) async fn delete_finished_before(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    cutoff: i64,
+    limit: usize,
+    now: i64,
+) -> Result<Vec<String>> {
+    let ids: Vec<String> = query(
+        tx,
+        "SELECT id FROM jobs
+         WHERE finished_at < $1 AND status IN ('completed', 'failed', 'cancelled')
+         ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        &[&cutoff, &(limit as i64)],
+    )
+    .await?
+    .iter()
+    .map(|row| row.get(0))
+    .collect();
+    // The log's other old entries go first: plugin events, and what was
+    // logged about jobs that no longer exist. Events of jobs still stored
+    // stay with them.
+    execute(
+        tx,
+        "DELETE FROM events e WHERE e.at < $1 AND e.seq IS NOT NULL
+           AND (e.job_id IS NULL OR NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = e.job_id))",
+        &[&cutoff],
+    )
+    .await?;
+    for id in &ids {
+        delete_row(tx, written, id, now).await?;
+    }
+    Ok(ids)
+}

@@ -1,0 +1,230 @@
+//! Storing a new job (idempotency, pinning plugin versions), and claiming
+//! due jobs with `FOR UPDATE SKIP LOCKED`: claimers on every host take
+//! disjoint jobs without waiting for each other.
+
+use super::rows::{J_JOB_COLUMNS, LEASE_COLUMN, Listed, decode_job, must_load, phases_of};
+use super::transitions::{job_event, mark_phase_running};
+use super::{Tx, Written, corrupt, execute, query, query_opt};
+use crate::model::event::JobStarted;
+use crate::model::{EventBody, Job, JobStatus, Phase, PhaseStatus};
+use crate::storage::{Claimed, CreateOutcome, Lease, NewJob, Result};
+
+pub(super) async fn create(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    new: &NewJob,
+) -> Result<CreateOutcome> {
+    let mut pinned = Vec::with_capacity(new.phases.len());
+    for phase in &new.phases {
+        let version: Option<String> = match &phase.version {
+            Some(version) => query_opt(
+                tx,
+                "SELECT version FROM plugin_versions WHERE plugin = $1 AND version = $2",
+                &[&phase.plugin, version],
+            )
+            .await?
+            .map(|row| row.get(0)),
+            None => query_opt(
+                tx,
+                "SELECT active_version FROM plugins WHERE name = $1",
+                &[&phase.plugin],
+            )
+            .await?
+            .and_then(|row| row.get(0)),
+        };
+        match version {
+            Some(version) => pinned.push(version),
+            None => {
+                let what = match &phase.version {
+                    Some(v) => format!("plugin `{}` has no version `{v}`", phase.plugin),
+                    None => format!("no plugin named `{}` is uploaded", phase.plugin),
+                };
+                return Ok(CreateOutcome::UnknownPlugin(format!(
+                    "phase `{}`: {what}",
+                    phase.name
+                )));
+            }
+        }
+    }
+    let backoff = serde_json::to_string(&new.backoff).map_err(|e| corrupt("backoff", e))?;
+    // Two requests with one idempotency key at once: the second insert
+    // waits for the first's commit, then inserts nothing, and returns the
+    // first job.
+    let inserted = execute(
+        tx,
+        "INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff,
+                           idempotency_key, webhook_url, webhook_secret, created_at)
+         VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (idempotency_key) DO NOTHING",
+        &[
+            &new.id,
+            &new.payload.as_str(),
+            &new.priority,
+            &new.run_at,
+            &(new.max_attempts as i32),
+            &backoff,
+            &new.idempotency_key,
+            &new.webhook_url,
+            &new.webhook_secret,
+            &new.created_at,
+        ],
+    )
+    .await?;
+    if inserted == 0 {
+        let row = query_opt(
+            tx,
+            "SELECT id FROM jobs WHERE idempotency_key = $1",
+            &[&new.idempotency_key],
+        )
+        .await?
+        .ok_or_else(|| corrupt("idempotency key without its job", "?"))?;
+        let id: String = row.get(0);
+        return Ok(CreateOutcome::Existing(must_load(tx, &id).await?));
+    }
+    let indexes: Vec<i32> = (0..new.phases.len() as i32).collect();
+    let names: Vec<&str> = new.phases.iter().map(|p| p.name.as_str()).collect();
+    let plugins: Vec<&str> = new.phases.iter().map(|p| p.plugin.as_str()).collect();
+    let configs: Vec<String> = new
+        .phases
+        .iter()
+        .map(|p| crate::model::json::text(&p.config))
+        .collect();
+    let timeouts: Vec<i64> = new.phases.iter().map(|p| p.timeout_ms as i64).collect();
+    execute(
+        tx,
+        "INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status)
+         SELECT $1, idx, name, plugin, version, config, timeout_ms, 'pending'
+         FROM unnest($2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[])
+              AS p(idx, name, plugin, version, config, timeout_ms)",
+        &[
+            &new.id, &indexes, &names, &plugins, &pinned, &configs, &timeouts,
+        ],
+    )
+    .await?;
+    let job = new.stored(pinned);
+    job_event(
+        tx,
+        written,
+        &job.id,
+        EventBody::created(&job),
+        new.created_at,
+    )
+    .await?;
+    Ok(CreateOutcome::Created(job, None))
+}
+
+/// Whether a pending job other than `job_id` is due at `now`.
+pub(super) async fn other_job_due(tx: &Tx<'_>, job_id: &str, now: i64) -> Result<bool> {
+    let row = query_opt(
+        tx,
+        "SELECT 1 FROM jobs WHERE status = 'pending' AND run_at <= $1 AND id <> $2 LIMIT 1",
+        &[&now, &job_id],
+    )
+    .await?;
+    Ok(row.is_some())
+}
+
+/// Claims up to `limit` due jobs, highest priority first, then earliest
+/// `run_at`, skipping rows another claimer holds; starts the first
+/// unfinished phase of each.
+pub(super) async fn claim(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    now: i64,
+    limit: usize,
+) -> Result<Vec<Claimed>> {
+    let sql = format!(
+        "WITH picked AS (
+             SELECT id FROM jobs WHERE status = 'pending' AND run_at <= $1
+             ORDER BY priority DESC, run_at, id LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE jobs j SET status = 'running', attempt = j.attempt + 1, lease = j.lease + 1,
+                          started_at = COALESCE(j.started_at, $1)
+         FROM picked WHERE j.id = picked.id
+         RETURNING {J_JOB_COLUMNS}"
+    );
+    let rows = query(tx, &sql, &[&now, &(limit as i64)]).await?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let mut job = decode_job(row)?;
+        let token: i64 = row.get(LEASE_COLUMN);
+        job.phases = phases_of(tx, &job.id, Listed::Whole).await?;
+        start_claimed(tx, written, &mut job, now).await?;
+        let lease = Lease {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            token,
+        };
+        jobs.push(Claimed { job, lease });
+    }
+    // RETURNING has no order: hand them out highest priority first.
+    jobs.sort_by(|a, b| {
+        let (a, b) = (&a.job, &b.job);
+        (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id))
+    });
+    Ok(jobs)
+}
+
+/// Claims the job just created, which the caller knows is due and the only
+/// job due.
+pub(super) async fn claim_created(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job: &mut Job,
+    now: i64,
+) -> Result<Lease> {
+    let row = query_opt(
+        tx,
+        "UPDATE jobs SET status = 'running', attempt = 1, lease = lease + 1, started_at = $2
+         WHERE id = $1 RETURNING lease",
+        &[&job.id, &now],
+    )
+    .await?
+    .ok_or_else(|| corrupt("job vanished inside its transaction", &job.id))?;
+    job.status = JobStatus::Running;
+    job.attempt = 1;
+    job.started_at = Some(now);
+    start_claimed(tx, written, job, now).await?;
+    Ok(Lease {
+        job_id: job.id.clone(),
+        attempt: 1,
+        token: row.get(0),
+    })
+}
+
+/// Announces a job just marked running and starts its first unfinished
+/// phase, in the job's copy too.
+async fn start_claimed(tx: &Tx<'_>, written: &mut Written, job: &mut Job, now: i64) -> Result<()> {
+    let started = EventBody::JobStarted(JobStarted {
+        attempt: job.attempt,
+    });
+    job_event(tx, written, &job.id, started, now).await?;
+    if let Some(first) = job
+        .phases
+        .iter_mut()
+        .find(|p| p.status != PhaseStatus::Completed)
+    {
+        start_loaded_phase(tx, written, &job.id, first, now).await?;
+    }
+    Ok(())
+}
+
+/// Starts a pending phase whose row the caller has just read, and updates
+/// that copy to match.
+async fn start_loaded_phase(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job_id: &str,
+    phase: &mut Phase,
+    now: i64,
+) -> Result<()> {
+    if !mark_phase_running(tx, job_id, phase.index, now).await? {
+        return Ok(());
+    }
+    phase.status = PhaseStatus::Running;
+    phase.attempts += 1;
+    phase.started_at = Some(now);
+    phase.finished_at = None;
+    job_event(tx, written, job_id, EventBody::phase_started(phase), now).await
+}

@@ -1,0 +1,247 @@
+//! The event log on PostgreSQL: one order for every host.
+//!
+//! A write inserts its events without a position (`seq` is NULL), with its
+//! transaction id (`xid`). A stamper gives positions: under a
+//! transaction-scoped advisory lock (one stamper at a time, on any host),
+//! the function `jobhost_stamp_events` numbers, consecutively after the
+//! last position given, every unstamped event whose transaction is below
+//! the snapshot's xmin, in `(xid, id)` order. Below the xmin, no
+//! transaction is still running, so no event can later commit below a
+//! position already given: readers that follow positions (`seq > cursor`)
+//! never skip one, and SSE ids stay plain increasing integers.
+//!
+//! A long transaction anywhere holds the xmin back, and with it every
+//! stream: `idle_in_transaction_session_timeout` bounds a frozen one.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{GenericClient, Pool};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{PgStore, Tx, Written, execute, query, query_one};
+use crate::model::{Event, EventBody, EventKind, NewEvent};
+use crate::storage::{AppendWaker, EventFilter, EventStore, Result, StorageError};
+
+/// How often the stamper looks for events with no local commit to wake it
+/// (other hosts' commits, until it listens for them).
+const SAFETY_NET: Duration = Duration::from_secs(1);
+/// Longest a write waits for its events' positions before it returns
+/// anyway (an old transaction elsewhere holds the watermark back); its
+/// events get theirs as soon as that transaction ends.
+const STAMP_WAIT: Duration = Duration::from_secs(1);
+/// Longest pause between stamps while the watermark is held back.
+const WATERMARK_RETRY: Duration = Duration::from_millis(50);
+
+/// Appends an event in the write's transaction, without a position.
+pub(super) async fn insert(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    event: NewEvent,
+    at: i64,
+) -> Result<()> {
+    let data = event.body.data_json();
+    execute(
+        tx,
+        "INSERT INTO events (kind, job_id, at, data) VALUES ($1, $2, $3, $4)",
+        &[&event.kind().name(), &event.job_id, &at, &data],
+    )
+    .await?;
+    written.events = true;
+    Ok(())
+}
+
+/// What this host knows of the log: its commits that await positions, the
+/// last position it saw given, and who to wake when positions are given.
+/// A write returns once its events have positions (as on SQLite, where the
+/// commit gives them): what it wrote is readable, and readers were woken.
+pub(super) struct Log {
+    /// Local commits that appended events, counted: each one's ticket.
+    appended: AtomicU64,
+    /// The highest ticket whose events all have positions.
+    stamped: watch::Sender<u64>,
+    /// The last position this host has seen given.
+    last: AtomicI64,
+    wake_stamper: Notify,
+    wakers: Mutex<Vec<AppendWaker>>,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            appended: AtomicU64::new(0),
+            stamped: watch::Sender::new(0),
+            last: AtomicI64::new(0),
+            wake_stamper: Notify::new(),
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Log {
+    /// Called after a commit that appended events: waits until they have
+    /// positions (at most [`STAMP_WAIT`]).
+    pub(super) async fn appended(&self) {
+        let ticket = self.appended.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut stamped = self.stamped.subscribe();
+        self.wake_stamper.notify_one();
+        let waited = tokio::time::timeout(STAMP_WAIT, stamped.wait_for(|s| *s >= ticket)).await;
+        if waited.is_err() {
+            tracing::debug!(
+                "a write's events still wait for positions: the watermark is held back"
+            );
+        }
+    }
+
+    pub(super) fn on_append(&self, wake: AppendWaker) {
+        self.wakers.lock().expect("never poisoned").push(wake);
+    }
+
+    /// Wakes the log's readers if positions were given since they last
+    /// were (by this host or another).
+    fn saw(&self, last: i64) {
+        if self.last.fetch_max(last, Ordering::SeqCst) < last {
+            for wake in self.wakers.lock().expect("never poisoned").iter() {
+                wake();
+            }
+        }
+    }
+}
+
+/// Stamps until nothing committed is left without a position, pausing
+/// (doubling from 1 ms) while an older transaction holds the watermark
+/// back. Each round covers the local commits made before it started.
+async fn stamp(db: &impl GenericClient, log: &Log, stop: &CancellationToken) -> Result<()> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let before = log.appended.load(Ordering::SeqCst);
+        let row = query_one(db, "SELECT last, waiting FROM jobhost_stamp_events()", &[]).await?;
+        log.saw(row.get(0));
+        let waiting: bool = row.get(1);
+        if !waiting {
+            log.stamped.send_if_modified(|stamped| {
+                let advanced = before > *stamped;
+                *stamped = (*stamped).max(before);
+                advanced
+            });
+            return Ok(());
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(WATERMARK_RETRY);
+    }
+}
+
+/// The stamper: runs after local commits that appended events, and at
+/// least every [`SAFETY_NET`].
+pub(super) async fn stamp_loop(pool: Pool, log: std::sync::Arc<Log>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = log.wake_stamper.notified() => {}
+            _ = tokio::time::sleep(SAFETY_NET) => {}
+        }
+        let stamped = async {
+            let client = pool.get().await?;
+            stamp(&client, &log, &stop).await
+        };
+        if let Err(error) = stamped.await {
+            tracing::warn!(%error, "stamping the event log failed; retrying");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(WATERMARK_RETRY) => {}
+            }
+            log.wake_stamper.notify_one();
+        }
+    }
+}
+
+/// Reads events a query selects as `seq, kind, job_id, at, data`.
+async fn read_events(
+    db: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<Event>> {
+    let rows = query(db, sql, params).await?;
+    rows.into_iter()
+        .map(|row| {
+            let (seq, kind): (i64, &str) = (row.get(0), row.get(1));
+            let kind = EventKind::from_name(kind)
+                .ok_or_else(|| StorageError::corrupt(format!("unknown event kind `{kind}`")))?;
+            let body = EventBody::parse(kind, row.get(4))
+                .map_err(|e| StorageError::corrupt(format!("event {seq}: {e}")))?;
+            Ok(Event {
+                seq,
+                job_id: row.get(2),
+                at: row.get(3),
+                body,
+                live: false,
+            })
+        })
+        .collect()
+}
+
+#[async_trait]
+impl EventStore for PgStore {
+    async fn events_after(
+        &self,
+        after: i64,
+        filter: EventFilter,
+        limit: usize,
+    ) -> Result<Vec<Event>> {
+        let client = self.client().await?;
+        let kinds: Vec<&str> = filter.kinds.iter().map(|kind| kind.name()).collect();
+        let limit = limit as i64;
+        match (&filter.job_id, kinds.is_empty()) {
+            (Some(job), true) => {
+                read_events(
+                    &client,
+                    "SELECT seq, kind, job_id, at, data FROM events
+                     WHERE job_id = $2 AND seq > $1 ORDER BY seq LIMIT $3",
+                    &[&after, job, &limit],
+                )
+                .await
+            }
+            (job, _) => {
+                read_events(
+                    &client,
+                    "SELECT seq, kind, job_id, at, data FROM events
+                     WHERE seq > $1 AND ($2::text IS NULL OR job_id = $2)
+                       AND (cardinality($3::text[]) = 0 OR kind = ANY($3))
+                     ORDER BY seq LIMIT $4",
+                    &[&after, job, &kinds, &limit],
+                )
+                .await
+            }
+        }
+    }
+
+    async fn tail_log(&self, after: i64, limit: usize) -> Result<Vec<Event>> {
+        let client = self.client().await?;
+        read_events(
+            &client,
+            "SELECT seq, kind, job_id, at, data FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&after, &(limit as i64)],
+        )
+        .await
+    }
+
+    fn tail_cached(&self, _after: i64, _limit: usize) -> Option<Vec<Event>> {
+        None
+    }
+
+    async fn last_event_seq(&self) -> Result<i64> {
+        let client = self.client().await?;
+        let row = query_one(&client, "SELECT last FROM event_positions", &[]).await?;
+        Ok(row.get(0))
+    }
+
+    fn on_append(&self, wake: AppendWaker) {
+        PgStore::on_append(self, wake)
+    }
+}

@@ -1,0 +1,319 @@
+//! The shared backend: PostgreSQL through tokio-postgres, for one or many
+//! hosts on one database.
+//!
+//! - A pool of connections (deadpool): every read takes one, every write
+//!   runs in one short transaction on one ([`PgStore::write`]); no
+//!   transaction waits on anything but the database.
+//! - The event log: a sequence is not commit order, so events are inserted
+//!   without a position, and a stamper (one at a time, under an advisory
+//!   lock) gives consecutive positions, in `(xid, id)` order, to the events
+//!   of transactions below the snapshot's xmin: no transaction that could
+//!   still commit an earlier event is running. Readers follow positions, so
+//!   a reader never skips an event that committed late ([`log`]).
+//! - Leases: a claim bumps the job's lease token in the claiming statement
+//!   itself, so a worker whose job was claimed again is fenced on every
+//!   host.
+
+mod commands;
+mod create;
+mod log;
+mod plugins;
+mod rows;
+mod schema;
+mod store;
+mod transitions;
+mod webhooks;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_util::sync::CancellationToken;
+
+pub use schema::VERSION as SCHEMA_VERSION;
+
+use crate::storage::{AppendWaker, ErrorClass, Result, StorageError};
+
+/// A write's transaction.
+pub(super) type Tx<'a> = deadpool_postgres::Transaction<'a>;
+
+/// How a PostgreSQL store is set up.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// `postgres://user@host:port/database?…` (libpq's URL form).
+    pub url: String,
+    /// Connections this host keeps at most.
+    pub pool_size: usize,
+}
+
+impl PgOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        PgOptions {
+            url: url.into(),
+            pool_size: DEFAULT_POOL_SIZE,
+        }
+    }
+}
+
+impl PgOptions {
+    /// The URL without its password, for logs.
+    pub fn redacted_url(&self) -> String {
+        match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((user, host)) => {
+                    let user = user.split_once(':').map_or(user, |(name, _)| name);
+                    format!("{scheme}://{user}:***@{host}")
+                }
+                None => self.url.clone(),
+            },
+            None => "(not a URL)".to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &self.redacted_url())
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// Connections per host by default: the workers' transitions, the
+/// dispatcher's claims and HTTP reads share them.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// A transaction left idle this long (a frozen host) is ended by the
+/// server: it would hold back the event log's watermark for every host.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
+/// How long a caller waits for a pooled connection before the call fails
+/// as retryable.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// The class of a PostgreSQL error (see [`ErrorClass`]).
+fn classify(error: &tokio_postgres::Error) -> ErrorClass {
+    if error.is_closed() {
+        return ErrorClass::Retryable;
+    }
+    let Some(code) = error.code() else {
+        // No SQLSTATE: the connection or the protocol failed.
+        return ErrorClass::Retryable;
+    };
+    match code {
+        c if *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::ADMIN_SHUTDOWN
+            || *c == SqlState::CANNOT_CONNECT_NOW
+            || *c == SqlState::TOO_MANY_CONNECTIONS
+            || *c == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT =>
+        {
+            ErrorClass::Retryable
+        }
+        c if *c == SqlState::DISK_FULL
+            || *c == SqlState::OUT_OF_MEMORY
+            || *c == SqlState::PROGRAM_LIMIT_EXCEEDED =>
+        {
+            ErrorClass::Full
+        }
+        c if c.code().starts_with("23") => ErrorClass::Conflict,
+        c if *c == SqlState::DATA_CORRUPTED || *c == SqlState::INDEX_CORRUPTED => {
+            ErrorClass::Corrupt
+        }
+        _ => ErrorClass::Other,
+    }
+}
+
+impl From<tokio_postgres::Error> for StorageError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        // The server's message, not only "db error".
+        let message = match error.as_db_error() {
+            Some(db) => format!("database error: {}: {}", db.code().code(), db.message()),
+            None => format!("database error: {error}"),
+        };
+        StorageError::new(classify(&error), message)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StorageError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        match error {
+            deadpool_postgres::PoolError::Backend(error) => error.into(),
+            deadpool_postgres::PoolError::Closed => StorageError::closed(),
+            other => StorageError::new(
+                ErrorClass::Retryable,
+                format!("no database connection: {other}"),
+            ),
+        }
+    }
+}
+
+/// A stored value that does not read back.
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::corrupt(format!("{what}: {e}"))
+}
+
+/// Runs a cached statement: its rows.
+async fn query(
+    db: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>> {
+    let statement = db.prepare_cached(sql).await?;
+    Ok(db.query(&statement, params).await?)
+}
+
+/// Runs a cached statement: its row, if any.
+async fn query_opt(
+    db: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>> {
+    let statement = db.prepare_cached(sql).await?;
+    Ok(db.query_opt(&statement, params).await?)
+}
+
+/// Runs a cached statement that returns exactly one row.
+async fn query_one(
+    db: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Row> {
+    let statement = db.prepare_cached(sql).await?;
+    Ok(db.query_one(&statement, params).await?)
+}
+
+/// Runs a cached statement: the rows it changed.
+async fn execute(
+    db: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64> {
+    let statement = db.prepare_cached(sql).await?;
+    Ok(db.execute(&statement, params).await?)
+}
+
+/// What a write did that must be announced after its commit.
+#[derive(Default)]
+pub(super) struct Written {
+    /// It appended events: the stamper has positions to give.
+    pub(super) events: bool,
+    /// It added a webhook delivery.
+    pub(super) webhook: bool,
+}
+
+pub struct PgStore {
+    pool: Pool,
+    log: Arc<log::Log>,
+    /// Notified after a commit that added a webhook delivery.
+    webhook_added: Notify,
+    closed: AtomicBool,
+    /// Stops the stamper.
+    stop: CancellationToken,
+    stamper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl PgStore {
+    /// Connects, migrates the schema (refusing one newer than this build
+    /// knows), and starts the event log's stamper.
+    pub async fn open(options: &PgOptions) -> Result<Self> {
+        let mut config: tokio_postgres::Config = options.url.parse().map_err(|e| {
+            StorageError::new(ErrorClass::Other, format!("invalid PostgreSQL URL: {e}"))
+        })?;
+        config.options(format!(
+            "-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}"
+        ));
+        config.application_name("jobhost");
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .build()
+            .map_err(|e| StorageError::new(ErrorClass::Other, e.to_string()))?;
+        {
+            let mut client = pool.get().await?;
+            schema::migrate(&mut client).await?;
+        }
+        let log = Arc::new(log::Log::default());
+        let stop = CancellationToken::new();
+        let stamper = tokio::spawn(log::stamp_loop(pool.clone(), log.clone(), stop.clone()));
+        Ok(PgStore {
+            pool,
+            log,
+            webhook_added: Notify::new(),
+            closed: AtomicBool::new(false),
+            stop,
+            stamper: Mutex::new(Some(stamper)),
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StorageError::closed());
+        }
+        Ok(self.pool.get().await?)
+    }
+
+    /// Runs `f` in a transaction of its own and commits it; then announces
+    /// what it wrote. A failure rolls the whole transaction back.
+    async fn write<R: Send>(
+        &self,
+        f: impl for<'a> FnOnce(&'a Tx<'a>, &'a mut Written) -> BoxFuture<'a, Result<R>> + Send,
+    ) -> Result<R> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut written = Written::default();
+        let result = f(&tx, &mut written).await?;
+        tx.commit().await?;
+        drop(client);
+        if written.webhook {
+            self.webhook_added.notify_one();
+        }
+        if written.events {
+            self.log.appended().await;
+        }
+        Ok(result)
+    }
+
+    async fn shut(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.stop.cancel();
+        let stamper = self.stamper.lock().unwrap().take();
+        if let Some(stamper) = stamper {
+            let _ = stamper.await;
+        }
+        self.pool.close();
+    }
+
+    fn on_append(&self, wake: AppendWaker) {
+        self.log.on_append(wake);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_never_show_the_password() {
+        let options = PgOptions::new("postgres://jobhost:s3cret@db.internal:5432/jobs");
+        assert_eq!(
+            options.redacted_url(),
+            "postgres://jobhost:***@db.internal:5432/jobs"
+        );
+        assert!(!format!("{options:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,326 @@
+//! Plugins on PostgreSQL: component bytes in `bytea`, so every host can run
+//! every version. Writes to plugins take one transaction-scoped advisory
+//! lock: uploads on two hosts at once cannot both pass a quota, or both
+//! become the first (active) version.
+
+use async_trait::async_trait;
+use deadpool_postgres::GenericClient;
+
+use super::{PgStore, Tx, Written, execute, query, query_one, query_opt};
+use crate::model::event::{PluginActivated, PluginUploaded};
+use crate::model::{EventBody, NewEvent};
+use crate::storage::{
+    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginRecord, PluginStore, PutOutcome,
+    Result, VersionRecord,
+};
+
+/// The advisory lock plugin writes hold.
+const PLUGINS_LOCK: i64 = 0x6a6f_6268_6f73_7402;
+
+async fn lock_plugins(tx: &Tx<'_>) -> Result<()> {
+    execute(tx, "SELECT pg_advisory_xact_lock($1)", &[&PLUGINS_LOCK]).await?;
+    Ok(())
+}
+
+/// The plugin's active version: `None` if there is no such plugin.
+async fn active_version(db: &impl GenericClient, name: &str) -> Result<Option<Option<String>>> {
+    let row = query_opt(
+        db,
+        "SELECT active_version FROM plugins WHERE name = $1",
+        &[&name],
+    )
+    .await?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+async fn put(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    new: &NewPluginVersion,
+    now: i64,
+) -> Result<PutOutcome> {
+    lock_plugins(tx).await?;
+    let existing = query_opt(
+        tx,
+        "SELECT content_hash FROM plugin_versions WHERE plugin = $1 AND version = $2",
+        &[&new.name, &new.version],
+    )
+    .await?;
+    match existing.map(|row| row.get::<_, String>(0)) {
+        Some(hash) if hash == new.content_hash => return Ok(PutOutcome::Unchanged),
+        Some(existing_hash) => return Ok(PutOutcome::Conflict { existing_hash }),
+        None => {}
+    }
+    let totals = query_one(
+        tx,
+        "SELECT COUNT(*), COALESCE(SUM(size), 0)::bigint FROM plugin_versions",
+        &[],
+    )
+    .await?;
+    let (versions, bytes): (i64, i64) = (totals.get(0), totals.get(1));
+    let quota = new.quota;
+    if versions as u64 >= quota.max_versions {
+        return Ok(PutOutcome::OverQuota {
+            what: format!("{versions} plugin versions are stored, the limit"),
+        });
+    }
+    if bytes as u64 + new.component.len() as u64 > quota.max_bytes {
+        return Ok(PutOutcome::OverQuota {
+            what: format!(
+                "{bytes} bytes of plugins are stored; {} more would pass the limit of {}",
+                new.component.len(),
+                quota.max_bytes
+            ),
+        });
+    }
+    execute(
+        tx,
+        "INSERT INTO plugins (name, active_version, created_at) VALUES ($1, NULL, $2)
+         ON CONFLICT (name) DO NOTHING",
+        &[&new.name, &now],
+    )
+    .await?;
+    execute(
+        tx,
+        "INSERT INTO plugin_versions (plugin, version, content_hash, size, description, component, uploaded_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &new.name,
+            &new.version,
+            &new.content_hash,
+            &(new.component.len() as i64),
+            &new.description,
+            &new.component,
+            &now,
+        ],
+    )
+    .await?;
+    let uploaded = EventBody::PluginUploaded(PluginUploaded {
+        plugin: new.name.clone(),
+        version: new.version.clone(),
+        content_hash: new.content_hash.clone(),
+        size: new.component.len(),
+    });
+    super::log::insert(tx, written, NewEvent::plugin(uploaded), now).await?;
+    let activated = active_version(tx, &new.name).await?.flatten().is_none();
+    if activated {
+        set_active(tx, written, &new.name, &new.version, None, now).await?;
+    }
+    Ok(PutOutcome::Created { activated })
+}
+
+async fn set_active(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    name: &str,
+    version: &str,
+    previous: Option<String>,
+    now: i64,
+) -> Result<()> {
+    execute(
+        tx,
+        "UPDATE plugins SET active_version = $2 WHERE name = $1",
+        &[&name, &version],
+    )
+    .await?;
+    let activated = EventBody::PluginActivated(PluginActivated {
+        plugin: name.to_owned(),
+        version: version.to_owned(),
+        previous,
+    });
+    super::log::insert(tx, written, NewEvent::plugin(activated), now).await
+}
+
+async fn activate(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    name: &str,
+    version: &str,
+    now: i64,
+) -> Result<ActivateOutcome> {
+    lock_plugins(tx).await?;
+    let exists = query_opt(
+        tx,
+        "SELECT 1 FROM plugin_versions WHERE plugin = $1 AND version = $2",
+        &[&name, &version],
+    )
+    .await?
+    .is_some();
+    if !exists {
+        return Ok(ActivateOutcome::NotFound);
+    }
+    let previous = active_version(tx, name).await?.flatten();
+    if previous.as_deref() == Some(version) {
+        return Ok(ActivateOutcome::AlreadyActive);
+    }
+    set_active(tx, written, name, version, previous.clone(), now).await?;
+    Ok(ActivateOutcome::Activated { previous })
+}
+
+async fn delete_version(tx: &Tx<'_>, name: &str, version: &str) -> Result<DeleteVersionOutcome> {
+    lock_plugins(tx).await?;
+    let Some(active) = active_version(tx, name).await? else {
+        return Ok(DeleteVersionOutcome::NotFound);
+    };
+    let versions: i64 = query_one(
+        tx,
+        "SELECT COUNT(*) FROM plugin_versions WHERE plugin = $1",
+        &[&name],
+    )
+    .await?
+    .get(0);
+    let jobs: i64 = query_one(
+        tx,
+        "SELECT COUNT(DISTINCT p.job_id) FROM phases p JOIN jobs j ON j.id = p.job_id
+         WHERE p.plugin = $1 AND p.version = $2 AND j.status IN ('pending', 'running')",
+        &[&name, &version],
+    )
+    .await?
+    .get(0);
+    if jobs > 0 {
+        return Ok(DeleteVersionOutcome::InUse { jobs: jobs as u64 });
+    }
+    if active.as_deref() == Some(version) && versions > 1 {
+        return Ok(DeleteVersionOutcome::Active);
+    }
+    let deleted = query_opt(
+        tx,
+        "DELETE FROM plugin_versions WHERE plugin = $1 AND version = $2 RETURNING content_hash",
+        &[&name, &version],
+    )
+    .await?;
+    let Some(hash) = deleted.map(|row| row.get::<_, String>(0)) else {
+        return Ok(DeleteVersionOutcome::NotFound);
+    };
+    if versions == 1 {
+        execute(tx, "DELETE FROM plugins WHERE name = $1", &[&name]).await?;
+    }
+    let still_used = query_opt(
+        tx,
+        "SELECT 1 FROM plugin_versions WHERE content_hash = $1 LIMIT 1",
+        &[&hash],
+    )
+    .await?
+    .is_some();
+    if still_used {
+        return Ok(DeleteVersionOutcome::Deleted {
+            unused_content: None,
+        });
+    }
+    execute(
+        tx,
+        "DELETE FROM artifacts WHERE content_hash = $1",
+        &[&hash],
+    )
+    .await?;
+    Ok(DeleteVersionOutcome::Deleted {
+        unused_content: Some(hash),
+    })
+}
+
+async fn records(db: &impl GenericClient, name: Option<&str>) -> Result<Vec<PluginRecord>> {
+    let rows = query(
+        db,
+        "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at
+         FROM plugins p JOIN plugin_versions v ON v.plugin = p.name
+         WHERE $1::text IS NULL OR p.name = $1
+         ORDER BY p.name, v.uploaded_at, v.version",
+        &[&name],
+    )
+    .await?;
+    let mut plugins: Vec<PluginRecord> = Vec::new();
+    for row in rows {
+        let name: String = row.get(0);
+        let version = VersionRecord {
+            version: row.get(2),
+            content_hash: row.get(3),
+            size: row.get::<_, i64>(4) as u64,
+            description: row.get(5),
+            uploaded_at: row.get(6),
+        };
+        match plugins.last_mut() {
+            Some(last) if last.name == name => last.versions.push(version),
+            _ => plugins.push(PluginRecord {
+                name,
+                active_version: row.get(1),
+                versions: vec![version],
+            }),
+        }
+    }
+    Ok(plugins)
+}
+
+#[async_trait]
+impl PluginStore for PgStore {
+    async fn put_plugin_version(&self, new: NewPluginVersion, now: i64) -> Result<PutOutcome> {
+        self.write(move |tx, written| Box::pin(async move { put(tx, written, &new, now).await }))
+            .await
+    }
+
+    async fn activate_plugin_version(
+        &self,
+        name: &str,
+        version: &str,
+        now: i64,
+    ) -> Result<ActivateOutcome> {
+        let (name, version) = (name.to_owned(), version.to_owned());
+        self.write(move |tx, written| {
+            Box::pin(async move { activate(tx, written, &name, &version, now).await })
+        })
+        .await
+    }
+
+    async fn delete_plugin_version(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<DeleteVersionOutcome> {
+        let (name, version) = (name.to_owned(), version.to_owned());
+        self.write(move |tx, _| Box::pin(async move { delete_version(tx, &name, &version).await }))
+            .await
+    }
+
+    async fn plugins(&self) -> Result<Vec<PluginRecord>> {
+        let client = self.client().await?;
+        records(&client, None).await
+    }
+
+    async fn plugin(&self, name: &str) -> Result<Option<PluginRecord>> {
+        let client = self.client().await?;
+        Ok(records(&client, Some(name)).await?.pop())
+    }
+
+    async fn artifact_digest(&self, content_hash: &str, engine: &str) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let row = query_opt(
+            &client,
+            "SELECT digest FROM artifacts WHERE content_hash = $1 AND engine = $2",
+            &[&content_hash, &engine],
+        )
+        .await?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    async fn record_artifact(&self, content_hash: &str, engine: &str, digest: &str) -> Result<()> {
+        let client = self.client().await?;
+        execute(
+            &client,
+            "INSERT INTO artifacts (content_hash, engine, digest) VALUES ($1, $2, $3)
+             ON CONFLICT (content_hash, engine) DO UPDATE SET digest = EXCLUDED.digest",
+            &[&content_hash, &engine, &digest],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn plugin_component(&self, name: &str, version: &str) -> Result<Option<Vec<u8>>> {
+        let client = self.client().await?;
+        let row = query_opt(
+            &client,
+            "SELECT component FROM plugin_versions WHERE plugin = $1 AND version = $2",
+            &[&name, &version],
+        )
+        .await?;
+        Ok(row.map(|row| row.get(0)))
+    }
+}

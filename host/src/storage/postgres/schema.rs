@@ -1,0 +1,200 @@
+//! Versioned schema migrations, applied at start in one transaction under
+//! a transaction-scoped advisory lock (hosts starting together migrate
+//! once). `jobhost_schema.version` records how far the database got; a
+//! binary older than the database's schema refuses to start, so a rolling
+//! upgrade never runs old code on a new schema.
+
+use deadpool_postgres::ClientWrapper;
+
+use crate::storage::{ErrorClass, Result, StorageError};
+
+/// The advisory lock migrations hold (any constant unique to jobhost).
+const MIGRATION_LOCK: i64 = 0x6a6f_6268_6f73_7401;
+
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: everything the SQLite schema has at its version 7, plus the event
+    // log's positions. Hot tables leave room in each page for updates that
+    // touch no index (HOT), and are vacuumed early.
+    r#"
+    CREATE TABLE plugins (
+        name            TEXT PRIMARY KEY,
+        active_version  TEXT,
+        created_at      BIGINT NOT NULL
+    );
+    CREATE TABLE plugin_versions (
+        plugin          TEXT NOT NULL REFERENCES plugins(name) ON DELETE CASCADE,
+        version         TEXT NOT NULL,
+        content_hash    TEXT NOT NULL,
+        size            BIGINT NOT NULL,
+        description     TEXT NOT NULL,
+        component       BYTEA NOT NULL,
+        uploaded_at     BIGINT NOT NULL,
+        PRIMARY KEY (plugin, version)
+    );
+    CREATE INDEX plugin_versions_content ON plugin_versions (content_hash);
+    CREATE TABLE jobs (
+        id              TEXT PRIMARY KEY,
+        status          TEXT NOT NULL
+                        CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
+        payload         TEXT NOT NULL,
+        priority        INTEGER NOT NULL,
+        run_at          BIGINT NOT NULL,
+        attempt         INTEGER NOT NULL DEFAULT 0,
+        max_attempts    INTEGER NOT NULL,
+        backoff         TEXT NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        webhook_url     TEXT,
+        webhook_secret  TEXT,
+        created_at      BIGINT NOT NULL,
+        started_at      BIGINT,
+        finished_at     BIGINT,
+        error           TEXT,
+        lease           BIGINT NOT NULL DEFAULT 0
+    ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
+            autovacuum_analyze_scale_factor = 0.05);
+    CREATE INDEX jobs_due ON jobs (priority DESC, run_at, id) WHERE status = 'pending';
+    CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX jobs_status ON jobs (status, id);
+    CREATE TABLE phases (
+        job_id          TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        idx             INTEGER NOT NULL,
+        name            TEXT NOT NULL,
+        plugin          TEXT NOT NULL,
+        version         TEXT NOT NULL,
+        config          TEXT NOT NULL,
+        timeout_ms      BIGINT NOT NULL,
+        status          TEXT NOT NULL
+                        CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
+        output          TEXT,
+        error           TEXT,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        started_at      BIGINT,
+        finished_at     BIGINT,
+        usage           TEXT,
+        progress        TEXT,
+        PRIMARY KEY (job_id, idx)
+    ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
+            autovacuum_analyze_scale_factor = 0.05);
+    CREATE INDEX phases_plugin ON phases (plugin, version);
+    CREATE TABLE attempt_errors (
+        job_id          TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        attempt         INTEGER NOT NULL,
+        phase           TEXT,
+        error           TEXT NOT NULL,
+        at              BIGINT NOT NULL,
+        PRIMARY KEY (job_id, attempt)
+    );
+    -- Events outlive the jobs they are about (job:deleted must be
+    -- replayable). `seq` is the position readers follow, given by
+    -- jobhost_stamp_events; `id` is only insertion order.
+    CREATE TABLE events (
+        id              BIGSERIAL PRIMARY KEY,
+        xid             xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        seq             BIGINT UNIQUE,
+        kind            TEXT NOT NULL,
+        job_id          TEXT,
+        at              BIGINT NOT NULL,
+        data            TEXT NOT NULL
+    ) WITH (autovacuum_vacuum_scale_factor = 0.02);
+    CREATE INDEX events_unstamped ON events (xid, id) WHERE seq IS NULL;
+    CREATE INDEX events_job ON events (job_id, seq);
+    CREATE INDEX events_kind ON events (kind, seq);
+    -- The last position given: positions never go back, even when the
+    -- newest events are deleted with their job.
+    CREATE TABLE event_positions (last BIGINT NOT NULL);
+    INSERT INTO event_positions VALUES (0);
+    CREATE FUNCTION jobhost_stamp_events(OUT last BIGINT, OUT waiting BOOLEAN)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        stamped BIGINT;
+    BEGIN
+        -- One stamper at a time, on any host; the statements below take
+        -- their snapshots after the lock, so they see the previous
+        -- stamper's positions.
+        PERFORM pg_advisory_xact_lock(7667050837011394562);
+        SELECT p.last INTO last FROM event_positions p;
+        WITH batch AS (
+            SELECT id, row_number() OVER (ORDER BY xid, id) AS n
+            FROM events
+            WHERE seq IS NULL AND xid < pg_snapshot_xmin(pg_current_snapshot())
+            ORDER BY xid, id
+            LIMIT 10000
+        )
+        UPDATE events SET seq = last + batch.n FROM batch WHERE events.id = batch.id;
+        GET DIAGNOSTICS stamped = ROW_COUNT;
+        IF stamped > 0 THEN
+            last := last + stamped;
+            UPDATE event_positions SET last = jobhost_stamp_events.last;
+            PERFORM pg_notify('jobhost_log', last::text);
+        END IF;
+        -- Committed events still without a position: their transaction
+        -- is above the watermark (or the batch was full).
+        waiting := EXISTS (SELECT 1 FROM events WHERE seq IS NULL);
+    END
+    $$;
+    CREATE TABLE webhook_deliveries (
+        id              TEXT PRIMARY KEY,
+        job_id          TEXT NOT NULL,
+        url             TEXT NOT NULL,
+        secret          TEXT,
+        event           TEXT NOT NULL,
+        body            TEXT NOT NULL,
+        status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at BIGINT NOT NULL,
+        last_status     INTEGER,
+        last_error      TEXT,
+        created_at      BIGINT NOT NULL,
+        finished_at     BIGINT
+    );
+    CREATE INDEX webhook_due ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX webhook_job ON webhook_deliveries (job_id, created_at);
+    CREATE TABLE artifacts (
+        content_hash TEXT NOT NULL,
+        engine       TEXT NOT NULL,
+        digest       TEXT NOT NULL,
+        PRIMARY KEY (content_hash, engine)
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub const VERSION: usize = MIGRATIONS.len();
+
+/// Brings the database up to the latest schema, or refuses a newer one.
+pub(super) async fn migrate(client: &mut ClientWrapper) -> Result<()> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS jobhost_schema (version INTEGER NOT NULL)")
+        .await?;
+    let current = match tx
+        .query_opt("SELECT version FROM jobhost_schema", &[])
+        .await?
+    {
+        Some(row) => row.get::<_, i32>(0) as usize,
+        None => {
+            tx.execute("INSERT INTO jobhost_schema VALUES (0)", &[])
+                .await?;
+            0
+        }
+    };
+    if current > VERSION {
+        return Err(StorageError::new(
+            ErrorClass::Other,
+            format!(
+                "the database has schema version {current}, newer than this jobhost knows ({VERSION}): upgrade jobhost"
+            ),
+        ));
+    }
+    for migration in &MIGRATIONS[current..] {
+        tx.batch_execute(migration).await?;
+    }
+    tx.execute(
+        "UPDATE jobhost_schema SET version = $1",
+        &[&(VERSION as i32)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}

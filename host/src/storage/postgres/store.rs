@@ -1,0 +1,228 @@
+//! The job side of the interface on PostgreSQL: each method is one
+//! transaction or one read.
+
+use async_trait::async_trait;
+
+use super::commands::{cancel_if_pending, delete, delete_finished_before, recover, retry};
+use super::create::{claim, claim_created, create, other_job_due};
+use super::rows::{count, job_counts, job_status, list, load_job};
+use super::{PgStore, query_one, transitions};
+use crate::model::{Job, JobStatus, Progress, ResourceUsage};
+use crate::storage::jobs::stopped_usage;
+use crate::storage::{
+    CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, JobFilter, JobPage,
+    JobStore, Lease, NewJob, PhaseDone, PhaseFailed, Recovered, RecoveryPolicy, RecoveryScope,
+    Result, RetryOutcome, Store, WriterStats,
+};
+
+#[async_trait]
+impl JobStore for PgStore {
+    async fn create_job(&self, new: NewJob, claim_at: Option<i64>) -> Result<CreateOutcome> {
+        self.write(move |tx, written| {
+            Box::pin(async move {
+                match (create(tx, written, &new).await?, claim_at) {
+                    (CreateOutcome::Created(mut job, None), Some(now))
+                        if job.run_at <= now && !other_job_due(tx, &job.id, now).await? =>
+                    {
+                        let lease = claim_created(tx, written, &mut job, now).await?;
+                        Ok(CreateOutcome::Created(job, Some(lease)))
+                    }
+                    (created, _) => Ok(created),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn claim_due_jobs(&self, now: i64, limit: usize) -> Result<Vec<Claimed>> {
+        self.write(move |tx, written| Box::pin(claim(tx, written, now, limit)))
+            .await
+    }
+
+    async fn next_due_at(&self) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let row = query_one(
+            &client,
+            "SELECT MIN(run_at) FROM jobs WHERE status = 'pending'",
+            &[],
+        )
+        .await?;
+        Ok(row.get(0))
+    }
+
+    async fn start_phase(&self, lease: &Lease, index: usize, now: i64) -> Result<Guarded<u32>> {
+        let lease = lease.clone();
+        self.write(move |tx, written| {
+            Box::pin(async move { transitions::start_phase(tx, written, &lease, index, now).await })
+        })
+        .await
+    }
+
+    async fn record_progress(
+        &self,
+        lease: &Lease,
+        index: usize,
+        progress: &Progress,
+    ) -> Result<()> {
+        let (lease, progress) = (lease.clone(), progress.clone());
+        self.write(move |tx, _| {
+            Box::pin(
+                async move { transitions::record_progress(tx, &lease, index, &progress).await },
+            )
+        })
+        .await
+    }
+
+    async fn complete_phase(&self, lease: &Lease, done: PhaseDone) -> Result<Guarded<Completion>> {
+        let lease = lease.clone();
+        self.write(move |tx, written| {
+            Box::pin(async move { transitions::complete_phase(tx, written, &lease, &done).await })
+        })
+        .await
+    }
+
+    async fn complete_job(&self, lease: &Lease, now: i64) -> Result<Guarded<()>> {
+        let lease = lease.clone();
+        self.write(move |tx, written| {
+            Box::pin(async move { transitions::complete_job(tx, written, &lease, now).await })
+        })
+        .await
+    }
+
+    async fn fail_phase(&self, lease: &Lease, failed: PhaseFailed) -> Result<Guarded<()>> {
+        let lease = lease.clone();
+        self.write(move |tx, written| {
+            Box::pin(async move { transitions::fail_phase(tx, written, &lease, &failed).await })
+        })
+        .await
+    }
+
+    async fn cancel_running_job(
+        &self,
+        lease: &Lease,
+        stopped: Option<(usize, ResourceUsage)>,
+        now: i64,
+    ) -> Result<Guarded<()>> {
+        let lease = lease.clone();
+        let stopped = stopped_usage(stopped)?;
+        self.write(move |tx, written| {
+            Box::pin(async move {
+                transitions::cancel_running(tx, written, &lease, stopped.as_ref(), now).await
+            })
+        })
+        .await
+    }
+
+    async fn cancel_pending_job(&self, job_id: &str, now: i64) -> Result<CancelOutcome> {
+        let job_id = job_id.to_owned();
+        self.write(move |tx, written| {
+            Box::pin(async move { cancel_if_pending(tx, written, &job_id, now).await })
+        })
+        .await
+    }
+
+    async fn release_job(&self, lease: &Lease, now: i64) -> Result<Guarded<()>> {
+        let lease = lease.clone();
+        self.write(move |tx, _| {
+            Box::pin(async move { transitions::release(tx, &lease, now).await })
+        })
+        .await
+    }
+
+    async fn retry_job(&self, job_id: &str, from_start: bool, now: i64) -> Result<RetryOutcome> {
+        let job_id = job_id.to_owned();
+        self.write(move |tx, written| {
+            Box::pin(async move { retry(tx, written, &job_id, from_start, now).await })
+        })
+        .await
+    }
+
+    async fn delete_job(&self, job_id: &str, now: i64) -> Result<DeleteOutcome> {
+        let job_id = job_id.to_owned();
+        self.write(move |tx, written| {
+            Box::pin(async move { delete(tx, written, &job_id, now).await })
+        })
+        .await
+    }
+
+    async fn recover_jobs(
+        &self,
+        scope: RecoveryScope,
+        policy: RecoveryPolicy,
+        now: i64,
+    ) -> Result<Vec<Recovered>> {
+        self.write(move |tx, written| {
+            Box::pin(async move { recover(tx, written, &scope, &policy, now).await })
+        })
+        .await
+    }
+
+    async fn delete_finished_before(
+        &self,
+        cutoff: i64,
+        limit: usize,
+        now: i64,
+    ) -> Result<Vec<String>> {
+        self.write(move |tx, written| {
+            Box::pin(delete_finished_before(tx, written, cutoff, limit, now))
+        })
+        .await
+    }
+
+    async fn job(&self, job_id: &str) -> Result<Option<Job>> {
+        let client = self.client().await?;
+        load_job(&client, job_id).await
+    }
+
+    async fn job_status(&self, job_id: &str) -> Result<Option<JobStatus>> {
+        let client = self.client().await?;
+        job_status(&client, job_id).await
+    }
+
+    async fn jobs(&self, filter: JobFilter) -> Result<JobPage> {
+        let client = self.client().await?;
+        list(&client, &filter).await
+    }
+
+    async fn due_count(&self, now: i64) -> Result<u64> {
+        let client = self.client().await?;
+        count(
+            &client,
+            "SELECT COUNT(*) FROM jobs WHERE status = 'pending' AND run_at <= $1",
+            &[&now],
+        )
+        .await
+    }
+
+    async fn pending_count(&self) -> Result<u64> {
+        let client = self.client().await?;
+        count(
+            &client,
+            "SELECT COUNT(*) FROM jobs WHERE status = 'pending'",
+            &[],
+        )
+        .await
+    }
+
+    async fn job_counts(&self) -> Result<Vec<(JobStatus, u64)>> {
+        let client = self.client().await?;
+        job_counts(&client).await
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    /// PostgreSQL's size is the operator's to bound (tablespace quotas,
+    /// disk alerts): `--max-db-mb` caps the embedded database only.
+    async fn limit_size(&self, _bytes: u64) -> Result<()> {
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.shut().await
+    }
+
+    fn writer_stats(&self) -> WriterStats {
+        WriterStats::default()
+    }
+}

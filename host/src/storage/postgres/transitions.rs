@@ -1,0 +1,415 @@
+//! A claimed job's transitions, each guarded by its lease in the statement
+//! that changes the row (so the row lock orders racing writers), with the
+//! events each appends. A guard that does not hold changes nothing and
+//! says why.
+
+use super::{Tx, Written, corrupt, execute, query_opt};
+use crate::model::event::{EndedAttempt, JobCancelled, JobCompleted, PhaseCompleted, PhaseStarted};
+use crate::model::{EventBody, JobStatus, NewEvent, Progress, event};
+use crate::storage::{AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, Result};
+
+/// The guard every worker write puts on the job's row, with the lease in
+/// `$1` (job id), `$2` (attempt) and `$3` (token).
+const LEASE_HOLDS: &str = "EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease = $3)";
+
+fn lease_params(lease: &Lease) -> (i32, i64) {
+    (lease.attempt as i32, lease.token)
+}
+
+/// Emits a job event. A terminal one also writes the job's webhook delivery
+/// to the outbox, in the same transaction as the terminal state.
+pub(super) async fn job_event(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job_id: &str,
+    body: EventBody,
+    at: i64,
+) -> Result<()> {
+    if body.kind().is_job_terminal() {
+        super::webhooks::enqueue(tx, written, job_id, body.kind(), at).await?;
+    }
+    super::log::insert(tx, written, NewEvent::job(job_id, body), at).await
+}
+
+/// Locks the job's row and says whether it still runs under `lease`; if
+/// not, why. Later statements of the transaction see the row as locked.
+async fn hold_lease(tx: &Tx<'_>, lease: &Lease) -> Result<Guarded<()>> {
+    let row = query_opt(
+        tx,
+        "SELECT status, attempt, lease FROM jobs WHERE id = $1 FOR UPDATE",
+        &[&lease.job_id],
+    )
+    .await?;
+    Ok(match row {
+        Some(row) if row.get::<_, &str>(0) == JobStatus::Running.as_str() => {
+            if (row.get::<_, i32>(1), row.get::<_, i64>(2)) == lease_params(lease) {
+                Guarded::Applied(())
+            } else {
+                Guarded::Fenced
+            }
+        }
+        _ => Guarded::Stale,
+    })
+}
+
+/// A lease check that did not hold, as the outcome of any write.
+fn refusal<T>(held: Guarded<()>) -> Option<Guarded<T>> {
+    match held {
+        Guarded::Applied(()) => None,
+        Guarded::Stale => Some(Guarded::Stale),
+        Guarded::Fenced => Some(Guarded::Fenced),
+    }
+}
+
+/// Why a guarded write changed nothing: the lease is gone (fenced or
+/// stale), or the phase had moved on under it (stale).
+async fn refused<T>(tx: &Tx<'_>, lease: &Lease) -> Result<Guarded<T>> {
+    Ok(match hold_lease(tx, lease).await? {
+        Guarded::Fenced => Guarded::Fenced,
+        Guarded::Applied(()) | Guarded::Stale => Guarded::Stale,
+    })
+}
+
+/// Marks a phase running if it is pending; false if it was not.
+pub(super) async fn mark_phase_running(
+    tx: &Tx<'_>,
+    job_id: &str,
+    index: usize,
+    now: i64,
+) -> Result<bool> {
+    let changed = execute(
+        tx,
+        "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = $3,
+                           finished_at = NULL, progress = NULL
+         WHERE job_id = $1 AND idx = $2 AND status = 'pending'",
+        &[&job_id, &(index as i32), &now],
+    )
+    .await?;
+    Ok(changed > 0)
+}
+
+/// Starts phase `index` of a job whose lease the caller holds, if the phase
+/// is pending; returns its attempt.
+async fn start_pending_phase(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job_id: &str,
+    index: usize,
+    now: i64,
+) -> Result<Option<u32>> {
+    let row = query_opt(
+        tx,
+        "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = $3,
+                           finished_at = NULL, progress = NULL
+         WHERE job_id = $1 AND idx = $2 AND status = 'pending'
+         RETURNING name, plugin, version, attempts",
+        &[&job_id, &(index as i32), &now],
+    )
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let started = PhaseStarted {
+        phase: row.get(0),
+        index,
+        plugin: row.get(1),
+        version: row.get(2),
+        attempt: row.get::<_, i32>(3) as u32,
+    };
+    let attempt = started.attempt;
+    job_event(tx, written, job_id, EventBody::PhaseStarted(started), now).await?;
+    Ok(Some(attempt))
+}
+
+pub(super) async fn start_phase(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    lease: &Lease,
+    index: usize,
+    now: i64,
+) -> Result<Guarded<u32>> {
+    if let Some(refusal) = refusal(hold_lease(tx, lease).await?) {
+        return Ok(refusal);
+    }
+    Ok(
+        match start_pending_phase(tx, written, &lease.job_id, index, now).await? {
+            Some(attempt) => Guarded::Applied(attempt),
+            None => Guarded::Stale,
+        },
+    )
+}
+
+pub(super) async fn record_progress(
+    tx: &Tx<'_>,
+    lease: &Lease,
+    index: usize,
+    progress: &Progress,
+) -> Result<()> {
+    let progress = serde_json::to_string(progress).map_err(|e| corrupt("progress", e))?;
+    let (attempt, token) = lease_params(lease);
+    execute(
+        tx,
+        &format!(
+            "UPDATE phases SET progress = $5 WHERE job_id = $1 AND idx = $4 AND status = 'running'
+             AND {LEASE_HOLDS}"
+        ),
+        &[&lease.job_id, &attempt, &token, &(index as i32), &progress],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn complete_phase(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    lease: &Lease,
+    done: &PhaseDone,
+) -> Result<Guarded<Completion>> {
+    if let Some(refusal) = refusal(hold_lease(tx, lease).await?) {
+        return Ok(refusal);
+    }
+    let usage = serde_json::to_string(&done.usage).map_err(|e| corrupt("usage", e))?;
+    let changed = execute(
+        tx,
+        "UPDATE phases SET status = 'completed', output = $3, error = NULL, usage = $4, finished_at = $5
+         WHERE job_id = $1 AND idx = $2 AND status = 'running'",
+        &[
+            &lease.job_id,
+            &(done.index as i32),
+            &done.output.as_str(),
+            &usage,
+            &done.now,
+        ],
+    )
+    .await?;
+    if changed == 0 {
+        return Ok(Guarded::Stale);
+    }
+    let completed = EventBody::PhaseCompleted(PhaseCompleted {
+        phase: done.name.clone(),
+        index: done.index,
+        usage: done.usage,
+    });
+    job_event(tx, written, &lease.job_id, completed, done.now).await?;
+    if done.start_next
+        && let Some(attempt) =
+            start_pending_phase(tx, written, &lease.job_id, done.index + 1, done.now).await?
+    {
+        return Ok(Guarded::Applied(Completion::NextStarted(attempt)));
+    }
+    // The job completes in the same transaction when this was its last
+    // phase, and the worker may take its next job in it too.
+    let completed = complete_job(tx, written, lease, done.now).await?;
+    if done.claim_next
+        && completed.applied().is_some()
+        && let Some(next) = super::create::claim(tx, written, done.now, 1).await?.pop()
+    {
+        return Ok(Guarded::Applied(Completion::Claimed(Box::new(next))));
+    }
+    Ok(Guarded::Applied(Completion::Recorded))
+}
+
+/// Completes the leased job if all its phases completed.
+pub(super) async fn complete_job(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    lease: &Lease,
+    now: i64,
+) -> Result<Guarded<()>> {
+    let (attempt, token) = lease_params(lease);
+    let changed = execute(
+        tx,
+        "UPDATE jobs SET status = 'completed', finished_at = $4, error = NULL
+         WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease = $3
+           AND NOT EXISTS (SELECT 1 FROM phases WHERE job_id = $1 AND status <> 'completed')",
+        &[&lease.job_id, &attempt, &token, &now],
+    )
+    .await?;
+    if changed == 0 {
+        return refused(tx, lease).await;
+    }
+    let completed = EventBody::JobCompleted(JobCompleted {});
+    job_event(tx, written, &lease.job_id, completed, now).await?;
+    Ok(Guarded::Applied(()))
+}
+
+/// Phases that have not finished will not run: mark them cancelled.
+async fn cancel_unfinished_phases(tx: &Tx<'_>, job_id: &str, now: i64) -> Result<()> {
+    execute(
+        tx,
+        "UPDATE phases SET status = 'cancelled', finished_at = COALESCE(finished_at, $2)
+         WHERE job_id = $1 AND status IN ('pending', 'running')",
+        &[&job_id, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records the error of the job's current attempt.
+pub(super) async fn record_attempt_error(
+    tx: &Tx<'_>,
+    job_id: &str,
+    attempt: u32,
+    phase: Option<&str>,
+    error: &str,
+    now: i64,
+) -> Result<()> {
+    execute(
+        tx,
+        "INSERT INTO attempt_errors (job_id, attempt, phase, error, at) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (job_id, attempt) DO UPDATE
+         SET phase = EXCLUDED.phase, error = EXCLUDED.error, at = EXCLUDED.at",
+        &[&job_id, &(attempt as i32), &phase, &error, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn fail_phase(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    lease: &Lease,
+    failed: &PhaseFailed,
+) -> Result<Guarded<()>> {
+    if let Some(refusal) = refusal(hold_lease(tx, lease).await?) {
+        return Ok(refusal);
+    }
+    let retrying = matches!(failed.after, AfterFailure::Retry { .. });
+    let usage = failed
+        .usage
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| corrupt("usage", e))?;
+    let changed = execute(
+        tx,
+        "UPDATE phases SET status = $3, error = $4, usage = $5, finished_at = $6
+         WHERE job_id = $1 AND idx = $2 AND status = 'running'",
+        &[
+            &lease.job_id,
+            &(failed.index as i32),
+            &if retrying { "pending" } else { "failed" },
+            &failed.error,
+            &usage,
+            &failed.now,
+        ],
+    )
+    .await?;
+    if changed == 0 {
+        return Ok(Guarded::Stale);
+    }
+    let (job_id, attempt, now) = (&lease.job_id, lease.attempt, failed.now);
+    record_attempt_error(tx, job_id, attempt, Some(&failed.name), &failed.error, now).await?;
+    let event = EventBody::PhaseFailed(event::PhaseFailed {
+        phase: failed.name.clone(),
+        index: failed.index,
+        attempt,
+        error: failed.error.clone(),
+        retrying,
+    });
+    job_event(tx, written, job_id, event, now).await?;
+    let ended = EndedAttempt {
+        attempt,
+        phase: Some(&failed.name),
+        error: &failed.error,
+        recovered: false,
+    };
+    end_attempt(tx, written, job_id, &ended, &failed.after, now).await?;
+    Ok(Guarded::Applied(()))
+}
+
+/// After a failed attempt: the job waits for its retry at `run_at`, or
+/// fails with its unfinished phases marked as never to run.
+pub(super) async fn end_attempt(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job_id: &str,
+    ended: &EndedAttempt<'_>,
+    after: &AfterFailure,
+    now: i64,
+) -> Result<()> {
+    match after {
+        AfterFailure::Retry { run_at } => {
+            execute(
+                tx,
+                "UPDATE jobs SET status = 'pending', run_at = $2, error = $3 WHERE id = $1",
+                &[&job_id, run_at, &ended.error],
+            )
+            .await?;
+        }
+        AfterFailure::Fail => {
+            cancel_unfinished_phases(tx, job_id, now).await?;
+            execute(
+                tx,
+                "UPDATE jobs SET status = 'failed', finished_at = $2, error = $3 WHERE id = $1",
+                &[&job_id, &now, &ended.error],
+            )
+            .await?;
+        }
+    }
+    let event = EventBody::attempt_ended(ended, after);
+    job_event(tx, written, job_id, event, now).await
+}
+
+/// Moves a job from `expected` to cancelled, with every unfinished phase.
+pub(super) async fn cancel(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job_id: &str,
+    expected: JobStatus,
+    now: i64,
+) -> Result<bool> {
+    let changed = execute(
+        tx,
+        "UPDATE jobs SET status = 'cancelled', finished_at = $2, error = 'cancelled'
+         WHERE id = $1 AND status = $3",
+        &[&job_id, &now, &expected.as_str()],
+    )
+    .await?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    cancel_unfinished_phases(tx, job_id, now).await?;
+    let cancelled = EventBody::JobCancelled(JobCancelled { was: expected });
+    job_event(tx, written, job_id, cancelled, now).await?;
+    Ok(true)
+}
+
+/// Cancels the leased job; the stopped phase keeps what it used.
+pub(super) async fn cancel_running(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    lease: &Lease,
+    stopped: Option<&(usize, String)>,
+    now: i64,
+) -> Result<Guarded<()>> {
+    if let Some(refusal) = refusal(hold_lease(tx, lease).await?) {
+        return Ok(refusal);
+    }
+    cancel(tx, written, &lease.job_id, JobStatus::Running, now).await?;
+    if let Some((index, usage)) = stopped {
+        execute(
+            tx,
+            "UPDATE phases SET usage = $3 WHERE job_id = $1 AND idx = $2",
+            &[&lease.job_id, &(*index as i32), usage],
+        )
+        .await?;
+    }
+    Ok(Guarded::Applied(()))
+}
+
+/// Hands the leased job back between phases: it was not a failed attempt,
+/// so the attempt is not counted.
+pub(super) async fn release(tx: &Tx<'_>, lease: &Lease, now: i64) -> Result<Guarded<()>> {
+    let (attempt, token) = lease_params(lease);
+    let changed = execute(
+        tx,
+        "UPDATE jobs SET status = 'pending', run_at = $4, attempt = GREATEST(attempt - 1, 0)
+         WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease = $3
+           AND NOT EXISTS (SELECT 1 FROM phases WHERE job_id = $1 AND status = 'running')",
+        &[&lease.job_id, &attempt, &token, &now],
+    )
+    .await?;
+    if changed == 0 {
+        return refused(tx, lease).await;
+    }
+    Ok(Guarded::Applied(()))
+}

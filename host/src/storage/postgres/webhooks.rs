@@ -1,0 +1,147 @@
+//! The webhook outbox on PostgreSQL: a delivery row is written in the same
+//! transaction as the job's terminal state; the deliverer records each
+//! attempt.
+
+use async_trait::async_trait;
+
+use super::{PgStore, Tx, Written, execute, query, query_one, query_opt};
+use crate::model::webhook::EndedJob;
+use crate::model::{EventKind, NewEvent};
+use crate::storage::webhooks::new_delivery;
+use crate::storage::{AttemptOutcome, Delivery, Result, WebhookOutbox};
+
+/// Adds a delivery for a job that just reached a terminal state, if the job
+/// has a webhook.
+pub(super) async fn enqueue(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    job_id: &str,
+    kind: EventKind,
+    now: i64,
+) -> Result<()> {
+    let row = query_opt(
+        tx,
+        "SELECT webhook_url, webhook_secret, attempt, created_at, error FROM jobs WHERE id = $1",
+        &[&job_id],
+    )
+    .await?;
+    let Some(row) = row else { return Ok(()) };
+    let Some(url) = row.get::<_, Option<String>>(0) else {
+        return Ok(());
+    };
+    let secret: Option<String> = row.get(1);
+    let (id, body) = new_delivery(EndedJob {
+        job_id,
+        kind,
+        attempt: row.get::<_, i32>(2) as u32,
+        error: row.get(4),
+        created_at: row.get(3),
+        finished_at: now,
+    });
+    execute(
+        tx,
+        "INSERT INTO webhook_deliveries (id, job_id, url, secret, event, body, status, next_attempt_at, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)",
+        &[&id, &job_id, &url, &secret, &kind.name(), &body, &now],
+    )
+    .await?;
+    written.webhook = true;
+    Ok(())
+}
+
+async fn record(
+    tx: &Tx<'_>,
+    written: &mut Written,
+    delivery: &Delivery,
+    outcome: &AttemptOutcome,
+    now: i64,
+) -> Result<()> {
+    let record = outcome.record(delivery, now);
+    // A settled delivery no longer needs its secret.
+    execute(
+        tx,
+        "UPDATE webhook_deliveries SET status = $2, attempts = $3, last_status = $4, last_error = $5,
+                next_attempt_at = $6, finished_at = $7,
+                secret = CASE WHEN $2 = 'pending' THEN secret END
+         WHERE id = $1",
+        &[
+            &delivery.id,
+            &record.status.as_str(),
+            &(record.attempts as i32),
+            &record.http_status.map(i32::from),
+            &record.error,
+            &record.next_attempt_at,
+            &record.finished_at,
+        ],
+    )
+    .await?;
+    if record.finished_at.is_some() {
+        // Retention already took its job: the settled row goes too.
+        execute(
+            tx,
+            "DELETE FROM webhook_deliveries d
+             WHERE d.id = $1 AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = d.job_id)",
+            &[&delivery.id],
+        )
+        .await?;
+    }
+    match record.settled {
+        Some(body) => {
+            super::log::insert(tx, written, NewEvent::job(&delivery.job_id, body), now).await
+        }
+        None => Ok(()),
+    }
+}
+
+#[async_trait]
+impl WebhookOutbox for PgStore {
+    async fn due_webhooks(&self, now: i64, limit: usize) -> Result<Vec<Delivery>> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            "SELECT id, job_id, url, secret, body, attempts FROM webhook_deliveries
+             WHERE status = 'pending' AND next_attempt_at <= $1
+             ORDER BY next_attempt_at, id LIMIT $2",
+            &[&now, &(limit as i64)],
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Delivery {
+                id: row.get(0),
+                job_id: row.get(1),
+                url: row.get(2),
+                secret: row.get(3),
+                body: row.get(4),
+                attempts: row.get::<_, i32>(5) as u32,
+            })
+            .collect())
+    }
+
+    async fn next_webhook_at(&self) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let row = query_one(
+            &client,
+            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE status = 'pending'",
+            &[],
+        )
+        .await?;
+        Ok(row.get(0))
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        delivery: Delivery,
+        outcome: AttemptOutcome,
+        now: i64,
+    ) -> Result<()> {
+        self.write(move |tx, written| {
+            Box::pin(async move { record(tx, written, &delivery, &outcome, now).await })
+        })
+        .await
+    }
+
+    async fn webhook_added(&self) {
+        self.webhook_added.notified().await
+    }
+}
