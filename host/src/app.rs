@@ -37,7 +37,12 @@ impl App {
         let (storage, db) = match &config.postgres {
             Some(options) => {
                 let db = options.redacted_url();
-                let storage = storage::open_postgres(options)
+                let options = storage::PgOptions {
+                    host_id: data_dir::host_id(&config.data_dir)?,
+                    host_name: host_name(&config),
+                    ..options.clone()
+                };
+                let storage = storage::open_postgres(&options)
                     .await
                     .with_context(|| format!("opening {db}"))?;
                 (storage, db)
@@ -262,4 +267,12 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
+}
+
+/// This host's name for people: the machine's, and the address it serves.
+fn host_name(config: &Config) -> String {
+    let machine = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "jobhost".to_owned());
+    format!("{machine} ({})", config.listen)
 }

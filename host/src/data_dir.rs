@@ -63,6 +63,21 @@ pub fn open(dir: &Path) -> anyhow::Result<DataDirLock> {
     Ok(DataDirLock { _file: file })
 }
 
+/// This host's identity among hosts sharing a PostgreSQL database, kept in
+/// the data directory (`host-id`) so that a restart is the same host and
+/// recovers its own jobs at once.
+pub fn host_id(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("host-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        Ok(_) | Err(_) => {
+            let id = uuid::Uuid::now_v7().to_string();
+            std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,10 +8,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{QueueError, Shared, worker};
-use crate::storage::Claimed;
+use crate::storage::{Claimed, RecoveryScope};
 
 /// Pause after a storage error before claiming again.
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
+/// How often the jobs of hosts whose lease expired are looked for.
+const REAP_EVERY: Duration = Duration::from_secs(2);
 /// Jobs deleted per retention transaction.
 const PURGE_BATCH: usize = 500;
 
@@ -121,6 +123,37 @@ pub(super) async fn purge(shared: &Shared, cutoff: i64) -> Result<Vec<String>, Q
         deleted.extend(batch);
         if done {
             return Ok(deleted);
+        }
+    }
+}
+
+/// Recovers, periodically until the queue drains, the jobs of other hosts
+/// sharing the database whose lease expired (a database one host owns has
+/// none), as a crash of theirs: requeued with the interrupted phase on
+/// record, or failed when out of attempts.
+pub(super) async fn reap(shared: Arc<Shared>) {
+    let mut ticker = tokio::time::interval(REAP_EVERY);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shared.draining.cancelled() => return,
+        }
+        let now = shared.now();
+        let policy = super::recovery_policy("its host stopped renewing its lease", now);
+        match shared
+            .storage
+            .recover_jobs(RecoveryScope::ExpiredHosts, policy, now)
+            .await
+        {
+            Ok(recovered) => {
+                for job in &recovered {
+                    tracing::warn!(job = %job.job_id, phase = ?job.phase, attempt = job.attempt, requeued = job.requeued, "recovered a job of a host whose lease expired");
+                }
+                if recovered.iter().any(|job| job.requeued) {
+                    shared.wake.notify_one();
+                }
+            }
+            Err(error) => tracing::error!(%error, "recovering the jobs of expired hosts failed"),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{Mutex, Notify, broadcast};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,9 +27,9 @@ use crate::model::time::now_ms;
 use crate::model::{Event, Job, JobSpec, JobStatus};
 use crate::plugins::PluginRegistry;
 use crate::storage::{
-    AfterFailure, CancelOutcome, Claimed, CreateOutcome, DeleteOutcome, EventFilter, Interrupted,
-    JobFilter, JobPage, Recovered, Recovery, RecoveryPolicy, RecoveryScope, RetryOutcome, Storage,
-    StorageError,
+    AfterFailure, CancelOutcome, Claimed, ClusterSignal, CreateOutcome, DeleteOutcome, EventFilter,
+    Interrupted, JobFilter, JobPage, Recovered, Recovery, RecoveryPolicy, RecoveryScope,
+    RetryOutcome, SignalHandler, Storage, StorageError,
 };
 use crate::webhooks::{Deliverer, WebhookConfig};
 
@@ -211,7 +211,28 @@ impl Shared {
 /// What the queue does with a running job whose worker is gone (`cause`):
 /// requeued at once while attempts remain, failed otherwise, with an error
 /// that names the cause and the interrupted phase.
-fn recovery_policy(cause: &'static str, now: i64) -> RecoveryPolicy {
+/// What the queue does with what other hosts ask of it. Holds the queue
+/// weakly: storage keeps the handler, and the queue keeps storage.
+fn signal_handler(shared: &Arc<Shared>) -> SignalHandler {
+    let shared = Arc::downgrade(shared);
+    Arc::new(move |signal| {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match signal {
+            ClusterSignal::JobsDue => shared.wake.notify_one(),
+            ClusterSignal::CancelRequested(id) => {
+                tokio::spawn(async move {
+                    if let Some(token) = shared.running.lock().await.get(&id) {
+                        token.cancel();
+                    }
+                });
+            }
+        }
+    })
+}
+
+pub(super) fn recovery_policy(cause: &'static str, now: i64) -> RecoveryPolicy {
     Arc::new(move |job: &Interrupted| {
         let attempt = job.attempt;
         let error = match &job.phase {
@@ -243,8 +264,6 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Recovers jobs a crash left running, then starts the dispatcher and
-    /// the retention sweep. Returns the queue and what recovery did.
     /// Recovers jobs a crash left running, then starts the dispatcher, the
     /// retention sweep and the fan-out of the event log to `bus` (from the
     /// log's end as it was before recovery, so that subscribers see what
@@ -259,7 +278,7 @@ impl Queue {
         let now = (config.clock)();
         let policy = recovery_policy("the host stopped", now);
         let recovered = storage
-            .recover_jobs(RecoveryScope::AllRunning, policy, now)
+            .recover_jobs(RecoveryScope::AtStart, policy, now)
             .await?;
         for job in &recovered {
             tracing::warn!(job = %job.job_id, phase = ?job.phase, attempt = job.attempt, requeued = job.requeued, "recovered a job interrupted by a crash");
@@ -280,9 +299,11 @@ impl Queue {
             workers: TaskTracker::new(),
             pending: PendingCount::default(),
         });
+        shared.storage.on_signal(signal_handler(&shared));
         let background = vec![
             tokio::spawn(dispatch::dispatch(shared.clone())),
             tokio::spawn(dispatch::retention(shared.clone())),
+            tokio::spawn(dispatch::reap(shared.clone())),
         ];
         let deliverer = match &shared.config.webhooks {
             Some(config) => {
@@ -480,10 +501,7 @@ impl Queue {
                     // This process runs it: its worker stops the phase and
                     // records the cancel.
                     Some(token) => self.stop_and_wait(id, token).await,
-                    None => Err(QueueError::Conflict {
-                        status: JobStatus::Running,
-                        reason: "the job is running on another host",
-                    }),
+                    None => self.cancel_elsewhere(id).await,
                 }
             }
             CancelOutcome::Cancelled => Ok(Cancelled::Done),
@@ -511,6 +529,38 @@ impl Queue {
                 reason: "the job finished before the cancel took effect",
             }),
             _ => Ok(Cancelled::Stopping),
+        }
+    }
+
+    /// Asks the host running the job to stop it (its worker records the
+    /// cancel), and waits up to [`CANCEL_WAIT`] for the job to end.
+    async fn cancel_elsewhere(&self, id: &str) -> Result<Cancelled, QueueError> {
+        let mut events = self.shared.bus.subscribe();
+        if self.shared.storage.request_cancel(id).await? {
+            let ended = async {
+                loop {
+                    match events.recv().await {
+                        Ok(event)
+                            if event.kind().is_job_terminal()
+                                && event.job_id.as_deref() == Some(id) =>
+                        {
+                            return;
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CANCEL_WAIT, ended).await;
+        }
+        match self.job_status(id).await? {
+            JobStatus::Cancelled => Ok(Cancelled::Done),
+            JobStatus::Running => Ok(Cancelled::Stopping),
+            JobStatus::Pending => Box::pin(self.cancel(id)).await,
+            status => Err(QueueError::Conflict {
+                status,
+                reason: "the job finished before the cancel took effect",
+            }),
         }
     }
 

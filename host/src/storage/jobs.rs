@@ -234,8 +234,13 @@ pub type RecoveryPolicy = Arc<dyn Fn(&Interrupted) -> Recovery + Send + Sync>;
 /// Which running jobs a recovery takes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecoveryScope {
-    /// At start-up: every job left running (one host owns the database).
-    AllRunning,
+    /// At start-up: every job this host left running, and those of hosts
+    /// whose lease expired (on SQLite, one host owns the database: every
+    /// running job).
+    AtStart,
+    /// While running: the jobs of other hosts whose lease expired (none
+    /// on a database one host owns).
+    ExpiredHosts,
     /// One job whose worker could not record a transition, if it still
     /// holds this lease.
     Job(Lease),
@@ -327,6 +332,12 @@ pub trait JobStore: Send + Sync {
 
     /// Cancels a job if it is pending; otherwise says where it is.
     async fn cancel_pending_job(&self, job_id: &str, now: i64) -> Result<CancelOutcome>;
+
+    /// Asks the host whose worker runs the job to cancel it (see
+    /// [`ClusterSignal::CancelRequested`](super::ClusterSignal)); false if
+    /// the job is not running. On a database one host owns, every running
+    /// job is that host's own, and nothing is asked.
+    async fn request_cancel(&self, job_id: &str) -> Result<bool>;
 
     /// Hands the leased job, with no phase running, back to pending
     /// (shutdown, pause): not a failed attempt, so the attempt is not

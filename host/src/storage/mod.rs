@@ -43,6 +43,7 @@ pub use plugins::{
     ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginQuota, PluginRecord,
     PluginStore, PutOutcome, VersionRecord,
 };
+pub use postgres::PgOptions;
 pub use sqlite::Durability;
 pub use webhooks::{AttemptOutcome, Delivery, WebhookOutbox};
 
@@ -60,7 +61,26 @@ pub trait Store: JobStore + EventStore + WebhookOutbox + PluginStore {
     /// How busy the backend's serial writer has been (zeros for a backend
     /// without one).
     fn writer_stats(&self) -> WriterStats;
+
+    /// Registers `handler` for what other hosts on a shared database ask
+    /// of this one. A database one host owns never signals.
+    fn on_signal(&self, handler: SignalHandler);
 }
+
+/// What a database shared by several hosts tells this host's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterSignal {
+    /// Jobs may have become due: another host enqueued, retried, released
+    /// or recovered some (or this host reconnected and may have missed
+    /// that).
+    JobsDue,
+    /// A user asked another host to cancel this job, which this host runs.
+    CancelRequested(String),
+}
+
+/// Called on the backend's listening task: it must be quick and must not
+/// block.
+pub type SignalHandler = Arc<dyn Fn(ClusterSignal) + Send + Sync>;
 
 /// Storage as the rest of jobhost holds it: `Arc<Storage>`.
 pub type Storage = dyn Store;

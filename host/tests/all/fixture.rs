@@ -40,6 +40,7 @@ impl Backend {
                 let database = dir.database.as_ref().expect("a PostgreSQL data directory");
                 let options = PgOptions {
                     pool_size: 8,
+                    host_id: dir.host_id.clone(),
                     ..PgOptions::new(postgres::url_of(database))
                 };
                 jobhost::storage::open_postgres(&options).await.unwrap()
@@ -53,6 +54,11 @@ impl Backend {
 pub struct DataDir {
     dir: tempfile::TempDir,
     database: Option<String>,
+    /// Whether dropping this drops the database (another host's data
+    /// directory shares it otherwise).
+    owns_database: bool,
+    /// The host's identity, the same each time it is opened.
+    host_id: String,
 }
 
 impl DataDir {
@@ -62,17 +68,43 @@ impl DataDir {
             Backend::Sqlite => None,
             Backend::Postgres => Some(postgres::create_database().await),
         };
-        DataDir { dir, database }
+        DataDir {
+            dir,
+            database,
+            owns_database: true,
+            host_id: uuid::Uuid::now_v7().to_string(),
+        }
+    }
+
+    /// The data directory of another host on the same database (on
+    /// PostgreSQL; another database altogether on SQLite).
+    pub async fn beside(&self, backend: Backend) -> DataDir {
+        match &self.database {
+            Some(database) => DataDir {
+                dir: tempfile::tempdir().unwrap(),
+                database: Some(database.clone()),
+                owns_database: false,
+                host_id: uuid::Uuid::now_v7().to_string(),
+            },
+            None => DataDir::new(backend).await,
+        }
     }
 
     pub fn path(&self) -> &std::path::Path {
         self.dir.path()
     }
+
+    /// The PostgreSQL database's name (none on SQLite).
+    pub fn database(&self) -> Option<&str> {
+        self.database.as_deref()
+    }
 }
 
 impl Drop for DataDir {
     fn drop(&mut self) {
-        if let Some(database) = self.database.take() {
+        if let Some(database) = self.database.take()
+            && self.owns_database
+        {
             postgres::drop_database(database);
         }
     }

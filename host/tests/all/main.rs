@@ -2,6 +2,7 @@
 //! topic. Guest plugins come from `plugins/`, built by `plugin-artifacts`.
 
 mod cache;
+mod cluster;
 mod conformance;
 mod fixture;
 mod job_semantics;

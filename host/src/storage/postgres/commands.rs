@@ -5,7 +5,7 @@
 
 use super::rows::{must_load, phases_of};
 use super::transitions::{cancel, end_attempt, job_event, record_attempt_error};
-use super::{Tx, Written, corrupt, execute, query, query_opt};
+use super::{Tx, WriteScope, corrupt, execute, query, query_opt};
 use crate::model::event::{EndedAttempt, JobDeleted, JobRetrying, ManualRetry};
 use crate::model::{EventBody, JobStatus, PhaseStatus};
 use crate::storage::{
@@ -30,14 +30,14 @@ async fn locked_status(tx: &Tx<'_>, job_id: &str) -> Result<Option<JobStatus>> {
 
 pub(super) async fn cancel_if_pending(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job_id: &str,
     now: i64,
 ) -> Result<CancelOutcome> {
     Ok(match locked_status(tx, job_id).await? {
         None => CancelOutcome::NotFound,
         Some(JobStatus::Pending) => {
-            cancel(tx, written, job_id, JobStatus::Pending, now).await?;
+            cancel(tx, scope, job_id, JobStatus::Pending, now).await?;
             CancelOutcome::Cancelled
         }
         Some(JobStatus::Running) => CancelOutcome::Running,
@@ -47,7 +47,7 @@ pub(super) async fn cancel_if_pending(
 
 pub(super) async fn retry(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job_id: &str,
     from_start: bool,
     now: i64,
@@ -66,6 +66,7 @@ pub(super) async fn retry(
          WHERE job_id = $1 AND status <> 'completed'"
     };
     execute(tx, reset, &[&job_id]).await?;
+    scope.jobs_due = true;
     execute(
         tx,
         "UPDATE jobs SET status = 'pending', run_at = $2, attempt = 0, finished_at = NULL, error = NULL
@@ -78,7 +79,7 @@ pub(super) async fn retry(
         from_start,
         run_at: now,
     });
-    job_event(tx, written, job_id, EventBody::JobRetrying(retrying), now).await?;
+    job_event(tx, scope, job_id, EventBody::JobRetrying(retrying), now).await?;
     Ok(RetryOutcome::Retried(Box::new(
         must_load(tx, job_id).await?,
     )))
@@ -86,7 +87,7 @@ pub(super) async fn retry(
 
 pub(super) async fn delete(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job_id: &str,
     now: i64,
 ) -> Result<DeleteOutcome> {
@@ -94,7 +95,7 @@ pub(super) async fn delete(
         None => Ok(DeleteOutcome::NotFound),
         Some(status) if !status.is_terminal() => Ok(DeleteOutcome::NotTerminal(status)),
         Some(_) => {
-            delete_row(tx, written, job_id, now).await?;
+            delete_row(tx, scope, job_id, now).await?;
             Ok(DeleteOutcome::Deleted)
         }
     }
@@ -103,7 +104,7 @@ pub(super) async fn delete(
 /// Deletes a job with its history: its phases, attempt errors, logged
 /// events and settled webhook deliveries. Only the `job:deleted` event is
 /// left, for watchers to replay.
-async fn delete_row(tx: &Tx<'_>, written: &mut Written, job_id: &str, now: i64) -> Result<()> {
+async fn delete_row(tx: &Tx<'_>, scope: &mut WriteScope, job_id: &str, now: i64) -> Result<()> {
     execute(tx, "DELETE FROM jobs WHERE id = $1", &[&job_id]).await?;
     execute(tx, "DELETE FROM events WHERE job_id = $1", &[&job_id]).await?;
     // Settled deliveries go with their job; pending ones still go out.
@@ -116,23 +117,51 @@ async fn delete_row(tx: &Tx<'_>, written: &mut Written, job_id: &str, now: i64) 
     let deleted = EventBody::JobDeleted(JobDeleted {
         id: job_id.to_owned(),
     });
-    job_event(tx, written, job_id, deleted, now).await
+    job_event(tx, scope, job_id, deleted, now).await
 }
 
-/// Recovers the running jobs `scope` names, each as `policy` decides.
+/// Recovers the running jobs `which` names, each as `policy` decides.
 pub(super) async fn recover(
     tx: &Tx<'_>,
-    written: &mut Written,
-    scope: &RecoveryScope,
+    scope: &mut WriteScope,
+    which: &RecoveryScope,
     policy: &RecoveryPolicy,
     now: i64,
 ) -> Result<Vec<Recovered>> {
-    let rows = match scope {
-        RecoveryScope::AllRunning => {
+    // A host whose lease expired is presumed dead; if it is only frozen,
+    // the new lease token fences its late writes.
+    const EXPIRED_OWNER: &str = "owner IS NULL
+        OR owner IN (SELECT id FROM hosts WHERE lease_until < jobhost_now())";
+    let rows = match which {
+        RecoveryScope::AtStart => {
             query(
                 tx,
-                "SELECT id, attempt, max_attempts FROM jobs WHERE status = 'running'
-                 ORDER BY id FOR UPDATE",
+                &format!(
+                    "SELECT id, attempt, max_attempts FROM jobs
+                     WHERE status = 'running' AND (owner = $1 OR {EXPIRED_OWNER})
+                     ORDER BY id FOR UPDATE"
+                ),
+                &[&&*scope.host],
+            )
+            .await?
+        }
+        RecoveryScope::ExpiredHosts => {
+            // Hosts gone for an hour with nothing left to recover are
+            // forgotten.
+            execute(
+                tx,
+                "DELETE FROM hosts h WHERE h.lease_until < jobhost_now() - 3600000
+                 AND NOT EXISTS (SELECT 1 FROM jobs WHERE status = 'running' AND owner = h.id)",
+                &[],
+            )
+            .await?;
+            query(
+                tx,
+                &format!(
+                    "SELECT id, attempt, max_attempts FROM jobs
+                     WHERE status = 'running' AND ({EXPIRED_OWNER})
+                     ORDER BY id FOR UPDATE SKIP LOCKED"
+                ),
                 &[],
             )
             .await?
@@ -181,7 +210,7 @@ pub(super) async fn recover(
             error,
             recovered: true,
         };
-        end_attempt(tx, written, job_id, &ended, &decision.after, now).await?;
+        end_attempt(tx, scope, job_id, &ended, &decision.after, now).await?;
         recovered.push(Recovered {
             phase: phase.map(str::to_owned),
             job_id: job.job_id.clone(),
@@ -194,7 +223,7 @@ pub(super) async fn recover(
 
 pub(super) async fn delete_finished_before(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     cutoff: i64,
     limit: usize,
     now: i64,
@@ -221,7 +250,7 @@ pub(super) async fn delete_finished_before(
     )
     .await?;
     for id in &ids {
-        delete_row(tx, written, id, now).await?;
+        delete_row(tx, scope, id, now).await?;
     }
     Ok(ids)
 }

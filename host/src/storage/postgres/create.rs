@@ -4,14 +4,14 @@
 
 use super::rows::{J_JOB_COLUMNS, LEASE_COLUMN, Listed, decode_job, must_load, phases_of};
 use super::transitions::{job_event, mark_phase_running};
-use super::{Tx, Written, corrupt, execute, query, query_opt};
+use super::{Tx, WriteScope, corrupt, execute, query, query_opt};
 use crate::model::event::JobStarted;
 use crate::model::{EventBody, Job, JobStatus, Phase, PhaseStatus};
 use crate::storage::{Claimed, CreateOutcome, Lease, NewJob, Result};
 
 pub(super) async fn create(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     new: &NewJob,
 ) -> Result<CreateOutcome> {
     let mut pinned = Vec::with_capacity(new.phases.len());
@@ -102,14 +102,8 @@ pub(super) async fn create(
     )
     .await?;
     let job = new.stored(pinned);
-    job_event(
-        tx,
-        written,
-        &job.id,
-        EventBody::created(&job),
-        new.created_at,
-    )
-    .await?;
+    scope.jobs_due = true;
+    job_event(tx, scope, &job.id, EventBody::created(&job), new.created_at).await?;
     Ok(CreateOutcome::Created(job, None))
 }
 
@@ -129,7 +123,7 @@ pub(super) async fn other_job_due(tx: &Tx<'_>, job_id: &str, now: i64) -> Result
 /// unfinished phase of each.
 pub(super) async fn claim(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     now: i64,
     limit: usize,
 ) -> Result<Vec<Claimed>> {
@@ -140,17 +134,18 @@ pub(super) async fn claim(
              FOR UPDATE SKIP LOCKED
          )
          UPDATE jobs j SET status = 'running', attempt = j.attempt + 1, lease = j.lease + 1,
-                          started_at = COALESCE(j.started_at, $1)
+                          started_at = COALESCE(j.started_at, $1), owner = $3,
+                          cancel_requested = false
          FROM picked WHERE j.id = picked.id
          RETURNING {J_JOB_COLUMNS}"
     );
-    let rows = query(tx, &sql, &[&now, &(limit as i64)]).await?;
+    let rows = query(tx, &sql, &[&now, &(limit as i64), &&*scope.host]).await?;
     let mut jobs = Vec::with_capacity(rows.len());
     for row in &rows {
         let mut job = decode_job(row)?;
         let token: i64 = row.get(LEASE_COLUMN);
         job.phases = phases_of(tx, &job.id, Listed::Whole).await?;
-        start_claimed(tx, written, &mut job, now).await?;
+        start_claimed(tx, scope, &mut job, now).await?;
         let lease = Lease {
             job_id: job.id.clone(),
             attempt: job.attempt,
@@ -170,22 +165,23 @@ pub(super) async fn claim(
 /// job due.
 pub(super) async fn claim_created(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job: &mut Job,
     now: i64,
 ) -> Result<Lease> {
     let row = query_opt(
         tx,
-        "UPDATE jobs SET status = 'running', attempt = 1, lease = lease + 1, started_at = $2
+        "UPDATE jobs SET status = 'running', attempt = 1, lease = lease + 1, started_at = $2,
+                         owner = $3
          WHERE id = $1 RETURNING lease",
-        &[&job.id, &now],
+        &[&job.id, &now, &&*scope.host],
     )
     .await?
     .ok_or_else(|| corrupt("job vanished inside its transaction", &job.id))?;
     job.status = JobStatus::Running;
     job.attempt = 1;
     job.started_at = Some(now);
-    start_claimed(tx, written, job, now).await?;
+    start_claimed(tx, scope, job, now).await?;
     Ok(Lease {
         job_id: job.id.clone(),
         attempt: 1,
@@ -195,17 +191,17 @@ pub(super) async fn claim_created(
 
 /// Announces a job just marked running and starts its first unfinished
 /// phase, in the job's copy too.
-async fn start_claimed(tx: &Tx<'_>, written: &mut Written, job: &mut Job, now: i64) -> Result<()> {
+async fn start_claimed(tx: &Tx<'_>, scope: &mut WriteScope, job: &mut Job, now: i64) -> Result<()> {
     let started = EventBody::JobStarted(JobStarted {
         attempt: job.attempt,
     });
-    job_event(tx, written, &job.id, started, now).await?;
+    job_event(tx, scope, &job.id, started, now).await?;
     if let Some(first) = job
         .phases
         .iter_mut()
         .find(|p| p.status != PhaseStatus::Completed)
     {
-        start_loaded_phase(tx, written, &job.id, first, now).await?;
+        start_loaded_phase(tx, scope, &job.id, first, now).await?;
     }
     Ok(())
 }
@@ -214,7 +210,7 @@ async fn start_claimed(tx: &Tx<'_>, written: &mut Written, job: &mut Job, now: i
 /// that copy to match.
 async fn start_loaded_phase(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job_id: &str,
     phase: &mut Phase,
     now: i64,
@@ -226,5 +222,5 @@ async fn start_loaded_phase(
     phase.attempts += 1;
     phase.started_at = Some(now);
     phase.finished_at = None;
-    job_event(tx, written, job_id, EventBody::phase_started(phase), now).await
+    job_event(tx, scope, job_id, EventBody::phase_started(phase), now).await
 }

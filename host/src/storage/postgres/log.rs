@@ -22,7 +22,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{PgStore, Tx, Written, execute, query, query_one};
+use super::{PgStore, Tx, WriteScope, execute, query, query_one};
 use crate::model::{Event, EventBody, EventKind, NewEvent};
 use crate::storage::{AppendWaker, EventFilter, EventStore, Result, StorageError};
 
@@ -39,7 +39,7 @@ const WATERMARK_RETRY: Duration = Duration::from_millis(50);
 /// Appends an event in the write's transaction, without a position.
 pub(super) async fn insert(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     event: NewEvent,
     at: i64,
 ) -> Result<()> {
@@ -50,7 +50,7 @@ pub(super) async fn insert(
         &[&event.kind().name(), &event.job_id, &at, &data],
     )
     .await?;
-    written.events = true;
+    scope.events = true;
     Ok(())
 }
 
@@ -102,7 +102,7 @@ impl Log {
 
     /// Wakes the log's readers if positions were given since they last
     /// were (by this host or another).
-    fn saw(&self, last: i64) {
+    pub(super) fn saw(&self, last: i64) {
         if self.last.fetch_max(last, Ordering::SeqCst) < last {
             for wake in self.wakers.lock().expect("never poisoned").iter() {
                 wake();

@@ -14,6 +14,7 @@
 //!   itself, so a worker whose job was claimed again is fenced on every
 //!   host.
 
+mod cluster;
 mod commands;
 mod create;
 mod log;
@@ -38,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use schema::VERSION as SCHEMA_VERSION;
 
-use crate::storage::{AppendWaker, ErrorClass, Result, StorageError};
+use crate::storage::{AppendWaker, ErrorClass, Result, SignalHandler, StorageError};
 
 /// A write's transaction.
 pub(super) type Tx<'a> = deadpool_postgres::Transaction<'a>;
@@ -48,20 +49,31 @@ pub(super) type Tx<'a> = deadpool_postgres::Transaction<'a>;
 pub struct PgOptions {
     /// `postgres://user@host:port/database?…` (libpq's URL form).
     pub url: String,
-    /// Connections this host keeps at most.
+    /// Connections this host keeps at most (beside one that listens).
     pub pool_size: usize,
+    /// This host's identity among those sharing the database: the same
+    /// across restarts (it is kept in the data directory), so that a host
+    /// restarting recovers its own jobs at once.
+    pub host_id: String,
+    /// A name for people (`GET /cluster`, logs).
+    pub host_name: String,
+    /// How long the host's lease lasts: renewed every quarter of it, and
+    /// when it runs out, other hosts recover the host's jobs.
+    pub lease: Duration,
 }
 
 impl PgOptions {
+    /// Options for a host of its own, with the defaults.
     pub fn new(url: impl Into<String>) -> Self {
         PgOptions {
             url: url.into(),
             pool_size: DEFAULT_POOL_SIZE,
+            host_id: uuid::Uuid::now_v7().to_string(),
+            host_name: "jobhost".to_owned(),
+            lease: DEFAULT_LEASE,
         }
     }
-}
 
-impl PgOptions {
     /// The URL without its password, for logs.
     pub fn redacted_url(&self) -> String {
         match self.url.split_once("://") {
@@ -86,6 +98,8 @@ impl std::fmt::Debug for PgOptions {
     }
 }
 
+/// How long a host's lease lasts by default.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 /// Connections per host by default: the workers' transitions, the
 /// dispatcher's claims and HTTP reads share them.
 pub const DEFAULT_POOL_SIZE: usize = 16;
@@ -198,24 +212,32 @@ async fn execute(
     Ok(db.execute(&statement, params).await?)
 }
 
-/// What a write did that must be announced after its commit.
-#[derive(Default)]
-pub(super) struct Written {
+/// The host a write runs for, and what the write did that must be
+/// announced at or after its commit.
+pub(super) struct WriteScope {
+    /// The host's id: the owner of what it claims.
+    pub(super) host: Arc<str>,
     /// It appended events: the stamper has positions to give.
     pub(super) events: bool,
     /// It added a webhook delivery.
     pub(super) webhook: bool,
+    /// It made jobs due (enqueued, retried, released): other hosts are
+    /// told, once per transaction however many.
+    pub(super) jobs_due: bool,
 }
 
 pub struct PgStore {
     pool: Pool,
+    host: Arc<str>,
+    signals: Arc<cluster::Signals>,
     log: Arc<log::Log>,
     /// Notified after a commit that added a webhook delivery.
     webhook_added: Notify,
     closed: AtomicBool,
     /// Stops the stamper.
     stop: CancellationToken,
-    stamper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The stamper, the heartbeat and the listener.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl PgStore {
@@ -230,12 +252,13 @@ impl PgStore {
         ));
         config.application_name("jobhost");
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             tokio_postgres::NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let listen_config = config.clone();
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(2))
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -247,16 +270,35 @@ impl PgStore {
             let mut client = pool.get().await?;
             schema::migrate(&mut client).await?;
         }
+        let host = cluster::Host::register(&pool, options).await?;
         let log = Arc::new(log::Log::default());
+        let signals = Arc::new(cluster::Signals::default());
         let stop = CancellationToken::new();
-        let stamper = tokio::spawn(log::stamp_loop(pool.clone(), log.clone(), stop.clone()));
+        let tasks = vec![
+            tokio::spawn(log::stamp_loop(pool.clone(), log.clone(), stop.clone())),
+            tokio::spawn(cluster::listen_loop(
+                listen_config,
+                pool.clone(),
+                host.id.clone(),
+                log.clone(),
+                signals.clone(),
+                stop.clone(),
+            )),
+        ];
+        let host_id = host.id.clone();
+        let mut tasks = tasks;
+        tasks.push(tokio::spawn(
+            host.heartbeat_loop(pool.clone(), stop.clone()),
+        ));
         Ok(PgStore {
             pool,
+            host: host_id,
+            signals,
             log,
             webhook_added: Notify::new(),
             closed: AtomicBool::new(false),
             stop,
-            stamper: Mutex::new(Some(stamper)),
+            tasks: Mutex::new(tasks),
         })
     }
 
@@ -271,18 +313,28 @@ impl PgStore {
     /// what it wrote. A failure rolls the whole transaction back.
     async fn write<R: Send>(
         &self,
-        f: impl for<'a> FnOnce(&'a Tx<'a>, &'a mut Written) -> BoxFuture<'a, Result<R>> + Send,
+        f: impl for<'a> FnOnce(&'a Tx<'a>, &'a mut WriteScope) -> BoxFuture<'a, Result<R>> + Send,
     ) -> Result<R> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let mut written = Written::default();
-        let result = f(&tx, &mut written).await?;
+        let mut scope = WriteScope {
+            host: self.host.clone(),
+            events: false,
+            webhook: false,
+            jobs_due: false,
+        };
+        let result = f(&tx, &mut scope).await?;
+        if scope.jobs_due {
+            // Sent at commit; identical notifications of one transaction
+            // are sent once.
+            execute(&tx, "SELECT pg_notify('jobhost_jobs', '')", &[]).await?;
+        }
         tx.commit().await?;
         drop(client);
-        if written.webhook {
+        if scope.webhook {
             self.webhook_added.notify_one();
         }
-        if written.events {
+        if scope.events {
             self.log.appended().await;
         }
         Ok(result)
@@ -291,15 +343,19 @@ impl PgStore {
     async fn shut(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.stop.cancel();
-        let stamper = self.stamper.lock().unwrap().take();
-        if let Some(stamper) = stamper {
-            let _ = stamper.await;
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
+        for task in tasks {
+            let _ = task.await;
         }
         self.pool.close();
     }
 
     fn on_append(&self, wake: AppendWaker) {
         self.log.on_append(wake);
+    }
+
+    fn on_signal(&self, handler: SignalHandler) {
+        self.signals.add(handler);
     }
 }
 

@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use deadpool_postgres::GenericClient;
 
-use super::{PgStore, Tx, Written, execute, query, query_one, query_opt};
+use super::{PgStore, Tx, WriteScope, execute, query, query_one, query_opt};
 use crate::model::event::{PluginActivated, PluginUploaded};
 use crate::model::{EventBody, NewEvent};
 use crate::storage::{
@@ -35,7 +35,7 @@ async fn active_version(db: &impl GenericClient, name: &str) -> Result<Option<Op
 
 async fn put(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     new: &NewPluginVersion,
     now: i64,
 ) -> Result<PutOutcome> {
@@ -101,17 +101,17 @@ async fn put(
         content_hash: new.content_hash.clone(),
         size: new.component.len(),
     });
-    super::log::insert(tx, written, NewEvent::plugin(uploaded), now).await?;
+    super::log::insert(tx, scope, NewEvent::plugin(uploaded), now).await?;
     let activated = active_version(tx, &new.name).await?.flatten().is_none();
     if activated {
-        set_active(tx, written, &new.name, &new.version, None, now).await?;
+        set_active(tx, scope, &new.name, &new.version, None, now).await?;
     }
     Ok(PutOutcome::Created { activated })
 }
 
 async fn set_active(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     name: &str,
     version: &str,
     previous: Option<String>,
@@ -128,12 +128,12 @@ async fn set_active(
         version: version.to_owned(),
         previous,
     });
-    super::log::insert(tx, written, NewEvent::plugin(activated), now).await
+    super::log::insert(tx, scope, NewEvent::plugin(activated), now).await
 }
 
 async fn activate(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     name: &str,
     version: &str,
     now: i64,
@@ -153,7 +153,7 @@ async fn activate(
     if previous.as_deref() == Some(version) {
         return Ok(ActivateOutcome::AlreadyActive);
     }
-    set_active(tx, written, name, version, previous.clone(), now).await?;
+    set_active(tx, scope, name, version, previous.clone(), now).await?;
     Ok(ActivateOutcome::Activated { previous })
 }
 
@@ -253,7 +253,7 @@ async fn records(db: &impl GenericClient, name: Option<&str>) -> Result<Vec<Plug
 #[async_trait]
 impl PluginStore for PgStore {
     async fn put_plugin_version(&self, new: NewPluginVersion, now: i64) -> Result<PutOutcome> {
-        self.write(move |tx, written| Box::pin(async move { put(tx, written, &new, now).await }))
+        self.write(move |tx, scope| Box::pin(async move { put(tx, scope, &new, now).await }))
             .await
     }
 
@@ -264,8 +264,8 @@ impl PluginStore for PgStore {
         now: i64,
     ) -> Result<ActivateOutcome> {
         let (name, version) = (name.to_owned(), version.to_owned());
-        self.write(move |tx, written| {
-            Box::pin(async move { activate(tx, written, &name, &version, now).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { activate(tx, scope, &name, &version, now).await })
         })
         .await
     }

@@ -49,12 +49,29 @@ pub(super) const MIGRATIONS: &[&str] = &[
         started_at      BIGINT,
         finished_at     BIGINT,
         error           TEXT,
-        lease           BIGINT NOT NULL DEFAULT 0
+        lease           BIGINT NOT NULL DEFAULT 0,
+        -- The host whose worker runs it (see `hosts`), and whether a user
+        -- asked, on any host, to cancel it while it ran.
+        owner           TEXT,
+        cancel_requested BOOLEAN NOT NULL DEFAULT false
     ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
             autovacuum_analyze_scale_factor = 0.05);
     CREATE INDEX jobs_due ON jobs (priority DESC, run_at, id) WHERE status = 'pending';
     CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
     CREATE INDEX jobs_status ON jobs (status, id);
+    CREATE INDEX jobs_owner ON jobs (owner) WHERE status = 'running';
+    -- Hosts sharing the database: each renews its lease (database time, so
+    -- hosts' clocks do not matter); the jobs of a host whose lease
+    -- expired are recovered by the others.
+    CREATE TABLE hosts (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL,
+        started_at      BIGINT NOT NULL,
+        heartbeat_at    BIGINT NOT NULL,
+        lease_until     BIGINT NOT NULL
+    );
+    CREATE FUNCTION jobhost_now() RETURNS BIGINT LANGUAGE sql VOLATILE
+        AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint $$;
     CREATE TABLE phases (
         job_id          TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
         idx             INTEGER NOT NULL,

@@ -6,25 +6,25 @@ use async_trait::async_trait;
 use super::commands::{cancel_if_pending, delete, delete_finished_before, recover, retry};
 use super::create::{claim, claim_created, create, other_job_due};
 use super::rows::{count, job_counts, job_status, list, load_job};
-use super::{PgStore, query_one, transitions};
+use super::{PgStore, query, query_one, transitions};
 use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::jobs::stopped_usage;
 use crate::storage::{
     CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, JobFilter, JobPage,
     JobStore, Lease, NewJob, PhaseDone, PhaseFailed, Recovered, RecoveryPolicy, RecoveryScope,
-    Result, RetryOutcome, Store, WriterStats,
+    Result, RetryOutcome, SignalHandler, Store, WriterStats,
 };
 
 #[async_trait]
 impl JobStore for PgStore {
     async fn create_job(&self, new: NewJob, claim_at: Option<i64>) -> Result<CreateOutcome> {
-        self.write(move |tx, written| {
+        self.write(move |tx, scope| {
             Box::pin(async move {
-                match (create(tx, written, &new).await?, claim_at) {
+                match (create(tx, scope, &new).await?, claim_at) {
                     (CreateOutcome::Created(mut job, None), Some(now))
                         if job.run_at <= now && !other_job_due(tx, &job.id, now).await? =>
                     {
-                        let lease = claim_created(tx, written, &mut job, now).await?;
+                        let lease = claim_created(tx, scope, &mut job, now).await?;
                         Ok(CreateOutcome::Created(job, Some(lease)))
                     }
                     (created, _) => Ok(created),
@@ -35,7 +35,7 @@ impl JobStore for PgStore {
     }
 
     async fn claim_due_jobs(&self, now: i64, limit: usize) -> Result<Vec<Claimed>> {
-        self.write(move |tx, written| Box::pin(claim(tx, written, now, limit)))
+        self.write(move |tx, scope| Box::pin(claim(tx, scope, now, limit)))
             .await
     }
 
@@ -52,8 +52,8 @@ impl JobStore for PgStore {
 
     async fn start_phase(&self, lease: &Lease, index: usize, now: i64) -> Result<Guarded<u32>> {
         let lease = lease.clone();
-        self.write(move |tx, written| {
-            Box::pin(async move { transitions::start_phase(tx, written, &lease, index, now).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { transitions::start_phase(tx, scope, &lease, index, now).await })
         })
         .await
     }
@@ -75,24 +75,24 @@ impl JobStore for PgStore {
 
     async fn complete_phase(&self, lease: &Lease, done: PhaseDone) -> Result<Guarded<Completion>> {
         let lease = lease.clone();
-        self.write(move |tx, written| {
-            Box::pin(async move { transitions::complete_phase(tx, written, &lease, &done).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { transitions::complete_phase(tx, scope, &lease, &done).await })
         })
         .await
     }
 
     async fn complete_job(&self, lease: &Lease, now: i64) -> Result<Guarded<()>> {
         let lease = lease.clone();
-        self.write(move |tx, written| {
-            Box::pin(async move { transitions::complete_job(tx, written, &lease, now).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { transitions::complete_job(tx, scope, &lease, now).await })
         })
         .await
     }
 
     async fn fail_phase(&self, lease: &Lease, failed: PhaseFailed) -> Result<Guarded<()>> {
         let lease = lease.clone();
-        self.write(move |tx, written| {
-            Box::pin(async move { transitions::fail_phase(tx, written, &lease, &failed).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { transitions::fail_phase(tx, scope, &lease, &failed).await })
         })
         .await
     }
@@ -105,9 +105,9 @@ impl JobStore for PgStore {
     ) -> Result<Guarded<()>> {
         let lease = lease.clone();
         let stopped = stopped_usage(stopped)?;
-        self.write(move |tx, written| {
+        self.write(move |tx, scope| {
             Box::pin(async move {
-                transitions::cancel_running(tx, written, &lease, stopped.as_ref(), now).await
+                transitions::cancel_running(tx, scope, &lease, stopped.as_ref(), now).await
             })
         })
         .await
@@ -115,44 +115,64 @@ impl JobStore for PgStore {
 
     async fn cancel_pending_job(&self, job_id: &str, now: i64) -> Result<CancelOutcome> {
         let job_id = job_id.to_owned();
-        self.write(move |tx, written| {
-            Box::pin(async move { cancel_if_pending(tx, written, &job_id, now).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { cancel_if_pending(tx, scope, &job_id, now).await })
+        })
+        .await
+    }
+
+    async fn request_cancel(&self, job_id: &str) -> Result<bool> {
+        let job_id = job_id.to_owned();
+        self.write(move |tx, _| {
+            Box::pin(async move {
+                // The request is state (re-read by the owner whenever it
+                // reconnects); the notification only wakes the owner.
+                let rows = query(
+                    tx,
+                    "WITH requested AS (
+                         UPDATE jobs SET cancel_requested = true
+                         WHERE id = $1 AND status = 'running' RETURNING owner
+                     )
+                     SELECT pg_notify('jobhost_cancel', owner || ' ' || $1) FROM requested",
+                    &[&job_id],
+                )
+                .await?;
+                Ok(!rows.is_empty())
+            })
         })
         .await
     }
 
     async fn release_job(&self, lease: &Lease, now: i64) -> Result<Guarded<()>> {
         let lease = lease.clone();
-        self.write(move |tx, _| {
-            Box::pin(async move { transitions::release(tx, &lease, now).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { transitions::release(tx, scope, &lease, now).await })
         })
         .await
     }
 
     async fn retry_job(&self, job_id: &str, from_start: bool, now: i64) -> Result<RetryOutcome> {
         let job_id = job_id.to_owned();
-        self.write(move |tx, written| {
-            Box::pin(async move { retry(tx, written, &job_id, from_start, now).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { retry(tx, scope, &job_id, from_start, now).await })
         })
         .await
     }
 
     async fn delete_job(&self, job_id: &str, now: i64) -> Result<DeleteOutcome> {
         let job_id = job_id.to_owned();
-        self.write(move |tx, written| {
-            Box::pin(async move { delete(tx, written, &job_id, now).await })
-        })
-        .await
+        self.write(move |tx, scope| Box::pin(async move { delete(tx, scope, &job_id, now).await }))
+            .await
     }
 
     async fn recover_jobs(
         &self,
-        scope: RecoveryScope,
+        which: RecoveryScope,
         policy: RecoveryPolicy,
         now: i64,
     ) -> Result<Vec<Recovered>> {
-        self.write(move |tx, written| {
-            Box::pin(async move { recover(tx, written, &scope, &policy, now).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { recover(tx, scope, &which, &policy, now).await })
         })
         .await
     }
@@ -163,10 +183,8 @@ impl JobStore for PgStore {
         limit: usize,
         now: i64,
     ) -> Result<Vec<String>> {
-        self.write(move |tx, written| {
-            Box::pin(delete_finished_before(tx, written, cutoff, limit, now))
-        })
-        .await
+        self.write(move |tx, scope| Box::pin(delete_finished_before(tx, scope, cutoff, limit, now)))
+            .await
     }
 
     async fn job(&self, job_id: &str) -> Result<Option<Job>> {
@@ -224,5 +242,9 @@ impl Store for PgStore {
 
     fn writer_stats(&self) -> WriterStats {
         WriterStats::default()
+    }
+
+    fn on_signal(&self, handler: SignalHandler) {
+        PgStore::on_signal(self, handler)
     }
 }

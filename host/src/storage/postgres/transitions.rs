@@ -3,7 +3,7 @@
 //! events each appends. A guard that does not hold changes nothing and
 //! says why.
 
-use super::{Tx, Written, corrupt, execute, query_opt};
+use super::{Tx, WriteScope, corrupt, execute, query_opt};
 use crate::model::event::{EndedAttempt, JobCancelled, JobCompleted, PhaseCompleted, PhaseStarted};
 use crate::model::{EventBody, JobStatus, NewEvent, Progress, event};
 use crate::storage::{AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, Result};
@@ -20,15 +20,15 @@ fn lease_params(lease: &Lease) -> (i32, i64) {
 /// to the outbox, in the same transaction as the terminal state.
 pub(super) async fn job_event(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job_id: &str,
     body: EventBody,
     at: i64,
 ) -> Result<()> {
     if body.kind().is_job_terminal() {
-        super::webhooks::enqueue(tx, written, job_id, body.kind(), at).await?;
+        super::webhooks::enqueue(tx, scope, job_id, body.kind(), at).await?;
     }
-    super::log::insert(tx, written, NewEvent::job(job_id, body), at).await
+    super::log::insert(tx, scope, NewEvent::job(job_id, body), at).await
 }
 
 /// Locks the job's row and says whether it still runs under `lease`; if
@@ -92,7 +92,7 @@ pub(super) async fn mark_phase_running(
 /// is pending; returns its attempt.
 async fn start_pending_phase(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job_id: &str,
     index: usize,
     now: i64,
@@ -115,13 +115,13 @@ async fn start_pending_phase(
         attempt: row.get::<_, i32>(3) as u32,
     };
     let attempt = started.attempt;
-    job_event(tx, written, job_id, EventBody::PhaseStarted(started), now).await?;
+    job_event(tx, scope, job_id, EventBody::PhaseStarted(started), now).await?;
     Ok(Some(attempt))
 }
 
 pub(super) async fn start_phase(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     lease: &Lease,
     index: usize,
     now: i64,
@@ -130,7 +130,7 @@ pub(super) async fn start_phase(
         return Ok(refusal);
     }
     Ok(
-        match start_pending_phase(tx, written, &lease.job_id, index, now).await? {
+        match start_pending_phase(tx, scope, &lease.job_id, index, now).await? {
             Some(attempt) => Guarded::Applied(attempt),
             None => Guarded::Stale,
         },
@@ -159,7 +159,7 @@ pub(super) async fn record_progress(
 
 pub(super) async fn complete_phase(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     lease: &Lease,
     done: &PhaseDone,
 ) -> Result<Guarded<Completion>> {
@@ -188,19 +188,19 @@ pub(super) async fn complete_phase(
         index: done.index,
         usage: done.usage,
     });
-    job_event(tx, written, &lease.job_id, completed, done.now).await?;
+    job_event(tx, scope, &lease.job_id, completed, done.now).await?;
     if done.start_next
         && let Some(attempt) =
-            start_pending_phase(tx, written, &lease.job_id, done.index + 1, done.now).await?
+            start_pending_phase(tx, scope, &lease.job_id, done.index + 1, done.now).await?
     {
         return Ok(Guarded::Applied(Completion::NextStarted(attempt)));
     }
     // The job completes in the same transaction when this was its last
     // phase, and the worker may take its next job in it too.
-    let completed = complete_job(tx, written, lease, done.now).await?;
+    let completed = complete_job(tx, scope, lease, done.now).await?;
     if done.claim_next
         && completed.applied().is_some()
-        && let Some(next) = super::create::claim(tx, written, done.now, 1).await?.pop()
+        && let Some(next) = super::create::claim(tx, scope, done.now, 1).await?.pop()
     {
         return Ok(Guarded::Applied(Completion::Claimed(Box::new(next))));
     }
@@ -210,7 +210,7 @@ pub(super) async fn complete_phase(
 /// Completes the leased job if all its phases completed.
 pub(super) async fn complete_job(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     lease: &Lease,
     now: i64,
 ) -> Result<Guarded<()>> {
@@ -227,7 +227,7 @@ pub(super) async fn complete_job(
         return refused(tx, lease).await;
     }
     let completed = EventBody::JobCompleted(JobCompleted {});
-    job_event(tx, written, &lease.job_id, completed, now).await?;
+    job_event(tx, scope, &lease.job_id, completed, now).await?;
     Ok(Guarded::Applied(()))
 }
 
@@ -265,7 +265,7 @@ pub(super) async fn record_attempt_error(
 
 pub(super) async fn fail_phase(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     lease: &Lease,
     failed: &PhaseFailed,
 ) -> Result<Guarded<()>> {
@@ -305,14 +305,14 @@ pub(super) async fn fail_phase(
         error: failed.error.clone(),
         retrying,
     });
-    job_event(tx, written, job_id, event, now).await?;
+    job_event(tx, scope, job_id, event, now).await?;
     let ended = EndedAttempt {
         attempt,
         phase: Some(&failed.name),
         error: &failed.error,
         recovered: false,
     };
-    end_attempt(tx, written, job_id, &ended, &failed.after, now).await?;
+    end_attempt(tx, scope, job_id, &ended, &failed.after, now).await?;
     Ok(Guarded::Applied(()))
 }
 
@@ -320,7 +320,7 @@ pub(super) async fn fail_phase(
 /// fails with its unfinished phases marked as never to run.
 pub(super) async fn end_attempt(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job_id: &str,
     ended: &EndedAttempt<'_>,
     after: &AfterFailure,
@@ -328,6 +328,7 @@ pub(super) async fn end_attempt(
 ) -> Result<()> {
     match after {
         AfterFailure::Retry { run_at } => {
+            scope.jobs_due = true;
             execute(
                 tx,
                 "UPDATE jobs SET status = 'pending', run_at = $2, error = $3 WHERE id = $1",
@@ -346,13 +347,13 @@ pub(super) async fn end_attempt(
         }
     }
     let event = EventBody::attempt_ended(ended, after);
-    job_event(tx, written, job_id, event, now).await
+    job_event(tx, scope, job_id, event, now).await
 }
 
 /// Moves a job from `expected` to cancelled, with every unfinished phase.
 pub(super) async fn cancel(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job_id: &str,
     expected: JobStatus,
     now: i64,
@@ -369,14 +370,14 @@ pub(super) async fn cancel(
     }
     cancel_unfinished_phases(tx, job_id, now).await?;
     let cancelled = EventBody::JobCancelled(JobCancelled { was: expected });
-    job_event(tx, written, job_id, cancelled, now).await?;
+    job_event(tx, scope, job_id, cancelled, now).await?;
     Ok(true)
 }
 
 /// Cancels the leased job; the stopped phase keeps what it used.
 pub(super) async fn cancel_running(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     lease: &Lease,
     stopped: Option<&(usize, String)>,
     now: i64,
@@ -384,7 +385,7 @@ pub(super) async fn cancel_running(
     if let Some(refusal) = refusal(hold_lease(tx, lease).await?) {
         return Ok(refusal);
     }
-    cancel(tx, written, &lease.job_id, JobStatus::Running, now).await?;
+    cancel(tx, scope, &lease.job_id, JobStatus::Running, now).await?;
     if let Some((index, usage)) = stopped {
         execute(
             tx,
@@ -398,7 +399,12 @@ pub(super) async fn cancel_running(
 
 /// Hands the leased job back between phases: it was not a failed attempt,
 /// so the attempt is not counted.
-pub(super) async fn release(tx: &Tx<'_>, lease: &Lease, now: i64) -> Result<Guarded<()>> {
+pub(super) async fn release(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    lease: &Lease,
+    now: i64,
+) -> Result<Guarded<()>> {
     let (attempt, token) = lease_params(lease);
     let changed = execute(
         tx,
@@ -411,5 +417,6 @@ pub(super) async fn release(tx: &Tx<'_>, lease: &Lease, now: i64) -> Result<Guar
     if changed == 0 {
         return refused(tx, lease).await;
     }
+    scope.jobs_due = true;
     Ok(Guarded::Applied(()))
 }

@@ -1,10 +1,10 @@
-//! The webhook outbox on PostgreSQL: a delivery row is written in the same
+//! The webhook outbox on PostgreSQL: a delivery row is scope in the same
 //! transaction as the job's terminal state; the deliverer records each
 //! attempt.
 
 use async_trait::async_trait;
 
-use super::{PgStore, Tx, Written, execute, query, query_one, query_opt};
+use super::{PgStore, Tx, WriteScope, execute, query, query_one, query_opt};
 use crate::model::webhook::EndedJob;
 use crate::model::{EventKind, NewEvent};
 use crate::storage::webhooks::new_delivery;
@@ -14,7 +14,7 @@ use crate::storage::{AttemptOutcome, Delivery, Result, WebhookOutbox};
 /// has a webhook.
 pub(super) async fn enqueue(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     job_id: &str,
     kind: EventKind,
     now: i64,
@@ -45,13 +45,13 @@ pub(super) async fn enqueue(
         &[&id, &job_id, &url, &secret, &kind.name(), &body, &now],
     )
     .await?;
-    written.webhook = true;
+    scope.webhook = true;
     Ok(())
 }
 
 async fn record(
     tx: &Tx<'_>,
-    written: &mut Written,
+    scope: &mut WriteScope,
     delivery: &Delivery,
     outcome: &AttemptOutcome,
     now: i64,
@@ -87,7 +87,7 @@ async fn record(
     }
     match record.settled {
         Some(body) => {
-            super::log::insert(tx, written, NewEvent::job(&delivery.job_id, body), now).await
+            super::log::insert(tx, scope, NewEvent::job(&delivery.job_id, body), now).await
         }
         None => Ok(()),
     }
@@ -135,8 +135,8 @@ impl WebhookOutbox for PgStore {
         outcome: AttemptOutcome,
         now: i64,
     ) -> Result<()> {
-        self.write(move |tx, written| {
-            Box::pin(async move { record(tx, written, &delivery, &outcome, now).await })
+        self.write(move |tx, scope| {
+            Box::pin(async move { record(tx, scope, &delivery, &outcome, now).await })
         })
         .await
     }

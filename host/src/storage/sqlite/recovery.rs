@@ -18,7 +18,9 @@ pub(super) fn recover(
     now: i64,
 ) -> Result<Vec<Recovered>> {
     let running: Vec<Interrupted> = match scope {
-        RecoveryScope::AllRunning => conn
+        // One host owns the database: none other can have expired.
+        RecoveryScope::ExpiredHosts => Vec::new(),
+        RecoveryScope::AtStart => conn
             .prepare_cached(
                 "SELECT id, attempt, max_attempts FROM jobs WHERE status = 'running' ORDER BY id",
             )?

@@ -15,7 +15,7 @@ use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::{
     CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, JobFilter, JobPage,
     JobStore, Lease, NewJob, PhaseDone, PhaseFailed, Recovered, RecoveryPolicy, RecoveryScope,
-    Result, RetryOutcome, Store, WriterStats,
+    Result, RetryOutcome, SignalHandler, Store, WriterStats,
 };
 
 #[async_trait]
@@ -100,6 +100,10 @@ impl JobStore for SqliteStore {
             .await
     }
 
+    async fn request_cancel(&self, _job_id: &str) -> Result<bool> {
+        Ok(false)
+    }
+
     async fn release_job(&self, lease: &Lease, now: i64) -> Result<Guarded<()>> {
         let lease = lease.clone();
         self.write(move |conn, _| transitions::release(conn, &lease, now))
@@ -178,4 +182,6 @@ impl Store for SqliteStore {
     fn writer_stats(&self) -> WriterStats {
         self.writer_stats.stats()
     }
+
+    fn on_signal(&self, _handler: SignalHandler) {}
 }

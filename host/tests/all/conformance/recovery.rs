@@ -61,7 +61,7 @@ pub async fn recovery_applies_the_queues_decision_to_every_running_job(backend: 
     let asked = Arc::default();
     let policy = requeue_while_attempts_remain(7_000, Arc::clone(&asked));
     let mut recovered = store
-        .recover_jobs(RecoveryScope::AllRunning, policy, 3_000)
+        .recover_jobs(RecoveryScope::AtStart, policy, 3_000)
         .await
         .unwrap();
     recovered.sort_by(|a, b| a.job_id.cmp(&b.job_id));

@@ -1,0 +1,237 @@
+//! Several hosts on one database: each host's lease (a heartbeat in
+//! `hosts`), and what hosts tell each other through LISTEN/NOTIFY.
+//!
+//! NOTIFY only wakes: everything it announces is state in a table (due
+//! jobs, a cancel request, the log's last position), re-read whenever the
+//! listening connection is (re)established, because notifications sent
+//! while it was down are lost. The listener has a connection of its own:
+//! a pooled connection would drop them.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use super::log::Log;
+use super::{PgOptions, execute, query, query_one};
+use crate::storage::{ClusterSignal, Result, SignalHandler};
+
+/// Longest wait before connecting the listener again after a failure.
+const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(5);
+
+/// This host, registered in `hosts`.
+pub(super) struct Host {
+    pub(super) id: Arc<str>,
+    name: String,
+    lease: Duration,
+    started_at: i64,
+}
+
+impl Host {
+    /// Takes (or renews) the host's lease, before it recovers or claims
+    /// anything.
+    pub(super) async fn register(pool: &Pool, options: &PgOptions) -> Result<Host> {
+        let client = pool.get().await?;
+        let started_at: i64 = query_one(&client, "SELECT jobhost_now()", &[])
+            .await?
+            .get(0);
+        let host = Host {
+            id: options.host_id.as_str().into(),
+            name: options.host_name.clone(),
+            lease: options.lease,
+            started_at,
+        };
+        host.renew(&client).await?;
+        Ok(host)
+    }
+
+    async fn renew(&self, db: &deadpool_postgres::Client) -> Result<()> {
+        execute(
+            db,
+            "INSERT INTO hosts (id, name, started_at, heartbeat_at, lease_until)
+             VALUES ($1, $2, $3, jobhost_now(), jobhost_now() + $4)
+             ON CONFLICT (id) DO UPDATE
+             SET name = EXCLUDED.name, started_at = EXCLUDED.started_at,
+                 heartbeat_at = EXCLUDED.heartbeat_at, lease_until = EXCLUDED.lease_until",
+            &[
+                &&*self.id,
+                &self.name,
+                &self.started_at,
+                &(self.lease.as_millis() as i64),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Renews the lease every quarter of its length until `stop`.
+    pub(super) async fn heartbeat_loop(self, pool: Pool, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.lease / 4) => {}
+            }
+            let renewed = async { self.renew(&pool.get().await?).await };
+            if let Err(error) = renewed.await {
+                tracing::warn!(%error, "renewing this host's lease failed");
+            }
+        }
+    }
+}
+
+/// The handlers of [`ClusterSignal`]s.
+#[derive(Default)]
+pub(super) struct Signals {
+    handlers: Mutex<Vec<SignalHandler>>,
+}
+
+impl Signals {
+    pub(super) fn add(&self, handler: SignalHandler) {
+        self.handlers.lock().expect("never poisoned").push(handler);
+    }
+
+    fn emit(&self, signal: ClusterSignal) {
+        for handler in self.handlers.lock().expect("never poisoned").iter() {
+            handler(signal.clone());
+        }
+    }
+}
+
+/// Listens until `stop`, connecting again (with a growing pause) whenever
+/// the connection fails.
+pub(super) async fn listen_loop(
+    config: tokio_postgres::Config,
+    pool: Pool,
+    host: Arc<str>,
+    log: Arc<Log>,
+    signals: Arc<Signals>,
+    stop: CancellationToken,
+) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let listener = Listener {
+            pool: &pool,
+            host: &host,
+            log: &log,
+            signals: &signals,
+        };
+        match listener.listen(&config, &stop).await {
+            Ok(()) => return,
+            Err(error) => tracing::warn!(%error, "listening to other hosts failed; reconnecting"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(MAX_RECONNECT_PAUSE);
+    }
+}
+
+struct Listener<'a> {
+    pool: &'a Pool,
+    host: &'a str,
+    log: &'a Log,
+    signals: &'a Signals,
+}
+
+impl Listener<'_> {
+    /// One listening connection's life: `Ok` when stopped.
+    async fn listen(
+        &self,
+        config: &tokio_postgres::Config,
+        stop: &CancellationToken,
+    ) -> Result<()> {
+        let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+        let (notify, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+        // The connection must be polled for the client's queries and the
+        // notifications alike.
+        let driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message? {
+                    AsyncMessage::Notification(n) => {
+                        let _ = notify.send((n.channel().to_owned(), n.payload().to_owned()));
+                    }
+                    AsyncMessage::Notice(_) => {}
+                    _ => {}
+                }
+            }
+            Ok::<(), tokio_postgres::Error>(())
+        });
+        let _stop_driver = AbortOnDrop(driver.abort_handle());
+        client
+            .batch_execute("LISTEN jobhost_log; LISTEN jobhost_jobs; LISTEN jobhost_cancel")
+            .await?;
+        self.reread().await?;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                notification = notifications.recv() => match notification {
+                    Some((channel, payload)) => self.handle(&channel, &payload),
+                    None => {
+                        return match driver.await {
+                            Ok(Err(error)) => Err(error.into()),
+                            _ => Err(crate::storage::StorageError::new(
+                                crate::storage::ErrorClass::Retryable,
+                                "the listening connection closed",
+                            )),
+                        };
+                    }
+                },
+            }
+        }
+    }
+
+    /// What notifications announce, read from the tables: what was
+    /// announced while no connection listened is not lost.
+    async fn reread(&self) -> Result<()> {
+        let client = self.pool.get().await?;
+        self.signals.emit(ClusterSignal::JobsDue);
+        let requested = query(
+            &client,
+            "SELECT id FROM jobs WHERE status = 'running' AND owner = $1 AND cancel_requested",
+            &[&self.host],
+        )
+        .await?;
+        for row in requested {
+            self.signals
+                .emit(ClusterSignal::CancelRequested(row.get(0)));
+        }
+        let last: i64 = query_one(&client, "SELECT last FROM event_positions", &[])
+            .await?
+            .get(0);
+        self.log.saw(last);
+        Ok(())
+    }
+
+    fn handle(&self, channel: &str, payload: &str) {
+        match channel {
+            "jobhost_log" => {
+                if let Ok(last) = payload.parse() {
+                    self.log.saw(last);
+                }
+            }
+            "jobhost_jobs" => self.signals.emit(ClusterSignal::JobsDue),
+            "jobhost_cancel" => {
+                if let Some((owner, job_id)) = payload.split_once(' ')
+                    && owner == self.host
+                {
+                    self.signals
+                        .emit(ClusterSignal::CancelRequested(job_id.to_owned()));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

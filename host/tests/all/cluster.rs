@@ -1,0 +1,130 @@
+//! Several hosts on one PostgreSQL database, in one process: each host its
+//! own queue, runtime and data directory, as `jobhost serve` processes on
+//! several machines would be. Skipped, saying so, where no PostgreSQL runs
+//! (see `fixture::postgres`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobhost::model::{EventKind, JobStatus};
+use jobhost::queue::Cancelled;
+use jobhost::storage::{Guarded, PgOptions};
+use serde_json::json;
+
+use crate::conformance::{done, job as stored_job};
+use crate::fixture::{Backend, DataDir, Host, config, echo_job, job, phase};
+
+/// Two hosts on one database; `None` where PostgreSQL tests are skipped.
+async fn two_hosts() -> Option<(Host, Host)> {
+    if !crate::fixture::postgres::available().await {
+        return None;
+    }
+    let a = Host::start_on(Backend::Postgres, config(2)).await;
+    let dir = Arc::new(a.dir.beside(Backend::Postgres).await);
+    let b = Host::open_on(Backend::Postgres, dir, config(2)).await;
+    Some((a, b))
+}
+
+/// A job submitted to a host with no free worker runs on another host,
+/// and every host's event stream sees it end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_submitted_to_one_host_runs_on_another() {
+    let Some((mut a, mut b)) = two_hosts().await else {
+        return;
+    };
+    a.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    a.queue.pause();
+
+    let submitted = a.enqueue(echo_job(2)).await;
+
+    b.wait_for(&submitted.id, EventKind::JobCompleted).await;
+    let seen_on_a = a.wait_for(&submitted.id, EventKind::JobCompleted).await;
+    let finished = a.queue.job(&submitted.id).await.unwrap();
+    assert_eq!(finished.status, JobStatus::Completed);
+    assert_eq!(
+        seen_on_a.seq,
+        b.job_events(&submitted.id).await.last().unwrap().seq
+    );
+}
+
+/// A cancel sent to one host stops a phase that never yields, running on
+/// another host: the cancel answers once the job is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_to_one_host_stops_a_phase_running_on_another() {
+    let Some((a, mut b)) = two_hosts().await else {
+        return;
+    };
+    a.upload("spin", "1.0.0", plugin_artifacts::SPIN).await;
+    a.queue.pause();
+    let submitted = a
+        .enqueue(job(vec![phase("forever", "spin", json!({}))], json!({})))
+        .await;
+    b.wait_for(&submitted.id, EventKind::PhaseStarted).await;
+
+    assert_eq!(
+        a.queue.cancel(&submitted.id).await.unwrap(),
+        Cancelled::Done
+    );
+    let finished = b.wait_until_finished(&submitted.id).await;
+    assert_eq!(finished.status, JobStatus::Cancelled);
+    b.wait_idle().await;
+}
+
+/// A host that stops renewing its lease (it crashed, or froze) has its
+/// running job recovered by another host, which runs it to the end; the
+/// first host's late writes under its old lease are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_of_a_host_whose_lease_expired_runs_on_another() {
+    if !crate::fixture::postgres::available().await {
+        return;
+    }
+    let dir = DataDir::new(Backend::Postgres).await;
+    let mut survivor = Host::open_on(
+        Backend::Postgres,
+        Arc::new(dir.beside(Backend::Postgres).await),
+        config(1),
+    )
+    .await;
+    survivor.queue.pause();
+    survivor
+        .upload("echo", "1.0.0", plugin_artifacts::ECHO)
+        .await;
+    // The host that will stop: a store with a short lease that claims a
+    // job and then closes, as a host that died would stop renewing.
+    let lost = {
+        let options = PgOptions {
+            lease: Duration::from_millis(400),
+            ..PgOptions::new(crate::fixture::postgres::url_of(dir.database().unwrap()))
+        };
+        let store = jobhost::storage::open_postgres(&options).await.unwrap();
+        store
+            .create_job(stored_job("orphan", 1), None)
+            .await
+            .unwrap();
+        let mut claimed = store.claim_due_jobs(2_000, 1).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        store.close().await;
+        claimed.remove(0)
+    };
+
+    survivor.queue.resume();
+    let finished = survivor.wait_until_finished("orphan").await;
+    assert_eq!(finished.status, JobStatus::Completed);
+    assert_eq!(finished.attempt, 2, "the lost attempt counts");
+    assert!(
+        finished.errors[0]
+            .error
+            .contains("its host stopped renewing its lease during phase `p0`"),
+        "{:?}",
+        finished.errors
+    );
+    // The lost host's worker, writing late, changes nothing.
+    let late = survivor
+        .storage
+        .complete_phase(&lost.lease, done(0, false, 5_000))
+        .await
+        .unwrap();
+    assert!(matches!(late, Guarded::Stale | Guarded::Fenced), "{late:?}");
+    let after = survivor.queue.job("orphan").await.unwrap();
+    assert_eq!(after.phases[0].output, finished.phases[0].output);
+}
