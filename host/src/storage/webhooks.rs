@@ -3,6 +3,8 @@
 //! stable id (the receiver's idempotency key); the deliverer records each
 //! attempt.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use super::Result;
@@ -45,6 +47,13 @@ pub enum AttemptOutcome {
 pub trait WebhookOutbox: Send + Sync {
     /// Pending deliveries due by `now`, oldest first.
     async fn due_webhooks(&self, now: i64, limit: usize) -> Result<Vec<Delivery>>;
+
+    /// Takes a due delivery for this host to attempt now: on a database
+    /// shared by several hosts, no other host attempts it for `hold` (after
+    /// which, if no attempt was recorded, the host is presumed dead and the
+    /// delivery is due again). False if another host took it first. A
+    /// database one host owns has one deliverer: it always gets it.
+    async fn take_webhook(&self, delivery: &Delivery, now: i64, hold: Duration) -> Result<bool>;
 
     /// When the next pending delivery is due.
     async fn next_webhook_at(&self) -> Result<Option<i64>>;

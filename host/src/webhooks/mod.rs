@@ -23,6 +23,9 @@ use crate::model::time::now_ms;
 use crate::outbound::{AddressPolicy, Refused};
 use crate::storage::{AttemptOutcome, Delivery, Storage};
 
+/// Beyond an attempt's timeout, how long its host may take to record it
+/// before another host may attempt the delivery again.
+const HOLD_MARGIN: Duration = Duration::from_secs(10);
 /// Per-attempt timeout unless configured (`--webhook-timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts before a delivery is marked failed, unless configured.
@@ -137,6 +140,12 @@ impl Deliverer {
         })
     }
 
+    /// How long a delivery this host took is not attempted by another host
+    /// sharing the database: its attempt's timeout, and time to record it.
+    fn hold(&self) -> Duration {
+        self.config.timeout + HOLD_MARGIN
+    }
+
     /// Delivers due webhooks until `stop` is cancelled. Attempts run
     /// concurrently, at most [`PER_DESTINATION`] per destination. Attempts
     /// in flight at the stop are abandoned: their deliveries stay pending in
@@ -162,6 +171,19 @@ impl Deliverer {
                         let destination = destination(&delivery.url);
                         if !in_flight.admits(&delivery.id, &destination) {
                             continue;
+                        }
+                        // Another host sharing the database may take it.
+                        match self
+                            .storage
+                            .take_webhook(&delivery, now_ms(), self.hold())
+                            .await
+                        {
+                            Ok(true) => {}
+                            Ok(false) => continue,
+                            Err(error) => {
+                                tracing::warn!(%error, "taking a webhook delivery failed");
+                                continue;
+                            }
                         }
                         let id = delivery.id.clone();
                         let deliverer = self.clone();

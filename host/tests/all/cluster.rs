@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use jobhost::model::{EventKind, JobStatus};
 use jobhost::queue::Cancelled;
-use jobhost::storage::{Guarded, PgOptions};
+use jobhost::storage::{Guarded, NewJob, PgOptions};
 use serde_json::json;
 
-use crate::conformance::{done, job as stored_job};
+use crate::conformance::{done, job as stored_job, running, with_echo};
 use crate::fixture::{Backend, DataDir, Host, config, echo_job, job, phase};
 
 /// Two hosts on one database; `None` where PostgreSQL tests are skipped.
@@ -127,4 +127,58 @@ async fn the_job_of_a_host_whose_lease_expired_runs_on_another() {
     assert!(matches!(late, Guarded::Stale | Guarded::Fenced), "{late:?}");
     let after = survivor.queue.job("orphan").await.unwrap();
     assert_eq!(after.phases[0].output, finished.phases[0].output);
+}
+
+/// A webhook delivery is attempted by one host at a time: a second host
+/// cannot take one the first took, until the hold runs out with no attempt
+/// recorded (the first host is presumed dead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_delivery_is_taken_by_one_host_at_a_time() {
+    if !crate::fixture::postgres::available().await {
+        return;
+    }
+    let dir = DataDir::new(Backend::Postgres).await;
+    let url = crate::fixture::postgres::url_of(dir.database().unwrap());
+    let first = jobhost::storage::open_postgres(&PgOptions::new(url.clone()))
+        .await
+        .unwrap();
+    let second = jobhost::storage::open_postgres(&PgOptions::new(url))
+        .await
+        .unwrap();
+    with_echo(&first).await;
+    let hooked = NewJob {
+        webhook_url: Some("http://127.0.0.1:9/hook".into()),
+        ..stored_job("hooked", 1)
+    };
+    let claimed = running(&first, hooked).await;
+    first
+        .complete_phase(&claimed.lease, done(0, false, 3_000))
+        .await
+        .unwrap();
+    let (seen_first, seen_second) = (
+        first.due_webhooks(3_000, 10).await.unwrap(),
+        second.due_webhooks(3_000, 10).await.unwrap(),
+    );
+    assert_eq!(seen_first.len(), 1);
+    assert_eq!(seen_second.len(), 1, "both hosts see it due");
+    let hold = Duration::from_secs(20);
+
+    assert!(
+        first
+            .take_webhook(&seen_first[0], 3_000, hold)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !second
+            .take_webhook(&seen_second[0], 3_000, hold)
+            .await
+            .unwrap()
+    );
+    assert!(second.due_webhooks(3_000, 10).await.unwrap().is_empty());
+    // Nothing recorded within the hold: due again, for any host.
+    let later = 3_000 + hold.as_millis() as i64;
+    let again = second.due_webhooks(later, 10).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(second.take_webhook(&again[0], later, hold).await.unwrap());
 }

@@ -2,6 +2,8 @@
 //! transaction as the job's terminal state; the deliverer records each
 //! attempt.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use super::{PgStore, Tx, WriteScope, execute, query, query_one, query_opt};
@@ -116,6 +118,25 @@ impl WebhookOutbox for PgStore {
                 attempts: row.get::<_, i32>(5) as u32,
             })
             .collect())
+    }
+
+    async fn take_webhook(&self, delivery: &Delivery, now: i64, hold: Duration) -> Result<bool> {
+        let client = self.client().await?;
+        // Held by moving its next attempt past the hold: recording the
+        // attempt sets the real one.
+        let taken = execute(
+            &client,
+            "UPDATE webhook_deliveries SET next_attempt_at = $2 + $3
+             WHERE id = $1 AND status = 'pending' AND next_attempt_at <= $2 AND attempts = $4",
+            &[
+                &delivery.id,
+                &now,
+                &(hold.as_millis() as i64),
+                &(delivery.attempts as i32),
+            ],
+        )
+        .await?;
+        Ok(taken == 1)
     }
 
     async fn next_webhook_at(&self) -> Result<Option<i64>> {

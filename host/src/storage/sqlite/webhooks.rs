@@ -5,6 +5,8 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use super::SqliteStore;
@@ -137,6 +139,10 @@ impl WebhookOutbox for SqliteStore {
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await
+    }
+
+    async fn take_webhook(&self, _: &Delivery, _: i64, _: Duration) -> Result<bool> {
+        Ok(true)
     }
 
     async fn next_webhook_at(&self) -> Result<Option<i64>> {
