@@ -36,18 +36,18 @@ pub async fn show(State(state): State<AppState>) -> Result<impl IntoResponse, Ap
     Ok(AppJson(queue_state(&state).await?))
 }
 
-/// Pause: no new phase starts until resumed; running phases finish and
-/// their jobs wait, keeping completed phases.
+/// Pause: no new phase starts, on any host, until resumed; running phases
+/// finish and their jobs wait, keeping completed phases.
 #[utoipa::path(post, path = "/queue/pause", operation_id = "pause_queue", tag = TAG, responses((status = 200, body = QueueState)))]
 pub async fn pause(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    state.queue.pause();
+    state.queue.pause().await?;
     Ok(AppJson(queue_state(&state).await?))
 }
 
 /// Resume after a pause.
 #[utoipa::path(post, path = "/queue/resume", operation_id = "resume_queue", tag = TAG, responses((status = 200, body = QueueState)))]
 pub async fn resume(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    state.queue.resume();
+    state.queue.resume().await?;
     Ok(AppJson(queue_state(&state).await?))
 }
 

@@ -221,6 +221,10 @@ fn signal_handler(shared: &Arc<Shared>) -> SignalHandler {
         };
         match signal {
             ClusterSignal::JobsDue => shared.wake.notify_one(),
+            ClusterSignal::Paused(paused) => {
+                shared.paused.store(paused, Ordering::SeqCst);
+                shared.wake.notify_one();
+            }
             ClusterSignal::CancelRequested(id) => {
                 tokio::spawn(async move {
                     if let Some(token) = shared.running.lock().await.get(&id) {
@@ -275,6 +279,7 @@ impl Queue {
         config: QueueConfig,
     ) -> Result<(Queue, Vec<Recovered>), QueueError> {
         let log_end = storage.last_event_seq().await?;
+        let paused = storage.paused().await?;
         let now = (config.clock)();
         let policy = recovery_policy("the host stopped", now);
         let recovered = storage
@@ -293,7 +298,7 @@ impl Queue {
             wake: Notify::new(),
             worker_done: Notify::new(),
             running: Mutex::default(),
-            paused: AtomicBool::new(false),
+            paused: AtomicBool::new(paused),
             draining: CancellationToken::new(),
             force: CancellationToken::new(),
             workers: TaskTracker::new(),
@@ -634,13 +639,20 @@ impl Queue {
     }
 
     /// No new phases start while paused; running phases finish.
-    pub fn pause(&self) {
+    /// Pauses the platform: no new phase starts, on this host or any other
+    /// sharing its database, until resumed. Running phases finish and
+    /// their jobs wait, keeping completed phases.
+    pub async fn pause(&self) -> Result<(), QueueError> {
+        self.shared.storage.set_paused(true).await?;
         self.shared.paused.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
-    pub fn resume(&self) {
+    pub async fn resume(&self) -> Result<(), QueueError> {
+        self.shared.storage.set_paused(false).await?;
         self.shared.paused.store(false, Ordering::SeqCst);
         self.shared.wake.notify_one();
+        Ok(())
     }
 
     pub fn is_paused(&self) -> bool {

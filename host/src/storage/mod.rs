@@ -65,6 +65,14 @@ pub trait Store: JobStore + EventStore + WebhookOutbox + PluginStore {
     /// Registers `handler` for what other hosts on a shared database ask
     /// of this one. A database one host owns never signals.
     fn on_signal(&self, handler: SignalHandler);
+
+    /// Records a pause (or its end) of the whole platform, and tells every
+    /// host sharing the database ([`ClusterSignal::Paused`]). A pause
+    /// outlives restarts.
+    async fn set_paused(&self, paused: bool) -> Result<()>;
+
+    /// Whether the platform is paused, as recorded.
+    async fn paused(&self) -> Result<bool>;
 }
 
 /// What a database shared by several hosts tells this host's queue.
@@ -76,6 +84,8 @@ pub enum ClusterSignal {
     JobsDue,
     /// A user asked another host to cancel this job, which this host runs.
     CancelRequested(String),
+    /// A user paused the platform (true) or resumed it (false), on any host.
+    Paused(bool),
 }
 
 /// Called on the backend's listening task: it must be quick and must not

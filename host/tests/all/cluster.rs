@@ -14,12 +14,13 @@ use serde_json::json;
 use crate::conformance::{done, job as stored_job, running, with_echo};
 use crate::fixture::{Backend, DataDir, Host, config, echo_job, job, phase};
 
-/// Two hosts on one database; `None` where PostgreSQL tests are skipped.
+/// Two hosts on one database, the first without workers (it only takes
+/// requests); `None` where PostgreSQL tests are skipped.
 async fn two_hosts() -> Option<(Host, Host)> {
     if !crate::fixture::postgres::available().await {
         return None;
     }
-    let a = Host::start_on(Backend::Postgres, config(2)).await;
+    let a = Host::start_on(Backend::Postgres, config(0)).await;
     let dir = Arc::new(a.dir.beside(Backend::Postgres).await);
     let b = Host::open_on(Backend::Postgres, dir, config(2)).await;
     Some((a, b))
@@ -33,7 +34,6 @@ async fn a_job_submitted_to_one_host_runs_on_another() {
         return;
     };
     a.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
-    a.queue.pause();
 
     let submitted = a.enqueue(echo_job(2)).await;
 
@@ -55,7 +55,6 @@ async fn a_cancel_sent_to_one_host_stops_a_phase_running_on_another() {
         return;
     };
     a.upload("spin", "1.0.0", plugin_artifacts::SPIN).await;
-    a.queue.pause();
     let submitted = a
         .enqueue(job(vec![phase("forever", "spin", json!({}))], json!({})))
         .await;
@@ -68,6 +67,45 @@ async fn a_cancel_sent_to_one_host_stops_a_phase_running_on_another() {
     let finished = b.wait_until_finished(&submitted.id).await;
     assert_eq!(finished.status, JobStatus::Cancelled);
     b.wait_idle().await;
+}
+
+/// A pause sent to one host stops new phases on every host, and a resume
+/// sent to it starts them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_sent_to_one_host_holds_every_host() {
+    let Some((a, mut b)) = two_hosts().await else {
+        return;
+    };
+    a.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    a.queue.pause().await.unwrap();
+    until(|| b.queue.is_paused()).await;
+
+    let held = a.enqueue(echo_job(1)).await;
+    // The window in which a host that missed the pause would start it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.queue.job(&held.id).await.unwrap().status,
+        JobStatus::Pending
+    );
+
+    a.queue.resume().await.unwrap();
+    assert_eq!(
+        b.wait_until_finished(&held.id).await.status,
+        JobStatus::Completed
+    );
+    assert!(!b.queue.is_paused());
+}
+
+/// Waits (up to 10 s) until `condition` holds.
+async fn until(condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// A host that stops renewing its lease (it crashed, or froze) has its
@@ -85,7 +123,7 @@ async fn the_job_of_a_host_whose_lease_expired_runs_on_another() {
         config(1),
     )
     .await;
-    survivor.queue.pause();
+    survivor.queue.pause().await.unwrap();
     survivor
         .upload("echo", "1.0.0", plugin_artifacts::ECHO)
         .await;
@@ -107,7 +145,7 @@ async fn the_job_of_a_host_whose_lease_expired_runs_on_another() {
         claimed.remove(0)
     };
 
-    survivor.queue.resume();
+    survivor.queue.resume().await.unwrap();
     let finished = survivor.wait_until_finished("orphan").await;
     assert_eq!(finished.status, JobStatus::Completed);
     assert_eq!(finished.attempt, 2, "the lost attempt counts");

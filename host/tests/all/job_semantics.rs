@@ -234,7 +234,7 @@ async fn jobs_left_running_by_a_crash_are_recovered(backend: Backend) {
     let (requeued_id, exhausted_id) = {
         let host = Host::open_on(backend, dir.clone(), config(2)).await;
         host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
-        host.queue.pause();
+        host.queue.pause().await.unwrap();
         let a = host.enqueue(echo_job(2)).await;
         let b = host
             .enqueue(JobSpec {
@@ -286,6 +286,9 @@ async fn jobs_left_running_by_a_crash_are_recovered(backend: Backend) {
         exhausted.errors[0].error
     );
 
+    // The pause outlived the restart.
+    assert!(host.queue.is_paused());
+    host.queue.resume().await.unwrap();
     let finished = host.wait_until_finished(&requeued_id).await;
     assert_eq!(finished.status, JobStatus::Completed);
     assert_eq!(finished.attempt, 2);

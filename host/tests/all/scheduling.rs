@@ -61,7 +61,7 @@ async fn an_idle_queue_claims_a_job_as_it_stores_it() {
         host.wait_until_finished(&second.id).await.status,
         JobStatus::Completed
     );
-    host.queue.pause();
+    host.queue.pause().await.unwrap();
     let paused = host.enqueue(sleep_job(10)).await;
     assert_eq!(paused.status, JobStatus::Pending, "no claim while paused");
 }
@@ -70,7 +70,7 @@ async fn an_idle_queue_claims_a_job_as_it_stores_it() {
 async fn higher_priority_due_jobs_start_first() {
     let mut host = Host::start(config(1)).await;
     host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
-    host.queue.pause();
+    host.queue.pause().await.unwrap();
     let low = host
         .enqueue(JobSpec {
             priority: 0,
@@ -89,7 +89,7 @@ async fn higher_priority_due_jobs_start_first() {
             ..echo_job(1)
         })
         .await;
-    host.queue.resume();
+    host.queue.resume().await.unwrap();
     for job in [&low, &high, &mid] {
         host.wait_until_finished(&job.id).await;
     }
@@ -162,9 +162,9 @@ async fn the_queue_keeps_the_time_of_its_injected_clock() {
         .await;
     assert_eq!(created.created_at, START);
     assert_eq!(created.run_at, START + 3_600_000);
-    host.queue.resume(); // wakes the dispatcher: nothing is due yet
+    host.queue.resume().await.unwrap(); // wakes the dispatcher: nothing is due yet
     clock.store(START + 3_599_999, Ordering::SeqCst);
-    host.queue.resume();
+    host.queue.resume().await.unwrap();
     assert_eq!(host.queue.due_count().await.unwrap(), 0);
     assert_eq!(
         host.queue.job_status(&created.id).await.unwrap(),
@@ -172,7 +172,7 @@ async fn the_queue_keeps_the_time_of_its_injected_clock() {
     );
 
     clock.store(START + 3_600_000, Ordering::SeqCst);
-    host.queue.resume();
+    host.queue.resume().await.unwrap();
     let job = host.wait_until_finished(&created.id).await;
     assert_eq!(job.status, JobStatus::Completed);
     assert_eq!(job.started_at, Some(START + 3_600_000));

@@ -2,7 +2,7 @@
 //! `hosts`), and what hosts tell each other through LISTEN/NOTIFY.
 //!
 //! NOTIFY only wakes: everything it announces is state in a table (due
-//! jobs, a cancel request, the log's last position), re-read whenever the
+//! jobs, a cancel request, the pause, the log's last position), re-read whenever the
 //! listening connection is (re)established, because notifications sent
 //! while it was down are lost. The listener has a connection of its own:
 //! a pooled connection would drop them.
@@ -163,7 +163,9 @@ impl Listener<'_> {
         });
         let _stop_driver = AbortOnDrop(driver.abort_handle());
         client
-            .batch_execute("LISTEN jobhost_log; LISTEN jobhost_jobs; LISTEN jobhost_cancel")
+            .batch_execute(
+                "LISTEN jobhost_log; LISTEN jobhost_jobs; LISTEN jobhost_cancel; LISTEN jobhost_pause",
+            )
             .await?;
         self.reread().await?;
         loop {
@@ -189,6 +191,10 @@ impl Listener<'_> {
     /// announced while no connection listened is not lost.
     async fn reread(&self) -> Result<()> {
         let client = self.pool.get().await?;
+        let paused: bool = query_one(&client, "SELECT paused FROM cluster_state", &[])
+            .await?
+            .get(0);
+        self.signals.emit(ClusterSignal::Paused(paused));
         self.signals.emit(ClusterSignal::JobsDue);
         let requested = query(
             &client,
@@ -215,6 +221,7 @@ impl Listener<'_> {
                 }
             }
             "jobhost_jobs" => self.signals.emit(ClusterSignal::JobsDue),
+            "jobhost_pause" => self.signals.emit(ClusterSignal::Paused(payload == "true")),
             "jobhost_cancel" => {
                 if let Some((owner, job_id)) = payload.split_once(' ')
                     && owner == self.host

@@ -70,6 +70,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
         heartbeat_at    BIGINT NOT NULL,
         lease_until     BIGINT NOT NULL
     );
+    -- What the platform's users set for every host at once.
+    CREATE TABLE cluster_state (paused BOOLEAN NOT NULL);
+    INSERT INTO cluster_state VALUES (false);
     CREATE FUNCTION jobhost_now() RETURNS BIGINT LANGUAGE sql VOLATILE
         AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint $$;
     CREATE TABLE phases (

@@ -247,4 +247,24 @@ impl Store for PgStore {
     fn on_signal(&self, handler: SignalHandler) {
         PgStore::on_signal(self, handler)
     }
+
+    async fn set_paused(&self, paused: bool) -> Result<()> {
+        let client = self.client().await?;
+        // One statement: the state and its announcement commit together.
+        query(
+            &client,
+            "WITH set AS (UPDATE cluster_state SET paused = $1 RETURNING paused)
+             SELECT pg_notify('jobhost_pause', paused::text) FROM set",
+            &[&paused],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn paused(&self) -> Result<bool> {
+        let client = self.client().await?;
+        Ok(query_one(&client, "SELECT paused FROM cluster_state", &[])
+            .await?
+            .get(0))
+    }
 }

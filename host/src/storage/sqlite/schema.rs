@@ -192,6 +192,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE jobs ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;
     ",
+    // 8: what users set for the whole platform (a pause outlives a
+    // restart, as on PostgreSQL).
+    "
+    CREATE TABLE cluster_state (paused INTEGER NOT NULL);
+    INSERT INTO cluster_state VALUES (0);
+    ",
 ];
 
 /// Brings the database up to the latest schema.

@@ -184,4 +184,20 @@ impl Store for SqliteStore {
     }
 
     fn on_signal(&self, _handler: SignalHandler) {}
+
+    async fn set_paused(&self, paused: bool) -> Result<()> {
+        self.write(move |conn, _| {
+            conn.prepare_cached("UPDATE cluster_state SET paused = ?1")?
+                .execute([paused])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn paused(&self) -> Result<bool> {
+        self.read(|conn| {
+            Ok(conn.query_row("SELECT paused FROM cluster_state", [], |row| row.get(0))?)
+        })
+        .await
+    }
 }
