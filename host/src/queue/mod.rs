@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::events::Bus;
 use crate::metrics::Metrics;
 use crate::model::time::now_ms;
-use crate::model::{Event, Job, JobSpec, JobStatus};
+use crate::model::{Event, EventBody, Job, JobSpec, JobStatus};
 use crate::plugins::PluginRegistry;
 use crate::storage::{
     AfterFailure, CancelOutcome, Claimed, ClusterSignal, CreateOutcome, DeleteOutcome, EventFilter,
@@ -211,6 +211,34 @@ impl Shared {
 /// What the queue does with a running job whose worker is gone (`cause`):
 /// requeued at once while attempts remain, failed otherwise, with an error
 /// that names the cause and the interrupted phase.
+/// Compiles each plugin version as it is uploaded, on whichever host: the
+/// first job of a new version (an 18 MB Python component, say) does not
+/// wait for it on every host. Where the upload happened, it is loaded
+/// already.
+async fn compile_uploads(shared: Arc<Shared>) {
+    let mut events = shared.bus.subscribe();
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = shared.draining.cancelled() => return,
+        };
+        match event {
+            Ok(event) => {
+                if let EventBody::PluginUploaded(uploaded) = &event.body
+                    && let Err(error) = shared
+                        .plugins
+                        .load(&uploaded.plugin, &uploaded.version)
+                        .await
+                {
+                    tracing::warn!(plugin = %uploaded.plugin, version = %uploaded.version, %error, "compiling an uploaded plugin failed");
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 /// What the queue does with what other hosts ask of it. Holds the queue
 /// weakly: storage keeps the handler, and the queue keeps storage.
 fn signal_handler(shared: &Arc<Shared>) -> SignalHandler {
@@ -309,6 +337,7 @@ impl Queue {
             tokio::spawn(dispatch::dispatch(shared.clone())),
             tokio::spawn(dispatch::retention(shared.clone())),
             tokio::spawn(dispatch::reap(shared.clone())),
+            tokio::spawn(compile_uploads(shared.clone())),
         ];
         let deliverer = match &shared.config.webhooks {
             Some(config) => {

@@ -220,3 +220,35 @@ async fn a_webhook_delivery_is_taken_by_one_host_at_a_time() {
     assert_eq!(again.len(), 1);
     assert!(second.take_webhook(&again[0], later, hold).await.unwrap());
 }
+
+/// A version uploaded to one host is compiled by every host as it learns
+/// of the upload, not at its first job; each host records its own
+/// artifact's digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_host_compiles_an_upload_when_it_learns_of_it() {
+    let Some((a, b)) = two_hosts().await else {
+        return;
+    };
+    a.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let stored = a.plugins.get("echo").await.unwrap().unwrap();
+    let hash = stored.versions[0].content_hash.clone();
+    let engine = b.plugins.runtime().engine_key();
+    let compiled_on_b = async {
+        loop {
+            if b.storage
+                .artifact_digest(&hash, engine)
+                .await
+                .unwrap()
+                .is_some()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), compiled_on_b)
+        .await
+        .expect("the other host compiled the upload");
+    let digest_on_a = a.storage.artifact_digest(&hash, engine).await.unwrap();
+    assert!(digest_on_a.is_some(), "the uploading host recorded its own");
+}

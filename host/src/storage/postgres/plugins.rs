@@ -250,6 +250,15 @@ async fn records(db: &impl GenericClient, name: Option<&str>) -> Result<Vec<Plug
     Ok(plugins)
 }
 
+impl PgStore {
+    /// Each host keeps its own artifact cache, on its own disk: the digest
+    /// on record is this host's (compiling one component on two hosts need
+    /// not give the same bytes).
+    fn artifact_key(&self, engine: &str) -> String {
+        format!("{engine}@{}", self.host)
+    }
+}
+
 #[async_trait]
 impl PluginStore for PgStore {
     async fn put_plugin_version(&self, new: NewPluginVersion, now: i64) -> Result<PutOutcome> {
@@ -295,7 +304,7 @@ impl PluginStore for PgStore {
         let row = query_opt(
             &client,
             "SELECT digest FROM artifacts WHERE content_hash = $1 AND engine = $2",
-            &[&content_hash, &engine],
+            &[&content_hash, &self.artifact_key(engine)],
         )
         .await?;
         Ok(row.map(|row| row.get(0)))
@@ -307,7 +316,7 @@ impl PluginStore for PgStore {
             &client,
             "INSERT INTO artifacts (content_hash, engine, digest) VALUES ($1, $2, $3)
              ON CONFLICT (content_hash, engine) DO UPDATE SET digest = EXCLUDED.digest",
-            &[&content_hash, &engine, &digest],
+            &[&content_hash, &self.artifact_key(engine), &digest],
         )
         .await?;
         Ok(())
