@@ -40,6 +40,7 @@ impl App {
                 let options = storage::PgOptions {
                     host_id: data_dir::host_id(&config.data_dir)?,
                     host_name: host_name(&config),
+                    slots: config.queue.concurrency as u32,
                     ..options.clone()
                 };
                 let storage = storage::open_postgres(&options)

@@ -39,6 +39,8 @@ try {
   }
   await page.locator("#live.on").waitFor({ timeout: 10000 });
   await page.locator(".plugin", { hasText: "sleep" }).waitFor();
+  // This host, serving, in the hosts table.
+  await page.locator("#hosts tr[data-host]", { hasText: "serving" }).waitFor();
 
   const job = await submit({ phases: [
     { name: "warm-up", plugin: "sleep", config: { ms: 600, steps: 6 } },

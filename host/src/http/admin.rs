@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use super::{ApiError, AppJson, AppState, ErrorBody};
 use crate::model::time::parse_rfc3339;
+use crate::storage::HostRecord;
 
 const TAG: &str = "queue";
 
@@ -34,6 +35,25 @@ async fn queue_state(state: &AppState) -> Result<QueueState, ApiError> {
 #[utoipa::path(get, path = "/queue", operation_id = "queue_state", tag = TAG, responses((status = 200, body = QueueState)))]
 pub async fn show(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(AppJson(queue_state(&state).await?))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ClusterState {
+    /// Paused for every host.
+    paused: bool,
+    /// The hosts serving from this database, oldest first (on SQLite,
+    /// this host alone).
+    hosts: Vec<HostRecord>,
+}
+
+/// The hosts sharing this server's database: their heartbeats, slots and
+/// the jobs each runs.
+#[utoipa::path(get, path = "/cluster", operation_id = "cluster_state", tag = TAG, responses((status = 200, body = ClusterState)))]
+pub async fn cluster(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(AppJson(ClusterState {
+        paused: state.queue.is_paused(),
+        hosts: state.queue.hosts().await?,
+    }))
 }
 
 /// Pause: no new phase starts, on any host, until resumed; running phases

@@ -252,6 +252,7 @@ mod tests {
         assert_eq!(need(Method::GET, "/healthz"), Need::Nothing);
         assert_eq!(need(Method::GET, "/jobs/{id}"), Need::Scope(Scope::Read));
         assert_eq!(need(Method::GET, "/metrics"), Need::Scope(Scope::Read));
+        assert_eq!(need(Method::GET, "/cluster"), Need::Scope(Scope::Read));
         assert_eq!(super::need(&Method::GET, "/metrics", true), Need::Nothing);
         assert_eq!(need(Method::POST, "/jobs"), Need::Scope(Scope::Submit));
         assert_eq!(

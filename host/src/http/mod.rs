@@ -129,6 +129,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(health::metrics))
         .routes(routes!(health::dashboard))
         .routes(routes!(admin::show))
+        .routes(routes!(admin::cluster))
         .routes(routes!(admin::pause))
         .routes(routes!(admin::resume))
         .routes(routes!(admin::purge))

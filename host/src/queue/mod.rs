@@ -28,8 +28,8 @@ use crate::model::{Event, EventBody, Job, JobSpec, JobStatus};
 use crate::plugins::PluginRegistry;
 use crate::storage::{
     AfterFailure, CancelOutcome, Claimed, ClusterSignal, CreateOutcome, DeleteOutcome, EventFilter,
-    Interrupted, JobFilter, JobPage, Recovered, Recovery, RecoveryPolicy, RecoveryScope,
-    RetryOutcome, SignalHandler, Storage, StorageError,
+    HostRecord, Interrupted, JobFilter, JobPage, Recovered, Recovery, RecoveryPolicy,
+    RecoveryScope, RetryOutcome, SignalHandler, Storage, StorageError,
 };
 use crate::webhooks::{Deliverer, WebhookConfig};
 
@@ -379,6 +379,18 @@ impl Queue {
     /// How many jobs are in each status.
     pub async fn counts(&self) -> Result<Vec<(JobStatus, u64)>, QueueError> {
         Ok(self.shared.storage.job_counts().await?)
+    }
+
+    /// The hosts serving from this queue's database, with the jobs each
+    /// runs (on SQLite, this host alone).
+    pub async fn hosts(&self) -> Result<Vec<HostRecord>, QueueError> {
+        let mut hosts = self.shared.storage.hosts().await?;
+        for host in &mut hosts {
+            // Only a database this host owns leaves slots out: they are ours.
+            host.slots
+                .get_or_insert(self.shared.config.concurrency as u32);
+        }
+        Ok(hosts)
     }
 
     /// Pending jobs due now: the backlog.

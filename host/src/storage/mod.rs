@@ -73,6 +73,31 @@ pub trait Store: JobStore + EventStore + WebhookOutbox + PluginStore {
 
     /// Whether the platform is paused, as recorded.
     async fn paused(&self) -> Result<bool>;
+
+    /// The hosts serving from this database, oldest first, with the jobs
+    /// each runs. A database one host owns has one, without its slots.
+    async fn hosts(&self) -> Result<Vec<HostRecord>>;
+}
+
+/// A host serving from the database.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct HostRecord {
+    pub id: String,
+    pub name: String,
+    #[serde(serialize_with = "crate::model::time::as_rfc3339::serialize")]
+    #[schema(value_type = String, format = DateTime)]
+    pub started_at: i64,
+    /// When it last renewed its lease.
+    #[serde(serialize_with = "crate::model::time::as_rfc3339::serialize")]
+    #[schema(value_type = String, format = DateTime)]
+    pub heartbeat_at: i64,
+    /// Whether its lease still holds: other hosts recover the jobs of a
+    /// host whose lease ran out.
+    pub alive: bool,
+    /// Jobs it runs at once.
+    pub slots: Option<u32>,
+    /// The jobs it runs now.
+    pub running: Vec<String>,
 }
 
 /// What a database shared by several hosts tells this host's queue.

@@ -59,6 +59,16 @@ async fn a_cancel_sent_to_one_host_stops_a_phase_running_on_another() {
         .enqueue(job(vec![phase("forever", "spin", json!({}))], json!({})))
         .await;
     b.wait_for(&submitted.id, EventKind::PhaseStarted).await;
+    // Either host sees both, and which one runs the job.
+    let hosts = a.queue.hosts().await.unwrap();
+    assert_eq!(hosts.len(), 2);
+    assert!(hosts.iter().all(|host| host.alive));
+    let runners: Vec<_> = hosts
+        .iter()
+        .filter(|host| !host.running.is_empty())
+        .collect();
+    assert_eq!(runners.len(), 1);
+    assert_eq!(runners[0].running, std::slice::from_ref(&submitted.id));
 
     assert_eq!(
         a.queue.cancel(&submitted.id).await.unwrap(),

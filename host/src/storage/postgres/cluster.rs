@@ -27,6 +27,7 @@ pub(super) struct Host {
     pub(super) id: Arc<str>,
     name: String,
     lease: Duration,
+    slots: u32,
     started_at: i64,
 }
 
@@ -42,6 +43,7 @@ impl Host {
             id: options.host_id.as_str().into(),
             name: options.host_name.clone(),
             lease: options.lease,
+            slots: options.slots,
             started_at,
         };
         host.renew(&client).await?;
@@ -51,16 +53,17 @@ impl Host {
     async fn renew(&self, db: &deadpool_postgres::Client) -> Result<()> {
         execute(
             db,
-            "INSERT INTO hosts (id, name, started_at, heartbeat_at, lease_until)
-             VALUES ($1, $2, $3, jobhost_now(), jobhost_now() + $4)
+            "INSERT INTO hosts (id, name, started_at, heartbeat_at, lease_until, slots)
+             VALUES ($1, $2, $3, jobhost_now(), jobhost_now() + $4, $5)
              ON CONFLICT (id) DO UPDATE
-             SET name = EXCLUDED.name, started_at = EXCLUDED.started_at,
+             SET name = EXCLUDED.name, started_at = EXCLUDED.started_at, slots = EXCLUDED.slots,
                  heartbeat_at = EXCLUDED.heartbeat_at, lease_until = EXCLUDED.lease_until",
             &[
                 &&*self.id,
                 &self.name,
                 &self.started_at,
                 &(self.lease.as_millis() as i64),
+                &(self.slots as i32),
             ],
         )
         .await?;

@@ -60,6 +60,8 @@ pub struct PgOptions {
     /// How long the host's lease lasts: renewed every quarter of it, and
     /// when it runs out, other hosts recover the host's jobs.
     pub lease: Duration,
+    /// Jobs the host runs at once (shown to operators).
+    pub slots: u32,
 }
 
 impl PgOptions {
@@ -71,6 +73,7 @@ impl PgOptions {
             host_id: uuid::Uuid::now_v7().to_string(),
             host_name: "jobhost".to_owned(),
             lease: DEFAULT_LEASE,
+            slots: 0,
         }
     }
 

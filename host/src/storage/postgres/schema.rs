@@ -68,7 +68,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
         name            TEXT NOT NULL,
         started_at      BIGINT NOT NULL,
         heartbeat_at    BIGINT NOT NULL,
-        lease_until     BIGINT NOT NULL
+        lease_until     BIGINT NOT NULL,
+        slots           INTEGER NOT NULL
     );
     -- What the platform's users set for every host at once.
     CREATE TABLE cluster_state (paused BOOLEAN NOT NULL);

@@ -10,9 +10,9 @@ use super::{PgStore, query, query_one, transitions};
 use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::jobs::stopped_usage;
 use crate::storage::{
-    CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, JobFilter, JobPage,
-    JobStore, Lease, NewJob, PhaseDone, PhaseFailed, Recovered, RecoveryPolicy, RecoveryScope,
-    Result, RetryOutcome, SignalHandler, Store, WriterStats,
+    CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, HostRecord,
+    JobFilter, JobPage, JobStore, Lease, NewJob, PhaseDone, PhaseFailed, Recovered, RecoveryPolicy,
+    RecoveryScope, Result, RetryOutcome, SignalHandler, Store, WriterStats,
 };
 
 #[async_trait]
@@ -259,6 +259,31 @@ impl Store for PgStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostRecord>> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            "SELECT h.id, h.name, h.started_at, h.heartbeat_at, h.lease_until >= jobhost_now(), h.slots,
+                    COALESCE(array_agg(j.id ORDER BY j.id) FILTER (WHERE j.id IS NOT NULL), '{}')
+             FROM hosts h LEFT JOIN jobs j ON j.owner = h.id AND j.status = 'running'
+             GROUP BY h.id ORDER BY h.started_at, h.id",
+            &[],
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| HostRecord {
+                id: row.get(0),
+                name: row.get(1),
+                started_at: row.get(2),
+                heartbeat_at: row.get(3),
+                alive: row.get(4),
+                slots: Some(row.get::<_, i32>(5) as u32),
+                running: row.get(6),
+            })
+            .collect())
     }
 
     async fn paused(&self) -> Result<bool> {

@@ -124,6 +124,8 @@ pub struct SqliteStore {
     recent: Arc<events::RecentEvents>,
     closed: AtomicBool,
     path: PathBuf,
+    /// When this store was opened (Unix ms): the host's start.
+    opened_at: i64,
 }
 
 impl SqliteStore {
@@ -193,6 +195,7 @@ impl SqliteStore {
             recent,
             closed: Default::default(),
             path: path.to_path_buf(),
+            opened_at: crate::model::time::now_ms(),
         })
     }
 

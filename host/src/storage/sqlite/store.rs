@@ -13,9 +13,9 @@ use super::rows::{job_status, load_job};
 use super::transitions;
 use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::{
-    CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, JobFilter, JobPage,
-    JobStore, Lease, NewJob, PhaseDone, PhaseFailed, Recovered, RecoveryPolicy, RecoveryScope,
-    Result, RetryOutcome, SignalHandler, Store, WriterStats,
+    CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, HostRecord,
+    JobFilter, JobPage, JobStore, Lease, NewJob, PhaseDone, PhaseFailed, Recovered, RecoveryPolicy,
+    RecoveryScope, Result, RetryOutcome, SignalHandler, Store, WriterStats,
 };
 
 #[async_trait]
@@ -190,6 +190,26 @@ impl Store for SqliteStore {
             conn.prepare_cached("UPDATE cluster_state SET paused = ?1")?
                 .execute([paused])?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostRecord>> {
+        let (opened_at, now) = (self.opened_at, crate::model::time::now_ms());
+        self.read(move |conn| {
+            let running = conn
+                .prepare_cached("SELECT id FROM jobs WHERE status = 'running' ORDER BY id")?
+                .query_map([], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(vec![HostRecord {
+                id: "local".into(),
+                name: "this host".into(),
+                started_at: opened_at,
+                heartbeat_at: now,
+                alive: true,
+                slots: None,
+                running,
+            }])
         })
         .await
     }
