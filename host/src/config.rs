@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::outbound::AddressPolicy;
 use crate::queue::QueueConfig;
 use crate::runtime::RuntimeConfig;
-use crate::storage::postgres::{DEFAULT_POOL_SIZE, PgOptions};
+use crate::storage::postgres::{DEFAULT_LEASE, DEFAULT_POOL_SIZE, MIN_LEASE, PgOptions};
 use crate::storage::{Durability, PluginQuota};
 use crate::webhooks::{self, Secret};
 
@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// Connections to PostgreSQL this host keeps at most [default: 16].
     #[arg(long, env = "JOBHOST_DB_POOL_SIZE")]
     pub db_pool_size: Option<usize>,
+    /// On PostgreSQL, how long this host's lease lasts: renewed every
+    /// quarter of it; once it runs out, other hosts recover this host's
+    /// jobs [default: 10s].
+    #[arg(long, env = "JOBHOST_HOST_LEASE")]
+    pub host_lease: Option<HumanDuration>,
     /// Jobs run at once [default: 8].
     #[arg(long, env = "JOBHOST_CONCURRENCY")]
     pub concurrency: Option<usize>,
@@ -334,11 +339,15 @@ impl ServeArgs {
             AddressPolicy::parse_allowed(&allowed)
                 .map_err(|e| anyhow::anyhow!("allow-net: {e}"))?,
         );
+        let host_lease = duration(self.host_lease, file.host_lease, Some(DEFAULT_LEASE))
+            .filter(|lease| *lease >= MIN_LEASE)
+            .ok_or_else(|| anyhow::anyhow!("host-lease: must be at least {MIN_LEASE:?}"))?;
         let postgres = self.database.or(file.database).map(|url| PgOptions {
             pool_size: self
                 .db_pool_size
                 .or(file.db_pool_size)
                 .unwrap_or(DEFAULT_POOL_SIZE),
+            lease: host_lease,
             ..PgOptions::new(url)
         });
         Ok(Config {

@@ -4,6 +4,7 @@
 mod api_errors;
 mod bench;
 mod cli;
+mod cluster;
 mod crash;
 mod jobs_api;
 mod observability;
@@ -14,6 +15,8 @@ mod receiver;
 mod scaffold;
 mod server;
 mod streaming;
+#[path = "../support/test_database.rs"]
+mod test_database;
 mod trust;
 mod user_path;
 mod webhooks;

@@ -142,7 +142,7 @@ async fn the_job_of_a_host_whose_lease_expired_runs_on_another() {
     let lost = {
         let options = PgOptions {
             lease: Duration::from_millis(400),
-            ..PgOptions::new(crate::fixture::postgres::url_of(dir.database().unwrap()))
+            ..PgOptions::new(dir.database_url().unwrap())
         };
         let store = jobhost::storage::open_postgres(&options).await.unwrap();
         store
@@ -186,7 +186,7 @@ async fn a_webhook_delivery_is_taken_by_one_host_at_a_time() {
         return;
     }
     let dir = DataDir::new(Backend::Postgres).await;
-    let url = crate::fixture::postgres::url_of(dir.database().unwrap());
+    let url = dir.database_url().unwrap();
     let first = jobhost::storage::open_postgres(&PgOptions::new(url.clone()))
         .await
         .unwrap();

@@ -37,11 +37,11 @@ impl Backend {
                     .unwrap()
             }
             Backend::Postgres => {
-                let database = dir.database.as_ref().expect("a PostgreSQL data directory");
+                let url = dir.database_url().expect("a PostgreSQL data directory");
                 let options = PgOptions {
                     pool_size: 8,
                     host_id: dir.host_id.clone(),
-                    ..PgOptions::new(postgres::url_of(database))
+                    ..PgOptions::new(url)
                 };
                 jobhost::storage::open_postgres(&options).await.unwrap()
             }
@@ -53,10 +53,8 @@ impl Backend {
 /// file) and, on PostgreSQL, a database of its own, dropped with it.
 pub struct DataDir {
     dir: tempfile::TempDir,
-    database: Option<String>,
-    /// Whether dropping this drops the database (another host's data
-    /// directory shares it otherwise).
-    owns_database: bool,
+    /// Shared by the data directories of hosts on one database.
+    database: Option<Arc<postgres::TestDatabase>>,
     /// The host's identity, the same each time it is opened.
     host_id: String,
 }
@@ -66,12 +64,11 @@ impl DataDir {
         let dir = tempfile::tempdir().unwrap();
         let database = match backend {
             Backend::Sqlite => None,
-            Backend::Postgres => Some(postgres::create_database().await),
+            Backend::Postgres => Some(Arc::new(postgres::TestDatabase::create().await)),
         };
         DataDir {
             dir,
             database,
-            owns_database: true,
             host_id: uuid::Uuid::now_v7().to_string(),
         }
     }
@@ -83,7 +80,6 @@ impl DataDir {
             Some(database) => DataDir {
                 dir: tempfile::tempdir().unwrap(),
                 database: Some(database.clone()),
-                owns_database: false,
                 host_id: uuid::Uuid::now_v7().to_string(),
             },
             None => DataDir::new(backend).await,
@@ -94,110 +90,14 @@ impl DataDir {
         self.dir.path()
     }
 
-    /// The PostgreSQL database's name (none on SQLite).
-    pub fn database(&self) -> Option<&str> {
-        self.database.as_deref()
+    /// The PostgreSQL database's URL (none on SQLite).
+    pub fn database_url(&self) -> Option<String> {
+        self.database.as_ref().map(|database| database.url())
     }
 }
 
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        if let Some(database) = self.database.take()
-            && self.owns_database
-        {
-            postgres::drop_database(database);
-        }
-    }
-}
-
-/// Test databases on the PostgreSQL that `JOBHOST_TEST_DATABASE_URL`
-/// names (by default this project's machines' own, on 127.0.0.1:5432).
-pub mod postgres {
-    use std::sync::OnceLock;
-
-    const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-    /// The server's URL, with the database that tests connect to first.
-    fn admin_url() -> String {
-        std::env::var("JOBHOST_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
-    }
-
-    /// The URL of `database` on the same server.
-    pub fn url_of(database: &str) -> String {
-        let admin = admin_url();
-        let (server, _) = admin.rsplit_once('/').expect("a URL with a database");
-        format!("{server}/{database}")
-    }
-
-    async fn connect() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, connection) =
-            tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
-        Ok(client)
-    }
-
-    /// Whether PostgreSQL tests run here. Without a server they are
-    /// skipped, saying so, unless `JOBHOST_REQUIRE_POSTGRES=1` (CI), where
-    /// a missing server fails them.
-    pub async fn available() -> bool {
-        static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
-        if AVAILABLE.get().is_none() {
-            let probe = connect().await.map(drop).map_err(|e| e.to_string());
-            let _ = AVAILABLE.set(probe);
-        }
-        match AVAILABLE.get().expect("just set") {
-            Ok(()) => true,
-            Err(error) if std::env::var("JOBHOST_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
-                panic!(
-                    "JOBHOST_REQUIRE_POSTGRES=1, but PostgreSQL at {} is unreachable: {error}",
-                    admin_url()
-                )
-            }
-            Err(error) => {
-                eprintln!(
-                    "SKIPPED: PostgreSQL at {} is unreachable ({error}). \
-                     Set JOBHOST_TEST_DATABASE_URL=postgres://user@host:port/database to run the PostgreSQL tests.",
-                    admin_url()
-                );
-                false
-            }
-        }
-    }
-
-    /// Creates an empty database for one test: its name.
-    pub async fn create_database() -> String {
-        let name = format!("jobhost_test_{}", uuid::Uuid::now_v7().simple());
-        connect()
-            .await
-            .unwrap()
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        name
-    }
-
-    /// Drops a test's database, closing what still connects to it. Runs
-    /// on a thread of its own: it is called from `Drop`, maybe inside a
-    /// runtime that is shutting down.
-    pub fn drop_database(name: String) {
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let client = connect().await?;
-                client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-            })
-        })
-        .join();
-        if let Ok(Err(error)) = dropped {
-            eprintln!("could not drop a test database: {error}");
-        }
-    }
-}
+#[path = "../../../tests/support/test_database.rs"]
+pub mod postgres;
 
 /// Instantiates each listed test (an `async fn(Backend)`) once per backend,
 /// as `<module>::<backend>::<test>`. PostgreSQL's are skipped, saying so,

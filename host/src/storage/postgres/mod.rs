@@ -103,6 +103,9 @@ impl std::fmt::Debug for PgOptions {
 
 /// How long a host's lease lasts by default.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// The shortest lease: renewals every quarter of it must get through a
+/// busy database.
+pub const MIN_LEASE: Duration = Duration::from_secs(1);
 /// Connections per host by default: the workers' transitions, the
 /// dispatcher's claims and HTTP reads share them.
 pub const DEFAULT_POOL_SIZE: usize = 16;

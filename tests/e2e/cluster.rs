@@ -1,0 +1,294 @@
+//! Several real `jobhost serve` processes on one PostgreSQL database: one
+//! platform through crashes and freezes. Skipped, saying so, where no
+//! PostgreSQL runs (`JOBHOST_REQUIRE_POSTGRES=1` makes that a failure).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::server::{Server, TIMEOUT};
+use crate::test_database::{self, TestDatabase};
+
+/// Jobs the three hosts run while one of them is killed again and again.
+const JOBS: usize = 2_000;
+/// Times the third host is killed (SIGKILL) and restarted meanwhile.
+const KILLS: usize = 10;
+/// Events a stream reader takes before it moves to another host.
+const EVENTS_PER_STREAM: usize = 97;
+
+async fn connect(database: &TestDatabase) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&database.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Three hosts, 2,000 two-phase jobs submitted round-robin, the third host
+/// SIGKILLed and restarted ten times while they run: every job completes
+/// exactly once with both outputs, and a client that reconnects with
+/// `Last-Event-ID` to another host after every 97 events reads exactly the
+/// event log, in one increasing order, no gap, no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hosts_complete_every_job_once_through_sigkills() {
+    if !test_database::available().await {
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let url = database.url();
+    let args = ["--database", url.as_str(), "--concurrency", "8"];
+    let mut hosts = [
+        Server::start(&args).await,
+        Server::start(&args).await,
+        Server::start(&args).await,
+    ];
+    hosts[0]
+        .upload("sleep", "1.0.0", plugin_artifacts::SLEEP)
+        .await;
+    hosts[0]
+        .upload("echo", "1.0.0", plugin_artifacts::ECHO)
+        .await;
+    let reader = tokio::spawn(read_log_hopping(
+        vec![hosts[0].url.clone(), hosts[1].url.clone()],
+        JOBS,
+    ));
+
+    let submissions = (0..JOBS).map(|n| {
+        let host = &hosts[n % 3];
+        let spec = json!({
+            "phases": [
+                {"name": "nap", "plugin": "sleep", "config": {"ms": 100, "steps": 1}},
+                {"name": "copy", "plugin": "echo"}
+            ],
+            "payload": {"n": n},
+            "max_attempts": 25,
+            "backoff": {"initial_ms": 10, "multiplier": 1.0, "max_ms": 10, "jitter": false},
+            "idempotency_key": format!("job-{n}")
+        });
+        async move { host.submit(&spec).await }
+    });
+    futures::stream::iter(submissions)
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    // The chaos schedule (not a synchronisation): a kill every 300 ms
+    // while the jobs run.
+    for _ in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        hosts[2].kill();
+        let restarted = hosts[2].restart();
+        hosts[2] = restarted;
+    }
+
+    let read = tokio::time::timeout(4 * TIMEOUT, reader)
+        .await
+        .expect("every job completed in time")
+        .unwrap();
+    let db = connect(&database).await;
+    let completed: i64 = db
+        .query_one("SELECT count(*) FROM jobs WHERE status = 'completed'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(completed as usize, JOBS);
+    let ended_twice: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT job_id FROM events
+               WHERE kind IN ('job:completed', 'job:failed', 'job:cancelled')
+               GROUP BY job_id HAVING count(*) <> 1) twice",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ended_twice, 0, "a job ended more than once");
+    let outputs: Vec<tokio_postgres::Row> = db
+        .query(
+            "SELECT j.payload, p.output FROM jobs j JOIN phases p ON p.job_id = j.id
+             WHERE p.name = 'copy'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outputs.len(), JOBS);
+    for row in &outputs {
+        let payload: Value = serde_json::from_str(row.get(0)).unwrap();
+        let output: Value = serde_json::from_str(row.get::<_, Option<&str>>(1).unwrap()).unwrap();
+        assert_eq!(output["payload"], payload, "no phase output lost");
+    }
+    let lost: i64 = db
+        .query_one("SELECT count(*) FROM phases WHERE output IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(lost, 0);
+    let recovered: i64 = db
+        .query_one(
+            "SELECT count(*) FROM attempt_errors WHERE error LIKE 'interrupted%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        recovered > 0,
+        "no kill interrupted a job: the test proved nothing"
+    );
+
+    // The stream, read across hosts, is the log.
+    let log: Vec<(i64, String, Option<String>)> = db
+        .query(
+            "SELECT seq, kind, job_id FROM events WHERE seq IS NOT NULL ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert!(
+        read.windows(2).all(|w| w[0].0 < w[1].0),
+        "ids strictly increase"
+    );
+    assert_eq!(read.len(), log.len());
+    assert_eq!(read, log);
+    assert_eq!(
+        log.iter().map(|(seq, ..)| *seq).collect::<Vec<_>>(),
+        (1..=log.len() as i64).collect::<Vec<_>>(),
+        "positions are consecutive"
+    );
+}
+
+/// Reads `/events` from the start, moving to another of `hosts` after every
+/// [`EVENTS_PER_STREAM`] events with `Last-Event-ID`, until `jobs` jobs
+/// have completed and the log has no more: every logged event read, as
+/// (id, kind, job id).
+async fn read_log_hopping(hosts: Vec<String>, jobs: usize) -> Vec<(i64, String, Option<String>)> {
+    let client = reqwest::Client::new();
+    let mut read: Vec<(i64, String, Option<String>)> = Vec::new();
+    let mut completed = 0;
+    let mut host = 0;
+    loop {
+        let last = read.last().map_or(0, |(id, ..)| *id);
+        let response = client
+            .get(format!("{}/events", hosts[host % hosts.len()]))
+            .header("Last-Event-ID", last.to_string())
+            .send()
+            .await
+            .unwrap();
+        let mut events = Box::pin(jobhost::cli::sse_events(response));
+        let mut taken = 0;
+        while taken < EVENTS_PER_STREAM {
+            let event = tokio::time::timeout(TIMEOUT, events.next())
+                .await
+                .expect("an event in time")
+                .expect("the stream goes on")
+                .expect("a well-formed event");
+            if event.event == "job:phase:progress" {
+                continue; // live only: no id of its own
+            }
+            let data: Value = serde_json::from_str(&event.data).unwrap();
+            let job = data["job_id"].as_str().map(str::to_owned);
+            if event.event == "job:completed" {
+                completed += 1;
+            }
+            read.push((event.id.parse().unwrap(), event.event, job));
+            taken += 1;
+            if completed == jobs {
+                return read;
+            }
+        }
+        host += 1;
+    }
+}
+
+/// A host frozen (SIGSTOP) past its lease loses its job to another host,
+/// which runs it to the end; resumed, the frozen host's late write is
+/// refused and logged, and the job completes once. The phase sleeps 4 s in
+/// two steps; the first host is frozen after the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_host_cannot_complete_a_job_another_host_took_over() {
+    if !test_database::available().await {
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let url = database.url();
+    let frozen_args = [
+        "--database",
+        url.as_str(),
+        "--concurrency",
+        "1",
+        "--host-lease",
+        "2s",
+    ];
+    let frozen = Server::start(&frozen_args).await;
+    frozen
+        .upload("sleep", "1.0.0", plugin_artifacts::SLEEP)
+        .await;
+    let spec = json!({
+        "phases": [{"name": "nap", "plugin": "sleep", "config": {"ms": 4000, "steps": 2}}],
+        "max_attempts": 3
+    });
+    let mut progress = frozen
+        .events("/events?types=job:phase:progress", None)
+        .await;
+    let job = frozen.submit(&spec).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    progress
+        .next_event()
+        .await
+        .expect("the phase runs on the first host");
+    drop(progress);
+    signal(&frozen, "STOP");
+
+    // Only now does the other host start: the job is the frozen host's.
+    let survivor = Server::start(&["--database", url.as_str(), "--concurrency", "1"]).await;
+    let mut events = survivor
+        .events(&format!("/jobs/{id}/events"), Some(0))
+        .await;
+    events.until(&id, "job:retrying").await;
+    events.until(&id, "job:phase:started").await;
+    // The survivor runs the phase (4 s); resumed, the frozen host finishes
+    // its own run at once (its step's sleep ended while it was frozen).
+    signal(&frozen, "CONT");
+
+    let finished = survivor.wait_finished(&id).await;
+    assert_eq!(finished["status"], "completed", "{finished}");
+    assert_eq!(finished["attempt"], 2, "{finished}");
+    assert!(
+        finished["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("its host stopped renewing its lease"),
+        "{finished}"
+    );
+    let mut kinds: HashMap<String, usize> = HashMap::new();
+    let mut all = survivor
+        .events(&format!("/jobs/{id}/events"), Some(0))
+        .await;
+    while let Some(event) = all.next_event().await {
+        *kinds.entry(event.kind).or_default() += 1;
+    }
+    assert_eq!(kinds.get("job:completed"), Some(&1), "{kinds:?}");
+    assert_eq!(kinds.get("job:phase:completed"), Some(&1), "{kinds:?}");
+    // The frozen host's late write was refused, and it said so.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !frozen.log().contains("runs under a newer claim") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            frozen.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signal(server: &Server, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
