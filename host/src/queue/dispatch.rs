@@ -2,7 +2,6 @@
 //! retention sweep.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -61,7 +60,7 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
 /// due. Slots are counted under the lock that enqueues also take to claim.
 async fn claim(shared: &Arc<Shared>) -> Result<bool, QueueError> {
     let mut running = shared.running.lock().await;
-    let free = if shared.paused.load(Ordering::SeqCst) {
+    let free = if !shared.may_claim() {
         0
     } else {
         shared.config.concurrency.saturating_sub(running.len())
@@ -86,6 +85,7 @@ pub(super) fn spawn_worker(shared: &Arc<Shared>, claimed: Claimed, cancel: Cance
     shared.workers.clone().spawn(async move {
         let id = worker::run_job(&shared, claimed, cancel).await;
         shared.running.lock().await.remove(&id);
+        shared.fenced.lock().expect("never poisoned").remove(&id);
         shared.wake.notify_one();
         shared.worker_done.notify_waiters();
     });

@@ -180,6 +180,12 @@ pub(crate) struct Shared {
     draining: CancellationToken,
     /// Parent of every job's token: cancelled to stop running phases by force.
     force: CancellationToken,
+    /// Jobs whose phase this host stopped because it could not renew its
+    /// lease on a shared database: their stop is an interruption (retried),
+    /// not a user's cancel.
+    fenced: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Set while this host's lease is in doubt: it claims nothing.
+    lease_lost: AtomicBool,
     workers: TaskTracker,
     /// Pending jobs as last counted, plus those enqueued since.
     pending: PendingCount,
@@ -202,9 +208,16 @@ impl Shared {
         (self.config.clock)()
     }
 
-    /// Whether the queue takes new jobs now (not paused, not draining).
+    fn is_fenced(&self, job_id: &str) -> bool {
+        self.fenced.lock().expect("never poisoned").contains(job_id)
+    }
+
+    /// Whether the queue takes new jobs now (not paused, not draining, its
+    /// lease not in doubt).
     fn may_claim(&self) -> bool {
-        !self.paused.load(Ordering::SeqCst) && !self.draining.is_cancelled()
+        !self.paused.load(Ordering::SeqCst)
+            && !self.draining.is_cancelled()
+            && !self.lease_lost.load(Ordering::SeqCst)
     }
 }
 
@@ -251,6 +264,27 @@ fn signal_handler(shared: &Arc<Shared>) -> SignalHandler {
             ClusterSignal::JobsDue => shared.wake.notify_one(),
             ClusterSignal::Paused(paused) => {
                 shared.paused.store(paused, Ordering::SeqCst);
+                shared.wake.notify_one();
+            }
+            // Before the lease runs out, this host stops its phases (other
+            // hosts will take the jobs over) and claims nothing more.
+            ClusterSignal::LeaseLost => {
+                shared.lease_lost.store(true, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let running = shared.running.lock().await;
+                    let mut fenced = shared.fenced.lock().expect("never poisoned");
+                    for (id, token) in running.iter() {
+                        fenced.insert(id.clone());
+                        token.cancel();
+                    }
+                    tracing::error!(
+                        jobs = running.len(),
+                        "this host could not renew its lease: its running phases were stopped"
+                    );
+                });
+            }
+            ClusterSignal::LeaseHeld => {
+                shared.lease_lost.store(false, Ordering::SeqCst);
                 shared.wake.notify_one();
             }
             ClusterSignal::CancelRequested(id) => {
@@ -329,6 +363,8 @@ impl Queue {
             paused: AtomicBool::new(paused),
             draining: CancellationToken::new(),
             force: CancellationToken::new(),
+            fenced: Default::default(),
+            lease_lost: AtomicBool::new(false),
             workers: TaskTracker::new(),
             pending: PendingCount::default(),
         });
@@ -491,7 +527,7 @@ impl Queue {
     async fn reserve_slot(&self, id: &str) -> Option<CancellationToken> {
         let shared = &self.shared;
         let mut running = shared.running.lock().await;
-        if shared.paused.load(Ordering::SeqCst) || running.len() >= shared.config.concurrency {
+        if !shared.may_claim() || running.len() >= shared.config.concurrency {
             return None;
         }
         let cancel = shared.force.child_token();

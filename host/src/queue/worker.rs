@@ -92,10 +92,11 @@ async fn recover_after_failed_write(shared: &Shared, lease: &Lease) {
     }
 }
 
-fn stop_reason(shared: &Shared, cancel: &CancellationToken) -> Option<Stop> {
-    if cancel.is_cancelled() && !shared.force.is_cancelled() {
+fn stop_reason(shared: &Shared, job_id: &str, cancel: &CancellationToken) -> Option<Stop> {
+    let fenced = shared.is_fenced(job_id);
+    if cancel.is_cancelled() && !shared.force.is_cancelled() && !fenced {
         Some(Stop::Cancelled)
-    } else if shared.draining.is_cancelled() || shared.paused.load(Ordering::SeqCst) {
+    } else if shared.draining.is_cancelled() || shared.paused.load(Ordering::SeqCst) || fenced {
         Some(Stop::HandBack)
     } else {
         None
@@ -130,7 +131,7 @@ async fn run_phases(
                 if let Some(between_phases) = &shared.config.between_phases {
                     between_phases(&job.id, index, cancel).await;
                 }
-                match stop_reason(shared, cancel) {
+                match stop_reason(shared, &job.id, cancel) {
                     Some(Stop::Cancelled) => {
                         storage
                             .cancel_running_job(lease, None, shared.now())
@@ -155,7 +156,7 @@ async fn run_phases(
             Ok(output) => {
                 let last = index + 1 == job.phases.len();
                 let start_next = !last
-                    && stop_reason(shared, cancel).is_none()
+                    && stop_reason(shared, &job.id, cancel).is_none()
                     && shared.config.between_phases.is_none();
                 let done = PhaseDone {
                     index,
@@ -277,20 +278,27 @@ async fn record_failure(
 ) -> anyhow::Result<()> {
     let storage = &shared.storage;
     let now = shared.now();
-    let by_shutdown = failure == PhaseFailure::Cancelled && shared.force.is_cancelled();
+    // The host stopped the phase: shutting down, or fencing itself.
+    let interruption = match failure {
+        PhaseFailure::Cancelled if shared.force.is_cancelled() => Some("interrupted by shutdown"),
+        // However the phase ended once stopped (a guest may notice and
+        // return an error of its own).
+        _ if shared.is_fenced(&job.id) => Some("interrupted: this host could not renew its lease"),
+        _ => None,
+    };
     // A user's cancel ends the job however its phase ended: a guest that
     // noticed `cancelled()` and returned an error is not to be retried.
-    if matches!(stop_reason(shared, cancel), Some(Stop::Cancelled)) {
+    if matches!(stop_reason(shared, &job.id, cancel), Some(Stop::Cancelled)) {
         let stopped = usage.map(|usage| (index, usage));
         storage.cancel_running_job(lease, stopped, now).await?;
         return Ok(());
     }
-    let message = if by_shutdown {
-        "interrupted by shutdown".to_owned()
-    } else {
-        failure.to_string()
+    let message = match interruption {
+        Some(interruption) => interruption.to_owned(),
+        None => failure.to_string(),
     };
-    let after = if (failure.is_retryable() || by_shutdown) && job.attempt < job.max_attempts {
+    let retryable = failure.is_retryable() || interruption.is_some();
+    let after = if retryable && job.attempt < job.max_attempts {
         let delay = job.backoff.delay(job.attempt, fastrand::f64());
         AfterFailure::Retry {
             run_at: now + delay.as_millis() as i64,

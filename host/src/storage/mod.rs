@@ -111,6 +111,11 @@ pub enum ClusterSignal {
     CancelRequested(String),
     /// A user paused the platform (true) or resumed it (false), on any host.
     Paused(bool),
+    /// This host has not renewed its lease for three quarters of it: it
+    /// must stop its running phases before other hosts take its jobs over.
+    LeaseLost,
+    /// This host renewed its lease again after [`ClusterSignal::LeaseLost`].
+    LeaseHeld,
 }
 
 /// Called on the backend's listening task: it must be quick and must not

@@ -262,3 +262,64 @@ async fn every_host_compiles_an_upload_when_it_learns_of_it() {
     let digest_on_a = a.storage.artifact_digest(&hash, engine).await.unwrap();
     assert!(digest_on_a.is_some(), "the uploading host recorded its own");
 }
+
+/// A host that cannot renew its lease stops its running phase before the
+/// lease runs out (so that no other host runs the job beside it), requeues
+/// the job as interrupted, and claims nothing until it renews again; then
+/// the job runs to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_cannot_renew_its_lease_stops_its_phases_in_time() {
+    if !crate::fixture::postgres::available().await {
+        return;
+    }
+    let mut dir = DataDir::new(Backend::Postgres).await;
+    dir.lease = Duration::from_millis(1_200);
+    let url = dir.database_url().unwrap();
+    let mut host = Host::open_on(Backend::Postgres, Arc::new(dir), config(1)).await;
+    host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
+    let mut spec = job(
+        vec![phase("nap", "sleep", json!({"ms": 3000, "steps": 30}))],
+        json!({}),
+    );
+    spec.max_attempts = Some(3);
+    let submitted = host.enqueue(spec).await;
+    host.wait_for(&submitted.id, EventKind::PhaseStarted).await;
+
+    // Renewals block behind a lock on `hosts`. A table lock, not a row
+    // lock: that would give the blocker a transaction id, which holds the
+    // event log's watermark back (and with it the event awaited below).
+    let (mut blocker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let lock = blocker.transaction().await.unwrap();
+    let lease_until: i64 = lock
+        .query_one("SELECT lease_until FROM hosts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    lock.batch_execute("LOCK TABLE hosts IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let stopped = host.wait_for(&submitted.id, EventKind::PhaseFailed).await;
+    assert!(
+        stopped.at < lease_until,
+        "stopped at {}, after the lease ran out at {lease_until}",
+        stopped.at
+    );
+    let interrupted = host.queue.job(&submitted.id).await.unwrap();
+    assert_eq!(interrupted.status, JobStatus::Pending);
+    assert!(
+        interrupted.errors[0]
+            .error
+            .contains("this host could not renew its lease"),
+        "{:?}",
+        interrupted.errors
+    );
+
+    lock.rollback().await.unwrap();
+    let finished = host.wait_until_finished(&submitted.id).await;
+    assert_eq!(finished.status, JobStatus::Completed);
+    assert_eq!(finished.attempt, 2);
+}

@@ -41,6 +41,7 @@ impl Backend {
                 let options = PgOptions {
                     pool_size: 8,
                     host_id: dir.host_id.clone(),
+                    lease: dir.lease,
                     ..PgOptions::new(url)
                 };
                 jobhost::storage::open_postgres(&options).await.unwrap()
@@ -57,6 +58,8 @@ pub struct DataDir {
     database: Option<Arc<postgres::TestDatabase>>,
     /// The host's identity, the same each time it is opened.
     host_id: String,
+    /// The host's lease, on PostgreSQL.
+    pub lease: std::time::Duration,
 }
 
 impl DataDir {
@@ -70,6 +73,7 @@ impl DataDir {
             dir,
             database,
             host_id: uuid::Uuid::now_v7().to_string(),
+            lease: jobhost::storage::postgres::DEFAULT_LEASE,
         }
     }
 
@@ -81,6 +85,7 @@ impl DataDir {
                 dir: tempfile::tempdir().unwrap(),
                 database: Some(database.clone()),
                 host_id: uuid::Uuid::now_v7().to_string(),
+                lease: self.lease,
             },
             None => DataDir::new(backend).await,
         }

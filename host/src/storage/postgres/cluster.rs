@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::log::Log;
 use super::{PgOptions, execute, query, query_one};
-use crate::storage::{ClusterSignal, Result, SignalHandler};
+use crate::storage::{ClusterSignal, ErrorClass, Result, SignalHandler, StorageError};
 
 /// Longest wait before connecting the listener again after a failure.
 const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(5);
@@ -46,40 +46,91 @@ impl Host {
             slots: options.slots,
             started_at,
         };
-        host.renew(&client).await?;
+        drop(client);
+        host.renew(pool, options.lease).await?;
         Ok(host)
     }
 
-    async fn renew(&self, db: &deadpool_postgres::Client) -> Result<()> {
-        execute(
-            db,
-            "INSERT INTO hosts (id, name, started_at, heartbeat_at, lease_until, slots)
-             VALUES ($1, $2, $3, jobhost_now(), jobhost_now() + $4, $5)
-             ON CONFLICT (id) DO UPDATE
-             SET name = EXCLUDED.name, started_at = EXCLUDED.started_at, slots = EXCLUDED.slots,
-                 heartbeat_at = EXCLUDED.heartbeat_at, lease_until = EXCLUDED.lease_until",
-            &[
-                &&*self.id,
-                &self.name,
-                &self.started_at,
-                &(self.lease.as_millis() as i64),
-                &(self.slots as i32),
-            ],
-        )
-        .await?;
-        Ok(())
+    /// Renews the lease, giving up after `within`, on the server too: a
+    /// renewal stuck behind a lock must not leave a pooled connection busy,
+    /// and one stuck on a dead connection takes the connection with it.
+    async fn renew(&self, pool: &Pool, within: Duration) -> Result<()> {
+        let timed_out = || StorageError::new(ErrorClass::Retryable, "renewing the lease timed out");
+        let mut client = tokio::time::timeout(within, pool.get())
+            .await
+            .map_err(|_| timed_out())??;
+        let renewal = async {
+            let tx = client.transaction().await?;
+            tx.batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                within.as_millis()
+            ))
+            .await?;
+            execute(
+                &tx,
+                "INSERT INTO hosts (id, name, started_at, heartbeat_at, lease_until, slots)
+                 VALUES ($1, $2, $3, jobhost_now(), jobhost_now() + $4, $5)
+                 ON CONFLICT (id) DO UPDATE
+                 SET name = EXCLUDED.name, started_at = EXCLUDED.started_at, slots = EXCLUDED.slots,
+                     heartbeat_at = EXCLUDED.heartbeat_at, lease_until = EXCLUDED.lease_until",
+                &[
+                    &&*self.id,
+                    &self.name,
+                    &self.started_at,
+                    &(self.lease.as_millis() as i64),
+                    &(self.slots as i32),
+                ],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StorageError>(())
+        };
+        match tokio::time::timeout(within, renewal).await {
+            Ok(renewed) => renewed,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(timed_out())
+            }
+        }
     }
 
-    /// Renews the lease every quarter of its length until `stop`.
-    pub(super) async fn heartbeat_loop(self, pool: Pool, stop: CancellationToken) {
+    /// Renews the lease every quarter of its length until `stop`. When
+    /// three quarters of it pass without a renewal, the host is told to
+    /// stop its running phases ([`ClusterSignal::LeaseLost`]) before other
+    /// hosts may take its jobs over; a later renewal says it holds again.
+    pub(super) async fn heartbeat_loop(
+        self,
+        pool: Pool,
+        signals: Arc<Signals>,
+        stop: CancellationToken,
+    ) {
+        let every = self.lease / 4;
+        let mut renewed = tokio::time::Instant::now();
+        let mut lost = false;
         loop {
+            let fence_at = renewed + self.lease * 3 / 4;
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(self.lease / 4) => {}
+                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep_until(fence_at), if !lost => {
+                    lost = true;
+                    signals.emit(ClusterSignal::LeaseLost);
+                    continue;
+                }
             }
-            let renewed = async { self.renew(&pool.get().await?).await };
-            if let Err(error) = renewed.await {
-                tracing::warn!(%error, "renewing this host's lease failed");
+            // A renewal is counted from before it was sent: the database
+            // may have taken it at any moment since.
+            let sent = tokio::time::Instant::now();
+            match self.renew(&pool, every).await {
+                Ok(()) => {
+                    renewed = sent;
+                    if lost {
+                        lost = false;
+                        tracing::info!("this host renewed its lease again");
+                        signals.emit(ClusterSignal::LeaseHeld);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "renewing this host's lease failed"),
             }
         }
     }

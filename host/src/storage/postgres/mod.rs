@@ -280,22 +280,19 @@ impl PgStore {
         let log = Arc::new(log::Log::default());
         let signals = Arc::new(cluster::Signals::default());
         let stop = CancellationToken::new();
+        let host_id = host.id.clone();
         let tasks = vec![
             tokio::spawn(log::stamp_loop(pool.clone(), log.clone(), stop.clone())),
             tokio::spawn(cluster::listen_loop(
                 listen_config,
                 pool.clone(),
-                host.id.clone(),
+                host_id.clone(),
                 log.clone(),
                 signals.clone(),
                 stop.clone(),
             )),
+            tokio::spawn(host.heartbeat_loop(pool.clone(), signals.clone(), stop.clone())),
         ];
-        let host_id = host.id.clone();
-        let mut tasks = tasks;
-        tasks.push(tokio::spawn(
-            host.heartbeat_loop(pool.clone(), stop.clone()),
-        ));
         Ok(PgStore {
             pool,
             host: host_id,
