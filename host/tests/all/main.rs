@@ -8,6 +8,7 @@ mod fixture;
 mod job_semantics;
 mod limits;
 mod pipeline;
+mod postgres_tls;
 mod sandbox;
 mod scheduling;
 mod stopping;

@@ -16,6 +16,7 @@ use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::log::Log;
+use super::tls::Connector;
 use super::{PgOptions, execute, query, query_one};
 use crate::storage::{ClusterSignal, ErrorClass, Result, SignalHandler, StorageError};
 
@@ -158,6 +159,7 @@ impl Signals {
 /// the connection fails.
 pub(super) async fn listen_loop(
     config: tokio_postgres::Config,
+    connector: Connector,
     pool: Pool,
     host: Arc<str>,
     log: Arc<Log>,
@@ -172,7 +174,7 @@ pub(super) async fn listen_loop(
             log: &log,
             signals: &signals,
         };
-        match listener.listen(&config, &stop).await {
+        match listener.listen(&config, &connector, &stop).await {
             Ok(()) => return,
             Err(error) => tracing::warn!(%error, "listening to other hosts failed; reconnecting"),
         }
@@ -196,25 +198,19 @@ impl Listener<'_> {
     async fn listen(
         &self,
         config: &tokio_postgres::Config,
+        connector: &Connector,
         stop: &CancellationToken,
     ) -> Result<()> {
-        let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
-        let (notify, mut notifications) = tokio::sync::mpsc::unbounded_channel();
-        // The connection must be polled for the client's queries and the
-        // notifications alike.
-        let driver = tokio::spawn(async move {
-            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(message) = messages.next().await {
-                match message? {
-                    AsyncMessage::Notification(n) => {
-                        let _ = notify.send((n.channel().to_owned(), n.payload().to_owned()));
-                    }
-                    AsyncMessage::Notice(_) => {}
-                    _ => {}
-                }
+        let (client, (mut notifications, driver)) = match connector {
+            Connector::Plain => {
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+                (client, drive(connection))
             }
-            Ok::<(), tokio_postgres::Error>(())
-        });
+            Connector::Tls(make, _) => {
+                let (client, connection) = config.connect(make.clone()).await?;
+                (client, drive(connection))
+            }
+        };
         let _stop_driver = AbortOnDrop(driver.abort_handle());
         client
             .batch_execute(
@@ -287,6 +283,31 @@ impl Listener<'_> {
             _ => {}
         }
     }
+}
+
+/// Notifications as (channel, payload).
+type Notifications = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
+/// The task polling a connection; its end says why the connection closed.
+type Driver = tokio::task::JoinHandle<std::result::Result<(), tokio_postgres::Error>>;
+
+/// The notifications a connection receives, and the task that polls it
+/// (for the client's queries and the notifications alike).
+fn drive<S, T>(mut connection: tokio_postgres::Connection<S, T>) -> (Notifications, Driver)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (notify, notifications) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            if let AsyncMessage::Notification(n) = message? {
+                let _ = notify.send((n.channel().to_owned(), n.payload().to_owned()));
+            }
+        }
+        Ok(())
+    });
+    (notifications, driver)
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);

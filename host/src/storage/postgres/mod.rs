@@ -22,6 +22,7 @@ mod plugins;
 mod rows;
 mod schema;
 mod store;
+mod tls;
 mod transitions;
 mod webhooks;
 
@@ -154,7 +155,17 @@ impl From<tokio_postgres::Error> for StorageError {
         // The server's message, not only "db error".
         let message = match error.as_db_error() {
             Some(db) => format!("database error: {}: {}", db.code().code(), db.message()),
-            None => format!("database error: {error}"),
+            // With its causes: "error performing TLS handshake" alone does
+            // not say that the certificate was for another name.
+            None => {
+                let mut message = format!("database error: {error}");
+                let mut cause = std::error::Error::source(&error);
+                while let Some(inner) = cause {
+                    message.push_str(&format!(": {inner}"));
+                    cause = inner.source();
+                }
+                message
+            }
         };
         StorageError::new(classify(&error), message)
     }
@@ -250,20 +261,27 @@ impl PgStore {
     /// Connects, migrates the schema (refusing one newer than this build
     /// knows), and starts the event log's stamper.
     pub async fn open(options: &PgOptions) -> Result<Self> {
-        let mut config: tokio_postgres::Config = options.url.parse().map_err(|e| {
-            StorageError::new(ErrorClass::Other, format!("invalid PostgreSQL URL: {e}"))
-        })?;
+        let target = tls::Target::parse(&options.url)?;
+        let connector = match target.mode {
+            tls::SslMode::Prefer => tls::prefer(&target).await?,
+            mode => target.connector(mode)?,
+        };
+        let mut config = connector.configure(&target.config);
         config.options(format!(
             "-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}"
         ));
         config.application_name("jobhost");
-        let manager = Manager::from_config(
-            config.clone(),
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &connector {
+            tls::Connector::Plain => {
+                Manager::from_config(config.clone(), tokio_postgres::NoTls, manager_config)
+            }
+            tls::Connector::Tls(make, _) => {
+                Manager::from_config(config.clone(), make.clone(), manager_config)
+            }
+        };
         let listen_config = config.clone();
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(2))
@@ -285,6 +303,7 @@ impl PgStore {
             tokio::spawn(log::stamp_loop(pool.clone(), log.clone(), stop.clone())),
             tokio::spawn(cluster::listen_loop(
                 listen_config,
+                connector,
                 pool.clone(),
                 host_id.clone(),
                 log.clone(),
