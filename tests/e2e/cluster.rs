@@ -292,3 +292,66 @@ fn signal(server: &Server, signal: &str) {
         .unwrap();
     assert!(status.success());
 }
+
+/// A user outgrows SQLite: stops the server, runs `jobhost migrate --from
+/// data/jobhost.db --to postgres://…`, and starts the server on
+/// PostgreSQL: the job, its plugin and its event history are there, and a
+/// new job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installation_moves_to_postgres_with_jobhost_migrate() {
+    if !test_database::available().await {
+        return;
+    }
+    let mut embedded = Server::start(&[]).await;
+    embedded
+        .upload("echo", "1.0.0", plugin_artifacts::ECHO)
+        .await;
+    let job = embedded
+        .submit(&json!({"phases": [{"name": "copy", "plugin": "echo"}], "payload": {"n": 1}}))
+        .await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let finished = embedded.wait_finished(&id).await;
+    let history = events_of(&embedded, &id).await;
+    assert!(embedded.terminate().success());
+
+    let database = TestDatabase::create().await;
+    let url = database.url();
+    let migrate = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_jobhost"))
+            .arg("migrate")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let file = embedded.dir.path().join("data").join("jobhost.db");
+    let moved = migrate(&["--from", file.to_str().unwrap(), "--to", &url]);
+    let said = String::from_utf8_lossy(&moved.stdout);
+    assert!(
+        moved.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert!(said.contains("jobs: 1 rows"), "{said}");
+    let again = migrate(&["--to", &url]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("schema version"));
+
+    let shared = Server::start(&["--database", url.as_str()]).await;
+    let (_, moved_job) = shared.get(&format!("/jobs/{id}")).await;
+    assert_eq!(moved_job, finished);
+    assert_eq!(events_of(&shared, &id).await, history);
+    let next = shared
+        .submit(&json!({"phases": [{"name": "copy", "plugin": "echo"}], "payload": {"n": 2}}))
+        .await;
+    let next = shared.wait_finished(next["id"].as_str().unwrap()).await;
+    assert_eq!(next["status"], "completed");
+}
+
+/// A job's logged events as (id, type, data).
+async fn events_of(server: &Server, id: &str) -> Vec<(i64, String, Value)> {
+    let mut stream = server.events(&format!("/jobs/{id}/events"), Some(0)).await;
+    let mut events = Vec::new();
+    while let Some(event) = stream.next_event().await {
+        events.push((event.id, event.kind, event.data));
+    }
+    events
+}

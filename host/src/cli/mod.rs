@@ -19,6 +19,10 @@ pub enum Command {
     /// Run one phase of a plugin component locally and print its output,
     /// logs and outcome. Exits non-zero when the phase fails.
     RunPhase(run_phase::RunPhaseArgs),
+    /// Bring a PostgreSQL database's schema up to this build's (what
+    /// `serve` does at start), or, with --from, move an embedded
+    /// installation into an empty PostgreSQL database.
+    Migrate(MigrateArgs),
     /// Scaffold a Rust plugin crate that builds into a component.
     NewPlugin(new_plugin::NewPluginArgs),
     /// Upload, list, show and activate plugins on a server.
@@ -58,6 +62,7 @@ pub async fn run(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Serve(args) => serve(*args).await,
         Command::RunPhase(args) => run_phase::run_phase(args).await,
+        Command::Migrate(args) => migrate(args).await,
         Command::NewPlugin(args) => new_plugin::new_plugin(args),
         Command::Plugin { remote, action } => remote::plugin(&remote, action).await,
         Command::Job { remote, action } => remote::job(&remote, action).await,
@@ -68,6 +73,42 @@ pub async fn run(command: Command) -> anyhow::Result<i32> {
             since,
         } => remote::events(&remote, job, types, since).await,
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The PostgreSQL database, `postgres://user@host:port/database`.
+    #[arg(long, alias = "database", env = "JOBHOST_DATABASE_URL")]
+    to: String,
+    /// An embedded installation's SQLite file (e.g. data/jobhost.db) to
+    /// copy into it: plugins, jobs, the event log with its ids, the
+    /// webhook outbox. No server may be using it.
+    #[arg(long)]
+    from: Option<std::path::PathBuf>,
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<i32> {
+    let options = crate::storage::PgOptions::new(args.to);
+    let Some(from) = args.from else {
+        let version = crate::storage::postgres::migrate(&options).await?;
+        println!("{}: schema version {version}", options.redacted_url());
+        return Ok(0);
+    };
+    // Held while copying: no server may write to the file meanwhile.
+    let _lock = crate::data_dir::open(from.parent().unwrap_or(std::path::Path::new(".")))?;
+    anyhow::ensure!(from.is_file(), "{} is not a file", from.display());
+    let report = crate::storage::import::sqlite_into_postgres(&from, &options)
+        .await
+        .with_context(|| format!("copying {} into {}", from.display(), options.redacted_url()))?;
+    for (table, rows) in &report.rows {
+        println!("{table}: {rows} rows");
+    }
+    println!(
+        "{} now holds everything {} held",
+        options.redacted_url(),
+        from.display()
+    );
+    Ok(0)
 }
 
 async fn serve(args: crate::config::ServeArgs) -> anyhow::Result<i32> {

@@ -21,6 +21,7 @@
 
 mod error;
 mod events;
+pub mod import;
 mod jobs;
 mod plugins;
 pub mod postgres;

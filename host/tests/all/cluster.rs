@@ -273,12 +273,12 @@ async fn a_host_that_cannot_renew_its_lease_stops_its_phases_in_time() {
         return;
     }
     let mut dir = DataDir::new(Backend::Postgres).await;
-    dir.lease = Duration::from_millis(1_200);
+    dir.lease = Duration::from_secs(2);
     let url = dir.database_url().unwrap();
     let mut host = Host::open_on(Backend::Postgres, Arc::new(dir), config(1)).await;
     host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
     let mut spec = job(
-        vec![phase("nap", "sleep", json!({"ms": 3000, "steps": 30}))],
+        vec![phase("nap", "sleep", json!({"ms": 3000, "steps": 300}))],
         json!({}),
     );
     spec.max_attempts = Some(3);
@@ -293,14 +293,15 @@ async fn a_host_that_cannot_renew_its_lease_stops_its_phases_in_time() {
         .unwrap();
     tokio::spawn(connection);
     let lock = blocker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE hosts IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // Read with the lock held: no renewal commits after this one.
     let lease_until: i64 = lock
         .query_one("SELECT lease_until FROM hosts", &[])
         .await
         .unwrap()
         .get(0);
-    lock.batch_execute("LOCK TABLE hosts IN EXCLUSIVE MODE")
-        .await
-        .unwrap();
 
     let stopped = host.wait_for(&submitted.id, EventKind::PhaseFailed).await;
     assert!(

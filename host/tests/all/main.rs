@@ -7,6 +7,7 @@ mod conformance;
 mod fixture;
 mod job_semantics;
 mod limits;
+mod moving_over;
 mod pipeline;
 mod postgres_tls;
 mod sandbox;

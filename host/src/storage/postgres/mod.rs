@@ -184,6 +184,47 @@ impl From<deadpool_postgres::PoolError> for StorageError {
     }
 }
 
+/// How this host's connections are made: the URL's settings with
+/// jobhost's own, and TLS as `sslmode` asks.
+async fn session(options: &PgOptions) -> Result<(tokio_postgres::Config, tls::Connector)> {
+    let target = tls::Target::parse(&options.url)?;
+    let connector = match target.mode {
+        tls::SslMode::Prefer => tls::prefer(&target).await?,
+        mode => target.connector(mode)?,
+    };
+    let mut config = connector.configure(&target.config);
+    config.options(format!(
+        "-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}"
+    ));
+    config.application_name("jobhost");
+    Ok((config, connector))
+}
+
+/// One connection outside any pool, its driver on a task of its own.
+pub(crate) async fn connect(options: &PgOptions) -> Result<tokio_postgres::Client> {
+    let (config, connector) = session(options).await?;
+    let client = match connector {
+        tls::Connector::Plain => {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            client
+        }
+        tls::Connector::Tls(make, _) => {
+            let (client, connection) = config.connect(make).await?;
+            tokio::spawn(connection);
+            client
+        }
+    };
+    Ok(client)
+}
+
+/// Brings the database's schema up to this build's, and nothing else
+/// (`jobhost migrate`); refuses a newer one. The schema version.
+pub async fn migrate(options: &PgOptions) -> Result<usize> {
+    schema::migrate(&mut connect(options).await?).await?;
+    Ok(SCHEMA_VERSION)
+}
+
 /// A stored value that does not read back.
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StorageError {
     StorageError::corrupt(format!("{what}: {e}"))
@@ -261,16 +302,7 @@ impl PgStore {
     /// Connects, migrates the schema (refusing one newer than this build
     /// knows), and starts the event log's stamper.
     pub async fn open(options: &PgOptions) -> Result<Self> {
-        let target = tls::Target::parse(&options.url)?;
-        let connector = match target.mode {
-            tls::SslMode::Prefer => tls::prefer(&target).await?,
-            mode => target.connector(mode)?,
-        };
-        let mut config = connector.configure(&target.config);
-        config.options(format!(
-            "-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}"
-        ));
-        config.application_name("jobhost");
+        let (config, connector) = session(options).await?;
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };

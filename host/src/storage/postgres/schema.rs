@@ -4,8 +4,6 @@
 //! binary older than the database's schema refuses to start, so a rolling
 //! upgrade never runs old code on a new schema.
 
-use deadpool_postgres::ClientWrapper;
-
 use crate::storage::{ErrorClass, Result, StorageError};
 
 /// The advisory lock migrations hold (any constant unique to jobhost).
@@ -183,7 +181,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
 pub const VERSION: usize = MIGRATIONS.len();
 
 /// Brings the database up to the latest schema, or refuses a newer one.
-pub(super) async fn migrate(client: &mut ClientWrapper) -> Result<()> {
+pub(super) async fn migrate(client: &mut tokio_postgres::Client) -> Result<()> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
