@@ -85,7 +85,8 @@ pub struct ServeArgs {
     /// Delete finished jobs older than this; `off` keeps them [default: 7d].
     #[arg(long, env = "JOBHOST_RETENTION")]
     pub retention: Option<HumanDuration>,
-    /// `process` survives a crash of jobhost; `full` also power loss [default: process].
+    /// `process` survives a crash of jobhost; `full` also power loss (on
+    /// PostgreSQL: `synchronous_commit` off or on) [default: process].
     #[arg(long, env = "JOBHOST_DURABILITY", value_enum)]
     pub durability: Option<Durability>,
     /// Bearer tokens, comma-separated, each `[SCOPE:]TOKEN` with SCOPE
@@ -342,18 +343,20 @@ impl ServeArgs {
         let host_lease = duration(self.host_lease, file.host_lease, Some(DEFAULT_LEASE))
             .filter(|lease| *lease >= MIN_LEASE)
             .ok_or_else(|| anyhow::anyhow!("host-lease: must be at least {MIN_LEASE:?}"))?;
+        let durability = self.durability.or(file.durability).unwrap_or_default();
         let postgres = self.database.or(file.database).map(|url| PgOptions {
             pool_size: self
                 .db_pool_size
                 .or(file.db_pool_size)
                 .unwrap_or(DEFAULT_POOL_SIZE),
             lease: host_lease,
+            durability,
             ..PgOptions::new(url)
         });
         Ok(Config {
             listen,
             postgres,
-            durability: self.durability.or(file.durability).unwrap_or_default(),
+            durability,
             access,
             max_plugin_bytes: self.max_plugin_mb.or(file.max_plugin_mb).unwrap_or(50) << 20,
             max_body_bytes: self.max_body_kb.or(file.max_body_kb).unwrap_or(2048) << 10,

@@ -56,3 +56,43 @@ async fn every_scenario_runs() {
         "jobs failed in a hot swap: {hot_swap}"
     );
 }
+
+/// The PostgreSQL scenario (not in the default set: it needs a server)
+/// runs against this machine's, creating and dropping its own databases.
+#[tokio::test]
+async fn the_postgres_scenario_runs() {
+    if !crate::test_database::available().await {
+        return;
+    }
+    let plugins = Path::new(plugin_artifacts::ECHO).parent().unwrap();
+    let bench = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .args([
+            "bench",
+            "--only",
+            "postgres",
+            "--samples",
+            "1",
+            "--jobs",
+            "50",
+        ])
+        .arg("--database-url")
+        .arg(crate::test_database::admin_url())
+        .arg("--plugins")
+        .arg(plugins)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(300), bench)
+        .await
+        .expect("the bench did not finish in 5 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for heading in ["## PostgreSQL", "## Forced cancel across hosts"] {
+        assert!(stdout.contains(heading), "no `{heading}` in:\n{stdout}");
+    }
+    assert!(!stdout.contains("NaN"), "{stdout}");
+}

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// The server's URL, with the database that tests connect to first.
-fn admin_url() -> String {
+pub fn admin_url() -> String {
     std::env::var("JOBHOST_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
 }
 

@@ -6,6 +6,7 @@ mod baseline;
 mod fanout;
 mod hotswap;
 mod http;
+mod postgres;
 mod queue;
 mod runtime;
 mod server;
@@ -30,6 +31,14 @@ pub struct BenchArgs {
     /// Jobs per throughput sample (queue and HTTP scenarios).
     #[arg(long, default_value_t = 2000, value_parser = at_least_one())]
     pub jobs: usize,
+    /// The PostgreSQL server the `postgres` scenario creates its databases
+    /// on (and drops them after), as a URL to a database it may connect to.
+    #[arg(
+        long,
+        env = "JOBHOST_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub database_url: String,
 }
 
 /// A median of no samples is no figure.
@@ -59,6 +68,10 @@ pub enum Scenario {
     SseFanout,
     /// Activating a new plugin version while jobs stream in.
     HotSwap,
+    /// The queue on PostgreSQL: 1, 2 and 3 hosts on one database, and a
+    /// forced cancel across hosts. Not in the default set: it needs a
+    /// server (`--database-url`).
+    Postgres,
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
@@ -96,6 +109,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
             Scenario::Startup => startup::startup(&args).await?,
             Scenario::SseFanout => fanout::sse_fanout(&args).await?,
             Scenario::HotSwap => hotswap::hot_swap(&args).await?,
+            Scenario::Postgres => postgres::postgres_throughput(&args).await?,
         }
         println!();
     }

@@ -67,7 +67,8 @@ impl SharedCache {
     }
 }
 
-/// A queue on a fresh database, sharing `compiled` with the other samples.
+/// A queue on a fresh SQLite database, sharing `compiled` with the other
+/// samples.
 async fn start(
     args: &BenchArgs,
     compiled: &SharedCache,
@@ -75,9 +76,27 @@ async fn start(
     durability: Durability,
 ) -> anyhow::Result<Bench> {
     let dir = tempfile::tempdir()?;
+    let storage = jobhost::storage::open_sqlite(&dir.path().join("bench.db"), durability)?;
+    let (queue, events) = start_on(args, compiled, storage.clone(), concurrency, true).await?;
+    Ok(Bench {
+        queue,
+        storage,
+        events,
+        _dir: dir,
+    })
+}
+
+/// A queue on `storage`, uploading `echo` if `upload` (the first host on a
+/// database), with a subscription to its bus.
+pub(super) async fn start_on(
+    args: &BenchArgs,
+    compiled: &SharedCache,
+    storage: Arc<Storage>,
+    concurrency: usize,
+    upload: bool,
+) -> anyhow::Result<(Queue, Subscription)> {
     let bus = Bus::default();
     let events = bus.subscribe();
-    let storage = jobhost::storage::open_sqlite(&dir.path().join("bench.db"), durability)?;
     let runtime = Arc::new(Runtime::new(RuntimeConfig {
         max_concurrent_runs: concurrency as u32 + 1,
         cache_dir: Some(compiled.dir.path().to_path_buf()),
@@ -92,7 +111,10 @@ async fn start(
     let echo = std::fs::read(args.plugins.join("echo.wasm"))
         .context("reading echo.wasm (see ./bench.sh)")?;
     let hash = jobhost::runtime::content_hash(&echo);
-    plugins.upload("echo", "1.0.0", echo).await?;
+    if upload {
+        plugins.upload("echo", "1.0.0", echo).await?;
+    }
+    plugins.load("echo", "1.0.0").await?;
     if let Some(digest) = storage.artifact_digest(&hash, &engine).await? {
         *compiled.recorded.lock().unwrap() = Some((hash, engine, digest));
     }
@@ -102,12 +124,7 @@ async fn start(
         ..QueueConfig::default()
     };
     let (queue, _) = Queue::start(storage.clone(), plugins, bus, config).await?;
-    Ok(Bench {
-        queue,
-        storage,
-        events,
-        _dir: dir,
-    })
+    Ok((queue, events))
 }
 
 /// A job of `phases` `echo` phases with a trivial payload.
@@ -115,7 +132,7 @@ fn spec(phases: usize) -> JobSpec {
     spec_with(phases, &trivial_payload())
 }
 
-fn spec_with(phases: usize, payload: &Json) -> JobSpec {
+pub(super) fn spec_with(phases: usize, payload: &Json) -> JobSpec {
     JobSpec {
         phases: (0..phases)
             .map(|i| PhaseSpec {
@@ -144,7 +161,7 @@ fn rows_payload(rows: usize) -> Json {
 /// Waits until `count` jobs of this (fresh) queue have completed, seen on
 /// the bus. A receiver that lags behind the bus misses events; from then on
 /// each completion it does see is checked against storage instead.
-async fn completions(
+pub(super) async fn completions(
     events: &mut Subscription,
     storage: &Storage,
     count: usize,

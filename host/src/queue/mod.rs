@@ -572,17 +572,19 @@ impl Queue {
         let token = running.get(id).cloned();
         drop(running);
         match outcome {
-            CancelOutcome::Running => {
+            CancelOutcome::Running { on_this_host } => {
                 // A job a worker claimed as its previous one completed is
                 // in `running` a moment after that commit: wait for it.
                 let token = match token {
                     Some(token) => Some(token),
-                    None => self.slot_of(id).await,
+                    None if on_this_host => self.slot_of(id).await,
+                    None => None,
                 };
                 match token {
                     // This process runs it: its worker stops the phase and
                     // records the cancel.
                     Some(token) => self.stop_and_wait(id, token).await,
+                    // Another host's worker does.
                     None => self.cancel_elsewhere(id).await,
                 }
             }

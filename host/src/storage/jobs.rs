@@ -185,8 +185,11 @@ pub enum Completion {
 pub enum CancelOutcome {
     /// The job was pending and is now cancelled, with all its phases.
     Cancelled,
-    /// The job is running: only its worker can stop it.
-    Running,
+    /// The job is running: only its worker can stop it, on this host or,
+    /// on a database shared by several hosts, on another.
+    Running {
+        on_this_host: bool,
+    },
     /// The job had already finished; nothing changed.
     AlreadyFinished(JobStatus),
     NotFound,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jobhost::model::{EventKind, JobStatus};
 use jobhost::queue::Cancelled;
-use jobhost::storage::{Guarded, NewJob, PgOptions};
+use jobhost::storage::{CancelOutcome, Guarded, NewJob, PgOptions};
 use serde_json::json;
 
 use crate::conformance::{done, job as stored_job, running, with_echo};
@@ -69,6 +69,16 @@ async fn a_cancel_sent_to_one_host_stops_a_phase_running_on_another() {
         .collect();
     assert_eq!(runners.len(), 1);
     assert_eq!(runners[0].running, std::slice::from_ref(&submitted.id));
+    // Each host knows whose worker runs it.
+    for (host, here) in [(&a, false), (&b, true)] {
+        assert_eq!(
+            host.storage
+                .cancel_pending_job(&submitted.id, 0)
+                .await
+                .unwrap(),
+            CancelOutcome::Running { on_this_host: here }
+        );
+    }
 
     assert_eq!(
         a.queue.cancel(&submitted.id).await.unwrap(),

@@ -40,7 +40,14 @@ pub(super) async fn cancel_if_pending(
             cancel(tx, scope, job_id, JobStatus::Pending, now).await?;
             CancelOutcome::Cancelled
         }
-        Some(JobStatus::Running) => CancelOutcome::Running,
+        Some(JobStatus::Running) => {
+            let owner = query_opt(tx, "SELECT owner FROM jobs WHERE id = $1", &[&job_id])
+                .await?
+                .and_then(|row| row.get::<_, Option<String>>(0));
+            CancelOutcome::Running {
+                on_this_host: owner.as_deref() == Some(&*scope.host),
+            }
+        }
         Some(status) => CancelOutcome::AlreadyFinished(status),
     })
 }

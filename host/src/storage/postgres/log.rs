@@ -14,7 +14,7 @@
 //! stream: `idle_in_transaction_session_timeout` bounds a frozen one.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,7 +22,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{PgStore, Tx, WriteScope, execute, query, query_one};
+use super::{PgStore, Tx, WriteScope, query, query_one};
 use crate::model::{Event, EventBody, EventKind, NewEvent};
 use crate::storage::{AppendWaker, EventFilter, EventStore, Result, StorageError};
 
@@ -44,25 +44,27 @@ pub(super) async fn insert(
     at: i64,
 ) -> Result<()> {
     let data = event.body.data_json();
-    execute(
+    let row = query_one(
         tx,
-        "INSERT INTO events (kind, job_id, at, data) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO events (kind, job_id, at, data) VALUES ($1, $2, $3, $4)
+         RETURNING xid::text::bigint",
         &[&event.kind().name(), &event.job_id, &at, &data],
     )
     .await?;
-    scope.events = true;
+    scope.xid = Some(row.get(0));
     Ok(())
 }
 
-/// What this host knows of the log: its commits that await positions, the
-/// last position it saw given, and who to wake when positions are given.
-/// A write returns once its events have positions (as on SQLite, where the
-/// commit gives them): what it wrote is readable, and readers were woken.
+/// What this host knows of the log: how far positions have been given,
+/// what its writes wait for, the last position it saw given, and who to
+/// wake when positions are given. A write returns once its events have
+/// positions (as on SQLite, where the commit gives them): what it wrote is
+/// readable, and readers were woken.
 pub(super) struct Log {
-    /// Local commits that appended events, counted: each one's ticket.
-    appended: AtomicU64,
-    /// The highest ticket whose events all have positions.
-    stamped: watch::Sender<u64>,
+    /// Every event of a transaction below this id has its position.
+    stamped_below: watch::Sender<i64>,
+    /// The highest transaction id a local write waits for.
+    wanted: AtomicI64,
     /// The last position this host has seen given.
     last: AtomicI64,
     wake_stamper: Notify,
@@ -72,8 +74,8 @@ pub(super) struct Log {
 impl Default for Log {
     fn default() -> Self {
         Log {
-            appended: AtomicU64::new(0),
-            stamped: watch::Sender::new(0),
+            stamped_below: watch::Sender::new(0),
+            wanted: AtomicI64::new(0),
             last: AtomicI64::new(0),
             wake_stamper: Notify::new(),
             wakers: Mutex::new(Vec::new()),
@@ -82,13 +84,16 @@ impl Default for Log {
 }
 
 impl Log {
-    /// Called after a commit that appended events: waits until they have
-    /// positions (at most [`STAMP_WAIT`]).
-    pub(super) async fn appended(&self) {
-        let ticket = self.appended.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut stamped = self.stamped.subscribe();
+    /// Called after transaction `xid` committed events: waits until they
+    /// have positions (at most [`STAMP_WAIT`]).
+    pub(super) async fn appended(&self, xid: i64) {
+        let mut stamped = self.stamped_below.subscribe();
+        if *stamped.borrow() > xid {
+            return;
+        }
+        self.wanted.fetch_max(xid, Ordering::SeqCst);
         self.wake_stamper.notify_one();
-        let waited = tokio::time::timeout(STAMP_WAIT, stamped.wait_for(|s| *s >= ticket)).await;
+        let waited = tokio::time::timeout(STAMP_WAIT, stamped.wait_for(|below| *below > xid)).await;
         if waited.is_err() {
             tracing::debug!(
                 "a write's events still wait for positions: the watermark is held back"
@@ -111,23 +116,26 @@ impl Log {
     }
 }
 
-/// Stamps until nothing committed is left without a position, pausing
-/// (doubling from 1 ms) while an older transaction holds the watermark
-/// back. Each round covers the local commits made before it started.
+/// Gives positions until every local write waiting has its own: again at
+/// once while that makes progress, and after a pause (doubling from 1 ms)
+/// while an older transaction, anywhere, holds the watermark back.
 async fn stamp(db: &impl GenericClient, log: &Log, stop: &CancellationToken) -> Result<()> {
     let mut pause = Duration::from_millis(1);
     loop {
-        let before = log.appended.load(Ordering::SeqCst);
-        let row = query_one(db, "SELECT last, waiting FROM jobhost_stamp_events()", &[]).await?;
+        let row = query_one(db, "SELECT last, below FROM jobhost_stamp_events()", &[]).await?;
         log.saw(row.get(0));
-        let waiting: bool = row.get(1);
-        if !waiting {
-            log.stamped.send_if_modified(|stamped| {
-                let advanced = before > *stamped;
-                *stamped = (*stamped).max(before);
-                advanced
-            });
+        let below: i64 = row.get(1);
+        let advanced = log.stamped_below.send_if_modified(|stamped| {
+            let advanced = below > *stamped;
+            *stamped = (*stamped).max(below);
+            advanced
+        });
+        if below > log.wanted.load(Ordering::SeqCst) {
             return Ok(());
+        }
+        if advanced {
+            pause = Duration::from_millis(1);
+            continue;
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),

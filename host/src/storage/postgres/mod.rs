@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use schema::VERSION as SCHEMA_VERSION;
 
-use crate::storage::{AppendWaker, ErrorClass, Result, SignalHandler, StorageError};
+use crate::storage::{AppendWaker, Durability, ErrorClass, Result, SignalHandler, StorageError};
 
 /// A write's transaction.
 pub(super) type Tx<'a> = deadpool_postgres::Transaction<'a>;
@@ -63,6 +63,12 @@ pub struct PgOptions {
     pub lease: Duration,
     /// Jobs the host runs at once (shown to operators).
     pub slots: u32,
+    /// `Process`: a commit returns before PostgreSQL flushed it to disk
+    /// (`synchronous_commit = off`): nothing is lost if jobhost crashes,
+    /// and the last moments of commits may be if PostgreSQL or its machine
+    /// does, as on SQLite at this setting. `Full`: every commit is on disk
+    /// first.
+    pub durability: Durability,
 }
 
 impl PgOptions {
@@ -75,6 +81,7 @@ impl PgOptions {
             host_name: "jobhost".to_owned(),
             lease: DEFAULT_LEASE,
             slots: 0,
+            durability: Durability::Full,
         }
     }
 
@@ -193,8 +200,13 @@ async fn session(options: &PgOptions) -> Result<(tokio_postgres::Config, tls::Co
         mode => target.connector(mode)?,
     };
     let mut config = connector.configure(&target.config);
+    let synchronous_commit = match options.durability {
+        Durability::Process => "off",
+        Durability::Full => "on",
+    };
     config.options(format!(
-        "-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}"
+        "-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT} \
+         -c synchronous_commit={synchronous_commit}"
     ));
     config.application_name("jobhost");
     Ok((config, connector))
@@ -275,8 +287,9 @@ async fn execute(
 pub(super) struct WriteScope {
     /// The host's id: the owner of what it claims.
     pub(super) host: Arc<str>,
-    /// It appended events: the stamper has positions to give.
-    pub(super) events: bool,
+    /// Its transaction's id, once it appended events: the stamper has
+    /// positions to give them.
+    pub(super) xid: Option<i64>,
     /// It added a webhook delivery.
     pub(super) webhook: bool,
     /// It made jobs due (enqueued, retried, released): other hosts are
@@ -373,7 +386,7 @@ impl PgStore {
         let tx = client.transaction().await?;
         let mut scope = WriteScope {
             host: self.host.clone(),
-            events: false,
+            xid: None,
             webhook: false,
             jobs_due: false,
         };
@@ -388,8 +401,8 @@ impl PgStore {
         if scope.webhook {
             self.webhook_added.notify_one();
         }
-        if scope.events {
-            self.log.appended().await;
+        if let Some(xid) = scope.xid {
+            self.log.appended(xid).await;
         }
         Ok(result)
     }

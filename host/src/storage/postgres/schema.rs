@@ -122,33 +122,40 @@ pub(super) const MIGRATIONS: &[&str] = &[
     -- newest events are deleted with their job.
     CREATE TABLE event_positions (last BIGINT NOT NULL);
     INSERT INTO event_positions VALUES (0);
-    CREATE FUNCTION jobhost_stamp_events(OUT last BIGINT, OUT waiting BOOLEAN)
+    -- Gives positions; returns the last one given and `below`: every
+    -- event of a transaction with a lower id than it has its position.
+    CREATE FUNCTION jobhost_stamp_events(OUT last BIGINT, OUT below BIGINT)
     LANGUAGE plpgsql AS $$
     DECLARE
+        horizon xid8;
         stamped BIGINT;
+        highest xid8;
     BEGIN
         -- One stamper at a time, on any host; the statements below take
         -- their snapshots after the lock, so they see the previous
         -- stamper's positions.
         PERFORM pg_advisory_xact_lock(7667050837011394562);
+        -- No transaction below this is still running, now or later.
+        horizon := pg_snapshot_xmin(pg_current_snapshot());
         SELECT p.last INTO last FROM event_positions p;
         WITH batch AS (
-            SELECT id, row_number() OVER (ORDER BY xid, id) AS n
+            SELECT id, xid, row_number() OVER (ORDER BY xid, id) AS n
             FROM events
-            WHERE seq IS NULL AND xid < pg_snapshot_xmin(pg_current_snapshot())
+            WHERE seq IS NULL AND xid < horizon
             ORDER BY xid, id
             LIMIT 10000
+        ), stamped_rows AS (
+            UPDATE events SET seq = last + batch.n FROM batch
+            WHERE events.id = batch.id RETURNING batch.xid
         )
-        UPDATE events SET seq = last + batch.n FROM batch WHERE events.id = batch.id;
-        GET DIAGNOSTICS stamped = ROW_COUNT;
+        SELECT count(*), max(stamped_rows.xid) INTO stamped, highest FROM stamped_rows;
         IF stamped > 0 THEN
             last := last + stamped;
             UPDATE event_positions SET last = jobhost_stamp_events.last;
             PERFORM pg_notify('jobhost_log', last::text);
         END IF;
-        -- Committed events still without a position: their transaction
-        -- is above the watermark (or the batch was full).
-        waiting := EXISTS (SELECT 1 FROM events WHERE seq IS NULL);
+        -- A full batch may have left part of its last transaction's events.
+        below := (CASE WHEN stamped = 10000 THEN highest ELSE horizon END)::text::bigint;
     END
     $$;
     CREATE TABLE webhook_deliveries (

@@ -22,7 +22,8 @@ pub(super) fn cancel_if_pending(
             cancel(conn, log, job_id, JobStatus::Pending, now)?;
             CancelOutcome::Cancelled
         }
-        Some(JobStatus::Running) => CancelOutcome::Running,
+        // One host owns the database.
+        Some(JobStatus::Running) => CancelOutcome::Running { on_this_host: true },
         Some(status) => CancelOutcome::AlreadyFinished(status),
     })
 }

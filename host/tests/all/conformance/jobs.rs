@@ -310,7 +310,7 @@ pub async fn cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker(b
     );
     assert_eq!(
         store.cancel_pending_job("busy", 3_000).await.unwrap(),
-        CancelOutcome::Running
+        CancelOutcome::Running { on_this_host: true }
     );
     assert_eq!(
         store.cancel_pending_job("nope", 3_000).await.unwrap(),
