@@ -21,34 +21,43 @@ const SCENARIOS: [&str; 10] = [
     "## Hot swap under load",
 ];
 
-#[tokio::test]
-async fn every_scenario_runs() {
+/// Runs `jobhost bench` with one sample of 50 jobs and `args`, with the
+/// test plugins; its output, once it succeeded within `limit` (a scenario
+/// that never finishes fails the test instead of hanging it).
+async fn bench(args: &[&str], limit: Duration) -> String {
     let plugins = Path::new(plugin_artifacts::ECHO).parent().unwrap();
     let bench = Command::new(env!("CARGO_BIN_EXE_jobhost"))
-        .args(["bench", "--samples", "1", "--jobs", "50", "--plugins"])
+        .args(["bench", "--samples", "1", "--jobs", "50"])
+        .args(args)
+        .arg("--plugins")
         .arg(plugins)
         .kill_on_drop(true)
         .output();
-    // A scenario that never finishes fails the test instead of hanging it
-    // (the whole bench takes about 30 s here).
-    let output = tokio::time::timeout(Duration::from_secs(600), bench)
+    let output = tokio::time::timeout(limit, bench)
         .await
-        .expect("the bench did not finish in 10 minutes")
+        .unwrap_or_else(|_| panic!("the bench did not finish in {limit:?}"))
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let mut rest = stdout.as_ref();
+    assert!(!stdout.contains("NaN"), "{stdout}");
+    stdout
+}
+
+#[tokio::test]
+async fn every_scenario_runs() {
+    // The whole bench takes about 30 s here.
+    let stdout = bench(&[], Duration::from_secs(600)).await;
+    let mut rest = stdout.as_str();
     for heading in SCENARIOS {
         let at = rest
             .find(heading)
             .unwrap_or_else(|| panic!("no `{heading}` (in order) in:\n{stdout}"));
         rest = &rest[at..];
     }
-    assert!(!stdout.contains("NaN"), "{stdout}");
     // The hot swap's row: activation delay, jobs submitted, jobs failed.
     let hot_swap = rest.lines().rfind(|line| line.starts_with("| ")).unwrap();
     assert!(
@@ -64,35 +73,10 @@ async fn the_postgres_scenario_runs() {
     if !crate::test_database::available().await {
         return;
     }
-    let plugins = Path::new(plugin_artifacts::ECHO).parent().unwrap();
-    let bench = Command::new(env!("CARGO_BIN_EXE_jobhost"))
-        .args([
-            "bench",
-            "--only",
-            "postgres",
-            "--samples",
-            "1",
-            "--jobs",
-            "50",
-        ])
-        .arg("--database-url")
-        .arg(crate::test_database::admin_url())
-        .arg("--plugins")
-        .arg(plugins)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(300), bench)
-        .await
-        .expect("the bench did not finish in 5 minutes")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let server = crate::test_database::admin_url();
+    let args = ["--only", "postgres", "--database-url", server.as_str()];
+    let stdout = bench(&args, Duration::from_secs(300)).await;
     for heading in ["## PostgreSQL", "## Forced cancel across hosts"] {
         assert!(stdout.contains(heading), "no `{heading}` in:\n{stdout}");
     }
-    assert!(!stdout.contains("NaN"), "{stdout}");
 }

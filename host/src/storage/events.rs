@@ -28,6 +28,28 @@ impl EventFilter {
     }
 }
 
+/// An event as a backend stores it (kind by name, payload as JSON text),
+/// read back.
+pub(super) fn stored_event(
+    seq: i64,
+    kind: &str,
+    job_id: Option<String>,
+    at: i64,
+    data: &str,
+) -> Result<Event> {
+    let kind = EventKind::from_name(kind)
+        .ok_or_else(|| super::StorageError::corrupt(format!("unknown event kind `{kind}`")))?;
+    let body = crate::model::EventBody::parse(kind, data)
+        .map_err(|e| super::StorageError::corrupt(format!("event {seq}: {e}")))?;
+    Ok(Event {
+        seq,
+        job_id,
+        at,
+        body,
+        live: false,
+    })
+}
+
 #[async_trait]
 pub trait EventStore: Send + Sync {
     /// Events after the sequence number `after` that match `filter`,

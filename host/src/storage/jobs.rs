@@ -399,3 +399,39 @@ pub(super) fn stopped_usage(
         .transpose()
         .map_err(|e| super::StorageError::corrupt(format!("usage: {e}")))
 }
+
+impl NewPhase {
+    /// What creating a job answers when this phase's plugin (or pinned
+    /// version) is not stored.
+    pub(super) fn unknown_plugin(&self) -> CreateOutcome {
+        let what = match &self.version {
+            Some(v) => format!("plugin `{}` has no version `{v}`", self.plugin),
+            None => format!("no plugin named `{}` is uploaded", self.plugin),
+        };
+        CreateOutcome::UnknownPlugin(format!("phase `{}`: {what}", self.name))
+    }
+}
+
+/// Claimed jobs in the order a claim hands them out: highest priority
+/// first, then earliest `run_at` (a backend's claim may return them in any
+/// order).
+pub(super) fn in_claim_order(jobs: &mut [Claimed]) {
+    jobs.sort_by(|a, b| {
+        let (a, b) = (&a.job, &b.job);
+        (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id))
+    });
+}
+
+impl JobPage {
+    /// A page of `limit` jobs from a listing that read up to `limit + 1`
+    /// (the one more says there is a next page).
+    pub(super) fn of(mut jobs: Vec<JobSummary>, limit: usize) -> JobPage {
+        let next_cursor = if jobs.len() > limit {
+            jobs.truncate(limit);
+            jobs.last().map(|j| j.id.clone())
+        } else {
+            None
+        };
+        JobPage { jobs, next_cursor }
+    }
+}

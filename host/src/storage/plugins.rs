@@ -33,6 +33,26 @@ impl Default for PluginQuota {
     }
 }
 
+impl NewPluginVersion {
+    /// Whether storing this version, beside `versions` versions of `bytes`
+    /// bytes in all, would pass its quota; what it answers if so.
+    pub(super) fn over_quota(&self, versions: u64, bytes: u64) -> Option<PutOutcome> {
+        let quota = self.quota;
+        let what = if versions >= quota.max_versions {
+            format!("{versions} plugin versions are stored, the limit")
+        } else if bytes + self.component.len() as u64 > quota.max_bytes {
+            format!(
+                "{bytes} bytes of plugins are stored; {} more would pass the limit of {}",
+                self.component.len(),
+                quota.max_bytes
+            )
+        } else {
+            return None;
+        };
+        Some(PutOutcome::OverQuota { what })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PutOutcome {
     /// Stored; `activated` when it became the active version (the first one).

@@ -34,16 +34,7 @@ pub(super) async fn create(
         };
         match version {
             Some(version) => pinned.push(version),
-            None => {
-                let what = match &phase.version {
-                    Some(v) => format!("plugin `{}` has no version `{v}`", phase.plugin),
-                    None => format!("no plugin named `{}` is uploaded", phase.plugin),
-                };
-                return Ok(CreateOutcome::UnknownPlugin(format!(
-                    "phase `{}`: {what}",
-                    phase.name
-                )));
-            }
+            None => return Ok(phase.unknown_plugin()),
         }
     }
     let backoff = serde_json::to_string(&new.backoff).map_err(|e| corrupt("backoff", e))?;
@@ -153,11 +144,8 @@ pub(super) async fn claim(
         };
         jobs.push(Claimed { job, lease });
     }
-    // RETURNING has no order: hand them out highest priority first.
-    jobs.sort_by(|a, b| {
-        let (a, b) = (&a.job, &b.job);
-        (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id))
-    });
+    // RETURNING has no order.
+    crate::storage::jobs::in_claim_order(&mut jobs);
     Ok(jobs)
 }
 

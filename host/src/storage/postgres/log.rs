@@ -23,8 +23,9 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{PgStore, Tx, WriteScope, query, query_one};
-use crate::model::{Event, EventBody, EventKind, NewEvent};
-use crate::storage::{AppendWaker, EventFilter, EventStore, Result, StorageError};
+use crate::model::{Event, NewEvent};
+use crate::storage::events::stored_event;
+use crate::storage::{AppendWaker, EventFilter, EventStore, Result};
 
 /// How often the stamper looks for events with no local commit to wake it
 /// (other hosts' commits, until it listens for them).
@@ -176,21 +177,8 @@ async fn read_events(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<Event>> {
     let rows = query(db, sql, params).await?;
-    rows.into_iter()
-        .map(|row| {
-            let (seq, kind): (i64, &str) = (row.get(0), row.get(1));
-            let kind = EventKind::from_name(kind)
-                .ok_or_else(|| StorageError::corrupt(format!("unknown event kind `{kind}`")))?;
-            let body = EventBody::parse(kind, row.get(4))
-                .map_err(|e| StorageError::corrupt(format!("event {seq}: {e}")))?;
-            Ok(Event {
-                seq,
-                job_id: row.get(2),
-                at: row.get(3),
-                body,
-                live: false,
-            })
-        })
+    rows.iter()
+        .map(|row| stored_event(row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)))
         .collect()
 }
 

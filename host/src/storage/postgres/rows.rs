@@ -205,13 +205,7 @@ pub(super) async fn list(db: &impl GenericClient, filter: &JobFilter) -> Result<
         job.phases = phases_of(db, &job.id, Listed::Summary).await?;
         jobs.push(JobSummary::from(job));
     }
-    let next_cursor = if jobs.len() > limit {
-        jobs.truncate(limit);
-        jobs.last().map(|j| j.id.clone())
-    } else {
-        None
-    };
-    Ok(JobPage { jobs, next_cursor })
+    Ok(JobPage::of(jobs, limit))
 }
 
 pub(super) async fn count(

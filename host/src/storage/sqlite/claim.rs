@@ -128,11 +128,8 @@ pub(super) fn claim(
         };
         jobs.push(Claimed { job, lease });
     }
-    // RETURNING has no order: hand them out highest priority first.
-    jobs.sort_by(|a, b| {
-        let (a, b) = (&a.job, &b.job);
-        (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id))
-    });
+    // RETURNING has no order.
+    crate::storage::jobs::in_claim_order(&mut jobs);
     Ok(jobs)
 }
 

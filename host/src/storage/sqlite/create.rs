@@ -37,16 +37,7 @@ pub(super) fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Res
         };
         match version {
             Some(version) => pinned.push(version),
-            None => {
-                let what = match &phase.version {
-                    Some(v) => format!("plugin `{}` has no version `{v}`", phase.plugin),
-                    None => format!("no plugin named `{}` is uploaded", phase.plugin),
-                };
-                return Ok(CreateOutcome::UnknownPlugin(format!(
-                    "phase `{}`: {what}",
-                    phase.name
-                )));
-            }
+            None => return Ok(phase.unknown_plugin()),
         }
     }
     conn.prepare_cached(

@@ -6,7 +6,8 @@ use rusqlite::{Connection, params};
 use async_trait::async_trait;
 
 use super::SqliteStore;
-use crate::model::{Event, EventBody, EventKind, NewEvent};
+use crate::model::{Event, EventKind, NewEvent};
+use crate::storage::events::stored_event;
 use crate::storage::{AppendWaker, EventFilter, EventStore, Result, StorageError};
 
 /// Appends an event.
@@ -71,17 +72,7 @@ fn read_events(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> R
     let mut events = Vec::new();
     for row in rows {
         let (seq, kind, job_id, at, data) = row?;
-        let kind = EventKind::from_name(&kind)
-            .ok_or_else(|| StorageError::corrupt(format!("unknown event kind `{kind}`")))?;
-        let body = EventBody::parse(kind, &data)
-            .map_err(|e| StorageError::corrupt(format!("event {seq}: {e}")))?;
-        events.push(Event {
-            seq,
-            job_id,
-            at,
-            body,
-            live: false,
-        });
+        events.push(stored_event(seq, &kind, job_id, at, &data)?);
     }
     Ok(events)
 }

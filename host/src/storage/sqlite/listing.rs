@@ -36,13 +36,7 @@ pub(super) fn list(conn: &Connection, filter: &JobFilter) -> Result<JobPage> {
         job.phases = phases_where(conn, &job.id, Listed::Summary)?;
         jobs.push(JobSummary::from(job));
     }
-    let next_cursor = if jobs.len() > limit {
-        jobs.truncate(limit);
-        jobs.last().map(|j| j.id.clone())
-    } else {
-        None
-    };
-    Ok(JobPage { jobs, next_cursor })
+    Ok(JobPage::of(jobs, limit))
 }
 
 /// Pending jobs that are due by `now`.

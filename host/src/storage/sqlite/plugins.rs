@@ -42,20 +42,8 @@ fn put(
         [],
         |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
-    let quota = new.quota;
-    if versions as u64 >= quota.max_versions {
-        return Ok(PutOutcome::OverQuota {
-            what: format!("{versions} plugin versions are stored, the limit"),
-        });
-    }
-    if bytes as u64 + new.component.len() as u64 > quota.max_bytes {
-        return Ok(PutOutcome::OverQuota {
-            what: format!(
-                "{bytes} bytes of plugins are stored; {} more would pass the limit of {}",
-                new.component.len(),
-                quota.max_bytes
-            ),
-        });
+    if let Some(refused) = new.over_quota(versions as u64, bytes as u64) {
+        return Ok(refused);
     }
     conn.execute(
         "INSERT OR IGNORE INTO plugins (name, active_version, created_at) VALUES (?1, NULL, ?2)",
