@@ -99,6 +99,8 @@ impl Host {
     /// three quarters of it pass without a renewal, the host is told to
     /// stop its running phases ([`ClusterSignal::LeaseLost`]) before other
     /// hosts may take its jobs over; a later renewal says it holds again.
+    /// The watch runs beside the renewals: one stuck until its timeout
+    /// must not delay it.
     pub(super) async fn heartbeat_loop(
         self,
         pool: Pool,
@@ -106,32 +108,53 @@ impl Host {
         stop: CancellationToken,
     ) {
         let every = self.lease / 4;
-        let mut renewed = tokio::time::Instant::now();
-        let mut lost = false;
-        loop {
-            let fence_at = renewed + self.lease * 3 / 4;
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-                _ = tokio::time::sleep_until(fence_at), if !lost => {
-                    lost = true;
-                    signals.emit(ClusterSignal::LeaseLost);
-                    continue;
+        let (renewed, renewals) = tokio::sync::watch::channel(tokio::time::Instant::now());
+        let renew = async {
+            loop {
+                tokio::time::sleep(every).await;
+                // Counted from before it was sent: the database may have
+                // taken it at any moment since.
+                let sent = tokio::time::Instant::now();
+                match self.renew(&pool, every).await {
+                    Ok(()) => {
+                        let _ = renewed.send(sent);
+                    }
+                    Err(error) => tracing::warn!(%error, "renewing this host's lease failed"),
                 }
             }
-            // A renewal is counted from before it was sent: the database
-            // may have taken it at any moment since.
-            let sent = tokio::time::Instant::now();
-            match self.renew(&pool, every).await {
-                Ok(()) => {
-                    renewed = sent;
-                    if lost {
-                        lost = false;
-                        tracing::info!("this host renewed its lease again");
-                        signals.emit(ClusterSignal::LeaseHeld);
-                    }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            () = renew => {}
+            () = watch_lease(renewals, self.lease * 3 / 4, &signals) => {}
+        }
+    }
+}
+
+/// Says [`ClusterSignal::LeaseLost`] once `fence_after` passes without a
+/// renewal, and [`ClusterSignal::LeaseHeld`] at the next one.
+async fn watch_lease(
+    mut renewals: tokio::sync::watch::Receiver<tokio::time::Instant>,
+    fence_after: Duration,
+    signals: &Signals,
+) {
+    let mut lost = false;
+    loop {
+        let deadline = *renewals.borrow_and_update() + fence_after;
+        tokio::select! {
+            changed = renewals.changed() => {
+                if changed.is_err() {
+                    return;
                 }
-                Err(error) => tracing::warn!(%error, "renewing this host's lease failed"),
+                if lost {
+                    lost = false;
+                    tracing::info!("this host renewed its lease again");
+                    signals.emit(ClusterSignal::LeaseHeld);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline), if !lost => {
+                lost = true;
+                signals.emit(ClusterSignal::LeaseLost);
             }
         }
     }

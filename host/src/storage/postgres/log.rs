@@ -22,7 +22,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{PgStore, Tx, WriteScope, query, query_one};
+use super::{PgStore, Tx, query, query_one};
 use crate::model::{Event, NewEvent};
 use crate::storage::events::stored_event;
 use crate::storage::{AppendWaker, EventFilter, EventStore, Result};
@@ -37,23 +37,33 @@ const STAMP_WAIT: Duration = Duration::from_secs(1);
 /// Longest pause between stamps while the watermark is held back.
 const WATERMARK_RETRY: Duration = Duration::from_millis(50);
 
-/// Appends an event in the write's transaction, without a position.
-pub(super) async fn insert(
-    tx: &Tx<'_>,
-    scope: &mut WriteScope,
-    event: NewEvent,
-    at: i64,
-) -> Result<()> {
-    let data = event.body.data_json();
-    let row = query_one(
+/// Appends the events a write emitted, in one statement at the end of its
+/// transaction, in the order it emitted them, without positions; returns
+/// the transaction's id.
+pub(super) async fn append(tx: &Tx<'_>, events: Vec<(NewEvent, i64)>) -> Result<i64> {
+    let mut kinds = Vec::with_capacity(events.len());
+    let (mut jobs, mut ats, mut data) = (Vec::new(), Vec::new(), Vec::new());
+    for (event, at) in events {
+        kinds.push(event.kind().name());
+        data.push(event.body.data_json());
+        jobs.push(event.job_id);
+        ats.push(at);
+    }
+    let rows = query(
         tx,
-        "INSERT INTO events (kind, job_id, at, data) VALUES ($1, $2, $3, $4)
+        "INSERT INTO events (kind, job_id, at, data)
+         SELECT kind, job_id, at, data
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])
+              WITH ORDINALITY AS e(kind, job_id, at, data, n)
+         ORDER BY n
          RETURNING xid::text::bigint",
-        &[&event.kind().name(), &event.job_id, &at, &data],
+        &[&kinds, &jobs, &ats, &data],
     )
     .await?;
-    scope.xid = Some(row.get(0));
-    Ok(())
+    let first = rows
+        .first()
+        .ok_or_else(|| crate::storage::StorageError::corrupt("no event was appended"))?;
+    Ok(first.get(0))
 }
 
 /// What this host knows of the log: how far positions have been given,

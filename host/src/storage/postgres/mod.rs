@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use schema::VERSION as SCHEMA_VERSION;
 
+use crate::model::NewEvent;
 use crate::storage::{AppendWaker, Durability, ErrorClass, Result, SignalHandler, StorageError};
 
 /// A write's transaction.
@@ -287,14 +288,21 @@ async fn execute(
 pub(super) struct WriteScope {
     /// The host's id: the owner of what it claims.
     pub(super) host: Arc<str>,
-    /// Its transaction's id, once it appended events: the stamper has
-    /// positions to give them.
-    pub(super) xid: Option<i64>,
+    /// The events it emitted, with their times: appended together before
+    /// its commit.
+    pub(super) events: Vec<(NewEvent, i64)>,
     /// It added a webhook delivery.
     pub(super) webhook: bool,
     /// It made jobs due (enqueued, retried, released): other hosts are
     /// told, once per transaction however many.
     pub(super) jobs_due: bool,
+}
+
+impl WriteScope {
+    /// Logs an event, in the write's transaction.
+    pub(super) fn emit(&mut self, event: NewEvent, at: i64) {
+        self.events.push((event, at));
+    }
 }
 
 pub struct PgStore {
@@ -386,11 +394,15 @@ impl PgStore {
         let tx = client.transaction().await?;
         let mut scope = WriteScope {
             host: self.host.clone(),
-            xid: None,
+            events: Vec::new(),
             webhook: false,
             jobs_due: false,
         };
         let result = f(&tx, &mut scope).await?;
+        let xid = match scope.events.is_empty() {
+            true => None,
+            false => Some(log::append(&tx, std::mem::take(&mut scope.events)).await?),
+        };
         if scope.jobs_due {
             // Sent at commit; identical notifications of one transaction
             // are sent once.
@@ -401,7 +413,7 @@ impl PgStore {
         if scope.webhook {
             self.webhook_added.notify_one();
         }
-        if let Some(xid) = scope.xid {
+        if let Some(xid) = xid {
             self.log.appended(xid).await;
         }
         Ok(result)

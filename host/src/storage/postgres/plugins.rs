@@ -89,7 +89,7 @@ async fn put(
         content_hash: new.content_hash.clone(),
         size: new.component.len(),
     });
-    super::log::insert(tx, scope, NewEvent::plugin(uploaded), now).await?;
+    scope.emit(NewEvent::plugin(uploaded), now);
     let activated = active_version(tx, &new.name).await?.flatten().is_none();
     if activated {
         set_active(tx, scope, &new.name, &new.version, None, now).await?;
@@ -116,7 +116,8 @@ async fn set_active(
         version: version.to_owned(),
         previous,
     });
-    super::log::insert(tx, scope, NewEvent::plugin(activated), now).await
+    scope.emit(NewEvent::plugin(activated), now);
+    Ok(())
 }
 
 async fn activate(

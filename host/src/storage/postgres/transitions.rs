@@ -28,7 +28,8 @@ pub(super) async fn job_event(
     if body.kind().is_job_terminal() {
         super::webhooks::enqueue(tx, scope, job_id, body.kind(), at).await?;
     }
-    super::log::insert(tx, scope, NewEvent::job(job_id, body), at).await
+    scope.emit(NewEvent::job(job_id, body), at);
+    Ok(())
 }
 
 /// Locks the job's row and says whether it still runs under `lease`; if

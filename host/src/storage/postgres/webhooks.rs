@@ -89,7 +89,8 @@ async fn record(
     }
     match record.settled {
         Some(body) => {
-            super::log::insert(tx, scope, NewEvent::job(&delivery.job_id, body), now).await
+            scope.emit(NewEvent::job(&delivery.job_id, body), now);
+            Ok(())
         }
         None => Ok(()),
     }
