@@ -93,7 +93,6 @@ pub(super) async fn create(
     )
     .await?;
     let job = new.stored(pinned);
-    scope.jobs_due = true;
     job_event(tx, scope, &job.id, EventBody::created(&job), new.created_at).await?;
     Ok(CreateOutcome::Created(job, None))
 }

@@ -27,7 +27,12 @@ impl JobStore for PgStore {
                         let lease = claim_created(tx, scope, &mut job, now).await?;
                         Ok(CreateOutcome::Created(job, Some(lease)))
                     }
-                    (created, _) => Ok(created),
+                    (created, _) => {
+                        // Waiting to be claimed: hosts with free workers
+                        // are told.
+                        scope.jobs_due |= matches!(created, CreateOutcome::Created(..));
+                        Ok(created)
+                    }
                 }
             })
         })

@@ -3,14 +3,21 @@
 //! events each appends. A guard that does not hold changes nothing and
 //! says why.
 
+use super::webhooks::Target;
 use super::{Tx, WriteScope, corrupt, execute, query_opt};
 use crate::model::event::{EndedAttempt, JobCancelled, JobCompleted, PhaseCompleted, PhaseStarted};
-use crate::model::{EventBody, JobStatus, NewEvent, Progress, event};
+use crate::model::{EventBody, EventKind, JobStatus, NewEvent, Progress, event};
 use crate::storage::{AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, Result};
 
 /// The guard every worker write puts on the job's row, with the lease in
 /// `$1` (job id), `$2` (attempt) and `$3` (token).
 const LEASE_HOLDS: &str = "EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease = $3)";
+
+/// The same guard, locking the job's row while it holds (a cancel or a
+/// recovery racing the write waits for its commit), in one statement with
+/// the write: `WITH held AS (…)`.
+const LOCK_IF_HELD: &str = "SELECT 1 FROM jobs
+    WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease = $3 FOR UPDATE";
 
 fn lease_params(lease: &Lease) -> (i32, i64) {
     (lease.attempt as i32, lease.token)
@@ -164,16 +171,20 @@ pub(super) async fn complete_phase(
     lease: &Lease,
     done: &PhaseDone,
 ) -> Result<Guarded<Completion>> {
-    if let Some(refusal) = refusal(hold_lease(tx, lease).await?) {
-        return Ok(refusal);
-    }
     let usage = serde_json::to_string(&done.usage).map_err(|e| corrupt("usage", e))?;
+    let (attempt, token) = lease_params(lease);
     let changed = execute(
         tx,
-        "UPDATE phases SET status = 'completed', output = $3, error = NULL, usage = $4, finished_at = $5
-         WHERE job_id = $1 AND idx = $2 AND status = 'running'",
+        &format!(
+            "WITH held AS ({LOCK_IF_HELD})
+             UPDATE phases SET status = 'completed', output = $5, error = NULL, usage = $6,
+                               finished_at = $7
+             WHERE job_id = $1 AND idx = $4 AND status = 'running' AND EXISTS (SELECT 1 FROM held)"
+        ),
         &[
             &lease.job_id,
+            &attempt,
+            &token,
             &(done.index as i32),
             &done.output.as_str(),
             &usage,
@@ -182,7 +193,7 @@ pub(super) async fn complete_phase(
     )
     .await?;
     if changed == 0 {
-        return Ok(Guarded::Stale);
+        return refused(tx, lease).await;
     }
     let completed = EventBody::PhaseCompleted(PhaseCompleted {
         phase: done.name.clone(),
@@ -216,19 +227,35 @@ pub(super) async fn complete_job(
     now: i64,
 ) -> Result<Guarded<()>> {
     let (attempt, token) = lease_params(lease);
-    let changed = execute(
+    // Returns where its webhook goes: one statement fewer than asking.
+    let completed = query_opt(
         tx,
-        "UPDATE jobs SET status = 'completed', finished_at = $4, error = NULL
-         WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease = $3
-           AND NOT EXISTS (SELECT 1 FROM phases WHERE job_id = $1 AND status <> 'completed')",
+        &format!(
+            "UPDATE jobs SET status = 'completed', finished_at = $4, error = NULL
+             WHERE id = $1 AND status = 'running' AND attempt = $2 AND lease = $3
+               AND NOT EXISTS (SELECT 1 FROM phases WHERE job_id = $1 AND status <> 'completed')
+             RETURNING {}",
+            Target::COLUMNS
+        ),
         &[&lease.job_id, &attempt, &token, &now],
     )
     .await?;
-    if changed == 0 {
+    let Some(completed) = completed else {
         return refused(tx, lease).await;
+    };
+    if let Some(target) = Target::of_row(&completed, 0) {
+        super::webhooks::add(
+            tx,
+            scope,
+            &lease.job_id,
+            EventKind::JobCompleted,
+            target,
+            now,
+        )
+        .await?;
     }
-    let completed = EventBody::JobCompleted(JobCompleted {});
-    job_event(tx, scope, &lease.job_id, completed, now).await?;
+    let body = EventBody::JobCompleted(JobCompleted {});
+    scope.emit(NewEvent::job(&lease.job_id, body), now);
     Ok(Guarded::Applied(()))
 }
 
@@ -270,9 +297,6 @@ pub(super) async fn fail_phase(
     lease: &Lease,
     failed: &PhaseFailed,
 ) -> Result<Guarded<()>> {
-    if let Some(refusal) = refusal(hold_lease(tx, lease).await?) {
-        return Ok(refusal);
-    }
     let retrying = matches!(failed.after, AfterFailure::Retry { .. });
     let usage = failed
         .usage
@@ -280,12 +304,18 @@ pub(super) async fn fail_phase(
         .map(serde_json::to_string)
         .transpose()
         .map_err(|e| corrupt("usage", e))?;
+    let (attempt, token) = lease_params(lease);
     let changed = execute(
         tx,
-        "UPDATE phases SET status = $3, error = $4, usage = $5, finished_at = $6
-         WHERE job_id = $1 AND idx = $2 AND status = 'running'",
+        &format!(
+            "WITH held AS ({LOCK_IF_HELD})
+             UPDATE phases SET status = $5, error = $6, usage = $7, finished_at = $8
+             WHERE job_id = $1 AND idx = $4 AND status = 'running' AND EXISTS (SELECT 1 FROM held)"
+        ),
         &[
             &lease.job_id,
+            &attempt,
+            &token,
             &(failed.index as i32),
             &if retrying { "pending" } else { "failed" },
             &failed.error,
@@ -295,7 +325,7 @@ pub(super) async fn fail_phase(
     )
     .await?;
     if changed == 0 {
-        return Ok(Guarded::Stale);
+        return refused(tx, lease).await;
     }
     let (job_id, attempt, now) = (&lease.job_id, lease.attempt, failed.now);
     record_attempt_error(tx, job_id, attempt, Some(&failed.name), &failed.error, now).await?;

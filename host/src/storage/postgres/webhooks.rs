@@ -12,8 +12,34 @@ use crate::model::{EventKind, NewEvent};
 use crate::storage::webhooks::new_delivery;
 use crate::storage::{AttemptOutcome, Delivery, Result, WebhookOutbox};
 
+/// Where a job's webhook goes, and what its body says of the job.
+pub(super) struct Target {
+    url: String,
+    secret: Option<String>,
+    attempt: u32,
+    created_at: i64,
+    error: Option<String>,
+}
+
+impl Target {
+    /// The columns a statement returns for [`Target::of_row`].
+    pub(super) const COLUMNS: &str = "webhook_url, webhook_secret, attempt, created_at, error";
+
+    /// Reads a row of [`Target::COLUMNS`] at `from`: `None` if the job has
+    /// no webhook.
+    pub(super) fn of_row(row: &tokio_postgres::Row, from: usize) -> Option<Target> {
+        Some(Target {
+            url: row.get::<_, Option<String>>(from)?,
+            secret: row.get(from + 1),
+            attempt: row.get::<_, i32>(from + 2) as u32,
+            created_at: row.get(from + 3),
+            error: row.get(from + 4),
+        })
+    }
+}
+
 /// Adds a delivery for a job that just reached a terminal state, if the job
-/// has a webhook.
+/// has a webhook. Runs inside that transition's transaction.
 pub(super) async fn enqueue(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
@@ -23,28 +49,38 @@ pub(super) async fn enqueue(
 ) -> Result<()> {
     let row = query_opt(
         tx,
-        "SELECT webhook_url, webhook_secret, attempt, created_at, error FROM jobs WHERE id = $1",
+        &format!("SELECT {} FROM jobs WHERE id = $1", Target::COLUMNS),
         &[&job_id],
     )
     .await?;
-    let Some(row) = row else { return Ok(()) };
-    let Some(url) = row.get::<_, Option<String>>(0) else {
-        return Ok(());
-    };
-    let secret: Option<String> = row.get(1);
+    match row.as_ref().and_then(|row| Target::of_row(row, 0)) {
+        Some(target) => add(tx, scope, job_id, kind, target, now).await,
+        None => Ok(()),
+    }
+}
+
+/// Adds the delivery of a job that just ended, to `target`.
+pub(super) async fn add(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    job_id: &str,
+    kind: EventKind,
+    target: Target,
+    now: i64,
+) -> Result<()> {
     let (id, body) = new_delivery(EndedJob {
         job_id,
         kind,
-        attempt: row.get::<_, i32>(2) as u32,
-        error: row.get(4),
-        created_at: row.get(3),
+        attempt: target.attempt,
+        error: target.error,
+        created_at: target.created_at,
         finished_at: now,
     });
     execute(
         tx,
         "INSERT INTO webhook_deliveries (id, job_id, url, secret, event, body, status, next_attempt_at, created_at)
          VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)",
-        &[&id, &job_id, &url, &secret, &kind.name(), &body, &now],
+        &[&id, &job_id, &target.url, &target.secret, &kind.name(), &body, &now],
     )
     .await?;
     scope.webhook = true;
