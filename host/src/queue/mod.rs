@@ -21,10 +21,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::events::Bus;
+use crate::events::{Bus, KindSet, Topic};
 use crate::metrics::Metrics;
 use crate::model::time::now_ms;
-use crate::model::{Event, EventBody, Job, JobSpec, JobStatus};
+use crate::model::{Event, EventBody, EventKind, Job, JobSpec, JobStatus};
 use crate::plugins::PluginRegistry;
 use crate::storage::{
     AfterFailure, CancelOutcome, Claimed, ClusterSignal, CreateOutcome, DeleteOutcome, EventFilter,
@@ -229,25 +229,28 @@ impl Shared {
 /// wait for it on every host. Where the upload happened, it is loaded
 /// already.
 async fn compile_uploads(shared: Arc<Shared>) {
-    let mut events = shared.bus.subscribe();
+    // Batches with an upload only: job events do not wake this task.
+    let topic = Topic::Kinds(KindSet::of(&[EventKind::PluginUploaded]));
+    let mut batches = shared.bus.subscribe_batches(topic);
     loop {
-        let event = tokio::select! {
-            event = events.recv() => event,
+        let batch = tokio::select! {
+            batch = batches.recv() => batch,
             () = shared.draining.cancelled() => return,
         };
-        match event {
-            Ok(event) => {
-                if let EventBody::PluginUploaded(uploaded) = &event.body
-                    && let Err(error) = shared
-                        .plugins
-                        .load(&uploaded.plugin, &uploaded.version)
-                        .await
-                {
-                    tracing::warn!(plugin = %uploaded.plugin, version = %uploaded.version, %error, "compiling an uploaded plugin failed");
-                }
-            }
-            Err(broadcast::error::RecvError::Lagged(_)) => {}
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
+        };
+        for event in batch.events() {
+            if let EventBody::PluginUploaded(uploaded) = &event.body
+                && let Err(error) = shared
+                    .plugins
+                    .load(&uploaded.plugin, &uploaded.version)
+                    .await
+            {
+                tracing::warn!(plugin = %uploaded.plugin, version = %uploaded.version, %error, "compiling an uploaded plugin failed");
+            }
         }
     }
 }
