@@ -334,3 +334,69 @@ async fn a_host_that_cannot_renew_its_lease_stops_its_phases_in_time() {
     assert_eq!(finished.status, JobStatus::Completed);
     assert_eq!(finished.attempt, 2);
 }
+
+/// A hot swap on one host reaches every host at once: jobs submitted to
+/// any host after the activation pin the new version, and no job fails
+/// across the swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_on_one_host_pins_new_jobs_everywhere() {
+    let Some((a, mut b)) = two_hosts().await else {
+        return;
+    };
+    a.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    a.upload("echo", "2.0.0", plugin_artifacts::ECHO).await;
+    let before: Vec<_> = futures::future::join_all((0..10).map(|_| a.enqueue(echo_job(2)))).await;
+
+    a.plugins.activate("echo", "2.0.0").await.unwrap();
+    let mut after = Vec::new();
+    for n in 0..10 {
+        let host = if n % 2 == 0 { &a } else { &b };
+        after.push(host.enqueue(echo_job(2)).await);
+    }
+
+    for job in &after {
+        assert!(
+            job.phases.iter().all(|phase| phase.version == "2.0.0"),
+            "{job:?}"
+        );
+    }
+    for job in before.iter().chain(&after) {
+        let finished = b.wait_until_finished(&job.id).await;
+        assert_eq!(finished.status, JobStatus::Completed, "{finished:?}");
+    }
+}
+
+/// A database whose schema is newer than this build's is refused at
+/// start, saying so: a rolling upgrade never runs old code on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused() {
+    if !crate::fixture::postgres::available().await {
+        return;
+    }
+    let dir = DataDir::new(Backend::Postgres).await;
+    let options = PgOptions::new(dir.database_url().unwrap());
+    jobhost::storage::open_postgres(&options)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let (admin, connection) =
+        tokio_postgres::connect(&dir.database_url().unwrap(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute("UPDATE jobhost_schema SET version = 999")
+        .await
+        .unwrap();
+    let refused = jobhost::storage::open_postgres(&options)
+        .await
+        .err()
+        .expect("a newer schema is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("schema version 999, newer than this jobhost knows"),
+        "{refused}"
+    );
+}
