@@ -34,6 +34,8 @@ pub struct Metrics {
     pub jobs: Family<StatusLabel, Gauge>,
     pub queue_depth: Gauge,
     pub running_jobs: Gauge,
+    pub log_backlog: Gauge,
+    pub log_lag_ms: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,6 +78,18 @@ impl Default for Metrics {
             "Jobs this process is running",
             running_jobs.clone(),
         );
+        let log_backlog = Gauge::default();
+        registry.register(
+            "event_log_backlog",
+            "Committed events not yet in the log's order (PostgreSQL: held back by an open transaction)",
+            log_backlog.clone(),
+        );
+        let log_lag_ms = Gauge::default();
+        registry.register(
+            "event_log_lag_milliseconds",
+            "How long the oldest of them has waited",
+            log_lag_ms.clone(),
+        );
         Metrics {
             registry,
             phase_duration,
@@ -84,6 +98,8 @@ impl Default for Metrics {
             jobs,
             queue_depth,
             running_jobs,
+            log_backlog,
+            log_lag_ms,
         }
     }
 }

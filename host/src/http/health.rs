@@ -39,6 +39,9 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         .queue_depth
         .set(state.queue.due_count().await? as i64);
     metrics.running_jobs.set(state.queue.running().await as i64);
+    let backlog = state.queue.log_backlog().await?;
+    metrics.log_backlog.set(backlog.events as i64);
+    metrics.log_lag_ms.set(backlog.oldest_ms);
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     Ok(([(header::CONTENT_TYPE, content_type)], metrics.encode()))
 }

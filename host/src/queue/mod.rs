@@ -28,7 +28,7 @@ use crate::model::{Event, EventBody, EventKind, Job, JobSpec, JobStatus};
 use crate::plugins::PluginRegistry;
 use crate::storage::{
     AfterFailure, CancelOutcome, Claimed, ClusterSignal, CreateOutcome, DeleteOutcome, EventFilter,
-    HostRecord, Interrupted, JobFilter, JobPage, Recovered, Recovery, RecoveryPolicy,
+    HostRecord, Interrupted, JobFilter, JobPage, LogBacklog, Recovered, Recovery, RecoveryPolicy,
     RecoveryScope, RetryOutcome, SignalHandler, Storage, StorageError,
 };
 use crate::webhooks::{Deliverer, WebhookConfig};
@@ -430,6 +430,12 @@ impl Queue {
                 .get_or_insert(self.shared.config.concurrency as u32);
         }
         Ok(hosts)
+    }
+
+    /// Committed events not yet in the log's order (see
+    /// [`Store::log_backlog`](crate::storage::Store::log_backlog)).
+    pub async fn log_backlog(&self) -> Result<LogBacklog, QueueError> {
+        Ok(self.shared.storage.log_backlog(self.shared.now()).await?)
     }
 
     /// Pending jobs due now: the backlog.

@@ -78,6 +78,20 @@ pub trait Store: JobStore + EventStore + WebhookOutbox + PluginStore {
     /// The hosts serving from this database, oldest first, with the jobs
     /// each runs. A database one host owns has one, without its slots.
     async fn hosts(&self) -> Result<Vec<HostRecord>>;
+
+    /// Committed events still without a position in the log, at `now`
+    /// (Unix ms). Always none on SQLite, where a commit gives positions; on
+    /// PostgreSQL, events wait while an older transaction, anywhere, is
+    /// open (see `storage::postgres`), and so do SSE clients.
+    async fn log_backlog(&self, now: i64) -> Result<LogBacklog>;
+}
+
+/// Events committed but not yet in the log's order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogBacklog {
+    pub events: u64,
+    /// How long the oldest of them has waited, in ms.
+    pub oldest_ms: i64,
 }
 
 /// A host serving from the database.

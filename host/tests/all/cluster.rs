@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::conformance::{done, job as stored_job, running, with_echo};
 use crate::fixture::{Backend, DataDir, Host, config, echo_job, job, phase};
+use jobhost::model::time::now_ms;
 
 /// Two hosts on one database, the first without workers (it only takes
 /// requests); `None` where PostgreSQL tests are skipped.
@@ -399,4 +400,50 @@ async fn a_newer_schema_is_refused() {
             .contains("schema version 999, newer than this jobhost knows"),
         "{refused}"
     );
+}
+
+/// A transaction left open anywhere holds the event log's order back: a
+/// commit's events wait for their positions (readers do not see them yet),
+/// and the backlog says so, for operators to alert on; once it ends, they
+/// come through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_holding_the_log_back_shows_in_the_backlog() {
+    if !crate::fixture::postgres::available().await {
+        return;
+    }
+    let dir = DataDir::new(Backend::Postgres).await;
+    let url = dir.database_url().unwrap();
+    let store = jobhost::storage::open_postgres(&PgOptions::new(url.clone()))
+        .await
+        .unwrap();
+    let (mut blocker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let open = blocker.transaction().await.unwrap();
+    open.query_one("SELECT pg_current_xact_id()", &[])
+        .await
+        .unwrap();
+
+    // Returns once its wait for positions (1 s at most) gives up.
+    with_echo(&store).await;
+    let backlog = store.log_backlog(now_ms()).await.unwrap();
+    assert!(backlog.events > 0, "{backlog:?}");
+    assert!(backlog.oldest_ms >= 0, "{backlog:?}");
+    let log = || store.events_after(0, Default::default(), 100);
+    assert!(
+        log().await.unwrap().is_empty(),
+        "no position is given past the open transaction"
+    );
+
+    open.rollback().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while log().await.unwrap().len() < backlog.events as usize {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the events never came through"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.log_backlog(now_ms()).await.unwrap().events, 0);
 }

@@ -11,8 +11,8 @@ use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::jobs::stopped_usage;
 use crate::storage::{
     CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, HostRecord,
-    JobFilter, JobPage, JobStore, Lease, NewJob, PhaseDone, PhaseFailed, Recovered, RecoveryPolicy,
-    RecoveryScope, Result, RetryOutcome, SignalHandler, Store, WriterStats,
+    JobFilter, JobPage, JobStore, Lease, LogBacklog, NewJob, PhaseDone, PhaseFailed, Recovered,
+    RecoveryPolicy, RecoveryScope, Result, RetryOutcome, SignalHandler, Store, WriterStats,
 };
 
 #[async_trait]
@@ -289,6 +289,20 @@ impl Store for PgStore {
                 running: row.get(6),
             })
             .collect())
+    }
+
+    async fn log_backlog(&self, now: i64) -> Result<LogBacklog> {
+        let client = self.client().await?;
+        let row = query_one(
+            &client,
+            "SELECT count(*), COALESCE($1 - min(at), 0) FROM events WHERE seq IS NULL",
+            &[&now],
+        )
+        .await?;
+        Ok(LogBacklog {
+            events: row.get::<_, i64>(0) as u64,
+            oldest_ms: row.get::<_, i64>(1).max(0),
+        })
     }
 
     async fn paused(&self) -> Result<bool> {

@@ -14,8 +14,8 @@ use super::transitions;
 use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::{
     CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, HostRecord,
-    JobFilter, JobPage, JobStore, Lease, NewJob, PhaseDone, PhaseFailed, Recovered, RecoveryPolicy,
-    RecoveryScope, Result, RetryOutcome, SignalHandler, Store, WriterStats,
+    JobFilter, JobPage, JobStore, Lease, LogBacklog, NewJob, PhaseDone, PhaseFailed, Recovered,
+    RecoveryPolicy, RecoveryScope, Result, RetryOutcome, SignalHandler, Store, WriterStats,
 };
 
 #[async_trait]
@@ -212,6 +212,10 @@ impl Store for SqliteStore {
             }])
         })
         .await
+    }
+
+    async fn log_backlog(&self, _now: i64) -> Result<LogBacklog> {
+        Ok(LogBacklog::default())
     }
 
     async fn paused(&self) -> Result<bool> {
