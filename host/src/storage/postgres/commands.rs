@@ -5,13 +5,17 @@
 
 use super::rows::{must_load, phases_of};
 use super::transitions::{cancel, end_attempt, job_event, record_attempt_error};
-use super::{Tx, WriteScope, corrupt, execute, query, query_opt};
+use super::{Tx, WriteScope, corrupt, execute, query, query_one, query_opt};
 use crate::model::event::{EndedAttempt, JobDeleted, JobRetrying, ManualRetry};
 use crate::model::{EventBody, JobStatus, PhaseStatus};
 use crate::storage::{
     AfterFailure, CancelOutcome, DeleteOutcome, Interrupted, Recovered, RecoveryPolicy,
     RecoveryScope, Result, RetryOutcome,
 };
+
+/// The advisory locks of the chores that run on one host at a time.
+const REAPER_LOCK: i64 = 0x6a6f_6268_6f73_7403;
+const RETENTION_LOCK: i64 = 0x6a6f_6268_6f73_7404;
 
 /// The job's status, with its row locked until the transaction ends.
 async fn locked_status(tx: &Tx<'_>, job_id: &str) -> Result<Option<JobStatus>> {
@@ -153,6 +157,14 @@ pub(super) async fn recover(
             .await?
         }
         RecoveryScope::ExpiredHosts => {
+            // One host at a time reaps; the others skip this round.
+            let reaping: bool =
+                query_one(tx, "SELECT pg_try_advisory_xact_lock($1)", &[&REAPER_LOCK])
+                    .await?
+                    .get(0);
+            if !reaping {
+                return Ok(Vec::new());
+            }
             // Hosts gone for an hour with nothing left to recover are
             // forgotten.
             execute(
@@ -235,6 +247,9 @@ pub(super) async fn delete_finished_before(
     limit: usize,
     now: i64,
 ) -> Result<Vec<String>> {
+    // One sweep at a time, whichever host runs it: the next waits, then
+    // finds what is left.
+    execute(tx, "SELECT pg_advisory_xact_lock($1)", &[&RETENTION_LOCK]).await?;
     let ids: Vec<String> = query(
         tx,
         "SELECT id FROM jobs
