@@ -5,12 +5,26 @@
 
 use std::sync::OnceLock;
 
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Where this project's machines run PostgreSQL, as the users they have
+/// (`postgres`, or `root`), tried in turn.
+const DEFAULT_URLS: [&str; 2] = [
+    "postgres://postgres@127.0.0.1:5432/postgres",
+    "postgres://root@127.0.0.1:5432/postgres",
+];
 
-/// The server's URL, with the database that tests connect to first.
+/// The server's URL, with the database that tests connect to first:
+/// `JOBHOST_TEST_DATABASE_URL`, or the first default that answered.
 pub fn admin_url() -> String {
-    std::env::var("JOBHOST_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+    if let Ok(url) = std::env::var("JOBHOST_TEST_DATABASE_URL") {
+        return url;
+    }
+    CHOSEN
+        .get()
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_URLS[0].to_owned())
 }
+
+static CHOSEN: OnceLock<String> = OnceLock::new();
 
 /// The URL of `database` on the same server.
 pub fn url_of(database: &str) -> String {
@@ -31,7 +45,21 @@ async fn connect() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
 pub async fn available() -> bool {
     static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
     if AVAILABLE.get().is_none() {
-        let probe = connect().await.map(drop).map_err(|e| e.to_string());
+        let candidates: Vec<String> = match std::env::var("JOBHOST_TEST_DATABASE_URL") {
+            Ok(url) => vec![url],
+            Err(_) => DEFAULT_URLS.map(str::to_owned).to_vec(),
+        };
+        let mut probe = Err(String::new());
+        for url in candidates {
+            match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok(_) => {
+                    let _ = CHOSEN.set(url);
+                    probe = Ok(());
+                    break;
+                }
+                Err(error) => probe = Err(format!("{url}: {error}")),
+            }
+        }
         let _ = AVAILABLE.set(probe);
     }
     match AVAILABLE.get().expect("just set") {
