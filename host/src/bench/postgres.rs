@@ -101,7 +101,8 @@ fn cpu_seconds() -> (f64, f64) {
     (postgres, own)
 }
 
-/// One sample: jobs/s, and the machine's CPU share PostgreSQL and jobhost
+/// One sample on a database of its own (dropped after, whatever the
+/// outcome): jobs/s, and the machine's CPU share PostgreSQL and jobhost
 /// took meanwhile.
 async fn sample(
     args: &BenchArgs,
@@ -111,7 +112,20 @@ async fn sample(
     durability: Durability,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let database = Database::create(args).await?;
-    let mut started = hosts(args, compiled, &database, count, durability).await?;
+    let measured = measure(args, compiled, &database, count, phases, durability).await;
+    database.drop().await?;
+    measured
+}
+
+async fn measure(
+    args: &BenchArgs,
+    compiled: &SharedCache,
+    database: &Database,
+    count: usize,
+    phases: usize,
+    durability: Durability,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let mut started = hosts(args, compiled, database, count, durability).await?;
     let (cpu_before, started_at) = (cpu_seconds(), Instant::now());
     let submissions = (0..args.jobs).map(|n| {
         let queue = &started[n % count].0;
@@ -131,12 +145,15 @@ async fn sample(
         share(cpu_before.0, cpu_after.0),
         share(cpu_before.1, cpu_after.1),
     );
-    for (queue, storage, _) in started {
+    stop(started).await;
+    Ok(result)
+}
+
+async fn stop(hosts: Vec<(Queue, Arc<Storage>, jobhost::events::Subscription)>) {
+    for (queue, storage, _) in hosts {
         let _ = queue.shutdown(Duration::from_secs(5)).await;
         storage.close().await;
     }
-    database.drop().await?;
-    Ok(result)
 }
 
 pub async fn postgres_throughput(args: &BenchArgs) -> anyhow::Result<()> {
@@ -175,7 +192,30 @@ pub async fn postgres_throughput(args: &BenchArgs) -> anyhow::Result<()> {
 /// (B stopped the phase and recorded it, and A read that in the log).
 async fn cancel_across_hosts(args: &BenchArgs, compiled: &SharedCache) -> anyhow::Result<()> {
     let database = Database::create(args).await?;
-    let mut started = hosts(args, compiled, &database, 2, Durability::Process).await?;
+    let measured = cancels(args, compiled, &database).await;
+    database.drop().await?;
+    let mut latencies = measured?;
+    println!();
+    println!(
+        "## Forced cancel across hosts: sent to host A for a phase that never yields on host B, until A answers it is cancelled ({CANCEL_SAMPLES} samples)"
+    );
+    println!("| p50 | p99 | epoch tick |");
+    println!("|---:|---:|---:|");
+    println!(
+        "| {:.1} ms | {:.1} ms | 10 ms |",
+        median(&mut latencies),
+        percentile(&mut latencies, 99.0)
+    );
+    Ok(())
+}
+
+/// The cancel latencies, in ms.
+async fn cancels(
+    args: &BenchArgs,
+    compiled: &SharedCache,
+    database: &Database,
+) -> anyhow::Result<Vec<f64>> {
+    let mut started = hosts(args, compiled, database, 2, Durability::Process).await?;
     // Stored through the first host's store; the other loads it from the
     // database when it first runs it (compiled before the timing below).
     let spin = std::fs::read(args.plugins.join("spin.wasm"))?;
@@ -212,22 +252,8 @@ async fn cancel_across_hosts(args: &BenchArgs, compiled: &SharedCache) -> anyhow
     }
     // The first sample compiled `spin` on B.
     latencies.remove(0);
-    println!();
-    println!(
-        "## Forced cancel across hosts: sent to host A for a phase that never yields on host B, until A answers it is cancelled ({CANCEL_SAMPLES} samples)"
-    );
-    println!("| p50 | p99 | epoch tick |");
-    println!("|---:|---:|---:|");
-    println!(
-        "| {:.1} ms | {:.1} ms | 10 ms |",
-        median(&mut latencies),
-        percentile(&mut latencies, 99.0)
-    );
-    for (queue, storage, _) in started {
-        let _ = queue.shutdown(Duration::from_secs(5)).await;
-        storage.close().await;
-    }
-    database.drop().await
+    stop(started).await;
+    Ok(latencies)
 }
 
 /// Stores a component as a plugin's first (active) version, as an upload
