@@ -28,7 +28,8 @@ async fn two_hosts() -> Option<(Host, Host)> {
 }
 
 /// A job submitted to a host with no free worker runs on another host,
-/// and every host's event stream sees it end.
+/// and every host's event stream sees it end; a host that shuts down
+/// leaves the cluster at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_submitted_to_one_host_runs_on_another() {
     let Some((mut a, mut b)) = two_hosts().await else {
@@ -46,6 +47,12 @@ async fn a_job_submitted_to_one_host_runs_on_another() {
         seen_on_a.seq,
         b.job_events(&submitted.id).await.last().unwrap().seq
     );
+
+    // A host that shuts down leaves: the other sees its lease ended at once.
+    b.queue.shutdown(Duration::from_secs(5)).await.unwrap();
+    let hosts = a.queue.hosts().await.unwrap();
+    let alive = hosts.iter().filter(|host| host.alive).count();
+    assert_eq!(alive, 1, "{hosts:?}");
 }
 
 /// A cancel sent to one host stops a phase that never yields, running on

@@ -426,6 +426,19 @@ impl PgStore {
         for task in tasks {
             let _ = task.await;
         }
+        // A host that leaves says so: its lease ends now, not when it
+        // would have run out.
+        if let Ok(client) = self.pool.get().await {
+            let ended = execute(
+                &client,
+                "UPDATE hosts SET lease_until = jobhost_now() WHERE id = $1",
+                &[&&*self.host],
+            )
+            .await;
+            if let Err(error) = ended {
+                tracing::warn!(%error, "ending this host's lease failed");
+            }
+        }
         self.pool.close();
     }
 
