@@ -4,7 +4,7 @@
 
 use super::rows::{J_JOB_COLUMNS, LEASE_COLUMN, Listed, decode_job, must_load, phases_of};
 use super::transitions::{job_event, mark_phase_running};
-use super::{Tx, WriteScope, corrupt, execute, query, query_opt};
+use super::{Tx, WriteScope, corrupt, execute, query, query_one, query_opt};
 use crate::model::event::JobStarted;
 use crate::model::{EventBody, Job, JobStatus, Phase, PhaseStatus};
 use crate::storage::{Claimed, CreateOutcome, Lease, NewJob, Result};
@@ -38,15 +38,31 @@ pub(super) async fn create(
         }
     }
     let backoff = serde_json::to_string(&new.backoff).map_err(|e| corrupt("backoff", e))?;
-    // Two requests with one idempotency key at once: the second insert
-    // waits for the first's commit, then inserts nothing, and returns the
-    // first job.
+    let indexes: Vec<i32> = (0..new.phases.len() as i32).collect();
+    let names: Vec<&str> = new.phases.iter().map(|p| p.name.as_str()).collect();
+    let plugins: Vec<&str> = new.phases.iter().map(|p| p.plugin.as_str()).collect();
+    let configs: Vec<String> = new
+        .phases
+        .iter()
+        .map(|p| crate::model::json::text(&p.config))
+        .collect();
+    let timeouts: Vec<i64> = new.phases.iter().map(|p| p.timeout_ms as i64).collect();
+    // The job and its phases in one statement. Two requests with one
+    // idempotency key at once: the second's insert waits for the first's
+    // commit, then inserts nothing, and it returns the first job.
     let inserted = execute(
         tx,
-        "INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff,
-                           idempotency_key, webhook_url, webhook_secret, created_at)
-         VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (idempotency_key) DO NOTHING",
+        "WITH job AS (
+             INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff,
+                               idempotency_key, webhook_url, webhook_secret, created_at)
+             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING id
+         )
+         INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status)
+         SELECT job.id, idx, name, plugin, version, config, timeout_ms, 'pending'
+         FROM job, unnest($11::int[], $12::text[], $13::text[], $14::text[], $15::text[],
+                          $16::bigint[]) AS p(idx, name, plugin, version, config, timeout_ms)",
         &[
             &new.id,
             &new.payload.as_str(),
@@ -58,6 +74,12 @@ pub(super) async fn create(
             &new.webhook_url,
             &new.webhook_secret,
             &new.created_at,
+            &indexes,
+            &names,
+            &plugins,
+            &pinned,
+            &configs,
+            &timeouts,
         ],
     )
     .await?;
@@ -72,26 +94,6 @@ pub(super) async fn create(
         let id: String = row.get(0);
         return Ok(CreateOutcome::Existing(must_load(tx, &id).await?));
     }
-    let indexes: Vec<i32> = (0..new.phases.len() as i32).collect();
-    let names: Vec<&str> = new.phases.iter().map(|p| p.name.as_str()).collect();
-    let plugins: Vec<&str> = new.phases.iter().map(|p| p.plugin.as_str()).collect();
-    let configs: Vec<String> = new
-        .phases
-        .iter()
-        .map(|p| crate::model::json::text(&p.config))
-        .collect();
-    let timeouts: Vec<i64> = new.phases.iter().map(|p| p.timeout_ms as i64).collect();
-    execute(
-        tx,
-        "INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status)
-         SELECT $1, idx, name, plugin, version, config, timeout_ms, 'pending'
-         FROM unnest($2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[])
-              AS p(idx, name, plugin, version, config, timeout_ms)",
-        &[
-            &new.id, &indexes, &names, &plugins, &pinned, &configs, &timeouts,
-        ],
-    )
-    .await?;
     let job = new.stored(pinned);
     job_event(tx, scope, &job.id, EventBody::created(&job), new.created_at).await?;
     Ok(CreateOutcome::Created(job, None))
@@ -149,30 +151,47 @@ pub(super) async fn claim(
 }
 
 /// Claims the job just created, which the caller knows is due and the only
-/// job due.
+/// job due: the job and its first phase started in one statement.
 pub(super) async fn claim_created(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
     job: &mut Job,
     now: i64,
 ) -> Result<Lease> {
-    let row = query_opt(
+    let row = query_one(
         tx,
-        "UPDATE jobs SET status = 'running', attempt = 1, lease = lease + 1, started_at = $2,
-                         owner = $3
-         WHERE id = $1 RETURNING lease",
+        "WITH claimed AS (
+             UPDATE jobs SET status = 'running', attempt = 1, lease = lease + 1, started_at = $2,
+                             owner = $3
+             WHERE id = $1 RETURNING lease
+         ), started AS (
+             UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = $2
+             WHERE job_id = $1 AND idx = 0 AND status = 'pending' RETURNING idx
+         )
+         SELECT (SELECT lease FROM claimed), (SELECT count(*) FROM started)",
         &[&job.id, &now, &&*scope.host],
     )
-    .await?
-    .ok_or_else(|| corrupt("job vanished inside its transaction", &job.id))?;
+    .await?;
+    let token: Option<i64> = row.get(0);
+    let token = token.ok_or_else(|| corrupt("job vanished inside its transaction", &job.id))?;
     job.status = JobStatus::Running;
     job.attempt = 1;
     job.started_at = Some(now);
-    start_claimed(tx, scope, job, now).await?;
+    let started = EventBody::JobStarted(JobStarted { attempt: 1 });
+    job_event(tx, scope, &job.id, started, now).await?;
+    // A new job's phases are all pending: the first one started.
+    if row.get::<_, i64>(1) == 1
+        && let Some(first) = job.phases.first_mut()
+    {
+        first.status = PhaseStatus::Running;
+        first.attempts += 1;
+        first.started_at = Some(now);
+        job_event(tx, scope, &job.id, EventBody::phase_started(first), now).await?;
+    }
     Ok(Lease {
         job_id: job.id.clone(),
         attempt: 1,
-        token: row.get(0),
+        token,
     })
 }
 
