@@ -21,6 +21,11 @@ async fn with_tls() -> Option<(TestDatabase, tokio_postgres::Client, String)> {
     tokio::spawn(connection);
     let ssl: String = admin.query_one("SHOW ssl", &[]).await.unwrap().get(0);
     if ssl != "on" {
+        // Where PostgreSQL is required (CI), so is its TLS.
+        assert!(
+            std::env::var("JOBHOST_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+            "JOBHOST_REQUIRE_POSTGRES=1, but this PostgreSQL does not offer TLS (ssl = {ssl})"
+        );
         eprintln!("SKIPPED: this PostgreSQL does not offer TLS (ssl = {ssl})");
         return None;
     }

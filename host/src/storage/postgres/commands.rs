@@ -19,15 +19,22 @@ const RETENTION_LOCK: i64 = 0x6a6f_6268_6f73_7404;
 
 /// The job's status, with its row locked until the transaction ends.
 async fn locked_status(tx: &Tx<'_>, job_id: &str) -> Result<Option<JobStatus>> {
+    Ok(locked(tx, job_id).await?.map(|(status, _)| status))
+}
+
+/// The job's status and the host whose worker runs it, with its row
+/// locked until the transaction ends.
+async fn locked(tx: &Tx<'_>, job_id: &str) -> Result<Option<(JobStatus, Option<String>)>> {
     let row = query_opt(
         tx,
-        "SELECT status FROM jobs WHERE id = $1 FOR UPDATE",
+        "SELECT status, owner FROM jobs WHERE id = $1 FOR UPDATE",
         &[&job_id],
     )
     .await?;
     row.map(|row| {
         let status: &str = row.get(0);
-        JobStatus::parse(status).ok_or_else(|| corrupt("job status", status))
+        let status = JobStatus::parse(status).ok_or_else(|| corrupt("job status", status))?;
+        Ok((status, row.get(1)))
     })
     .transpose()
 }
@@ -38,21 +45,16 @@ pub(super) async fn cancel_if_pending(
     job_id: &str,
     now: i64,
 ) -> Result<CancelOutcome> {
-    Ok(match locked_status(tx, job_id).await? {
+    Ok(match locked(tx, job_id).await? {
         None => CancelOutcome::NotFound,
-        Some(JobStatus::Pending) => {
+        Some((JobStatus::Pending, _)) => {
             cancel(tx, scope, job_id, JobStatus::Pending, now).await?;
             CancelOutcome::Cancelled
         }
-        Some(JobStatus::Running) => {
-            let owner = query_opt(tx, "SELECT owner FROM jobs WHERE id = $1", &[&job_id])
-                .await?
-                .and_then(|row| row.get::<_, Option<String>>(0));
-            CancelOutcome::Running {
-                on_this_host: owner.as_deref() == Some(&*scope.host),
-            }
-        }
-        Some(status) => CancelOutcome::AlreadyFinished(status),
+        Some((JobStatus::Running, owner)) => CancelOutcome::Running {
+            on_this_host: owner.as_deref() == Some(&*scope.host),
+        },
+        Some((status, _)) => CancelOutcome::AlreadyFinished(status),
     })
 }
 

@@ -248,6 +248,6 @@ impl EventStore for PgStore {
     }
 
     fn on_append(&self, wake: AppendWaker) {
-        PgStore::on_append(self, wake)
+        self.log.on_append(wake);
     }
 }

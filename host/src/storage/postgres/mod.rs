@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 pub use schema::VERSION as SCHEMA_VERSION;
 
 use crate::model::NewEvent;
-use crate::storage::{AppendWaker, Durability, ErrorClass, Result, SignalHandler, StorageError};
+use crate::storage::{Durability, ErrorClass, Result, StorageError};
 
 /// A write's transaction.
 pub(super) type Tx<'a> = deadpool_postgres::Transaction<'a>;
@@ -440,14 +440,6 @@ impl PgStore {
             }
         }
         self.pool.close();
-    }
-
-    fn on_append(&self, wake: AppendWaker) {
-        self.log.on_append(wake);
-    }
-
-    fn on_signal(&self, handler: SignalHandler) {
-        self.signals.add(handler);
     }
 }
 

@@ -250,7 +250,7 @@ impl Store for PgStore {
     }
 
     fn on_signal(&self, handler: SignalHandler) {
-        PgStore::on_signal(self, handler)
+        self.signals.add(handler);
     }
 
     async fn set_paused(&self, paused: bool) -> Result<()> {
