@@ -190,6 +190,46 @@ impl Host {
         self.backend.open(&self.dir).await
     }
 
+    /// Makes storage refuse the writes of large outputs, as a full disk
+    /// would. SQLite: not a page more than the database has now (which
+    /// may refuse small writes too). PostgreSQL, whose size is not
+    /// jobhost's to cap: a constraint on phase outputs of 64 KiB or more.
+    pub async fn refuse_large_writes(&self) {
+        match self.backend {
+            Backend::Sqlite => self.storage.limit_size(1).await.unwrap(),
+            Backend::Postgres => {
+                self.postgres(
+                    "ALTER TABLE phases ADD CONSTRAINT test_refuses_large_outputs
+                     CHECK (octet_length(output) < 65536) NOT VALID",
+                )
+                .await
+            }
+        }
+    }
+
+    /// Undoes [`Host::refuse_large_writes`].
+    pub async fn accept_writes(&self) {
+        match self.backend {
+            Backend::Sqlite => self.storage.limit_size(1 << 30).await.unwrap(),
+            Backend::Postgres => {
+                self.postgres(
+                    "ALTER TABLE phases DROP CONSTRAINT IF EXISTS test_refuses_large_outputs",
+                )
+                .await
+            }
+        }
+    }
+
+    /// Runs `sql` on the host's PostgreSQL database, as its operator.
+    async fn postgres(&self, sql: &str) {
+        let url = self.dir.database_url().expect("a PostgreSQL host");
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client.batch_execute(sql).await.unwrap();
+    }
+
     /// Uploads a component from `plugins/` under `name`@`version`.
     pub async fn upload(&self, name: &str, version: &str, component: &str) {
         self.plugins

@@ -425,15 +425,12 @@ async fn retention_deletes_old_terminal_jobs_with_id_only_events(backend: Backen
     );
 }
 
-/// A transition storage cannot record (the database may not grow, and the
-/// last phase's 256 KiB output needs room) does not leave its job
+/// A transition storage cannot record (the database refuses the last
+/// phase's 256 KiB output, as a full disk would) does not leave its job
 /// `running`: the worker recovers it as a crash would, retrying until
-/// storage takes the write. On SQLite only: the size cap is how the test
-/// makes a write fail, and PostgreSQL's size is the operator's to bound
-/// (`Store::limit_size`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_that_fails_does_not_leave_the_job_running() {
-    let mut host = Host::start_on(Backend::Sqlite, config(1)).await;
+/// storage takes the write.
+async fn a_write_that_fails_does_not_leave_the_job_running(backend: Backend) {
+    let mut host = Host::start_on(backend, config(1)).await;
     host.upload("sleep", "1.0.0", plugin_artifacts::SLEEP).await;
     host.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
     let big = "x".repeat(256 << 10);
@@ -447,8 +444,7 @@ async fn a_write_that_fails_does_not_leave_the_job_running() {
     spec.max_attempts = Some(1);
     let queued = host.enqueue(spec).await;
     host.wait_for(&queued.id, EventKind::PhaseStarted).await;
-    // Not a page more than the database has now.
-    host.storage.limit_size(1).await.unwrap();
+    host.refuse_large_writes().await;
     let finished = match tokio::time::timeout(
         Duration::from_secs(10),
         host.wait_until_finished(&queued.id),
@@ -456,10 +452,10 @@ async fn a_write_that_fails_does_not_leave_the_job_running() {
     .await
     {
         Ok(job) => job,
-        // The recovery's own small write did not fit either: once there
-        // is room again, it goes through.
+        // The recovery's own small write was refused too (SQLite, at its
+        // size cap): once storage takes writes again, it goes through.
         Err(_) => {
-            host.storage.limit_size(1 << 30).await.unwrap();
+            host.accept_writes().await;
             host.wait_until_finished(&queued.id).await
         }
     };
@@ -471,7 +467,7 @@ async fn a_write_that_fails_does_not_leave_the_job_running() {
         "{:?}",
         finished.errors
     );
-    host.storage.limit_size(1 << 30).await.unwrap();
+    host.accept_writes().await;
     let next = host.enqueue(echo_job(1)).await;
     assert_eq!(
         host.wait_until_finished(&next.id).await.status,
@@ -545,6 +541,7 @@ crate::fixture::on_each_backend! {
     shutdown_forces_stuck_phases_and_always_cleans_up,
     graceful_shutdown_hands_jobs_back_between_phases,
     retention_deletes_old_terminal_jobs_with_id_only_events,
+    a_write_that_fails_does_not_leave_the_job_running,
     a_cancelled_phase_keeps_its_resource_use,
     a_guest_that_stops_on_cancel_with_an_error_is_cancelled,
 }
