@@ -587,6 +587,30 @@ mod tests {
         );
     }
 
+    /// `--database` with its settings; a lease below the minimum is
+    /// refused, naming the flag.
+    #[test]
+    fn postgres_settings_resolve_and_a_too_short_lease_is_refused() {
+        let args = |lease: &str| ServeArgs {
+            database: Some("postgres://jobhost@db/jobs".into()),
+            db_pool_size: Some(4),
+            host_lease: Some(lease.parse().unwrap()),
+            ..ServeArgs::default()
+        };
+        let config = args("3s").resolve().unwrap();
+        let postgres = config.postgres.expect("PostgreSQL chosen");
+        assert_eq!(
+            (postgres.pool_size, postgres.lease, postgres.durability),
+            (4, Duration::from_secs(3), Durability::Process)
+        );
+        let refused = args("500ms").resolve().unwrap_err().to_string();
+        assert!(
+            refused.contains("host-lease: must be at least 1s"),
+            "{refused}"
+        );
+        assert!(ServeArgs::default().resolve().unwrap().postgres.is_none());
+    }
+
     #[test]
     fn unknown_file_keys_are_an_error() {
         let dir = tempfile::tempdir().unwrap();
