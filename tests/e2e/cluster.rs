@@ -140,7 +140,8 @@ async fn three_hosts_complete_every_job_once_through_sigkills() {
     // The stream, read across hosts, is the log.
     let log: Vec<(i64, String, Option<String>)> = db
         .query(
-            "SELECT seq, kind, job_id FROM events WHERE seq IS NOT NULL ORDER BY seq",
+            "SELECT b.base + e.n AS seq, e.kind, e.job_id
+             FROM events e JOIN event_blocks b ON b.xid = e.xid ORDER BY seq",
             &[],
         )
         .await

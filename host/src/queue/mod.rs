@@ -512,16 +512,19 @@ impl Queue {
     /// Refuses a new job while the pending-jobs quota is used up.
     async fn check_pending_quota(&self) -> Result<(), QueueError> {
         let shared = &self.shared;
-        let stale = shared
-            .pending
-            .counted_at
-            .lock()
-            .unwrap()
-            .is_none_or(|at| at.elapsed() >= PENDING_RECOUNT);
+        // One caller recounts; those arriving meanwhile use the estimate
+        // rather than all asking storage at once.
+        let stale = {
+            let mut counted_at = shared.pending.counted_at.lock().unwrap();
+            let stale = counted_at.is_none_or(|at| at.elapsed() >= PENDING_RECOUNT);
+            if stale {
+                *counted_at = Some(std::time::Instant::now());
+            }
+            stale
+        };
         if stale {
             let counted = shared.storage.pending_count().await?;
             shared.pending.estimate.store(counted, Ordering::Relaxed);
-            *shared.pending.counted_at.lock().unwrap() = Some(std::time::Instant::now());
         }
         let waiting = shared.pending.estimate.fetch_add(1, Ordering::Relaxed);
         if waiting >= shared.config.max_pending_jobs {

@@ -36,6 +36,18 @@ struct Table {
 
 use Column::{BigInt, Bool, Bytes, Int, Text};
 
+/// Columns PostgreSQL names differently: (table, PostgreSQL's name,
+/// SQLite's).
+const RENAMED: &[(&str, &str, &str)] = &[("events", "n", "seq")];
+
+/// A column's name in the SQLite file.
+fn source_name(table: &str, column: &'static str) -> &'static str {
+    RENAMED
+        .iter()
+        .find(|(t, name, _)| *t == table && *name == column)
+        .map_or(column, |(_, _, source)| source)
+}
+
 /// Parents before children (foreign keys).
 const TABLES: &[Table] = &[
     Table {
@@ -109,11 +121,13 @@ const TABLES: &[Table] = &[
             ("at", BigInt),
         ],
     },
-    // `seq` is both the insertion order and the position readers follow.
+    // SQLite's `seq` is the event's position; on PostgreSQL, all of them
+    // are numbered within the import's transaction, whose block of
+    // positions starts at 0, so each keeps its position.
     Table {
         name: "events",
         columns: &[
-            ("seq", BigInt),
+            ("n", BigInt),
             ("kind", Text),
             ("job_id", Text),
             ("at", BigInt),
@@ -185,9 +199,10 @@ pub async fn sqlite_into_postgres(from: &Path, to: &PgOptions) -> Result<ImportR
     let mut report = ImportReport { rows: Vec::new() };
     for table in TABLES {
         let names: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+        let sources: Vec<&str> = names.iter().map(|n| source_name(table.name, n)).collect();
         let select = format!(
             "SELECT rowid, {} FROM {} WHERE rowid > ?1 ORDER BY rowid LIMIT {BATCH}",
-            names.join(", "),
+            sources.join(", "),
             table.name
         );
         let places: Vec<String> = (1..=names.len()).map(|n| format!("${n}")).collect();
@@ -232,6 +247,12 @@ pub async fn sqlite_into_postgres(from: &Path, to: &PgOptions) -> Result<ImportR
         .map_err(|e| StorageError::new(ErrorClass::Other, e.to_string()))??;
     tx.execute("UPDATE event_positions SET last = $1", &[&last])
         .await?;
+    tx.execute(
+        "INSERT INTO event_blocks (xid, base, last)
+         SELECT pg_current_xact_id(), 0, $1 WHERE EXISTS (SELECT 1 FROM events)",
+        &[&last],
+    )
+    .await?;
     tx.commit().await?;
     Ok(report)
 }

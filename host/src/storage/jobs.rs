@@ -416,10 +416,12 @@ impl NewPhase {
 /// first, then earliest `run_at` (a backend's claim may return them in any
 /// order).
 pub(super) fn in_claim_order(jobs: &mut [Claimed]) {
-    jobs.sort_by(|a, b| {
-        let (a, b) = (&a.job, &b.job);
-        (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id))
-    });
+    jobs.sort_by(|a, b| claim_order(&a.job, &b.job));
+}
+
+/// The order of two claimed jobs (see [`in_claim_order`]).
+pub(super) fn claim_order(a: &Job, b: &Job) -> std::cmp::Ordering {
+    (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id))
 }
 
 impl JobPage {

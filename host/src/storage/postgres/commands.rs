@@ -114,12 +114,42 @@ pub(super) async fn delete(
     }
 }
 
+/// Deletes the events a `DELETE … RETURNING xid::text` selects, and the
+/// position blocks it left empty.
+async fn forget_events(
+    tx: &Tx<'_>,
+    delete: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<()> {
+    let mut xids: Vec<String> = query(tx, delete, params)
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    xids.dedup();
+    if !xids.is_empty() {
+        execute(
+            tx,
+            "DELETE FROM event_blocks b WHERE b.xid = ANY($1::text[]::xid8[])
+               AND NOT EXISTS (SELECT 1 FROM events e WHERE e.xid = b.xid)",
+            &[&xids],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Deletes a job with its history: its phases, attempt errors, logged
 /// events and settled webhook deliveries. Only the `job:deleted` event is
 /// left, for watchers to replay.
 async fn delete_row(tx: &Tx<'_>, scope: &mut WriteScope, job_id: &str, now: i64) -> Result<()> {
     execute(tx, "DELETE FROM jobs WHERE id = $1", &[&job_id]).await?;
-    execute(tx, "DELETE FROM events WHERE job_id = $1", &[&job_id]).await?;
+    forget_events(
+        tx,
+        "DELETE FROM events WHERE job_id = $1 RETURNING xid::text",
+        &[&job_id],
+    )
+    .await?;
     // Settled deliveries go with their job; pending ones still go out.
     execute(
         tx,
@@ -266,10 +296,12 @@ pub(super) async fn delete_finished_before(
     // The log's other old entries go first: plugin events, and what was
     // logged about jobs that no longer exist. Events of jobs still stored
     // stay with them.
-    execute(
+    forget_events(
         tx,
-        "DELETE FROM events e WHERE e.at < $1 AND e.seq IS NOT NULL
-           AND (e.job_id IS NULL OR NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = e.job_id))",
+        "DELETE FROM events e WHERE e.at < $1
+           AND EXISTS (SELECT 1 FROM event_blocks b WHERE b.xid = e.xid)
+           AND (e.job_id IS NULL OR NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = e.job_id))
+         RETURNING e.xid::text",
         &[&cutoff],
     )
     .await?;

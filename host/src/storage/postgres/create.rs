@@ -2,11 +2,13 @@
 //! due jobs with `FOR UPDATE SKIP LOCKED`: claimers on every host take
 //! disjoint jobs without waiting for each other.
 
-use super::rows::{J_JOB_COLUMNS, LEASE_COLUMN, Listed, decode_job, must_load, phases_of};
-use super::transitions::{job_event, mark_phase_running};
-use super::{Tx, WriteScope, corrupt, execute, query, query_one, query_opt};
+use super::rows::{
+    J_JOB_COLUMNS, LEASE_COLUMN, PHASE_COLUMNS, decode_job, decode_phase, must_load,
+};
+use super::transitions::job_event;
+use super::{Tx, WriteScope, corrupt, query, query_one, query_opt};
 use crate::model::event::JobStarted;
-use crate::model::{EventBody, Job, JobStatus, Phase, PhaseStatus};
+use crate::model::{EventBody, Job, JobStatus, PhaseStatus};
 use crate::storage::{Claimed, CreateOutcome, Lease, NewJob, Result};
 
 pub(super) async fn create(
@@ -14,55 +16,47 @@ pub(super) async fn create(
     scope: &mut WriteScope,
     new: &NewJob,
 ) -> Result<CreateOutcome> {
-    let mut pinned = Vec::with_capacity(new.phases.len());
-    for phase in &new.phases {
-        let version: Option<String> = match &phase.version {
-            Some(version) => query_opt(
-                tx,
-                "SELECT version FROM plugin_versions WHERE plugin = $1 AND version = $2",
-                &[&phase.plugin, version],
-            )
-            .await?
-            .map(|row| row.get(0)),
-            None => query_opt(
-                tx,
-                "SELECT active_version FROM plugins WHERE name = $1",
-                &[&phase.plugin],
-            )
-            .await?
-            .and_then(|row| row.get(0)),
-        };
-        match version {
-            Some(version) => pinned.push(version),
-            None => return Ok(phase.unknown_plugin()),
-        }
-    }
     let backoff = serde_json::to_string(&new.backoff).map_err(|e| corrupt("backoff", e))?;
     let indexes: Vec<i32> = (0..new.phases.len() as i32).collect();
     let names: Vec<&str> = new.phases.iter().map(|p| p.name.as_str()).collect();
     let plugins: Vec<&str> = new.phases.iter().map(|p| p.plugin.as_str()).collect();
+    let wanted: Vec<Option<&str>> = new.phases.iter().map(|p| p.version.as_deref()).collect();
     let configs: Vec<String> = new
         .phases
         .iter()
         .map(|p| crate::model::json::text(&p.config))
         .collect();
     let timeouts: Vec<i64> = new.phases.iter().map(|p| p.timeout_ms as i64).collect();
-    // The job and its phases in one statement. Two requests with one
-    // idempotency key at once: the second's insert waits for the first's
-    // commit, then inserts nothing, and it returns the first job.
-    let inserted = execute(
+    // The job and its phases in one statement, each phase pinned to the
+    // version it names or its plugin's active one; nothing is stored if a
+    // phase has none. Two requests with one idempotency key at once: the
+    // second's insert waits for the first's commit, then inserts nothing,
+    // and it returns the first job. Rows: each phase's pinned version, and
+    // how many phases were stored.
+    let rows = query(
         tx,
-        "WITH job AS (
+        "WITH wanted AS (
+             SELECT w.idx, w.name, w.plugin, w.config, w.timeout_ms,
+                    CASE WHEN w.version IS NULL THEN pl.active_version ELSE v.version END
+                        AS version
+             FROM unnest($11::int[], $12::text[], $13::text[], $14::text[], $15::text[],
+                         $16::bigint[]) AS w(idx, name, plugin, version, config, timeout_ms)
+             LEFT JOIN plugins pl ON pl.name = w.plugin
+             LEFT JOIN plugin_versions v ON v.plugin = w.plugin AND v.version = w.version
+         ), job AS (
              INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff,
                                idempotency_key, webhook_url, webhook_secret, created_at)
-             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             SELECT $1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10
+             WHERE NOT EXISTS (SELECT 1 FROM wanted WHERE version IS NULL)
              ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING id
+         ), stored AS (
+             INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status)
+             SELECT job.id, idx, name, plugin, version, config, timeout_ms, 'pending'
+             FROM job, wanted
+             RETURNING 1
          )
-         INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status)
-         SELECT job.id, idx, name, plugin, version, config, timeout_ms, 'pending'
-         FROM job, unnest($11::int[], $12::text[], $13::text[], $14::text[], $15::text[],
-                          $16::bigint[]) AS p(idx, name, plugin, version, config, timeout_ms)",
+         SELECT version, (SELECT count(*) FROM stored) FROM wanted ORDER BY idx",
         &[
             &new.id,
             &new.payload.as_str(),
@@ -77,12 +71,20 @@ pub(super) async fn create(
             &indexes,
             &names,
             &plugins,
-            &pinned,
+            &wanted,
             &configs,
             &timeouts,
         ],
     )
     .await?;
+    let mut pinned = Vec::with_capacity(rows.len());
+    for (row, phase) in rows.iter().zip(&new.phases) {
+        match row.get::<_, Option<String>>(0) {
+            Some(version) => pinned.push(version),
+            None => return Ok(phase.unknown_plugin()),
+        }
+    }
+    let inserted = rows.first().map_or(0, |row| row.get::<_, i64>(1));
     if inserted == 0 {
         let row = query_opt(
             tx,
@@ -111,8 +113,9 @@ pub(super) async fn other_job_due(tx: &Tx<'_>, job_id: &str, now: i64) -> Result
 }
 
 /// Claims up to `limit` due jobs, highest priority first, then earliest
-/// `run_at`, skipping rows another claimer holds; starts the first
-/// unfinished phase of each.
+/// `run_at`, skipping rows another claimer holds, and starts the first
+/// unfinished phase of each: one statement, which returns each claimed
+/// job once per phase, with its phases as they were before it.
 pub(super) async fn claim(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
@@ -124,31 +127,76 @@ pub(super) async fn claim(
              SELECT id FROM jobs WHERE status = 'pending' AND run_at <= $1
              ORDER BY priority DESC, run_at, id LIMIT $2
              FOR UPDATE SKIP LOCKED
+         ), claimed AS (
+             UPDATE jobs j SET status = 'running', attempt = j.attempt + 1, lease = j.lease + 1,
+                              started_at = COALESCE(j.started_at, $1), owner = $3,
+                              cancel_requested = false
+             FROM picked WHERE j.id = picked.id
+             RETURNING {J_JOB_COLUMNS}
+         ), first AS (
+             SELECT DISTINCT ON (p.job_id) p.job_id, p.idx
+             FROM phases p JOIN claimed c ON p.job_id = c.id
+             WHERE p.status <> 'completed'
+             ORDER BY p.job_id, p.idx
+         ), started AS (
+             UPDATE phases p SET status = 'running', attempts = p.attempts + 1, started_at = $1,
+                                 finished_at = NULL, progress = NULL
+             FROM first WHERE p.job_id = first.job_id AND p.idx = first.idx
+                          AND p.status = 'pending'
+             RETURNING p.job_id, p.idx
          )
-         UPDATE jobs j SET status = 'running', attempt = j.attempt + 1, lease = j.lease + 1,
-                          started_at = COALESCE(j.started_at, $1), owner = $3,
-                          cancel_requested = false
-         FROM picked WHERE j.id = picked.id
-         RETURNING {J_JOB_COLUMNS}"
+         SELECT c.*, s.idx, {PHASE_COLUMNS}
+         FROM claimed c JOIN phases p ON p.job_id = c.id
+         LEFT JOIN started s ON s.job_id = c.id
+         ORDER BY c.id, p.idx"
     );
     let rows = query(tx, &sql, &[&now, &(limit as i64), &&*scope.host]).await?;
-    let mut jobs = Vec::with_capacity(rows.len());
+    // (claimed job, the phase the claim started)
+    let mut claimed: Vec<(Claimed, Option<i32>)> = Vec::new();
     for row in &rows {
-        let mut job = decode_job(row)?;
-        let token: i64 = row.get(LEASE_COLUMN);
-        job.phases = phases_of(tx, &job.id, Listed::Whole).await?;
-        start_claimed(tx, scope, &mut job, now).await?;
-        let lease = Lease {
-            job_id: job.id.clone(),
-            attempt: job.attempt,
-            token,
-        };
+        if claimed
+            .last()
+            .is_none_or(|(c, _)| c.job.id != row.get::<_, &str>(0))
+        {
+            let job = decode_job(row)?;
+            let lease = Lease {
+                job_id: job.id.clone(),
+                attempt: job.attempt,
+                token: row.get(LEASE_COLUMN),
+            };
+            claimed.push((Claimed { job, lease }, row.get(STARTED_COLUMN)));
+        }
+        let (last, _) = claimed.last_mut().expect("pushed above");
+        last.job.phases.push(decode_phase(row, STARTED_COLUMN + 1)?);
+    }
+    claimed.sort_by(|(a, _), (b, _)| crate::storage::jobs::claim_order(&a.job, &b.job));
+    let mut jobs = Vec::with_capacity(claimed.len());
+    for (Claimed { mut job, lease }, started) in claimed {
+        let attempt = job.attempt;
+        job_event(
+            tx,
+            scope,
+            &job.id,
+            EventBody::JobStarted(JobStarted { attempt }),
+            now,
+        )
+        .await?;
+        if let Some(phase) = started.and_then(|index| job.phases.get_mut(index as usize)) {
+            phase.status = PhaseStatus::Running;
+            phase.attempts += 1;
+            phase.started_at = Some(now);
+            phase.finished_at = None;
+            phase.progress = None;
+            job_event(tx, scope, &job.id, EventBody::phase_started(phase), now).await?;
+        }
         jobs.push(Claimed { job, lease });
     }
-    // RETURNING has no order.
-    crate::storage::jobs::in_claim_order(&mut jobs);
     Ok(jobs)
 }
+
+/// Where a claim's row holds the index of the phase it started, just
+/// after the job's columns; the phase's columns follow.
+const STARTED_COLUMN: usize = LEASE_COLUMN + 1;
 
 /// Claims the job just created, which the caller knows is due and the only
 /// job due: the job and its first phase started in one statement.
@@ -193,40 +241,4 @@ pub(super) async fn claim_created(
         attempt: 1,
         token,
     })
-}
-
-/// Announces a job just marked running and starts its first unfinished
-/// phase, in the job's copy too.
-async fn start_claimed(tx: &Tx<'_>, scope: &mut WriteScope, job: &mut Job, now: i64) -> Result<()> {
-    let started = EventBody::JobStarted(JobStarted {
-        attempt: job.attempt,
-    });
-    job_event(tx, scope, &job.id, started, now).await?;
-    if let Some(first) = job
-        .phases
-        .iter_mut()
-        .find(|p| p.status != PhaseStatus::Completed)
-    {
-        start_loaded_phase(tx, scope, &job.id, first, now).await?;
-    }
-    Ok(())
-}
-
-/// Starts a pending phase whose row the caller has just read, and updates
-/// that copy to match.
-async fn start_loaded_phase(
-    tx: &Tx<'_>,
-    scope: &mut WriteScope,
-    job_id: &str,
-    phase: &mut Phase,
-    now: i64,
-) -> Result<()> {
-    if !mark_phase_running(tx, job_id, phase.index, now).await? {
-        return Ok(());
-    }
-    phase.status = PhaseStatus::Running;
-    phase.attempts += 1;
-    phase.started_at = Some(now);
-    phase.finished_at = None;
-    job_event(tx, scope, job_id, EventBody::phase_started(phase), now).await
 }

@@ -1,14 +1,17 @@
 //! The event log on PostgreSQL: one order for every host.
 //!
-//! A write inserts its events without a position (`seq` is NULL), with its
-//! transaction id (`xid`). A stamper gives positions: under a
-//! transaction-scoped advisory lock (one stamper at a time, on any host),
-//! the function `jobhost_stamp_events` numbers, consecutively after the
-//! last position given, every unstamped event whose transaction is below
-//! the snapshot's xmin, in `(xid, id)` order. Below the xmin, no
-//! transaction is still running, so no event can later commit below a
-//! position already given: readers that follow positions (`seq > cursor`)
-//! never skip one, and SSE ids stay plain increasing integers.
+//! A write inserts its events without positions, numbered 1.. within its
+//! transaction (`n`), with the transaction's id (`xid`). A stamper gives
+//! positions: under a transaction-scoped advisory lock (one stamper at a
+//! time, on any host), the function `jobhost_stamp_events` gives each
+//! transaction below the snapshot's xmin that appended events a block of
+//! consecutive positions after the last given, in `xid` order
+//! (`event_blocks`; an event's position is its block's base + `n`). Below
+//! the xmin, no transaction is still running, so no event can later
+//! commit below a position already given: readers that follow positions
+//! (`position > cursor`) never skip one, and SSE ids stay plain increasing
+//! integers. Stamping writes one row per transaction, and no event row
+//! twice.
 //!
 //! A long transaction anywhere holds the xmin back, and with it every
 //! stream: `idle_in_transaction_session_timeout` bounds a frozen one.
@@ -37,10 +40,20 @@ const STAMP_WAIT: Duration = Duration::from_secs(1);
 /// Longest pause between stamps while the watermark is held back.
 const WATERMARK_RETRY: Duration = Duration::from_millis(50);
 
+/// Tells every host, at commit, that jobs became due; identical
+/// notifications of one transaction are sent once.
+pub(super) const NOTIFY_JOBS_DUE: &str = "SELECT pg_notify('jobhost_jobs', '')";
+
 /// Appends the events a write emitted, in one statement at the end of its
-/// transaction, in the order it emitted them, without positions; returns
-/// the transaction's id.
-pub(super) async fn append(tx: &Tx<'_>, events: Vec<(NewEvent, i64)>) -> Result<i64> {
+/// transaction, numbered in the order it emitted them, without positions,
+/// and sends [`NOTIFY_JOBS_DUE`] with them if the write made jobs due;
+/// returns the transaction's id. A transaction appends once: its events
+/// are numbered from 1, and a second append would collide.
+pub(super) async fn append(
+    tx: &Tx<'_>,
+    events: Vec<(NewEvent, i64)>,
+    jobs_due: bool,
+) -> Result<i64> {
     let mut kinds = Vec::with_capacity(events.len());
     let (mut jobs, mut ats, mut data) = (Vec::new(), Vec::new(), Vec::new());
     for (event, at) in events {
@@ -49,21 +62,24 @@ pub(super) async fn append(tx: &Tx<'_>, events: Vec<(NewEvent, i64)>) -> Result<
         jobs.push(event.job_id);
         ats.push(at);
     }
-    let rows = query(
+    let row = query_one(
         tx,
-        "INSERT INTO events (kind, job_id, at, data)
-         SELECT kind, job_id, at, data
-         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])
-              WITH ORDINALITY AS e(kind, job_id, at, data, n)
-         ORDER BY n
-         RETURNING xid::text::bigint",
-        &[&kinds, &jobs, &ats, &data],
+        &format!(
+            "WITH appended AS (
+                 INSERT INTO events (n, kind, job_id, at, data)
+                 SELECT n, kind, job_id, at, data
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])
+                      WITH ORDINALITY AS e(kind, job_id, at, data, n)
+                 RETURNING xid
+             ), notified AS ({NOTIFY_JOBS_DUE} WHERE $5)
+             SELECT (SELECT xid::text::bigint FROM appended LIMIT 1),
+                    (SELECT count(*) FROM notified)"
+        ),
+        &[&kinds, &jobs, &ats, &data, &jobs_due],
     )
     .await?;
-    let first = rows
-        .first()
-        .ok_or_else(|| crate::storage::StorageError::corrupt("no event was appended"))?;
-    Ok(first.get(0))
+    row.get::<_, Option<i64>>(0)
+        .ok_or_else(|| crate::storage::StorageError::corrupt("no event was appended"))
 }
 
 /// What this host knows of the log: how far positions have been given,
@@ -180,6 +196,13 @@ pub(super) async fn stamp_loop(pool: Pool, log: std::sync::Arc<Log>, stop: Cance
     }
 }
 
+/// The events after position `$1`, block by block (blocks never overlap,
+/// so `(block, n)` order is position order), for a reader to filter, order
+/// by `b.last, e.n` and limit.
+const IN_LOG_ORDER: &str = "SELECT b.base + e.n, e.kind, e.job_id, e.at, e.data
+    FROM event_blocks b JOIN events e ON e.xid = b.xid
+    WHERE b.last > $1 AND b.base + e.n > $1";
+
 /// Reads events a query selects as `seq, kind, job_id, at, data`.
 async fn read_events(
     db: &impl GenericClient,
@@ -207,8 +230,9 @@ impl EventStore for PgStore {
             (Some(job), true) => {
                 read_events(
                     &client,
-                    "SELECT seq, kind, job_id, at, data FROM events
-                     WHERE job_id = $2 AND seq > $1 ORDER BY seq LIMIT $3",
+                    "SELECT b.base + e.n AS seq, e.kind, e.job_id, e.at, e.data
+                     FROM events e JOIN event_blocks b ON b.xid = e.xid
+                     WHERE e.job_id = $2 AND b.base + e.n > $1 ORDER BY seq LIMIT $3",
                     &[&after, job, &limit],
                 )
                 .await
@@ -216,10 +240,11 @@ impl EventStore for PgStore {
             (job, _) => {
                 read_events(
                     &client,
-                    "SELECT seq, kind, job_id, at, data FROM events
-                     WHERE seq > $1 AND ($2::text IS NULL OR job_id = $2)
-                       AND (cardinality($3::text[]) = 0 OR kind = ANY($3))
-                     ORDER BY seq LIMIT $4",
+                    &format!(
+                        "{IN_LOG_ORDER} AND ($2::text IS NULL OR e.job_id = $2)
+                           AND (cardinality($3::text[]) = 0 OR e.kind = ANY($3))
+                         ORDER BY b.last, e.n LIMIT $4"
+                    ),
                     &[&after, job, &kinds, &limit],
                 )
                 .await
@@ -231,7 +256,7 @@ impl EventStore for PgStore {
         let client = self.client().await?;
         read_events(
             &client,
-            "SELECT seq, kind, job_id, at, data FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &format!("{IN_LOG_ORDER} ORDER BY b.last, e.n LIMIT $2"),
             &[&after, &(limit as i64)],
         )
         .await

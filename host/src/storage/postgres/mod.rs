@@ -6,10 +6,11 @@
 //!   transaction waits on anything but the database.
 //! - The event log: a sequence is not commit order, so events are inserted
 //!   without a position, and a stamper (one at a time, under an advisory
-//!   lock) gives consecutive positions, in `(xid, id)` order, to the events
-//!   of transactions below the snapshot's xmin: no transaction that could
-//!   still commit an earlier event is running. Readers follow positions, so
-//!   a reader never skips an event that committed late ([`log`]).
+//!   lock) gives consecutive positions, transaction by transaction in `xid`
+//!   order, to the events of transactions below the snapshot's xmin: no
+//!   transaction that could still commit an earlier event is running.
+//!   Readers follow positions, so a reader never skips an event that
+//!   committed late ([`log`]).
 //! - Leases: a claim bumps the job's lease token in the claiming statement
 //!   itself, so a worker whose job was claimed again is fenced on every
 //!   host.
@@ -399,15 +400,15 @@ impl PgStore {
             jobs_due: false,
         };
         let result = f(&tx, &mut scope).await?;
-        let xid = match scope.events.is_empty() {
+        let events = std::mem::take(&mut scope.events);
+        let xid = match events.is_empty() {
+            false => Some(log::append(&tx, events, scope.jobs_due).await?),
+            true if scope.jobs_due => {
+                execute(&tx, log::NOTIFY_JOBS_DUE, &[]).await?;
+                None
+            }
             true => None,
-            false => Some(log::append(&tx, std::mem::take(&mut scope.events)).await?),
         };
-        if scope.jobs_due {
-            // Sent at commit; identical notifications of one transaction
-            // are sent once.
-            execute(&tx, "SELECT pg_notify('jobhost_jobs', '')", &[]).await?;
-        }
         tx.commit().await?;
         drop(client);
         if scope.webhook {

@@ -58,6 +58,12 @@ pub(super) enum Listed {
     Summary,
 }
 
+/// A phase's columns, in the order [`decode_phase`] reads them, qualified
+/// by the table's alias `p`.
+pub(super) const PHASE_COLUMNS: &str = "p.idx, p.name, p.plugin, p.version, p.config,
+    p.timeout_ms, p.status, p.output, p.error, p.attempts, p.started_at, p.finished_at, p.usage,
+    p.progress";
+
 /// The phases of `job_id`, in order.
 pub(super) async fn phases_of(
     db: &impl GenericClient,
@@ -79,35 +85,36 @@ pub(super) async fn phases_of(
     query(db, sql, &[&job_id])
         .await?
         .iter()
-        .map(decode_phase)
+        .map(|row| decode_phase(row, 0))
         .collect()
 }
 
-fn decode_phase(row: &Row) -> Result<Phase> {
-    let status: &str = row.get(6);
+/// A phase from a row holding [`PHASE_COLUMNS`] from column `at` on.
+pub(super) fn decode_phase(row: &Row, at: usize) -> Result<Phase> {
+    let status: &str = row.get(at + 6);
     Ok(Phase {
-        index: row.get::<_, i32>(0) as usize,
-        name: row.get(1),
-        plugin: row.get(2),
-        version: row.get(3),
-        config: serde_json::from_str(row.get(4)).map_err(|e| corrupt("phase config", e))?,
-        timeout_ms: row.get::<_, i64>(5) as u64,
+        index: row.get::<_, i32>(at) as usize,
+        name: row.get(at + 1),
+        plugin: row.get(at + 2),
+        version: row.get(at + 3),
+        config: serde_json::from_str(row.get(at + 4)).map_err(|e| corrupt("phase config", e))?,
+        timeout_ms: row.get::<_, i64>(at + 5) as u64,
         status: PhaseStatus::parse(status).ok_or_else(|| corrupt("phase status", status))?,
         output: row
-            .get::<_, Option<String>>(7)
+            .get::<_, Option<String>>(at + 7)
             .map(|o| Json::parse(o).map_err(|e| corrupt("phase output", e)))
             .transpose()?,
-        error: row.get(8),
-        attempts: row.get::<_, i32>(9) as u32,
-        started_at: row.get(10),
-        finished_at: row.get(11),
+        error: row.get(at + 8),
+        attempts: row.get::<_, i32>(at + 9) as u32,
+        started_at: row.get(at + 10),
+        finished_at: row.get(at + 11),
         usage: row
-            .get::<_, Option<&str>>(12)
+            .get::<_, Option<&str>>(at + 12)
             .map(serde_json::from_str::<ResourceUsage>)
             .transpose()
             .map_err(|e| corrupt("phase usage", e))?,
         progress: row
-            .get::<_, Option<&str>>(13)
+            .get::<_, Option<&str>>(at + 13)
             .map(serde_json::from_str::<Progress>)
             .transpose()
             .map_err(|e| corrupt("phase progress", e))?,

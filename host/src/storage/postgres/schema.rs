@@ -104,30 +104,41 @@ pub(super) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (job_id, attempt)
     );
     -- Events outlive the jobs they are about (job:deleted must be
-    -- replayable). `seq` is the position readers follow, given by
-    -- jobhost_stamp_events; `id` is only insertion order.
+    -- replayable). A transaction numbers its events 1.. (`n`) as it
+    -- appends them, in one statement; jobhost_stamp_events later gives the
+    -- transaction a block of positions (`event_blocks`), so an event's
+    -- position is its block's `base` + `n`, and no event row is written
+    -- twice.
     CREATE TABLE events (
-        id              BIGSERIAL PRIMARY KEY,
         xid             xid8 NOT NULL DEFAULT pg_current_xact_id(),
-        seq             BIGINT UNIQUE,
+        n               BIGINT NOT NULL,
         kind            TEXT NOT NULL,
         job_id          TEXT,
         at              BIGINT NOT NULL,
-        data            TEXT NOT NULL
+        data            TEXT NOT NULL,
+        PRIMARY KEY (xid, n)
     ) WITH (autovacuum_vacuum_scale_factor = 0.02);
-    CREATE INDEX events_unstamped ON events (xid, id) WHERE seq IS NULL;
-    CREATE INDEX events_job ON events (job_id, seq);
-    CREATE INDEX events_kind ON events (kind, seq);
-    -- The last position given: positions never go back, even when the
-    -- newest events are deleted with their job.
-    CREATE TABLE event_positions (last BIGINT NOT NULL);
-    INSERT INTO event_positions VALUES (0);
+    CREATE INDEX events_job ON events (job_id);
+    -- The positions of a transaction's events: base + 1 ..= last. Blocks
+    -- never overlap, and follow each other in the order they were given.
+    CREATE TABLE event_blocks (
+        xid             xid8 PRIMARY KEY,
+        base            BIGINT NOT NULL,
+        last            BIGINT NOT NULL
+    ) WITH (autovacuum_vacuum_scale_factor = 0.02);
+    CREATE INDEX event_blocks_last ON event_blocks (last);
+    -- The last position given (positions never go back, even when the
+    -- newest events are deleted with their job), and the transaction id
+    -- below which every event has its position.
+    CREATE TABLE event_positions (last BIGINT NOT NULL, stamped_below xid8 NOT NULL);
+    INSERT INTO event_positions VALUES (0, '0');
     -- Gives positions; returns the last one given and `below`: every
     -- event of a transaction with a lower id than it has its position.
     CREATE FUNCTION jobhost_stamp_events(OUT last BIGINT, OUT below BIGINT)
     LANGUAGE plpgsql AS $$
     DECLARE
         horizon xid8;
+        done xid8;
         stamped BIGINT;
         highest xid8;
     BEGIN
@@ -135,27 +146,40 @@ pub(super) const MIGRATIONS: &[&str] = &[
         -- their snapshots after the lock, so they see the previous
         -- stamper's positions.
         PERFORM pg_advisory_xact_lock(7667050837011394562);
-        -- No transaction below this is still running, now or later.
+        -- No transaction below this is still running, now or later: every
+        -- transaction below the last stamp's horizon had its events
+        -- stamped then, so only ids from there on need looking at.
         horizon := pg_snapshot_xmin(pg_current_snapshot());
-        SELECT p.last INTO last FROM event_positions p;
+        SELECT p.last, p.stamped_below INTO last, done FROM event_positions p;
         WITH batch AS (
-            SELECT id, xid, row_number() OVER (ORDER BY xid, id) AS n
-            FROM events
-            WHERE seq IS NULL AND xid < horizon
-            ORDER BY xid, id
-            LIMIT 10000
-        ), stamped_rows AS (
-            UPDATE events SET seq = last + batch.n FROM batch
-            WHERE events.id = batch.id RETURNING batch.xid
+            SELECT e.xid, count(*) AS appended
+            FROM events e
+            WHERE e.xid >= done AND e.xid < horizon
+              AND NOT EXISTS (SELECT 1 FROM event_blocks b WHERE b.xid = e.xid)
+            GROUP BY e.xid
+            ORDER BY e.xid
+            LIMIT 1000
+        ), placed AS (
+            INSERT INTO event_blocks (xid, base, last)
+            SELECT batch.xid,
+                   jobhost_stamp_events.last + sum(appended) OVER w - appended,
+                   jobhost_stamp_events.last + sum(appended) OVER w
+            FROM batch WINDOW w AS (ORDER BY batch.xid)
+            RETURNING event_blocks.xid, event_blocks.last
         )
-        SELECT count(*), max(stamped_rows.xid) INTO stamped, highest FROM stamped_rows;
-        IF stamped > 0 THEN
-            last := last + stamped;
-            UPDATE event_positions SET last = jobhost_stamp_events.last;
-            PERFORM pg_notify('jobhost_log', last::text);
+        SELECT count(*), max(placed.xid), COALESCE(max(placed.last), jobhost_stamp_events.last)
+        INTO stamped, highest, jobhost_stamp_events.last FROM placed;
+        -- A full batch may have left transactions above its last one.
+        IF stamped = 1000 THEN
+            horizon := highest;
         END IF;
-        -- A full batch may have left part of its last transaction's events.
-        below := (CASE WHEN stamped = 10000 THEN highest ELSE horizon END)::text::bigint;
+        IF stamped > 0 THEN
+            UPDATE event_positions SET last = jobhost_stamp_events.last, stamped_below = horizon;
+            PERFORM pg_notify('jobhost_log', last::text);
+        ELSIF horizon > done THEN
+            UPDATE event_positions SET stamped_below = horizon;
+        END IF;
+        below := horizon::text::bigint + (CASE WHEN stamped = 1000 THEN 1 ELSE 0 END);
     END
     $$;
     CREATE TABLE webhook_deliveries (

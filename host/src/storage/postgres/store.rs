@@ -295,7 +295,10 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = query_one(
             &client,
-            "SELECT count(*), COALESCE($1 - min(at), 0) FROM events WHERE seq IS NULL",
+            "SELECT count(*), COALESCE($1 - min(e.at), 0)
+             FROM events e, event_positions p
+             WHERE e.xid >= p.stamped_below
+               AND NOT EXISTS (SELECT 1 FROM event_blocks b WHERE b.xid = e.xid)",
             &[&now],
         )
         .await?;

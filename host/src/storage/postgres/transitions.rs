@@ -78,24 +78,6 @@ async fn refused<T>(tx: &Tx<'_>, lease: &Lease) -> Result<Guarded<T>> {
     })
 }
 
-/// Marks a phase running if it is pending; false if it was not.
-pub(super) async fn mark_phase_running(
-    tx: &Tx<'_>,
-    job_id: &str,
-    index: usize,
-    now: i64,
-) -> Result<bool> {
-    let changed = execute(
-        tx,
-        "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = $3,
-                           finished_at = NULL, progress = NULL
-         WHERE job_id = $1 AND idx = $2 AND status = 'pending'",
-        &[&job_id, &(index as i32), &now],
-    )
-    .await?;
-    Ok(changed > 0)
-}
-
 /// Starts phase `index` of a job whose lease the caller holds, if the phase
 /// is pending; returns its attempt.
 async fn start_pending_phase(
