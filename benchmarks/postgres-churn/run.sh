@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What PostgreSQL's tables look like after a long churn: JOBS (default
 # 1,000,000) trivial one-phase jobs submitted over HTTP to one
-# `jobhost serve --database …`, with a retention of RETENTION (default 2m),
+# `jobhost serve --database … --concurrency 64`, with a retention of
+# RETENTION (default 2m),
 # so jobs are stored, completed and deleted all along, as in a platform that
 # runs for months. Prints each jobhost table's size, live and dead tuples and
 # free space (pgstattuple) as jobhost left them, autovacuum on (its
@@ -32,7 +33,7 @@ cleanup() {
 }
 trap cleanup EXIT
 target/release/jobhost serve --database "$url" --data-dir "$data" \
-    --listen "127.0.0.1:$port" --retention "$retention" --durability process \
+    --listen "127.0.0.1:$port" --retention "$retention" --durability process --concurrency 64 \
     > "$data/serve.log" 2>&1 &
 serve=$!
 for _ in $(seq 1 100); do curl -sf "localhost:$port/readyz" >/dev/null && break; sleep 0.1; done

@@ -454,3 +454,102 @@ async fn an_open_transaction_holding_the_log_back_shows_in_the_backlog() {
     }
     assert_eq!(store.log_backlog(now_ms()).await.unwrap().events, 0);
 }
+
+/// Deleting a job deletes its events and the position blocks they leave
+/// empty; a block another job's events share stays, and what is left of
+/// the log keeps its positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_job_leaves_no_empty_position_blocks() {
+    if !crate::fixture::postgres::available().await {
+        return;
+    }
+    let dir = DataDir::new(Backend::Postgres).await;
+    let url = dir.database_url().unwrap();
+    let store = jobhost::storage::open_postgres(&PgOptions::new(url.clone()))
+        .await
+        .unwrap();
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    with_echo(&store).await;
+    // The first job's completion claims the second: one transaction logs
+    // events of both.
+    let first = running(&store, stored_job("first", 1)).await;
+    crate::conformance::create(&store, stored_job("second", 1)).await;
+    let mut completion = done(0, false, 2_000);
+    completion.claim_next = true;
+    let completed = store
+        .complete_phase(&first.lease, completion)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            completed,
+            Guarded::Applied(jobhost::storage::Completion::Claimed(_))
+        ),
+        "{completed:?}"
+    );
+    let before = store
+        .events_after(0, Default::default(), 1000)
+        .await
+        .unwrap();
+    let empty_blocks = || async {
+        db.query_one(
+            "SELECT count(*) FROM event_blocks b
+             WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.xid = b.xid)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let blocks = || async {
+        db.query_one("SELECT count(*) FROM event_blocks", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let blocks_before = blocks().await;
+
+    store.delete_job("first", 3_000).await.unwrap();
+
+    // Its own event has its position once the stamper passes it (a write
+    // waits a second at most for that; other tests' transactions on this
+    // server can hold the watermark back longer).
+    let deleted = || async {
+        let log = store
+            .events_after(0, Default::default(), 1000)
+            .await
+            .unwrap();
+        log.iter()
+            .any(|event| event.kind() == EventKind::JobDeleted)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !deleted().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job:deleted never logged"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(empty_blocks().await, 0);
+    // The first job's create and claim blocks went; the shared one and
+    // the delete's own came or stayed.
+    assert_eq!(blocks().await, blocks_before - 2 + 1);
+    let after = store
+        .events_after(0, Default::default(), 1000)
+        .await
+        .unwrap();
+    let kept: Vec<_> = before
+        .iter()
+        .filter(|event| event.job_id.as_deref() != Some("first"))
+        .map(|event| (event.seq, event.kind()))
+        .collect();
+    let survived: Vec<_> = after
+        .iter()
+        .filter(|event| event.kind() != EventKind::JobDeleted)
+        .map(|event| (event.seq, event.kind()))
+        .collect();
+    assert_eq!(survived, kept, "the rest of the log keeps its positions");
+}
