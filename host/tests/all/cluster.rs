@@ -27,6 +27,29 @@ async fn two_hosts() -> Option<(Host, Host)> {
     Some((a, b))
 }
 
+/// A store on a database of its own, and a plain connection to that
+/// database to look at its tables; `None` where PostgreSQL tests are
+/// skipped. The database lives as long as the `DataDir`.
+async fn store_with_client() -> Option<(
+    DataDir,
+    Arc<jobhost::storage::Storage>,
+    tokio_postgres::Client,
+)> {
+    if !crate::fixture::postgres::available().await {
+        return None;
+    }
+    let dir = DataDir::new(Backend::Postgres).await;
+    let url = dir.database_url().unwrap();
+    let store = jobhost::storage::open_postgres(&PgOptions::new(url.clone()))
+        .await
+        .unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    Some((dir, store, client))
+}
+
 /// A job submitted to a host with no free worker runs on another host,
 /// and every host's event stream sees it end; a host that shuts down
 /// leaves the cluster at once.
@@ -415,18 +438,9 @@ async fn a_newer_schema_is_refused() {
 /// come through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_transaction_holding_the_log_back_shows_in_the_backlog() {
-    if !crate::fixture::postgres::available().await {
+    let Some((_dir, store, mut blocker)) = store_with_client().await else {
         return;
-    }
-    let dir = DataDir::new(Backend::Postgres).await;
-    let url = dir.database_url().unwrap();
-    let store = jobhost::storage::open_postgres(&PgOptions::new(url.clone()))
-        .await
-        .unwrap();
-    let (mut blocker, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    };
     let open = blocker.transaction().await.unwrap();
     open.query_one("SELECT pg_current_xact_id()", &[])
         .await
@@ -460,18 +474,9 @@ async fn an_open_transaction_holding_the_log_back_shows_in_the_backlog() {
 /// the log keeps its positions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_job_leaves_no_empty_position_blocks() {
-    if !crate::fixture::postgres::available().await {
+    let Some((_dir, store, db)) = store_with_client().await else {
         return;
-    }
-    let dir = DataDir::new(Backend::Postgres).await;
-    let url = dir.database_url().unwrap();
-    let store = jobhost::storage::open_postgres(&PgOptions::new(url.clone()))
-        .await
-        .unwrap();
-    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    };
     with_echo(&store).await;
     // The first job's completion claims the second: one transaction logs
     // events of both.
