@@ -126,6 +126,7 @@ async fn forget_events(
         .iter()
         .map(|row| row.get(0))
         .collect();
+    xids.sort_unstable();
     xids.dedup();
     if !xids.is_empty() {
         execute(
