@@ -320,6 +320,25 @@ pub struct PgStore {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
+/// jobhost's hot tables are updated at every transition and rely on
+/// autovacuum (tuned per table by the schema) to reclaim dead rows; a
+/// server with autovacuum off bloats them without bound.
+async fn warn_if_autovacuum_off(client: &tokio_postgres::Client) -> Result<()> {
+    let row = client
+        .query_one("SELECT current_setting('autovacuum')", &[])
+        .await?;
+    let setting: String = row.get(0);
+    if setting != "on" {
+        tracing::warn!(
+            autovacuum = %setting,
+            "PostgreSQL's autovacuum is off: the jobs, phases and events tables \
+             will bloat; turn it on or schedule VACUUM (see the README, \
+             \"Hot tables under churn\")"
+        );
+    }
+    Ok(())
+}
+
 impl PgStore {
     /// Connects, migrates the schema (refusing one newer than this build
     /// knows), and starts the event log's stamper.
@@ -347,6 +366,7 @@ impl PgStore {
         {
             let mut client = pool.get().await?;
             schema::migrate(&mut client).await?;
+            warn_if_autovacuum_off(&client).await?;
         }
         let host = cluster::Host::register(&pool, options).await?;
         let log = Arc::new(log::Log::default());
