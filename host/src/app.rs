@@ -62,11 +62,10 @@ impl App {
                 .context("limiting the database's size")?;
         }
         let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
-        let plugins = Arc::new(PluginRegistry::with_quota(
-            runtime,
-            storage.clone(),
-            config.plugin_quota,
-        ));
+        let plugins = Arc::new(
+            PluginRegistry::with_quota(runtime, storage.clone(), config.plugin_quota)
+                .with_secrets(config.secrets.clone()),
+        );
         let loaded = plugins.preload().await.context("loading stored plugins")?;
         let mut webhooks = WebhookConfig::new(webhook_secret(&config)?);
         webhooks.timeout = config.webhook_timeout;

@@ -12,6 +12,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::outbound::AddressPolicy;
+use crate::plugins::Secrets;
 use crate::queue::QueueConfig;
 use crate::runtime::RuntimeConfig;
 use crate::storage::postgres::{DEFAULT_LEASE, DEFAULT_POOL_SIZE, MIN_LEASE, PgOptions};
@@ -169,6 +170,11 @@ pub struct ServeArgs {
     /// [default: generated once, kept in <data-dir>/webhook-secret].
     #[arg(long, env = "JOBHOST_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// A JSON object of secret name to value, read once at start: the
+    /// values of secrets that plugin grants name. `JOBHOST_SECRET_<NAME>`
+    /// variables add to it and win [default: none].
+    #[arg(long, env = "JOBHOST_SECRETS_FILE")]
+    pub secrets_file: Option<PathBuf>,
     /// Timeout of one webhook delivery attempt [default: 10s].
     #[arg(long, env = "JOBHOST_WEBHOOK_TIMEOUT")]
     pub webhook_timeout: Option<HumanDuration>,
@@ -207,6 +213,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// `None`: use (or create) the secret kept in the data directory.
     pub webhook_secret: Option<Secret>,
+    /// Values of the secrets that plugin grants may name.
+    pub secrets: Secrets,
     pub webhook_timeout: Duration,
     pub webhook_max_attempts: u32,
     /// Which addresses outbound connections (webhooks) may reach.
@@ -372,6 +380,10 @@ impl ServeArgs {
                 .map(|s| Secret::parse(&s))
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("webhook-secret: {e}"))?,
+            secrets: Secrets::load(
+                self.secrets_file.or(file.secrets_file).as_deref(),
+                std::env::vars(),
+            )?,
             webhook_timeout: duration(
                 self.webhook_timeout,
                 file.webhook_timeout,

@@ -2,7 +2,8 @@
 // and checks that it appears on the page and turns completed live (through
 // the page's event stream, without reloading). With a token, the page first
 // says it needs one, then works once it is typed in. Any content-security
-// policy violation fails the test. Saves a screenshot.
+// policy violation fails the test. Grants set through the API show on the
+// page. Saves a screenshot.
 //
 //   node dashboard.mjs <server url> <screenshot.png> [token]
 import { chromium } from "playwright-core";
@@ -39,6 +40,15 @@ try {
   }
   await page.locator("#live.on").waitFor({ timeout: 10000 });
   await page.locator(".plugin", { hasText: "sleep" }).waitFor();
+  // Grants set through the API show on the page live, by name.
+  const granted = await fetch(url + "/plugins/echo/grants", {
+    method: "PUT", headers: { "content-type": "application/json", ...auth },
+    body: JSON.stringify({ versions: ["1.0.0"], config: { region: "eu" }, secrets: ["api_key"] }),
+  });
+  if (granted.status !== 200) throw new Error("setting grants failed: " + granted.status);
+  await page.locator(".plugin", { hasText: "echo" })
+    .locator(".grants", { hasText: "grants for 1.0.0: config region; secrets api_key" }).waitFor({ timeout: 10000 });
+  console.log("the plugin's grants showed live");
   // This host, serving, in the hosts table.
   await page.locator("#hosts tr[data-host]", { hasText: "serving" }).waitFor();
 

@@ -1,4 +1,4 @@
-//! The CLI's user path against a real server: push, activate, submit
+//! The CLI's user path against a real server: push, grant, activate, submit
 //! --wait (exit codes), show, list, watch, cancel, retry, and clear errors.
 
 use std::process::{Command, Output, Stdio};
@@ -95,6 +95,36 @@ async fn cli_user_path() {
                 .success()
         );
     }
+
+    // grant: what a plugin's phases may read, shown with the plugin.
+    let grant = [
+        "plugin",
+        "grant",
+        "echo",
+        "--version",
+        "0.1.0",
+        "--config",
+        "region=eu",
+        "--secret",
+        "api_key",
+    ];
+    let granted = run(url, &grant).await;
+    assert!(granted.status.success(), "{}", stderr(&granted));
+    let shown = stdout(&run(url, &["plugin", "show", "echo"]).await);
+    for line in [
+        "grants for versions: 0.1.0",
+        "config: region",
+        "secrets: api_key",
+    ] {
+        assert!(shown.contains(line), "{shown}");
+    }
+    let malformed = run(url, &["plugin", "grant", "echo", "--config", "region"]).await;
+    assert!(!malformed.status.success());
+    assert!(
+        stderr(&malformed).contains("KEY=VALUE"),
+        "{}",
+        stderr(&malformed)
+    );
 
     // submit --wait: 0 when the job completes, 1 when it fails.
     let ok = run(

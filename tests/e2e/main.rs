@@ -3,6 +3,7 @@
 
 mod api_errors;
 mod bench;
+mod capabilities;
 mod cli;
 mod cluster;
 mod crash;

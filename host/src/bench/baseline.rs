@@ -12,6 +12,7 @@ use jobhost::runtime::{EpochTicker, RuntimeConfig, pooling_config};
 
 use self::bindings::exports::jobhost::plugin::phase;
 use self::bindings::jobhost::plugin::host;
+use self::bindings::wasi::config::store;
 use self::bindings::{Plugin, PluginPre};
 
 /// The contract's bindings, generated for the baseline alone: the
@@ -58,6 +59,15 @@ impl host::Host for RawState {
     fn progress(&mut self, _: u8, _: String) {}
     fn cancelled(&mut self) -> bool {
         false
+    }
+}
+
+impl store::Host for RawState {
+    fn get(&mut self, _: String) -> Result<Option<String>, store::Error> {
+        Ok(None)
+    }
+    fn get_all(&mut self) -> Result<Vec<(String, String)>, store::Error> {
+        Ok(Vec::new())
     }
 }
 

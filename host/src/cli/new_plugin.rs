@@ -10,6 +10,8 @@ use clap::Args;
 
 const SDK_SOURCE: &str = include_str!("../../../plugins/sdk/src/lib.rs");
 const CONTRACT: &str = include_str!("../../../wit/plugin.wit");
+const CONFIG_STORE: &str = include_str!("../../../wit/deps/config/store.wit");
+const CONFIG_WORLD: &str = include_str!("../../../wit/deps/config/world.wit");
 
 #[derive(Debug, Args)]
 pub struct NewPluginArgs {
@@ -148,5 +150,13 @@ wit-bindgen = {{ version = "0.61", default-features = false, features = ["macros
             SDK_SOURCE.replace(r#"path: "../../wit""#, r#"path: "wit""#),
         ),
         ("jobhost-plugin/wit/plugin.wit", CONTRACT.to_owned()),
+        (
+            "jobhost-plugin/wit/deps/config/store.wit",
+            CONFIG_STORE.to_owned(),
+        ),
+        (
+            "jobhost-plugin/wit/deps/config/world.wit",
+            CONFIG_WORLD.to_owned(),
+        ),
     ]
 }

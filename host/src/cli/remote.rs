@@ -69,6 +69,21 @@ pub enum PluginAction {
     Show { name: String },
     /// Make a version active (hot swap or rollback).
     Activate { name: String, version: String },
+    /// Set what a plugin's phases may read through `wasi:config/store`,
+    /// replacing its grants. Only the versions named get them.
+    Grant {
+        name: String,
+        /// A version the grants cover; repeat for several.
+        #[arg(long = "version", value_name = "VERSION")]
+        versions: Vec<String>,
+        /// A plain configuration value; repeat for several.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// A secret, by name: its value comes from the server's secrets
+        /// file or JOBHOST_SECRET_<NAME>; repeat for several.
+        #[arg(long = "secret", value_name = "NAME")]
+        secrets: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +173,26 @@ pub async fn plugin(remote: &Remote, action: PluginAction) -> anyhow::Result<i32
             let body = client.get(&format!("/plugins/{name}")).await?;
             remote.print(&body, print_plugin);
         }
+        PluginAction::Grant {
+            name,
+            versions,
+            config,
+            secrets,
+        } => {
+            let config = config
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(key, value)| (key.to_owned(), Value::String(value.to_owned())))
+                        .with_context(|| format!("--config {pair}: expected KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<serde_json::Map<_, _>>>()?;
+            let grants = json!({"versions": versions, "config": config, "secrets": secrets});
+            let body = client
+                .put_json(&format!("/plugins/{name}/grants"), &grants)
+                .await?;
+            remote.print(&body, |b| print_grants(&b["grants"]));
+        }
         PluginAction::Activate { name, version } => {
             let body = client
                 .put_json(
@@ -192,6 +227,33 @@ async fn component_version(bytes: &[u8]) -> anyhow::Result<String> {
         .clone())
 }
 
+fn print_grants(grants: &Value) {
+    let list = |value: &Value| {
+        let names: Vec<&str> = value
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if names.is_empty() {
+            "-".to_owned()
+        } else {
+            names.join(", ")
+        }
+    };
+    let keys = Value::Array(
+        grants["config"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(key, _)| Value::String(key.clone()))
+            .collect(),
+    );
+    println!("  grants for versions: {}", list(&grants["versions"]));
+    println!("    config: {}", list(&keys));
+    println!("    secrets: {}", list(&grants["secrets"]));
+}
+
 fn print_plugin(plugin: &Value) {
     let active = plugin["active_version"].as_str().unwrap_or("-");
     println!("{} (active {active})", text(&plugin["name"]));
@@ -208,6 +270,9 @@ fn print_plugin(plugin: &Value) {
             text(&version["uploaded_at"]),
             text(&version["description"])
         );
+    }
+    if !plugin["grants"].is_null() {
+        print_grants(&plugin["grants"]);
     }
 }
 

@@ -135,7 +135,12 @@ impl From<PluginError> for ApiError {
             PluginError::OverQuota(_) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "plugin_quota", message)
             }
-            PluginError::NotFound { .. } => ApiError::not_found(message),
+            PluginError::NotFound { .. } | PluginError::NoSuchPlugin(_) => {
+                ApiError::not_found(message)
+            }
+            PluginError::InvalidGrants(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_grants", message)
+            }
             PluginError::InUse { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "version_in_use", message)
             }

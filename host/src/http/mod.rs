@@ -120,6 +120,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(plugins::list))
         .routes(routes!(plugins::show))
         .routes(routes!(plugins::activate))
+        .routes(routes!(plugins::set_grants))
         .routes(routes!(jobs::create, jobs::list))
         .routes(routes!(jobs::show, jobs::delete))
         .routes(routes!(jobs::cancel))

@@ -1,5 +1,5 @@
 //! Plugin routes: upload a version, list, show, activate (hot swap and
-//! rollback), delete a version.
+//! rollback), delete a version, set grants.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, AppJson, AppState, ErrorBody};
+use crate::model::PluginGrants;
 use crate::plugins::Uploaded;
 use crate::runtime::{PluginMetadata, content_hash};
 use crate::storage::PluginRecord;
@@ -175,5 +176,39 @@ pub async fn activate(
         plugin: name,
         active_version: body.version,
         previous,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GrantsResponse {
+    plugin: String,
+    grants: PluginGrants,
+}
+
+/// Set a plugin's grants (admin).
+///
+/// Replaces what the plugin's phases may read through `wasi:config/store`:
+/// plain `config` values, and `secrets` by name (their values come from the
+/// server's secrets file or `JOBHOST_SECRET_<NAME>` variables). The grants
+/// cover only the `versions` they name: a new version gets nothing until it
+/// is added. A phase reads the grants in force when it starts. Logs
+/// `plugin:grants:changed` (with names, not values).
+#[utoipa::path(put, path = "/plugins/{name}/grants", operation_id = "set_plugin_grants", tag = TAG, params(("name" = String, Path)),
+    request_body = PluginGrants,
+    responses(
+        (status = 200, body = GrantsResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 404, description = "No such plugin", body = ErrorBody),
+        (status = 422, description = "Invalid grants, or a version the plugin does not have; nothing is stored", body = ErrorBody),
+    ))]
+pub async fn set_grants(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    AppJson(grants): AppJson<PluginGrants>,
+) -> Result<impl IntoResponse, ApiError> {
+    state.plugins.set_grants(&name, &grants).await?;
+    Ok(AppJson(GrantsResponse {
+        plugin: name,
+        grants,
     }))
 }

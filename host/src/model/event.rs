@@ -79,6 +79,9 @@ event_kinds! {
     WebhookFailed(WebhookSettled) = "job:webhook:failed",
     PluginUploaded(PluginUploaded) = "plugin:uploaded",
     PluginActivated(PluginActivated) = "plugin:activated",
+    /// The operator set a plugin's grants. Names only: values stay out of
+    /// the log.
+    PluginGrantsChanged(PluginGrantsChanged) = "plugin:grants:changed",
 }
 
 impl EventKind {
@@ -376,6 +379,28 @@ pub struct PluginActivated {
     pub plugin: String,
     pub version: String,
     pub previous: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PluginGrantsChanged {
+    pub plugin: String,
+    /// The versions the grants now cover.
+    pub versions: Vec<String>,
+    /// The plain configuration keys granted.
+    pub config_keys: Vec<String>,
+    /// The secrets granted, by name.
+    pub secrets: Vec<String>,
+}
+
+impl PluginGrantsChanged {
+    pub fn new(plugin: &str, grants: &super::PluginGrants) -> Self {
+        PluginGrantsChanged {
+            plugin: plugin.to_owned(),
+            versions: grants.versions.clone(),
+            config_keys: grants.config.keys().cloned().collect(),
+            secrets: grants.secrets.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod event;
+pub mod grants;
 pub mod job;
 pub mod json;
 pub mod time;
@@ -14,6 +15,7 @@ pub mod webhook;
 
 pub use backoff::BackoffPolicy;
 pub use event::{Event, EventBody, EventKind, NewEvent};
+pub use grants::PluginGrants;
 pub use job::{
     AfterFailure, AttemptError, Job, JobSpec, JobStatus, JobSummary, Phase, PhaseSpec, PhaseStatus,
     PhaseSummary, WebhookSpec, limits,

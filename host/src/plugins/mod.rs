@@ -5,18 +5,29 @@
 //! Hot swap: jobs pin a version at enqueue, and a loaded version stays loaded
 //! while the active pointer moves, so a phase that started on v1 finishes on
 //! v1 and the next job enqueued runs v2.
+//!
+//! Grants (`grants`) are read when a phase of a plugin that imports
+//! `wasi:config/store` starts, so every host sees a change at the next
+//! phase; plugins that do not import it cost no read.
+
+mod grants;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
+use crate::model::PluginGrants;
 use crate::model::time::now_ms;
-use crate::runtime::{LoadError, LoadedPlugin, PluginMetadata, Runtime, content_hash};
-use crate::storage::{
-    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginQuota, PluginRecord, PutOutcome,
-    Storage, StorageError,
+use crate::runtime::{
+    GrantedConfig, LoadError, LoadedPlugin, PluginMetadata, Runtime, content_hash,
 };
+use crate::storage::{
+    ActivateOutcome, DeleteVersionOutcome, GrantOutcome, NewPluginVersion, PluginQuota,
+    PluginRecord, PutOutcome, Storage, StorageError,
+};
+
+pub use grants::{SECRET_PREFIX, Secrets};
 
 /// Longest plugin name or version accepted.
 const MAX_NAME_LEN: usize = 64;
@@ -41,6 +52,10 @@ pub enum PluginError {
     OverQuota(String),
     #[error("plugin `{name}` has no version `{version}`")]
     NotFound { name: String, version: String },
+    #[error("no plugin named `{0}`")]
+    NoSuchPlugin(String),
+    #[error("invalid grants: {0}")]
+    InvalidGrants(String),
     #[error("version {version} of plugin `{name}` is pinned by {jobs} unfinished job(s)")]
     InUse {
         name: String,
@@ -70,6 +85,7 @@ pub struct PluginRegistry {
     runtime: Arc<Runtime>,
     storage: Arc<Storage>,
     quota: PluginQuota,
+    secrets: Secrets,
     loaded: Mutex<HashMap<(String, String), Arc<LoadedPlugin>>>,
 }
 
@@ -100,8 +116,15 @@ impl PluginRegistry {
             runtime,
             storage,
             quota,
+            secrets: Secrets::default(),
             loaded: Mutex::default(),
         }
+    }
+
+    /// The secret values that grants may name.
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -184,6 +207,42 @@ impl PluginRegistry {
                 version: v,
             }),
         }
+    }
+
+    /// Replaces the plugin's grants. Every version they name must be
+    /// stored; nothing is stored when one is not.
+    pub async fn set_grants(&self, name: &str, grants: &PluginGrants) -> Result<(), PluginError> {
+        grants.validate().map_err(PluginError::InvalidGrants)?;
+        match self
+            .storage
+            .set_plugin_grants(name, grants, now_ms())
+            .await?
+        {
+            GrantOutcome::Set => Ok(()),
+            GrantOutcome::PluginNotFound => Err(PluginError::NoSuchPlugin(name.to_owned())),
+            GrantOutcome::UnknownVersion(version) => Err(PluginError::InvalidGrants(format!(
+                "versions: plugin `{name}` has no version `{version}`"
+            ))),
+        }
+    }
+
+    /// What a run of `name`@`version` in job `job_id` may read through
+    /// `wasi:config/store`: the grants in force now, with this host's
+    /// secret values.
+    pub async fn granted_config(
+        &self,
+        name: &str,
+        version: &str,
+        job_id: &str,
+    ) -> Result<GrantedConfig, PluginError> {
+        let grants = self.storage.plugin_grants(name).await?;
+        Ok(grants::resolve(
+            grants.as_ref(),
+            &self.secrets,
+            name,
+            version,
+            job_id,
+        ))
     }
 
     pub async fn list(&self) -> Result<Vec<PluginRecord>, PluginError> {

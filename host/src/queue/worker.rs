@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 use super::{Shared, recovery_policy};
 use crate::metrics::PhaseLabels;
 use crate::model::event::PhaseProgress;
-use crate::model::{Event, EventBody, Job, PhaseStatus, Progress, ResourceUsage};
-use crate::runtime::{PhaseFailure, PhaseResult, PhaseRun, ProgressSink};
+use crate::model::{Event, EventBody, Job, Phase, PhaseStatus, Progress, ResourceUsage};
+use crate::runtime::{
+    GrantedConfig, LoadedPlugin, PhaseFailure, PhaseResult, PhaseRun, ProgressSink,
+};
 use crate::storage::{
     AfterFailure, Claimed, Completion, Guarded, Lease, PhaseDone, PhaseFailed, RecoveryScope,
 };
@@ -204,11 +206,11 @@ async fn run_phase(
     cancel: &CancellationToken,
 ) -> PhaseResult {
     let phase = &job.phases[index];
-    let plugin = match shared.plugins.load(&phase.plugin, &phase.version).await {
-        Ok(plugin) => plugin,
-        Err(error) => {
+    let (plugin, granted) = match prepare(shared, &job.id, phase).await {
+        Ok(prepared) => prepared,
+        Err(failure) => {
             return PhaseResult {
-                outcome: Err(PhaseFailure::Fail(format!("cannot load plugin: {error}"))),
+                outcome: Err(failure),
                 log: Default::default(),
                 usage: Default::default(),
                 last_progress: None,
@@ -243,6 +245,7 @@ async fn run_phase(
         timeout: Duration::from_millis(phase.timeout_ms),
         cancel: cancel.clone(),
         progress: Some(report_progress),
+        granted,
     };
     let result = shared.plugins.runtime().run(&plugin, run).await;
     if let Some(progress) = &result.last_progress
@@ -265,6 +268,32 @@ async fn run_phase(
         .get_or_create(&labels)
         .observe(result.usage.wall_ms as f64 / 1000.0);
     result
+}
+
+/// The phase's plugin version, loaded, and what its run may read through
+/// `wasi:config/store` (the grants in force now; read only for plugins that
+/// import it).
+async fn prepare(
+    shared: &Shared,
+    job_id: &str,
+    phase: &Phase,
+) -> Result<(Arc<LoadedPlugin>, Option<Arc<GrantedConfig>>), PhaseFailure> {
+    let plugin = shared
+        .plugins
+        .load(&phase.plugin, &phase.version)
+        .await
+        .map_err(|error| PhaseFailure::Fail(format!("cannot load plugin: {error}")))?;
+    if !plugin.reads_config {
+        return Ok((plugin, None));
+    }
+    let granted = shared
+        .plugins
+        .granted_config(&phase.plugin, &phase.version, job_id)
+        .await
+        .map_err(|error| {
+            PhaseFailure::Retry(format!("cannot read the plugin's grants: {error}"))
+        })?;
+    Ok((plugin, Some(Arc::new(granted))))
 }
 
 async fn record_failure(

@@ -8,3 +8,4 @@ wasmtime::component::bindgen!({
 
 pub(super) use self::exports::jobhost::plugin::phase;
 pub(super) use self::jobhost::plugin::host;
+pub(super) use self::wasi::config::store as config_store;

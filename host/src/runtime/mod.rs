@@ -11,6 +11,7 @@
 mod bindings;
 mod cache;
 mod capture;
+mod config_store;
 mod engine;
 mod guest_text;
 mod plugin;
@@ -27,6 +28,7 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 pub use cache::CacheStats;
+pub use config_store::{Granted, GrantedConfig, secret_variable};
 pub use engine::{EpochTicker, pooling_config};
 pub use guest_text::{MAX_METADATA_DESCRIPTION, MAX_METADATA_NAME, MAX_PROGRESS_NOTE};
 pub use plugin::{LoadError, Loaded, LoadedPlugin, PluginMetadata, content_hash};

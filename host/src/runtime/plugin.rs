@@ -62,6 +62,9 @@ pub struct LoadedPlugin {
     pub content_hash: String,
     /// Size of the component in bytes.
     pub size: usize,
+    /// Whether it imports `wasi:config/store`: only then does a run need
+    /// its plugin's grants read.
+    pub reads_config: bool,
     pub(super) pre: PluginPre<PhaseState>,
 }
 
@@ -120,6 +123,10 @@ impl Runtime {
         let pre =
             PluginPre::new(instance_pre).map_err(|e| LoadError::NotAPlugin(format!("{e:#}")))?;
         let metadata = self.describe(&pre).await?;
+        let reads_config = component
+            .component_type()
+            .imports(&self.engine)
+            .any(|(name, _)| name.starts_with("wasi:config/store@"));
         let artifact_digest = if fresh {
             let (cache, hash) = (self.cache.clone(), hash.clone());
             tokio::task::spawn_blocking(move || cache.store(&hash, &component))
@@ -133,6 +140,7 @@ impl Runtime {
                 metadata,
                 content_hash: hash,
                 size: wasm.len(),
+                reads_config,
                 pre,
             }),
             artifact_digest,
@@ -182,6 +190,7 @@ impl Runtime {
             &limits,
             CancellationToken::new(),
             deadline,
+            None,
             None,
         );
         let mut store = sandboxed_store(self, state);

@@ -10,6 +10,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::Runtime;
 use super::bindings::phase;
+use super::config_store::GrantedConfig;
 use super::plugin::LoadedPlugin;
 use super::sandbox::{Interruption, PhaseState, SandboxLimits, SandboxReport};
 use crate::model::{Json, Progress, ResourceUsage};
@@ -35,6 +36,8 @@ pub struct PhaseRun {
     /// stops it by force at the next epoch tick.
     pub cancel: CancellationToken,
     pub progress: Option<ProgressSink>,
+    /// What `wasi:config/store` answers; `None` refuses every read.
+    pub granted: Option<Arc<GrantedConfig>>,
 }
 
 impl PhaseRun {
@@ -51,6 +54,7 @@ impl PhaseRun {
             timeout: Duration::from_secs(60),
             cancel: CancellationToken::new(),
             progress: None,
+            granted: None,
         }
     }
 }
@@ -232,6 +236,7 @@ impl Runtime {
             run.cancel.clone(),
             deadline,
             run.progress.clone(),
+            run.granted.clone(),
         );
         let mut store = sandboxed_store(self, state);
         let context = phase::Context {

@@ -6,6 +6,7 @@
 //! environment variables, no arguments, no stdin and no network; stdout and
 //! stderr go to bounded in-memory captures.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -15,6 +16,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{Plugin, host};
 use super::capture::BoundedCapture;
+use super::config_store::GrantedConfig;
 use super::guest_text::{MAX_PROGRESS_NOTE, cut};
 use super::run::{LogEntry, LogLevel, PhaseLog, ProgressSink};
 use crate::model::Progress;
@@ -58,6 +60,7 @@ pub(super) struct PhaseState {
     pub(super) ticks: u64,
     pub(super) interrupted: Option<Interruption>,
     plugin: String,
+    granted: Option<Arc<GrantedConfig>>,
 }
 
 /// What a run leaves behind once its store is dropped.
@@ -83,6 +86,7 @@ impl PhaseState {
         cancel: CancellationToken,
         deadline: Instant,
         progress: Option<ProgressSink>,
+        granted: Option<Arc<GrantedConfig>>,
     ) -> Self {
         let stdout = BoundedCapture::new(limits.captured_output);
         let stderr = BoundedCapture::new(limits.captured_output);
@@ -112,7 +116,17 @@ impl PhaseState {
             ticks: 0,
             interrupted: None,
             plugin: plugin.to_owned(),
+            granted,
         }
+    }
+
+    /// The guest's own name for its plugin (from `describe`).
+    pub(super) fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
+    pub(super) fn granted(&self) -> Option<&GrantedConfig> {
+        self.granted.as_deref()
     }
 
     pub(super) fn finish(self) -> SandboxReport {
@@ -185,7 +199,8 @@ impl From<host::Level> for LogLevel {
 }
 
 /// The linker every plugin is instantiated with: WASI preview 2 (denied by
-/// the context above) and the `jobhost:plugin/host` imports.
+/// the context above), the `jobhost:plugin/host` imports and
+/// `wasi:config/store` (answered from the run's grants).
 pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<PhaseState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;

@@ -1,5 +1,5 @@
 //! Moving an embedded installation to PostgreSQL: everything in the SQLite
-//! file (plugins with their bytes, jobs with their phases and attempt
+//! file (plugins with their bytes and grants, jobs with their phases and attempt
 //! errors, the event log with its sequence numbers, the webhook outbox,
 //! the pause) copied into an empty PostgreSQL database, in one transaction:
 //! all of it or nothing. SSE clients resume across the move: events keep
@@ -69,6 +69,10 @@ const TABLES: &[Table] = &[
             ("component", Bytes),
             ("uploaded_at", BigInt),
         ],
+    },
+    Table {
+        name: "plugin_grants",
+        columns: &[("plugin", Text), ("grants", Text), ("updated_at", BigInt)],
     },
     Table {
         name: "jobs",

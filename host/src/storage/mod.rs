@@ -41,8 +41,8 @@ pub use jobs::{
     PhaseFailed, Recovered, Recovery, RecoveryPolicy, RecoveryScope, RetryOutcome,
 };
 pub use plugins::{
-    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginQuota, PluginRecord,
-    PluginStore, PutOutcome, VersionRecord,
+    ActivateOutcome, DeleteVersionOutcome, GrantOutcome, NewPluginVersion, PluginQuota,
+    PluginRecord, PluginStore, PutOutcome, VersionRecord,
 };
 pub use postgres::PgOptions;
 pub use sqlite::Durability;

@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use super::Result;
+use crate::model::PluginGrants;
 
 /// A validated plugin version to store.
 pub struct NewPluginVersion {
@@ -88,12 +89,34 @@ pub enum DeleteVersionOutcome {
     Active,
 }
 
+/// Grants as stored (JSON text, on both backends).
+pub(super) fn decode_grants(json: &str) -> Result<PluginGrants> {
+    serde_json::from_str(json).map_err(|e| {
+        super::StorageError::new(
+            super::ErrorClass::Other,
+            format!("stored plugin grants do not decode: {e}"),
+        )
+    })
+}
+
+/// What setting a plugin's grants did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantOutcome {
+    Set,
+    PluginNotFound,
+    /// The grants name a version that is not stored.
+    UnknownVersion(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PluginRecord {
     pub name: String,
     pub active_version: Option<String>,
     /// Oldest upload first.
     pub versions: Vec<VersionRecord>,
+    /// What the operator granted it (never secret values: secrets are
+    /// named only). None until grants are set.
+    pub grants: Option<PluginGrants>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -133,6 +156,17 @@ pub trait PluginStore: Send + Sync {
 
     /// Records the digest of a compiled artifact just written.
     async fn record_artifact(&self, content_hash: &str, engine: &str, digest: &str) -> Result<()>;
+
+    /// Replaces a plugin's grants and logs `plugin:grants:changed`.
+    async fn set_plugin_grants(
+        &self,
+        name: &str,
+        grants: &PluginGrants,
+        now: i64,
+    ) -> Result<GrantOutcome>;
+
+    /// A plugin's grants, if the operator set any.
+    async fn plugin_grants(&self, name: &str) -> Result<Option<PluginGrants>>;
 
     /// The component bytes of a stored version.
     async fn plugin_component(&self, name: &str, version: &str) -> Result<Option<Vec<u8>>>;

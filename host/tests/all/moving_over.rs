@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use jobhost::model::PluginGrants;
 use jobhost::storage::{
     AfterFailure, ErrorClass, EventFilter, NewJob, PgOptions, PhaseFailed, Storage,
 };
@@ -12,11 +13,20 @@ use jobhost::storage::{
 use crate::conformance::{create, done, job, running, with_echo};
 use crate::fixture::postgres::{self, TestDatabase};
 
-/// An installation with some of everything: plugin versions, a completed
+/// An installation with some of everything: plugin versions with grants, a completed
 /// job with a webhook delivery waiting, a failed job, a running one, a
 /// pending one, a deleted one (whose events went with it), and a pause.
 async fn fill(store: &Arc<Storage>) -> Vec<String> {
     with_echo(store).await;
+    let grants = PluginGrants {
+        versions: vec!["2.0.0".into()],
+        config: [("region".to_owned(), "eu".to_owned())].into(),
+        secrets: vec!["token".into()],
+    };
+    store
+        .set_plugin_grants("echo", &grants, 2_000)
+        .await
+        .unwrap();
     let hooked = NewJob {
         webhook_url: Some("http://127.0.0.1:9/hook".into()),
         ..job("completed", 2)
@@ -82,6 +92,10 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     let sqlite = jobhost::storage::open_sqlite(&file, Default::default()).unwrap();
     let pg = jobhost::storage::open_postgres(&options).await.unwrap();
     assert_eq!(pg.plugins().await.unwrap(), sqlite.plugins().await.unwrap());
+    assert!(
+        pg.plugin_grants("echo").await.unwrap().is_some(),
+        "grants came over"
+    );
     assert_eq!(
         pg.plugin_component("echo", "2.0.0").await.unwrap(),
         sqlite.plugin_component("echo", "2.0.0").await.unwrap()

@@ -34,6 +34,8 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "__export_plugin",
         default_bindings_module: "jobhost_plugin::bindings",
+        // `wasi:config/store` comes from another package: generate it here.
+        generate_all,
     });
 }
 
@@ -117,6 +119,37 @@ pub fn progress(percent: u8, note: &str) {
 /// True once the host asks this run to stop. Poll it in long loops.
 pub fn cancelled() -> bool {
     bindings::jobhost::plugin::host::cancelled()
+}
+
+/// Configuration values and secrets the operator granted this plugin, read
+/// through the standard `wasi:config/store` interface. The host answers
+/// only the keys granted to this plugin version; any other key is an error
+/// that names the grant to ask for.
+pub mod config {
+    use crate::PhaseError;
+    use crate::bindings::wasi::config::store;
+
+    /// The value granted under `key` (a plain value or a secret). A key
+    /// that was not granted fails the phase permanently: retrying would not
+    /// help until an operator grants it.
+    pub fn get(key: &str) -> Result<String, PhaseError> {
+        match store::get(key) {
+            Ok(Some(value)) => Ok(value),
+            Ok(None) => Err(PhaseError::fail(format!("config key `{key}` is not set"))),
+            Err(error) => Err(PhaseError::fail(message(error))),
+        }
+    }
+
+    /// Every granted key with its value.
+    pub fn get_all() -> Result<Vec<(String, String)>, PhaseError> {
+        store::get_all().map_err(|error| PhaseError::fail(message(error)))
+    }
+
+    fn message(error: store::Error) -> String {
+        match error {
+            store::Error::Upstream(message) | store::Error::Io(message) => message,
+        }
+    }
 }
 
 /// Serializes a phase's output. Plugin outputs are JSON values, so this

@@ -7,11 +7,11 @@ use async_trait::async_trait;
 use deadpool_postgres::GenericClient;
 
 use super::{PgStore, Tx, WriteScope, execute, query, query_one, query_opt};
-use crate::model::event::{PluginActivated, PluginUploaded};
-use crate::model::{EventBody, NewEvent};
+use crate::model::event::{PluginActivated, PluginGrantsChanged, PluginUploaded};
+use crate::model::{EventBody, NewEvent, PluginGrants};
 use crate::storage::{
-    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginRecord, PluginStore, PutOutcome,
-    Result, VersionRecord,
+    ActivateOutcome, DeleteVersionOutcome, GrantOutcome, NewPluginVersion, PluginRecord,
+    PluginStore, PutOutcome, Result, VersionRecord, plugins::decode_grants,
 };
 
 /// The advisory lock plugin writes hold.
@@ -183,6 +183,7 @@ async fn delete_version(tx: &Tx<'_>, name: &str, version: &str) -> Result<Delete
     };
     if versions == 1 {
         execute(tx, "DELETE FROM plugins WHERE name = $1", &[&name]).await?;
+        execute(tx, "DELETE FROM plugin_grants WHERE plugin = $1", &[&name]).await?;
     }
     let still_used = query_opt(
         tx,
@@ -207,11 +208,59 @@ async fn delete_version(tx: &Tx<'_>, name: &str, version: &str) -> Result<Delete
     })
 }
 
+async fn set_grants(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    name: &str,
+    grants: &PluginGrants,
+    now: i64,
+) -> Result<GrantOutcome> {
+    lock_plugins(tx).await?;
+    if active_version(tx, name).await?.is_none() {
+        return Ok(GrantOutcome::PluginNotFound);
+    }
+    let unknown = query_opt(
+        tx,
+        "SELECT v FROM unnest($2::text[]) v
+         WHERE NOT EXISTS (SELECT 1 FROM plugin_versions WHERE plugin = $1 AND version = v)
+         LIMIT 1",
+        &[&name, &grants.versions],
+    )
+    .await?;
+    if let Some(row) = unknown {
+        return Ok(GrantOutcome::UnknownVersion(row.get(0)));
+    }
+    let json = serde_json::to_string(grants).expect("grants serialize");
+    execute(
+        tx,
+        "INSERT INTO plugin_grants (plugin, grants, updated_at) VALUES ($1, $2, $3)
+         ON CONFLICT (plugin) DO UPDATE SET grants = EXCLUDED.grants, updated_at = EXCLUDED.updated_at",
+        &[&name, &json, &now],
+    )
+    .await?;
+    let changed = EventBody::PluginGrantsChanged(PluginGrantsChanged::new(name, grants));
+    scope.emit(NewEvent::plugin(changed), now);
+    Ok(GrantOutcome::Set)
+}
+
+async fn grants_of(db: &impl GenericClient, name: &str) -> Result<Option<PluginGrants>> {
+    let row = query_opt(
+        db,
+        "SELECT grants FROM plugin_grants WHERE plugin = $1",
+        &[&name],
+    )
+    .await?;
+    row.map(|row| decode_grants(&row.get::<_, String>(0)))
+        .transpose()
+}
+
 async fn records(db: &impl GenericClient, name: Option<&str>) -> Result<Vec<PluginRecord>> {
     let rows = query(
         db,
-        "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at
+        "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at,
+                g.grants
          FROM plugins p JOIN plugin_versions v ON v.plugin = p.name
+         LEFT JOIN plugin_grants g ON g.plugin = p.name
          WHERE $1::text IS NULL OR p.name = $1
          ORDER BY p.name, v.uploaded_at, v.version",
         &[&name],
@@ -233,6 +282,10 @@ async fn records(db: &impl GenericClient, name: Option<&str>) -> Result<Vec<Plug
                 name,
                 active_version: row.get(1),
                 versions: vec![version],
+                grants: row
+                    .get::<_, Option<String>>(7)
+                    .map(|json| decode_grants(&json))
+                    .transpose()?,
             }),
         }
     }
@@ -309,6 +362,24 @@ impl PluginStore for PgStore {
         )
         .await?;
         Ok(())
+    }
+
+    async fn set_plugin_grants(
+        &self,
+        name: &str,
+        grants: &PluginGrants,
+        now: i64,
+    ) -> Result<GrantOutcome> {
+        let (name, grants) = (name.to_owned(), grants.clone());
+        self.write(move |tx, scope| {
+            Box::pin(async move { set_grants(tx, scope, &name, &grants, now).await })
+        })
+        .await
+    }
+
+    async fn plugin_grants(&self, name: &str) -> Result<Option<PluginGrants>> {
+        let client = self.client().await?;
+        grants_of(&client, name).await
     }
 
     async fn plugin_component(&self, name: &str, version: &str) -> Result<Option<Vec<u8>>> {

@@ -206,6 +206,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (content_hash, engine)
     );
     "#,
+    // 2: what the operator grants each plugin (`model::PluginGrants`, as
+    // JSON text, as on SQLite): secret names, never their values.
+    r#"
+    CREATE TABLE plugin_grants (
+        plugin     TEXT PRIMARY KEY,
+        grants     TEXT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -7,11 +7,11 @@ use async_trait::async_trait;
 
 use super::SqliteStore;
 use super::writer::EventLog;
-use crate::model::event::{PluginActivated, PluginUploaded};
-use crate::model::{EventBody, NewEvent};
+use crate::model::event::{PluginActivated, PluginGrantsChanged, PluginUploaded};
+use crate::model::{EventBody, NewEvent, PluginGrants};
 use crate::storage::{
-    ActivateOutcome, DeleteVersionOutcome, NewPluginVersion, PluginRecord, PluginStore, PutOutcome,
-    Result, VersionRecord,
+    ActivateOutcome, DeleteVersionOutcome, GrantOutcome, NewPluginVersion, PluginRecord,
+    PluginStore, PutOutcome, Result, VersionRecord, plugins::decode_grants,
 };
 
 fn active_version(conn: &Connection, name: &str) -> rusqlite::Result<Option<Option<String>>> {
@@ -142,6 +142,7 @@ fn delete_version(conn: &Connection, name: &str, version: &str) -> Result<Delete
     };
     if versions == 1 {
         conn.execute("DELETE FROM plugins WHERE name = ?1", [name])?;
+        conn.execute("DELETE FROM plugin_grants WHERE plugin = ?1", [name])?;
     }
     let still_used: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM plugin_versions WHERE content_hash = ?1)",
@@ -157,6 +158,43 @@ fn delete_version(conn: &Connection, name: &str, version: &str) -> Result<Delete
     Ok(DeleteVersionOutcome::Deleted {
         unused_content: Some(hash),
     })
+}
+
+fn set_grants(
+    conn: &Connection,
+    log: &mut EventLog,
+    name: &str,
+    grants: &PluginGrants,
+    now: i64,
+) -> Result<GrantOutcome> {
+    if active_version(conn, name)?.is_none() {
+        return Ok(GrantOutcome::PluginNotFound);
+    }
+    let mut exists = conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM plugin_versions WHERE plugin = ?1 AND version = ?2)",
+    )?;
+    for version in &grants.versions {
+        if !exists.query_row(params![name, version], |row| row.get::<_, bool>(0))? {
+            return Ok(GrantOutcome::UnknownVersion(version.clone()));
+        }
+    }
+    let json = serde_json::to_string(grants).expect("grants serialize");
+    conn.execute(
+        "INSERT INTO plugin_grants (plugin, grants, updated_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (plugin) DO UPDATE SET grants = excluded.grants, updated_at = excluded.updated_at",
+        params![name, json, now],
+    )?;
+    let changed = EventBody::PluginGrantsChanged(PluginGrantsChanged::new(name, grants));
+    log.emit(conn, NewEvent::plugin(changed), now)?;
+    Ok(GrantOutcome::Set)
+}
+
+fn grants_of(conn: &Connection, name: &str) -> Result<Option<PluginGrants>> {
+    let json: Option<String> = conn
+        .prepare_cached("SELECT grants FROM plugin_grants WHERE plugin = ?1")?
+        .query_row([name], |row| row.get(0))
+        .optional()?;
+    json.map(|json| decode_grants(&json)).transpose()
 }
 
 fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
@@ -188,8 +226,12 @@ fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
                 name,
                 active_version,
                 versions: vec![version],
+                grants: None,
             }),
         }
+    }
+    for plugin in &mut plugins {
+        plugin.grants = grants_of(conn, &plugin.name)?;
     }
     Ok(plugins)
 }
@@ -259,6 +301,22 @@ impl PluginStore for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn set_plugin_grants(
+        &self,
+        name: &str,
+        grants: &PluginGrants,
+        now: i64,
+    ) -> Result<GrantOutcome> {
+        let (name, grants) = (name.to_owned(), grants.clone());
+        self.write(move |conn, log| set_grants(conn, log, &name, &grants, now))
+            .await
+    }
+
+    async fn plugin_grants(&self, name: &str) -> Result<Option<PluginGrants>> {
+        let name = name.to_owned();
+        self.read(move |conn| grants_of(conn, &name)).await
     }
 
     async fn plugin_component(&self, name: &str, version: &str) -> Result<Option<Vec<u8>>> {

@@ -198,6 +198,15 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE TABLE cluster_state (paused INTEGER NOT NULL);
     INSERT INTO cluster_state VALUES (0);
     ",
+    // 9: what the operator grants each plugin (`model::PluginGrants`, as
+    // JSON): secret names, never their values.
+    "
+    CREATE TABLE plugin_grants (
+        plugin     TEXT PRIMARY KEY,
+        grants     TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// Brings the database up to the latest schema.

@@ -1,0 +1,214 @@
+//! `wasi:config/store@0.2.0-rc.1` for one run: the configuration values and
+//! secrets the operator granted the run's plugin version, resolved when its
+//! phase starts ([`GrantedConfig`]).
+//!
+//! jobhost implements the interface itself rather than linking
+//! `wasmtime-wasi-config`, whose `get` answers `none` for any missing key:
+//! here a key that was not granted is an `error::upstream` that names the
+//! grant to ask for, and the refusal is logged on the host too, since a
+//! guest's library may swallow the message. Values never reach a log.
+
+use std::collections::BTreeMap;
+
+use super::bindings::config_store::{Error, Host};
+use super::sandbox::PhaseState;
+
+/// What a run may read, resolved from its plugin's grants when its phase
+/// starts: a later change of the grants reaches the next run, not this one.
+#[derive(Clone)]
+pub struct GrantedConfig {
+    /// The plugin's stored name and version, and the job: for messages.
+    pub plugin: String,
+    pub version: String,
+    pub job_id: String,
+    pub grants: Granted,
+}
+
+#[derive(Clone)]
+pub enum Granted {
+    /// The operator set no grants for the plugin.
+    Nothing,
+    /// The plugin has grants, but they do not cover this version.
+    OtherVersions(Vec<String>),
+    /// Key → value. A granted secret this host holds no value for maps to
+    /// `None`: reading it fails, saying so.
+    Values(BTreeMap<String, Option<String>>),
+}
+
+/// Values stay out of debug output.
+impl std::fmt::Debug for GrantedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&String> = match &self.grants {
+            Granted::Values(values) => values.keys().collect(),
+            _ => Vec::new(),
+        };
+        f.debug_struct("GrantedConfig")
+            .field("plugin", &self.plugin)
+            .field("version", &self.version)
+            .field("keys", &keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrantedConfig {
+    fn where_to_grant(&self) -> String {
+        format!(
+            "an operator grants it in PUT /plugins/{}/grants, or `jobhost plugin grant {}`",
+            self.plugin, self.plugin
+        )
+    }
+
+    /// Why nothing at all can be read, if so.
+    fn refusal(&self) -> Option<String> {
+        let (plugin, version) = (&self.plugin, &self.version);
+        match &self.grants {
+            Granted::Nothing => Some(format!(
+                "plugin `{plugin}` has no grants: {}",
+                self.where_to_grant()
+            )),
+            Granted::OtherVersions(covered) => Some(format!(
+                "the grants of plugin `{plugin}` do not cover version {version} (they cover {}): \
+                 an operator adds it to `versions` in PUT /plugins/{plugin}/grants",
+                if covered.is_empty() {
+                    "none".to_owned()
+                } else {
+                    covered.join(", ")
+                }
+            )),
+            Granted::Values(_) => None,
+        }
+    }
+
+    /// The value of `key`, or why the guest may not have it.
+    pub fn get(&self, key: &str) -> Result<String, String> {
+        if let Some(refusal) = self.refusal() {
+            return Err(format!("config key `{key}` refused: {refusal}"));
+        }
+        let Granted::Values(values) = &self.grants else {
+            unreachable!("no refusal means values")
+        };
+        match values.get(key) {
+            Some(Some(value)) => Ok(value.clone()),
+            Some(None) => Err(format!(
+                "secret `{key}` is granted to plugin `{}` but this host holds no value for it: \
+                 set {} or add it to the server's secrets file",
+                self.plugin,
+                secret_variable(key)
+            )),
+            None => Err(format!(
+                "config key `{key}` is not granted to plugin `{}` {}: {}",
+                self.plugin,
+                self.version,
+                self.where_to_grant()
+            )),
+        }
+    }
+
+    /// Every granted key with its value, or why not.
+    pub fn get_all(&self) -> Result<Vec<(String, String)>, String> {
+        if let Some(refusal) = self.refusal() {
+            return Err(refusal);
+        }
+        let Granted::Values(values) = &self.grants else {
+            unreachable!("no refusal means values")
+        };
+        values
+            .keys()
+            .map(|key| Ok((key.clone(), self.get(key)?)))
+            .collect()
+    }
+}
+
+/// The environment variable a secret's value is read from.
+pub fn secret_variable(name: &str) -> String {
+    format!("JOBHOST_SECRET_{}", name.to_ascii_uppercase())
+}
+
+impl PhaseState {
+    fn refused(&self, what: &str, reason: String) -> Error {
+        let granted = self.granted();
+        tracing::warn!(
+            plugin = %granted.map_or(self.plugin(), |g| g.plugin.as_str()),
+            job = %granted.map_or("-", |g| g.job_id.as_str()),
+            asked = %what,
+            %reason,
+            "refused a guest's config read"
+        );
+        Error::Upstream(reason)
+    }
+}
+
+impl Host for PhaseState {
+    fn get(&mut self, key: String) -> Result<Option<String>, Error> {
+        let answer = match self.granted() {
+            Some(granted) => granted.get(&key),
+            None => Err(format!(
+                "config key `{key}` refused: this run has no grants"
+            )),
+        };
+        answer
+            .map(Some)
+            .map_err(|reason| self.refused(&format!("get {key}"), reason))
+    }
+
+    fn get_all(&mut self) -> Result<Vec<(String, String)>, Error> {
+        let answer = match self.granted() {
+            Some(granted) => granted.get_all(),
+            None => Err("this run has no grants".to_owned()),
+        };
+        answer.map_err(|reason| self.refused("get-all", reason))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(grants: Granted) -> GrantedConfig {
+        GrantedConfig {
+            plugin: "mailer".into(),
+            version: "2.0.0".into(),
+            job_id: "j1".into(),
+            grants,
+        }
+    }
+
+    #[test]
+    fn granted_keys_read_and_the_rest_name_the_grant() {
+        let values = BTreeMap::from([
+            ("region".to_owned(), Some("eu".to_owned())),
+            ("api_key".to_owned(), None),
+        ]);
+        let granted = config(Granted::Values(values));
+        assert_eq!(granted.get("region").unwrap(), "eu");
+        let missing = granted.get("smtp_password").unwrap_err();
+        assert!(missing.contains("`smtp_password` is not granted to plugin `mailer` 2.0.0"));
+        assert!(missing.contains("PUT /plugins/mailer/grants"), "{missing}");
+        let no_value = granted.get("api_key").unwrap_err();
+        assert!(no_value.contains("JOBHOST_SECRET_API_KEY"), "{no_value}");
+        assert!(granted.get_all().unwrap_err().contains("api_key"));
+    }
+
+    #[test]
+    fn an_uncovered_version_and_no_grants_refuse_everything() {
+        let other = config(Granted::OtherVersions(vec!["1.0.0".into()]));
+        let refused = other.get("region").unwrap_err();
+        assert!(refused.contains("do not cover version 2.0.0 (they cover 1.0.0)"));
+        assert!(
+            config(Granted::Nothing)
+                .get_all()
+                .unwrap_err()
+                .contains("has no grants")
+        );
+    }
+
+    #[test]
+    fn debug_output_shows_keys_not_values() {
+        let values = BTreeMap::from([("token".to_owned(), Some("s3cr3t".to_owned()))]);
+        let shown = format!("{:?}", config(Granted::Values(values)));
+        assert!(
+            shown.contains("token") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+    }
+}
