@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::outbound::AddressPolicy;
 use crate::plugins::Secrets;
 use crate::queue::QueueConfig;
-use crate::runtime::RuntimeConfig;
+use crate::runtime::{HttpLimits, RuntimeConfig};
 use crate::storage::postgres::{DEFAULT_LEASE, DEFAULT_POOL_SIZE, MIN_LEASE, PgOptions};
 use crate::storage::{Durability, PluginQuota};
 use crate::webhooks::{self, Secret};
@@ -175,6 +175,28 @@ pub struct ServeArgs {
     /// variables add to it and win [default: none].
     #[arg(long, env = "JOBHOST_SECRETS_FILE")]
     pub secrets_file: Option<PathBuf>,
+    /// HTTP requests one phase run may send [default: 100].
+    #[arg(long, env = "JOBHOST_GUEST_HTTP_MAX_REQUESTS")]
+    pub guest_http_max_requests: Option<u64>,
+    /// Bytes of HTTP request bodies one run may send, in KiB [default: 8192].
+    #[arg(long, env = "JOBHOST_GUEST_HTTP_MAX_SENT_KB")]
+    pub guest_http_max_sent_kb: Option<u64>,
+    /// Bytes of HTTP response bodies one run may receive, in KiB
+    /// [default: 32768].
+    #[arg(long, env = "JOBHOST_GUEST_HTTP_MAX_RECEIVED_KB")]
+    pub guest_http_max_received_kb: Option<u64>,
+    /// Guest HTTP requests in flight at once on this host, all runs
+    /// together; more wait [default: 64].
+    #[arg(long, env = "JOBHOST_GUEST_HTTP_MAX_IN_FLIGHT")]
+    pub guest_http_max_in_flight: Option<usize>,
+    /// Longest wait for a guest HTTP response's headers (connecting
+    /// included), and for each next chunk of its body [default: 30s].
+    #[arg(long, env = "JOBHOST_GUEST_HTTP_TIMEOUT")]
+    pub guest_http_timeout: Option<HumanDuration>,
+    /// A PEM file of CA certificates that guest HTTPS trusts besides the
+    /// system's roots [default: none].
+    #[arg(long, env = "JOBHOST_GUEST_HTTP_CA_FILE")]
+    pub guest_http_ca_file: Option<PathBuf>,
     /// Timeout of one webhook delivery attempt [default: 10s].
     #[arg(long, env = "JOBHOST_WEBHOOK_TIMEOUT")]
     pub webhook_timeout: Option<HumanDuration>,
@@ -197,6 +219,20 @@ pub struct ServeArgs {
     /// a trap), in bytes; the rest is cut with a marker [default: 4096].
     #[arg(long, env = "JOBHOST_MAX_ERROR_BYTES")]
     pub max_error_bytes: Option<usize>,
+}
+
+/// The CA certificates of a PEM file.
+fn read_roots(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("reading guest-http-ca-file {}", path.display()))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("guest-http-ca-file {}", path.display()))?;
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "guest-http-ca-file {}: no certificate in it",
+        path.display()
+    );
+    Ok(roots)
 }
 
 /// The resolved configuration.
@@ -302,6 +338,40 @@ impl ServeArgs {
                 .or(file.max_error_bytes)
                 .unwrap_or(runtime_defaults.max_error_bytes),
             cache_dir: Some(data_dir.join("compiled")),
+            http: {
+                let defaults = HttpLimits::default();
+                let timeout = duration(
+                    self.guest_http_timeout,
+                    file.guest_http_timeout,
+                    Some(defaults.response_timeout),
+                )
+                .unwrap_or(defaults.response_timeout);
+                HttpLimits {
+                    max_requests: self
+                        .guest_http_max_requests
+                        .or(file.guest_http_max_requests)
+                        .unwrap_or(defaults.max_requests),
+                    max_request_bytes: self
+                        .guest_http_max_sent_kb
+                        .or(file.guest_http_max_sent_kb)
+                        .map_or(defaults.max_request_bytes, |kb| kb << 10),
+                    max_response_bytes: self
+                        .guest_http_max_received_kb
+                        .or(file.guest_http_max_received_kb)
+                        .map_or(defaults.max_response_bytes, |kb| kb << 10),
+                    per_host: self
+                        .guest_http_max_in_flight
+                        .or(file.guest_http_max_in_flight)
+                        .unwrap_or(defaults.per_host),
+                    response_timeout: timeout,
+                    idle_timeout: timeout,
+                    extra_roots: match self.guest_http_ca_file.or(file.guest_http_ca_file) {
+                        Some(path) => read_roots(&path)?,
+                        None => Vec::new(),
+                    },
+                    ..defaults
+                }
+            },
             ..runtime_defaults
         };
         let listen = self
@@ -395,7 +465,6 @@ impl ServeArgs {
                 .or(file.webhook_max_attempts)
                 .unwrap_or(webhooks::DEFAULT_MAX_ATTEMPTS)
                 .max(1),
-            outbound,
             plugin_quota: PluginQuota {
                 max_versions: self
                     .max_plugin_versions
@@ -428,7 +497,12 @@ impl ServeArgs {
                 .unwrap_or(64),
             data_dir,
             queue,
-            runtime,
+            // Guest HTTP and webhooks share the one address policy.
+            runtime: RuntimeConfig {
+                outbound: outbound.clone(),
+                ..runtime
+            },
+            outbound,
         })
     }
 }

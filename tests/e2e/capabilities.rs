@@ -1,11 +1,18 @@
-//! Grants: what an operator lets a plugin read through `wasi:config/store`,
-//! set over HTTP and read by a real component, with secret values that stay
-//! out of every route, event and log.
+//! Grants: what an operator lets a plugin read through `wasi:config/store`
+//! and call through `wasi:http`, set over HTTP and used by real components
+//! against a real API, with secret values that stay out of every route,
+//! event and log.
 
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::routing::{get, post};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
-use crate::server::Server;
+use crate::server::{Server, TIMEOUT};
 
 const ADMIN: &str = "adm1n";
 const SUBMITTER: &str = "submitter-1";
@@ -68,6 +75,7 @@ async fn a_plugin_reads_what_its_version_was_granted_and_nothing_else() {
         "versions": ["1.0.0"],
         "config": {"region": "eu-west-1"},
         "secrets": ["mail_token", "smtp_password"],
+        "http": [],
     });
     let (status, _) = put_grants(&server, SUBMITTER, &grants).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
@@ -75,7 +83,7 @@ async fn a_plugin_reads_what_its_version_was_granted_and_nothing_else() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"]["code"], "invalid_grants");
     assert!(body["error"]["message"].as_str().unwrap().contains("9.9.9"));
-    let (status, body) = put_grants(&server, ADMIN, &json!({"versions": [], "http": []})).await;
+    let (status, body) = put_grants(&server, ADMIN, &json!({"versions": [], "net": []})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let (_, plugin) = server.get("/plugins/read-config").await;
     assert_eq!(
@@ -174,4 +182,189 @@ async fn a_plugin_built_before_config_existed_still_runs() {
     let job = server.wait_finished(job["id"].as_str().unwrap()).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["phases"][0]["output"]["payload"], 7);
+}
+
+/// An API a phase may call: counts the requests that reach it.
+struct Api {
+    url: String,
+    hits: watch::Receiver<usize>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Api {
+    async fn start() -> Api {
+        let (counted, hits) = watch::channel(0);
+        let counted = Arc::new(counted);
+        let app = Router::new()
+            .route("/hello", get(|| async { "hi from the api" }))
+            .route(
+                "/echo",
+                post(|body: Bytes| async move { format!("got {} bytes", body.len()) }),
+            )
+            .route("/big", get(|| async { "x".repeat(64 << 10) }))
+            .route("/never", get(std::future::pending::<&'static str>))
+            .layer(axum::middleware::from_fn(
+                move |request: axum::extract::Request, next: axum::middleware::Next| {
+                    counted.send_modify(|hits| *hits += 1);
+                    next.run(request)
+                },
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Api {
+            url,
+            hits,
+            _server: server,
+        }
+    }
+
+    fn hits(&self) -> usize {
+        *self.hits.borrow()
+    }
+
+    /// Waits until `count` requests have reached it.
+    async fn reached(&self, count: usize) {
+        let mut hits = self.hits.clone();
+        tokio::time::timeout(TIMEOUT, hits.wait_for(|hits| *hits >= count))
+            .await
+            .expect("the request never reached the API")
+            .unwrap();
+    }
+}
+
+/// Runs `fetch` 1.0.0 on `requests`; returns the finished job.
+async fn fetch(server: &Server, requests: Value, timeout_ms: u64) -> Value {
+    let job = server
+        .submit(&json!({
+            "phases": [{"name": "fetch", "plugin": "fetch", "timeout_ms": timeout_ms}],
+            "payload": {"requests": requests},
+            "max_attempts": 1,
+        }))
+        .await;
+    server.wait_finished(job["id"].as_str().unwrap()).await
+}
+
+async fn grant_http(server: &Server, origins: &[&str]) {
+    let grants = json!({"versions": ["1.0.0"], "http": origins});
+    let (status, body) = server
+        .send(
+            server
+                .client
+                .put(server.url("/plugins/fetch/grants"))
+                .json(&grants),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn a_plugin_calls_only_the_origins_granted_to_it_within_its_caps() {
+    let api = Api::start().await;
+    let server = Server::start(&[
+        "--guest-http-max-requests",
+        "4",
+        "--guest-http-max-received-kb",
+        "16",
+    ])
+    .await;
+    server
+        .upload("fetch", "1.0.0", plugin_artifacts::FETCH)
+        .await;
+    let hello = format!("{}/hello", api.url);
+
+    // Without grants nothing is sent.
+    let job = fetch(&server, json!([{"url": hello}]), 30_000).await;
+    let error = job["phases"][0]["output"][0]["error"].as_str().unwrap();
+    assert!(error.contains("has no grants"), "{error}");
+    assert_eq!(api.hits(), 0);
+
+    grant_http(&server, &[&api.url]).await;
+    let port = api.url.rsplit(':').next().unwrap();
+    let requests = json!([
+        {"url": hello},
+        {"url": format!("{}/echo", api.url), "method": "POST", "body": "abcdef"},
+        // Another name for the same address is another origin.
+        {"url": format!("http://localhost:{port}/hello")},
+        {"url": hello},
+        // Past the run's 16 KiB of responses: this one, and any after it.
+        {"url": format!("{}/big", api.url)},
+        {"url": hello},
+    ]);
+    let job = fetch(&server, requests, 30_000).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let out = &job["phases"][0]["output"];
+    assert_eq!(out[0], json!({"status": 200, "body": "hi from the api"}));
+    assert_eq!(out[1], json!({"status": 200, "body": "got 6 bytes"}));
+    let other_origin = out[2]["error"].as_str().unwrap();
+    assert!(
+        other_origin.contains(&format!(
+            "origin http://localhost:{port} is not granted to plugin `fetch` 1.0.0"
+        )),
+        "{other_origin}"
+    );
+    assert_eq!(out[3]["status"], 200);
+    let too_big = out[4]["error"].as_str().unwrap();
+    assert!(
+        too_big.contains("response body size exceeds limit: 16384 bytes"),
+        "{too_big}"
+    );
+    let over_cap = out[5]["error"].as_str().unwrap();
+    assert!(over_cap.contains("limit of 4 HTTP requests"), "{over_cap}");
+    assert_eq!(api.hits(), 4, "refused requests never connect");
+    let usage = &job["phases"][0]["usage"];
+    assert_eq!(usage["http_requests"], 4, "{usage}");
+    assert_eq!(usage["http_bytes_out"], 6, "{usage}");
+    assert!(
+        usage["http_bytes_in"].as_u64().unwrap() > 16 << 10,
+        "{usage}"
+    );
+
+    // A wildcard never admits a loopback address.
+    grant_http(&server, &["http://*:*"]).await;
+    let job = fetch(&server, json!([{"url": hello}]), 30_000).await;
+    let error = job["phases"][0]["output"][0]["error"].as_str().unwrap();
+    assert!(error.contains("loopback"), "{error}");
+    assert_eq!(api.hits(), 4);
+
+    let log = server.log();
+    assert!(
+        log.contains("refused a guest's HTTP request"),
+        "refusals are logged"
+    );
+    assert!(log.contains("guest HTTP request") && log.contains("status=200"));
+    assert!(
+        !log.contains("hi from the api"),
+        "bodies stay out of the log"
+    );
+}
+
+#[tokio::test]
+async fn a_guest_waiting_on_http_is_stopped_by_its_timeout_and_by_cancel() {
+    let api = Api::start().await;
+    let server = Server::start(&[]).await;
+    server
+        .upload("fetch", "1.0.0", plugin_artifacts::FETCH)
+        .await;
+    grant_http(&server, &[&api.url]).await;
+    let never = json!([{"url": format!("{}/never", api.url)}]);
+
+    let job = fetch(&server, never.clone(), 1_000).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["phases"][0]["error"].as_str().unwrap();
+    assert!(error.contains("timed out"), "{error}");
+
+    let job = server
+        .submit(&json!({
+            "phases": [{"name": "fetch", "plugin": "fetch"}],
+            "payload": {"requests": never},
+        }))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    let mut events = server.events(&format!("/jobs/{id}/events"), None).await;
+    events.until(id, "job:phase:started").await;
+    api.reached(2).await;
+    let (status, cancelled) = server.post(&format!("/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled");
 }

@@ -30,7 +30,7 @@ pub enum RawPooling {
     /// wasmtime's defaults.
     Defaults,
     /// The settings jobhost derives from this configuration.
-    SameAs(RuntimeConfig),
+    SameAs(Box<RuntimeConfig>),
 }
 
 pub struct RawWasmtime {

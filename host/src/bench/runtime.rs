@@ -99,7 +99,7 @@ pub async fn phase_overhead(args: &BenchArgs) -> anyhow::Result<()> {
         Subject::Raw(Arc::new(RawWasmtime::new(
             &wasm,
             false,
-            RawPooling::SameAs(config),
+            RawPooling::SameAs(Box::new(config)),
         )?)),
         Subject::Raw(Arc::new(RawWasmtime::new(
             &wasm,

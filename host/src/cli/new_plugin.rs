@@ -142,6 +142,7 @@ edition = "2024"
 serde = {{ version = "1", features = ["derive"] }}
 serde_json = "1"
 wit-bindgen = {{ version = "0.61", default-features = false, features = ["macros", "realloc"] }}
+wstd = "0.6"
 "#
             ),
         ),

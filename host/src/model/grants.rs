@@ -1,6 +1,7 @@
 //! What the operator grants a plugin ([`PluginGrants`]): the versions the
-//! grants cover, plain configuration values, and the names of secrets whose
-//! values the host holds. Grants are operator data, set through the admin
+//! grants cover, plain configuration values, the names of secrets whose
+//! values the host holds, and the origins its phases may call over HTTP
+//! ([`OriginRule`]). Grants are operator data, set through the admin
 //! API and never part of a job spec.
 //!
 //! A new version of a plugin does not inherit its grants: they name the
@@ -9,6 +10,7 @@
 //! it to `versions`.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +24,10 @@ pub mod limits {
     pub const MAX_KEY_LEN: usize = 128;
     /// Longest plain configuration value.
     pub const MAX_VALUE_BYTES: usize = 4 << 10;
+    /// Origins one plugin may call.
+    pub const MAX_ORIGINS: usize = 64;
+    /// Longest origin rule.
+    pub const MAX_ORIGIN_LEN: usize = 256;
 }
 
 /// What a plugin's phases may read through `wasi:config/store`.
@@ -39,6 +45,13 @@ pub struct PluginGrants {
     /// the database. A guest reads a secret under its name, like a key.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Origins the plugin's phases may send HTTP requests to, as
+    /// `scheme://host[:port]`: `https://api.example.com`,
+    /// `https://*.example.org` (any subdomain), `http://127.0.0.1:9000`,
+    /// `https://api.example.com:*` (any port). Anything else is refused
+    /// before any connection.
+    #[serde(default)]
+    pub http: Vec<String>,
 }
 
 impl PluginGrants {
@@ -71,6 +84,12 @@ impl PluginGrants {
                 ));
             }
         }
+        if self.http.len() > MAX_ORIGINS {
+            return Err(format!("http: at most {MAX_ORIGINS} origins"));
+        }
+        for rule in &self.http {
+            OriginRule::parse(rule).map_err(|e| format!("http: `{rule}`: {e}"))?;
+        }
         let mut secrets = self.secrets.clone();
         secrets.sort();
         if secrets.windows(2).any(|pair| pair[0] == pair[1]) {
@@ -79,9 +98,128 @@ impl PluginGrants {
         Ok(())
     }
 
+    /// The parsed `http` rules (the grants were validated when set).
+    pub fn origin_rules(&self) -> Vec<OriginRule> {
+        self.http
+            .iter()
+            .filter_map(|rule| OriginRule::parse(rule).ok())
+            .collect()
+    }
+
     /// Whether these grants cover `version` of the plugin.
     pub fn covers(&self, version: &str) -> bool {
         self.versions.iter().any(|v| v == version)
+    }
+}
+
+/// One allowed origin of outbound HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginRule {
+    pub https: bool,
+    pub host: HostRule,
+    /// `None`: any port.
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostRule {
+    /// This host name, lower-cased.
+    Name(String),
+    /// This address: the one kind of rule that admits a loopback, private
+    /// or link-local target (the operator named it).
+    Address(IpAddr),
+    /// Any subdomain of this suffix (`*.example.org`), not the suffix.
+    Subdomains(String),
+    /// Any host (`*`).
+    Any,
+}
+
+impl OriginRule {
+    pub fn parse(rule: &str) -> Result<OriginRule, String> {
+        if rule.len() > limits::MAX_ORIGIN_LEN {
+            return Err(format!("at most {} bytes", limits::MAX_ORIGIN_LEN));
+        }
+        let (https, rest) = if let Some(rest) = rule.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = rule.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err("must start with http:// or https://".into());
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err("an origin has no path, query or user".into());
+        }
+        let (host, port) = split_port(rest)?;
+        let default_port = if https { 443 } else { 80 };
+        let port = match port {
+            None => Some(default_port),
+            Some("*") => None,
+            Some(port) => Some(port.parse().map_err(|_| format!("bad port `{port}`"))?),
+        };
+        let host = if host == "*" {
+            HostRule::Any
+        } else if let Some(suffix) = host.strip_prefix("*.") {
+            check_host_name(suffix)?;
+            HostRule::Subdomains(suffix.to_ascii_lowercase())
+        } else if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            HostRule::Address(v6.parse().map_err(|_| format!("bad address `{v6}`"))?)
+        } else if let Ok(address) = host.parse::<IpAddr>() {
+            HostRule::Address(address)
+        } else {
+            check_host_name(host)?;
+            HostRule::Name(host.to_ascii_lowercase())
+        };
+        Ok(OriginRule { https, host, port })
+    }
+
+    /// Whether a request to `scheme://host:port` passes this rule; `host`
+    /// as in a URL (IPv6 in brackets or not).
+    pub fn matches(&self, https: bool, host: &str, port: u16) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let host_matches = match &self.host {
+            HostRule::Any => true,
+            HostRule::Name(name) => host.eq_ignore_ascii_case(name),
+            HostRule::Address(address) => host.parse::<IpAddr>().is_ok_and(|a| a == *address),
+            HostRule::Subdomains(suffix) => {
+                let host = host.to_ascii_lowercase();
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix.as_str())
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+        };
+        self.https == https && host_matches && self.port.is_none_or(|p| p == port)
+    }
+}
+
+/// `host[:port]`, with an IPv6 host in brackets.
+fn split_port(authority: &str) -> Result<(&str, Option<&str>), String> {
+    if authority.starts_with('[') {
+        let end = authority.find(']').ok_or("unclosed `[`")?;
+        let (host, rest) = authority.split_at(end + 1);
+        return match rest.strip_prefix(':') {
+            Some(port) => Ok((host, Some(port))),
+            None if rest.is_empty() => Ok((host, None)),
+            None => Err("junk after the address".into()),
+        };
+    }
+    Ok(match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    })
+}
+
+fn check_host_name(host: &str) -> Result<(), String> {
+    let valid = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("bad host `{host}`"))
     }
 }
 
@@ -133,10 +271,43 @@ mod tests {
     }
 
     #[test]
+    fn origin_rules_match_scheme_host_and_port() {
+        let rule = |text| OriginRule::parse(text).unwrap();
+        let exact = rule("https://api.example.com");
+        assert!(exact.matches(true, "API.example.com", 443));
+        assert!(!exact.matches(false, "api.example.com", 443), "scheme");
+        assert!(!exact.matches(true, "api.example.com", 8443), "port");
+        assert!(!exact.matches(true, "evil.api.example.com", 443));
+        let subdomains = rule("https://*.example.org");
+        assert!(subdomains.matches(true, "a.b.example.org", 443));
+        assert!(
+            !subdomains.matches(true, "example.org", 443),
+            "not the apex"
+        );
+        assert!(!subdomains.matches(true, "badexample.org", 443));
+        let local = rule("http://127.0.0.1:9000");
+        assert_eq!(local.host, HostRule::Address("127.0.0.1".parse().unwrap()));
+        assert!(local.matches(false, "127.0.0.1", 9000));
+        assert!(rule("http://[::1]:*").matches(false, "[::1]", 1234));
+        assert!(rule("https://*").matches(true, "anything.example", 443));
+        for bad in [
+            "ftp://x",
+            "https://x/path",
+            "https://user@x",
+            "https://x:99999",
+            "https://exa mple.com",
+            "https://",
+        ] {
+            assert!(OriginRule::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_grants_name_the_field() {
         let refused = |value| grants(value).unwrap_err();
         assert!(refused(json!({"config": {}})).contains("versions"));
-        assert!(refused(json!({"versions": [], "http": []})).contains("unknown field"));
+        assert!(refused(json!({"versions": [], "net": []})).contains("unknown field"));
+        assert!(refused(json!({"versions": [], "http": ["api.example.com"]})).starts_with("http:"));
         assert!(refused(json!({"versions": [], "config": {"a b": "x"}})).starts_with("config:"));
         assert!(refused(json!({"versions": [], "secrets": ["Stripe"]})).starts_with("secrets:"));
         assert!(refused(json!({"versions": [], "secrets": ["a", "a"]})).contains("twice"));

@@ -20,4 +20,15 @@ pub struct ResourceUsage {
     pub output_bytes: u64,
     /// Bytes of `log()` messages plus stdout plus stderr, kept or not.
     pub log_bytes: u64,
+    /// Requests sent through `wasi:http` (refused ones not counted).
+    #[serde(default)]
+    pub http_requests: u64,
+    /// Bytes of request bodies sent, and of response bodies received.
+    #[serde(default)]
+    pub http_bytes_out: u64,
+    #[serde(default)]
+    pub http_bytes_in: u64,
+    /// Time spent waiting for responses' headers, all requests together.
+    #[serde(default)]
+    pub http_wait_ms: u64,
 }

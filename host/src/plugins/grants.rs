@@ -1,6 +1,6 @@
 //! Grants at run time: the secret values this host holds ([`Secrets`]), and
 //! a plugin version's grants resolved into what one run may read
-//! ([`GrantedConfig`]).
+//! ([`RunGrants`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::model::PluginGrants;
-use crate::runtime::{Granted, GrantedConfig};
+use crate::runtime::{Covered, Granted, RunGrants};
 
 /// Environment variables with this prefix hold secrets: a grant names a
 /// secret, never a variable, so no grant reaches the server's own settings.
@@ -91,7 +91,7 @@ pub fn resolve(
     plugin: &str,
     version: &str,
     job_id: &str,
-) -> GrantedConfig {
+) -> RunGrants {
     let granted = match grants {
         None => Granted::Nothing,
         Some(grants) if !grants.covers(version) => Granted::OtherVersions(grants.versions.clone()),
@@ -104,10 +104,13 @@ pub fn resolve(
                 .secrets
                 .iter()
                 .map(|name| (name.clone(), secrets.get(name).cloned()));
-            Granted::Values(plain.chain(secret).collect())
+            Granted::Covered(Covered {
+                values: plain.chain(secret).collect(),
+                http: grants.origin_rules(),
+            })
         }
     };
-    GrantedConfig {
+    RunGrants {
         plugin: plugin.to_owned(),
         version: version.to_owned(),
         job_id: job_id.to_owned(),
@@ -169,6 +172,7 @@ mod tests {
             versions: vec!["1.0.0".into()],
             config: BTreeMap::from([("region".into(), "eu".into())]),
             secrets: vec!["token".into(), "absent".into()],
+            ..Default::default()
         };
         let secrets = Secrets::load(None, vars(&[("JOBHOST_SECRET_TOKEN", "t0k")])).unwrap();
         let run = resolve(Some(&grants), &secrets, "p", "1.0.0", "j");

@@ -7,8 +7,8 @@
 //! v1 and the next job enqueued runs v2.
 //!
 //! Grants (`grants`) are read when a phase of a plugin that imports
-//! `wasi:config/store` starts, so every host sees a change at the next
-//! phase; plugins that do not import it cost no read.
+//! `wasi:config/store` or `wasi:http` starts, so every host sees a change
+//! at the next phase; plugins that import neither cost no read.
 
 mod grants;
 
@@ -19,9 +19,7 @@ use tokio::sync::Mutex;
 
 use crate::model::PluginGrants;
 use crate::model::time::now_ms;
-use crate::runtime::{
-    GrantedConfig, LoadError, LoadedPlugin, PluginMetadata, Runtime, content_hash,
-};
+use crate::runtime::{LoadError, LoadedPlugin, PluginMetadata, RunGrants, Runtime, content_hash};
 use crate::storage::{
     ActivateOutcome, DeleteVersionOutcome, GrantOutcome, NewPluginVersion, PluginQuota,
     PluginRecord, PutOutcome, Storage, StorageError,
@@ -227,14 +225,14 @@ impl PluginRegistry {
     }
 
     /// What a run of `name`@`version` in job `job_id` may read through
-    /// `wasi:config/store`: the grants in force now, with this host's
-    /// secret values.
+    /// `wasi:config/store` and call through `wasi:http`: the grants in
+    /// force now, with this host's secret values.
     pub async fn granted_config(
         &self,
         name: &str,
         version: &str,
         job_id: &str,
-    ) -> Result<GrantedConfig, PluginError> {
+    ) -> Result<RunGrants, PluginError> {
         let grants = self.storage.plugin_grants(name).await?;
         Ok(grants::resolve(
             grants.as_ref(),

@@ -12,9 +12,7 @@ use super::{Shared, recovery_policy};
 use crate::metrics::PhaseLabels;
 use crate::model::event::PhaseProgress;
 use crate::model::{Event, EventBody, Job, Phase, PhaseStatus, Progress, ResourceUsage};
-use crate::runtime::{
-    GrantedConfig, LoadedPlugin, PhaseFailure, PhaseResult, PhaseRun, ProgressSink,
-};
+use crate::runtime::{LoadedPlugin, PhaseFailure, PhaseResult, PhaseRun, ProgressSink, RunGrants};
 use crate::storage::{
     AfterFailure, Claimed, Completion, Guarded, Lease, PhaseDone, PhaseFailed, RecoveryScope,
 };
@@ -271,19 +269,19 @@ async fn run_phase(
 }
 
 /// The phase's plugin version, loaded, and what its run may read through
-/// `wasi:config/store` (the grants in force now; read only for plugins that
-/// import it).
+/// `wasi:config/store` and call through `wasi:http` (the grants in force
+/// now; read only for plugins that import either).
 async fn prepare(
     shared: &Shared,
     job_id: &str,
     phase: &Phase,
-) -> Result<(Arc<LoadedPlugin>, Option<Arc<GrantedConfig>>), PhaseFailure> {
+) -> Result<(Arc<LoadedPlugin>, Option<Arc<RunGrants>>), PhaseFailure> {
     let plugin = shared
         .plugins
         .load(&phase.plugin, &phase.version)
         .await
         .map_err(|error| PhaseFailure::Fail(format!("cannot load plugin: {error}")))?;
-    if !plugin.reads_config {
+    if !plugin.uses_grants {
         return Ok((plugin, None));
     }
     let granted = shared

@@ -1,6 +1,5 @@
 //! `wasi:config/store@0.2.0-rc.1` for one run: the configuration values and
-//! secrets the operator granted the run's plugin version, resolved when its
-//! phase starts ([`GrantedConfig`]).
+//! secrets the operator granted the run's plugin version ([`RunGrants`]).
 //!
 //! jobhost implements the interface itself rather than linking
 //! `wasmtime-wasi-config`, whose `get` answers `none` for any missing key:
@@ -8,86 +7,17 @@
 //! grant to ask for, and the refusal is logged on the host too, since a
 //! guest's library may swallow the message. Values never reach a log.
 
-use std::collections::BTreeMap;
-
 use super::bindings::config_store::{Error, Host};
+use super::grants::RunGrants;
 use super::sandbox::PhaseState;
 
-/// What a run may read, resolved from its plugin's grants when its phase
-/// starts: a later change of the grants reaches the next run, not this one.
-#[derive(Clone)]
-pub struct GrantedConfig {
-    /// The plugin's stored name and version, and the job: for messages.
-    pub plugin: String,
-    pub version: String,
-    pub job_id: String,
-    pub grants: Granted,
-}
-
-#[derive(Clone)]
-pub enum Granted {
-    /// The operator set no grants for the plugin.
-    Nothing,
-    /// The plugin has grants, but they do not cover this version.
-    OtherVersions(Vec<String>),
-    /// Key → value. A granted secret this host holds no value for maps to
-    /// `None`: reading it fails, saying so.
-    Values(BTreeMap<String, Option<String>>),
-}
-
-/// Values stay out of debug output.
-impl std::fmt::Debug for GrantedConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keys: Vec<&String> = match &self.grants {
-            Granted::Values(values) => values.keys().collect(),
-            _ => Vec::new(),
-        };
-        f.debug_struct("GrantedConfig")
-            .field("plugin", &self.plugin)
-            .field("version", &self.version)
-            .field("keys", &keys)
-            .finish_non_exhaustive()
-    }
-}
-
-impl GrantedConfig {
-    fn where_to_grant(&self) -> String {
-        format!(
-            "an operator grants it in PUT /plugins/{}/grants, or `jobhost plugin grant {}`",
-            self.plugin, self.plugin
-        )
-    }
-
-    /// Why nothing at all can be read, if so.
-    fn refusal(&self) -> Option<String> {
-        let (plugin, version) = (&self.plugin, &self.version);
-        match &self.grants {
-            Granted::Nothing => Some(format!(
-                "plugin `{plugin}` has no grants: {}",
-                self.where_to_grant()
-            )),
-            Granted::OtherVersions(covered) => Some(format!(
-                "the grants of plugin `{plugin}` do not cover version {version} (they cover {}): \
-                 an operator adds it to `versions` in PUT /plugins/{plugin}/grants",
-                if covered.is_empty() {
-                    "none".to_owned()
-                } else {
-                    covered.join(", ")
-                }
-            )),
-            Granted::Values(_) => None,
-        }
-    }
-
+impl RunGrants {
     /// The value of `key`, or why the guest may not have it.
     pub fn get(&self, key: &str) -> Result<String, String> {
-        if let Some(refusal) = self.refusal() {
-            return Err(format!("config key `{key}` refused: {refusal}"));
-        }
-        let Granted::Values(values) = &self.grants else {
-            unreachable!("no refusal means values")
-        };
-        match values.get(key) {
+        let covered = self
+            .covered()
+            .map_err(|refusal| format!("config key `{key}` refused: {refusal}"))?;
+        match covered.values.get(key) {
             Some(Some(value)) => Ok(value.clone()),
             Some(None) => Err(format!(
                 "secret `{key}` is granted to plugin `{}` but this host holds no value for it: \
@@ -106,13 +36,8 @@ impl GrantedConfig {
 
     /// Every granted key with its value, or why not.
     pub fn get_all(&self) -> Result<Vec<(String, String)>, String> {
-        if let Some(refusal) = self.refusal() {
-            return Err(refusal);
-        }
-        let Granted::Values(values) = &self.grants else {
-            unreachable!("no refusal means values")
-        };
-        values
+        self.covered()?
+            .values
             .keys()
             .map(|key| Ok((key.clone(), self.get(key)?)))
             .collect()
@@ -162,10 +87,13 @@ impl Host for PhaseState {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::BTreeMap;
 
-    fn config(grants: Granted) -> GrantedConfig {
-        GrantedConfig {
+    use super::*;
+    use crate::runtime::grants::{Covered, Granted};
+
+    fn config(grants: Granted) -> RunGrants {
+        RunGrants {
             plugin: "mailer".into(),
             version: "2.0.0".into(),
             job_id: "j1".into(),
@@ -179,7 +107,10 @@ mod tests {
             ("region".to_owned(), Some("eu".to_owned())),
             ("api_key".to_owned(), None),
         ]);
-        let granted = config(Granted::Values(values));
+        let granted = config(Granted::Covered(Covered {
+            values,
+            ..Default::default()
+        }));
         assert_eq!(granted.get("region").unwrap(), "eu");
         let missing = granted.get("smtp_password").unwrap_err();
         assert!(missing.contains("`smtp_password` is not granted to plugin `mailer` 2.0.0"));
@@ -205,7 +136,13 @@ mod tests {
     #[test]
     fn debug_output_shows_keys_not_values() {
         let values = BTreeMap::from([("token".to_owned(), Some("s3cr3t".to_owned()))]);
-        let shown = format!("{:?}", config(Granted::Values(values)));
+        let shown = format!(
+            "{:?}",
+            config(Granted::Covered(Covered {
+                values,
+                ..Default::default()
+            }))
+        );
         assert!(
             shown.contains("token") && !shown.contains("s3cr3t"),
             "{shown}"

@@ -13,7 +13,9 @@ mod cache;
 mod capture;
 mod config_store;
 mod engine;
+mod grants;
 mod guest_text;
+mod http;
 mod plugin;
 mod run;
 mod sandbox;
@@ -28,9 +30,11 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 pub use cache::CacheStats;
-pub use config_store::{Granted, GrantedConfig, secret_variable};
+pub use config_store::secret_variable;
 pub use engine::{EpochTicker, pooling_config};
+pub use grants::{Covered, Granted, RunGrants};
 pub use guest_text::{MAX_METADATA_DESCRIPTION, MAX_METADATA_NAME, MAX_PROGRESS_NOTE};
+pub use http::{GUEST_HTTP_TARGET, HttpLimits};
 pub use plugin::{LoadError, Loaded, LoadedPlugin, PluginMetadata, content_hash};
 pub use run::{LogEntry, LogLevel, PhaseFailure, PhaseLog, PhaseResult, PhaseRun, ProgressSink};
 pub use tokio_util::sync::CancellationToken;
@@ -61,6 +65,10 @@ pub struct RuntimeConfig {
     pub max_concurrent_compiles: usize,
     /// Most functions a plugin's core modules may define together.
     pub max_functions: u32,
+    /// Which addresses guest HTTP may reach (besides those a grant names).
+    pub outbound: crate::outbound::AddressPolicy,
+    /// Bounds on guest HTTP.
+    pub http: HttpLimits,
 }
 
 impl Default for RuntimeConfig {
@@ -75,6 +83,8 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             max_concurrent_compiles: 1,
             max_functions: 100_000,
+            outbound: Default::default(),
+            http: HttpLimits::default(),
         }
     }
 }
@@ -89,6 +99,7 @@ pub struct Runtime {
     slots: Arc<Semaphore>,
     /// One permit per compile allowed at once.
     compiles: Semaphore,
+    http: Arc<http::OutboundHttp>,
     config: RuntimeConfig,
     _ticker: engine::EpochTicker,
 }
@@ -107,6 +118,10 @@ impl Runtime {
         Ok(Runtime {
             slots: Arc::new(Semaphore::new(config.max_concurrent_runs as usize)),
             compiles: Semaphore::new(config.max_concurrent_compiles.max(1)),
+            http: Arc::new(http::OutboundHttp::new(
+                config.outbound.clone(),
+                config.http.clone(),
+            )),
             engine,
             linker,
             cache,

@@ -62,9 +62,9 @@ pub struct LoadedPlugin {
     pub content_hash: String,
     /// Size of the component in bytes.
     pub size: usize,
-    /// Whether it imports `wasi:config/store`: only then does a run need
-    /// its plugin's grants read.
-    pub reads_config: bool,
+    /// Whether it imports `wasi:config/store` or `wasi:http`: only then
+    /// does a run need its plugin's grants read.
+    pub uses_grants: bool,
     pub(super) pre: PluginPre<PhaseState>,
 }
 
@@ -123,10 +123,10 @@ impl Runtime {
         let pre =
             PluginPre::new(instance_pre).map_err(|e| LoadError::NotAPlugin(format!("{e:#}")))?;
         let metadata = self.describe(&pre).await?;
-        let reads_config = component
+        let uses_grants = component
             .component_type()
             .imports(&self.engine)
-            .any(|(name, _)| name.starts_with("wasi:config/store@"));
+            .any(|(name, _)| name.starts_with("wasi:config/") || name.starts_with("wasi:http/"));
         let artifact_digest = if fresh {
             let (cache, hash) = (self.cache.clone(), hash.clone());
             tokio::task::spawn_blocking(move || cache.store(&hash, &component))
@@ -140,7 +140,7 @@ impl Runtime {
                 metadata,
                 content_hash: hash,
                 size: wasm.len(),
-                reads_config,
+                uses_grants,
                 pre,
             }),
             artifact_digest,
@@ -192,6 +192,7 @@ impl Runtime {
             deadline,
             None,
             None,
+            &self.http,
         );
         let mut store = sandboxed_store(self, state);
         let _slot = self

@@ -2,6 +2,7 @@
 //! ([`PhaseResult`]) and the run itself, with its epoch deadline callback.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -10,7 +11,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::Runtime;
 use super::bindings::phase;
-use super::config_store::GrantedConfig;
+use super::grants::RunGrants;
 use super::plugin::LoadedPlugin;
 use super::sandbox::{Interruption, PhaseState, SandboxLimits, SandboxReport};
 use crate::model::{Json, Progress, ResourceUsage};
@@ -37,7 +38,7 @@ pub struct PhaseRun {
     pub cancel: CancellationToken,
     pub progress: Option<ProgressSink>,
     /// What `wasi:config/store` answers; `None` refuses every read.
-    pub granted: Option<Arc<GrantedConfig>>,
+    pub granted: Option<Arc<RunGrants>>,
 }
 
 impl PhaseRun {
@@ -237,6 +238,7 @@ impl Runtime {
             deadline,
             run.progress.clone(),
             run.granted.clone(),
+            &self.http,
         );
         let mut store = sandboxed_store(self, state);
         let context = phase::Context {
@@ -288,6 +290,10 @@ impl Runtime {
             peak_memory_bytes: report.peak_memory,
             output_bytes: outcome.as_ref().map_or(0, |o| o.as_str().len() as u64),
             log_bytes: report.log.log_bytes + report.log.stdout_bytes + report.log.stderr_bytes,
+            http_requests: report.http.requests.load(Ordering::Relaxed),
+            http_bytes_out: report.http.bytes_out.load(Ordering::Relaxed),
+            http_bytes_in: report.http.bytes_in.load(Ordering::Relaxed),
+            http_wait_ms: report.http.wait_ms.load(Ordering::Relaxed),
         };
         PhaseResult {
             outcome,

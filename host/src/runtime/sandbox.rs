@@ -13,11 +13,13 @@ use tokio_util::sync::CancellationToken;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::{Plugin, host};
 use super::capture::BoundedCapture;
-use super::config_store::GrantedConfig;
+use super::grants::RunGrants;
 use super::guest_text::{MAX_PROGRESS_NOTE, cut};
+use super::http::{GuestHttp, HttpUsage, OutboundHttp};
 use super::run::{LogEntry, LogLevel, PhaseLog, ProgressSink};
 use crate::model::Progress;
 
@@ -60,7 +62,9 @@ pub(super) struct PhaseState {
     pub(super) ticks: u64,
     pub(super) interrupted: Option<Interruption>,
     plugin: String,
-    granted: Option<Arc<GrantedConfig>>,
+    granted: Option<Arc<RunGrants>>,
+    http_ctx: WasiHttpCtx,
+    http: GuestHttp,
 }
 
 /// What a run leaves behind once its store is dropped.
@@ -71,6 +75,7 @@ pub(super) struct SandboxReport {
     pub(super) ticks: u64,
     pub(super) interrupted: Option<Interruption>,
     pub(super) last_progress: Option<Progress>,
+    pub(super) http: Arc<HttpUsage>,
 }
 
 pub(super) struct SandboxLimits {
@@ -86,7 +91,8 @@ impl PhaseState {
         cancel: CancellationToken,
         deadline: Instant,
         progress: Option<ProgressSink>,
-        granted: Option<Arc<GrantedConfig>>,
+        granted: Option<Arc<RunGrants>>,
+        http: &Arc<OutboundHttp>,
     ) -> Self {
         let stdout = BoundedCapture::new(limits.captured_output);
         let stderr = BoundedCapture::new(limits.captured_output);
@@ -116,6 +122,8 @@ impl PhaseState {
             ticks: 0,
             interrupted: None,
             plugin: plugin.to_owned(),
+            http: GuestHttp::new(http.clone(), granted.clone(), plugin),
+            http_ctx: WasiHttpCtx::new(),
             granted,
         }
     }
@@ -125,7 +133,7 @@ impl PhaseState {
         &self.plugin
     }
 
-    pub(super) fn granted(&self) -> Option<&GrantedConfig> {
+    pub(super) fn granted(&self) -> Option<&RunGrants> {
         self.granted.as_deref()
     }
 
@@ -147,6 +155,7 @@ impl PhaseState {
             ticks: self.ticks,
             interrupted: self.interrupted,
             last_progress: self.progress.latest,
+            http: self.http.usage,
         }
     }
 }
@@ -156,6 +165,16 @@ impl WasiView for PhaseState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for PhaseState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http_ctx,
+            table: &mut self.table,
+            hooks: &mut self.http,
         }
     }
 }
@@ -199,11 +218,13 @@ impl From<host::Level> for LogLevel {
 }
 
 /// The linker every plugin is instantiated with: WASI preview 2 (denied by
-/// the context above), the `jobhost:plugin/host` imports and
-/// `wasi:config/store` (answered from the run's grants).
+/// the context above), the `jobhost:plugin/host` imports, and
+/// `wasi:config/store` and `wasi:http` (both answered from the run's
+/// grants).
 pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<PhaseState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
     Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
     Ok(linker)
 }

@@ -22,6 +22,7 @@ async fn fill(store: &Arc<Storage>) -> Vec<String> {
         versions: vec!["2.0.0".into()],
         config: [("region".to_owned(), "eu".to_owned())].into(),
         secrets: vec!["token".into()],
+        http: vec!["https://api.example.com".into()],
     };
     store
         .set_plugin_grants("echo", &grants, 2_000)

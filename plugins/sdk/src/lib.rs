@@ -152,6 +152,102 @@ pub mod config {
     }
 }
 
+/// HTTP requests to the origins the operator granted this plugin
+/// (`wasi:http`, through the `wstd` crate), blocking: a phase is a plain
+/// function. A request to an origin that was not granted fails the phase
+/// permanently, naming the grant; a network failure is worth a retry.
+///
+/// ```ignore
+/// let rates: Value = jobhost_plugin::http::get("https://api.example.com/rates")?.json()?;
+/// ```
+pub mod http {
+    use serde::de::DeserializeOwned;
+    use wstd::http::{Body, Client, Request};
+
+    use crate::{PhaseError, Value};
+
+    /// A response, read to the end.
+    #[derive(Debug, Clone)]
+    pub struct Response {
+        pub status: u16,
+        pub headers: Vec<(String, String)>,
+        pub body: Vec<u8>,
+    }
+
+    impl Response {
+        /// The body as UTF-8 text.
+        pub fn text(&self) -> Result<&str, PhaseError> {
+            std::str::from_utf8(&self.body)
+                .map_err(|e| PhaseError::fail(format!("the response is not UTF-8: {e}")))
+        }
+
+        /// The body decoded from JSON.
+        pub fn json<T: DeserializeOwned>(&self) -> Result<T, PhaseError> {
+            serde_json::from_slice(&self.body).map_err(|e| {
+                PhaseError::fail(format!("the response is not the JSON expected: {e}"))
+            })
+        }
+    }
+
+    pub fn get(url: &str) -> Result<Response, PhaseError> {
+        send("GET", url, &[], Vec::new())
+    }
+
+    /// POSTs `body` as JSON.
+    pub fn post_json(url: &str, body: &Value) -> Result<Response, PhaseError> {
+        let headers = [("content-type", "application/json")];
+        send("POST", url, &headers, body.to_string().into_bytes())
+    }
+
+    /// Sends any request and reads the whole response.
+    pub fn send(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<Response, PhaseError> {
+        let mut request = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Body::from(body))
+            .map_err(|e| PhaseError::fail(format!("invalid request to {url}: {e}")))?;
+        wstd::runtime::block_on(async {
+            let response = Client::new()
+                .send(request)
+                .await
+                .map_err(|e| failed(url, e))?;
+            let status = response.status().as_u16();
+            let headers = response
+                .headers()
+                .iter()
+                .map(|(name, value)| {
+                    let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                    (name.as_str().to_owned(), value)
+                })
+                .collect();
+            let mut body = response.into_body();
+            let body = body.contents().await.map_err(|e| failed(url, e))?.to_vec();
+            Ok(Response {
+                status,
+                headers,
+                body,
+            })
+        })
+    }
+
+    /// A refusal by the host is permanent; anything else may pass.
+    fn failed(url: &str, error: wstd::http::Error) -> PhaseError {
+        let message = format!("request to {url} failed: {error:#}");
+        if message.contains("jobhost refused the request") {
+            PhaseError::fail(message)
+        } else {
+            PhaseError::retry(message)
+        }
+    }
+}
+
 /// Serializes a phase's output. Plugin outputs are JSON values, so this
 /// cannot fail for them; it is public for the export macro only.
 #[doc(hidden)]

@@ -20,6 +20,7 @@ pub async fn grants_replace_the_old_ones_and_go_with_the_plugin(backend: Backend
         versions: vec!["1.0.0".into()],
         config: BTreeMap::from([("region".into(), "eu".into())]),
         secrets: vec!["token".into()],
+        http: vec!["https://*.example.org".into()],
     };
     let outcome = store.set_plugin_grants("nope", &first, 1).await.unwrap();
     assert_eq!(outcome, GrantOutcome::PluginNotFound);
