@@ -43,11 +43,11 @@ try {
   // Grants set through the API show on the page live, by name.
   const granted = await fetch(url + "/plugins/echo/grants", {
     method: "PUT", headers: { "content-type": "application/json", ...auth },
-    body: JSON.stringify({ versions: ["1.0.0"], config: { region: "eu" }, secrets: ["api_key"] }),
+    body: JSON.stringify({ versions: ["1.0.0"], config: { region: "eu" }, secrets: ["api_key"], http: ["https://api.example.com"] }),
   });
   if (granted.status !== 200) throw new Error("setting grants failed: " + granted.status);
   await page.locator(".plugin", { hasText: "echo" })
-    .locator(".grants", { hasText: "grants for 1.0.0: config region; secrets api_key" }).waitFor({ timeout: 10000 });
+    .locator(".grants", { hasText: "grants for 1.0.0: config region; secrets api_key; http https://api.example.com" }).waitFor({ timeout: 10000 });
   console.log("the plugin's grants showed live");
   // This host, serving, in the hosts table.
   await page.locator("#hosts tr[data-host]", { hasText: "serving" }).waitFor();

@@ -368,3 +368,82 @@ async fn a_guest_waiting_on_http_is_stopped_by_its_timeout_and_by_cancel() {
     assert_eq!(status, StatusCode::OK, "{cancelled}");
     assert_eq!(cancelled["status"], "cancelled");
 }
+
+/// An HTTPS API at `https://localhost:<port>`, its certificate issued by a
+/// CA of its own; returns the URL and the CA's PEM.
+async fn https_api() -> (String, String, tokio::task::JoinHandle<()>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    jobhost::tls::init();
+    let config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://localhost:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let app = Router::new().route("/hello", get(|| async { "hi over tls" }));
+    let server = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return; // the client refused our certificate
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    (url, ca.pem(), server)
+}
+
+/// A name is resolved once, checked (loopback needs --allow-net) and
+/// connected to with SNI; the certificate must chain to a trusted root,
+/// which the operator may add.
+#[tokio::test]
+async fn guest_https_trusts_the_roots_the_operator_gives() {
+    let (url, ca_pem, _api) = https_api().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let hello = json!([{"url": format!("{url}/hello")}]);
+    let allow = ["--allow-net", "127.0.0.0/8,::1/128"];
+
+    let server = Server::start(&allow).await;
+    server
+        .upload("fetch", "1.0.0", plugin_artifacts::FETCH)
+        .await;
+    grant_http(&server, &[&url]).await;
+    let job = fetch(&server, hello.clone(), 30_000).await;
+    let error = job["phases"][0]["output"][0]["error"].as_str().unwrap();
+    assert!(error.contains("certificate"), "{error}");
+
+    let ca_arg = ["--guest-http-ca-file", ca_file.to_str().unwrap()];
+    let server = Server::start(&[allow.as_slice(), ca_arg.as_slice()].concat()).await;
+    server
+        .upload("fetch", "1.0.0", plugin_artifacts::FETCH)
+        .await;
+    grant_http(&server, &[&url]).await;
+    let job = fetch(&server, hello, 30_000).await;
+    let out = &job["phases"][0]["output"][0];
+    assert_eq!(*out, json!({"status": 200, "body": "hi over tls"}));
+}

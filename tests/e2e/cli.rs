@@ -107,6 +107,8 @@ async fn cli_user_path() {
         "region=eu",
         "--secret",
         "api_key",
+        "--http",
+        "https://*.example.org",
     ];
     let granted = run(url, &grant).await;
     assert!(granted.status.success(), "{}", stderr(&granted));
@@ -115,6 +117,7 @@ async fn cli_user_path() {
         "grants for versions: 0.1.0",
         "config: region",
         "secrets: api_key",
+        "http: https://*.example.org",
     ] {
         assert!(shown.contains(line), "{shown}");
     }

@@ -83,6 +83,10 @@ pub enum PluginAction {
         /// file or JOBHOST_SECRET_<NAME>; repeat for several.
         #[arg(long = "secret", value_name = "NAME")]
         secrets: Vec<String>,
+        /// An origin its phases may call, e.g. https://api.example.com or
+        /// https://*.example.org; repeat for several.
+        #[arg(long = "http", value_name = "ORIGIN")]
+        http: Vec<String>,
     },
 }
 
@@ -178,6 +182,7 @@ pub async fn plugin(remote: &Remote, action: PluginAction) -> anyhow::Result<i32
             versions,
             config,
             secrets,
+            http,
         } => {
             let config = config
                 .iter()
@@ -187,7 +192,12 @@ pub async fn plugin(remote: &Remote, action: PluginAction) -> anyhow::Result<i32
                         .with_context(|| format!("--config {pair}: expected KEY=VALUE"))
                 })
                 .collect::<anyhow::Result<serde_json::Map<_, _>>>()?;
-            let grants = json!({"versions": versions, "config": config, "secrets": secrets});
+            let grants = json!({
+                "versions": versions,
+                "config": config,
+                "secrets": secrets,
+                "http": http,
+            });
             let body = client
                 .put_json(&format!("/plugins/{name}/grants"), &grants)
                 .await?;
@@ -252,6 +262,7 @@ fn print_grants(grants: &Value) {
     println!("  grants for versions: {}", list(&grants["versions"]));
     println!("    config: {}", list(&keys));
     println!("    secrets: {}", list(&grants["secrets"]));
+    println!("    http: {}", list(&grants["http"]));
 }
 
 fn print_plugin(plugin: &Value) {
