@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::outbound::AddressPolicy;
 use crate::plugins::Secrets;
 use crate::queue::QueueConfig;
-use crate::runtime::{HttpLimits, RuntimeConfig};
+use crate::runtime::{GuestHttpConfig, RuntimeConfig};
 use crate::storage::postgres::{DEFAULT_LEASE, DEFAULT_POOL_SIZE, MIN_LEASE, PgOptions};
 use crate::storage::{Durability, PluginQuota};
 use crate::webhooks::{self, Secret};
@@ -197,6 +197,11 @@ pub struct ServeArgs {
     /// system's roots [default: none].
     #[arg(long, env = "JOBHOST_GUEST_HTTP_CA_FILE")]
     pub guest_http_ca_file: Option<PathBuf>,
+    /// An HTTP proxy for every guest HTTP request (`http://10.0.0.3:3128`):
+    /// it resolves the names, so give it by address or allow its network
+    /// with --allow-net [default: none, guests connect directly].
+    #[arg(long, env = "JOBHOST_GUEST_HTTP_PROXY")]
+    pub guest_http_proxy: Option<String>,
     /// Timeout of one webhook delivery attempt [default: 10s].
     #[arg(long, env = "JOBHOST_WEBHOOK_TIMEOUT")]
     pub webhook_timeout: Option<HumanDuration>,
@@ -339,14 +344,14 @@ impl ServeArgs {
                 .unwrap_or(runtime_defaults.max_error_bytes),
             cache_dir: Some(data_dir.join("compiled")),
             http: {
-                let defaults = HttpLimits::default();
+                let defaults = GuestHttpConfig::default();
                 let timeout = duration(
                     self.guest_http_timeout,
                     file.guest_http_timeout,
                     Some(defaults.response_timeout),
                 )
                 .unwrap_or(defaults.response_timeout);
-                HttpLimits {
+                GuestHttpConfig {
                     max_requests: self
                         .guest_http_max_requests
                         .or(file.guest_http_max_requests)
@@ -369,6 +374,12 @@ impl ServeArgs {
                         Some(path) => read_roots(&path)?,
                         None => Vec::new(),
                     },
+                    proxy: self
+                        .guest_http_proxy
+                        .or(file.guest_http_proxy)
+                        .map(|url| reqwest::Proxy::all(&url))
+                        .transpose()
+                        .context("guest-http-proxy")?,
                     ..defaults
                 }
             },

@@ -447,3 +447,32 @@ async fn guest_https_trusts_the_roots_the_operator_gives() {
     let out = &job["phases"][0]["output"][0];
     assert_eq!(*out, json!({"status": 200, "body": "hi over tls"}));
 }
+
+/// With `--guest-http-proxy` every request goes to the proxy, which
+/// resolves the name itself (this one resolves nowhere): the grants still
+/// decide what may go.
+#[tokio::test]
+async fn guest_http_goes_through_the_operators_proxy() {
+    let proxy =
+        Router::new().fallback(|uri: axum::http::Uri| async move { format!("proxied {uri}") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    let _proxy = tokio::spawn(async move { axum::serve(listener, proxy).await.unwrap() });
+    let server = Server::start(&["--guest-http-proxy", &proxy_url]).await;
+    server
+        .upload("fetch", "1.0.0", plugin_artifacts::FETCH)
+        .await;
+    grant_http(&server, &["http://api.example.test"]).await;
+    let requests = json!([
+        {"url": "http://api.example.test/hello"},
+        {"url": "http://other.example.test/hello"},
+    ]);
+    let job = fetch(&server, requests, 30_000).await;
+    let out = &job["phases"][0]["output"];
+    assert_eq!(
+        out[0],
+        json!({"status": 200, "body": "proxied http://api.example.test/hello"})
+    );
+    let refused = out[1]["error"].as_str().unwrap();
+    assert!(refused.contains("is not granted"), "{refused}");
+}

@@ -32,9 +32,10 @@ use crate::outbound::AddressPolicy;
 /// The tracing target of guest HTTP request lines.
 pub const GUEST_HTTP_TARGET: &str = "jobhost::egress";
 
-/// Bounds on what a run may do over HTTP (see the README's Configuration).
+/// How guest HTTP goes out, and what a run may do with it (see the
+/// README's Configuration).
 #[derive(Debug, Clone)]
-pub struct HttpLimits {
+pub struct GuestHttpConfig {
     /// Requests one run may send.
     pub max_requests: u64,
     /// Bytes of request bodies one run may send, all requests together.
@@ -51,11 +52,14 @@ pub struct HttpLimits {
     pub idle_timeout: Duration,
     /// Roots trusted besides the system's (an internal CA).
     pub extra_roots: Vec<reqwest::Certificate>,
+    /// An HTTP proxy every guest request goes through (which then
+    /// resolves the names and applies the operator's own egress rules).
+    pub proxy: Option<reqwest::Proxy>,
 }
 
-impl Default for HttpLimits {
+impl Default for GuestHttpConfig {
     fn default() -> Self {
-        HttpLimits {
+        GuestHttpConfig {
             max_requests: 100,
             max_request_bytes: 8 << 20,
             max_response_bytes: 32 << 20,
@@ -64,6 +68,7 @@ impl Default for HttpLimits {
             response_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             extra_roots: Vec::new(),
+            proxy: None,
         }
     }
 }
@@ -72,17 +77,17 @@ impl Default for HttpLimits {
 /// and the client (built at the first request: most hosts never need it).
 pub(super) struct OutboundHttp {
     policy: Arc<AddressPolicy>,
-    limits: HttpLimits,
+    config: GuestHttpConfig,
     host_slots: Arc<Semaphore>,
     client: OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl OutboundHttp {
-    pub(super) fn new(policy: AddressPolicy, limits: HttpLimits) -> Self {
+    pub(super) fn new(policy: AddressPolicy, config: GuestHttpConfig) -> Self {
         OutboundHttp {
             policy: Arc::new(policy),
-            host_slots: Arc::new(Semaphore::new(limits.per_host.max(1))),
-            limits,
+            host_slots: Arc::new(Semaphore::new(config.per_host.max(1))),
+            config,
             client: OnceLock::new(),
         }
     }
@@ -94,10 +99,13 @@ impl OutboundHttp {
                 let mut client = self
                     .policy
                     .client()
-                    .connect_timeout(self.limits.response_timeout)
-                    .read_timeout(self.limits.idle_timeout);
-                for root in &self.limits.extra_roots {
+                    .connect_timeout(self.config.response_timeout)
+                    .read_timeout(self.config.idle_timeout);
+                for root in &self.config.extra_roots {
                     client = client.add_root_certificate(root.clone());
+                }
+                if let Some(proxy) = &self.config.proxy {
+                    client = client.proxy(proxy.clone());
                 }
                 client
                     .build()
@@ -142,7 +150,7 @@ impl GuestHttp {
         grants: Option<Arc<RunGrants>>,
         plugin: &str,
     ) -> Self {
-        let per_run = shared.limits.per_run.max(1);
+        let per_run = shared.config.per_run.max(1);
         GuestHttp {
             shared,
             grants,
@@ -181,7 +189,7 @@ impl GuestHttp {
                 .check(address)
                 .map_err(|refused| refused.to_string())?;
         }
-        let max = self.shared.limits.max_requests;
+        let max = self.shared.config.max_requests;
         self.usage
             .requests
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |sent| {
@@ -245,7 +253,7 @@ impl WasiHttpHooks for GuestHttp {
             // drop it, so that it sees this refusal rather than a broken
             // body stream.
             let mut body = BodyDataStream::new(request.into_body());
-            let max = self.shared.limits.max_request_bytes;
+            let max = self.shared.config.max_request_bytes;
             return Box::new(async move {
                 let mut taken = 0;
                 while let Some(Ok(chunk)) = body.next().await {
@@ -284,7 +292,7 @@ impl WasiHttpHooks for GuestHttp {
                 outgoing,
                 [run_slot, host_slot],
                 started,
-                &shared.limits,
+                &shared.config,
             );
             let done: Box<dyn Future<Output = Result<(), Error>> + Send> =
                 Box::new(async { Ok(()) });
@@ -304,7 +312,7 @@ async fn send(
     let (mut parts, body) = request.into_parts();
     // reqwest sets Host from the URL.
     parts.headers.remove(http::header::HOST);
-    let max_out = shared.limits.max_request_bytes;
+    let max_out = shared.config.max_request_bytes;
     let sent = usage.clone();
     let body = BodyDataStream::new(body).map(move |chunk| {
         let chunk = chunk?;
@@ -324,8 +332,8 @@ async fn send(
     // The guest may shorten the wait for headers, never lengthen it.
     let wait = options
         .and_then(|o| o.first_byte_timeout)
-        .map_or(shared.limits.response_timeout, |t| {
-            t.min(shared.limits.response_timeout)
+        .map_or(shared.config.response_timeout, |t| {
+            t.min(shared.config.response_timeout)
         });
     let started = Instant::now();
     let sent = tokio::time::timeout(wait, request.send()).await;
@@ -366,7 +374,7 @@ fn counted_response(
     outgoing: Outgoing,
     slots: [OwnedSemaphorePermit; 2],
     started: Instant,
-    limits: &HttpLimits,
+    config: &GuestHttpConfig,
 ) -> http::Response<WasiBody> {
     let (parts, body) = response.into_parts();
     let mut log = RequestLog {
@@ -377,7 +385,7 @@ fn counted_response(
         usage: usage.clone(),
         _slots: slots,
     };
-    let max_in = limits.max_response_bytes;
+    let max_in = config.max_response_bytes;
     let chunks = BodyDataStream::new(body).map(move |chunk| {
         let chunk = chunk.map_err(|e| {
             if e.is_timeout() {

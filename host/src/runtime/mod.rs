@@ -34,7 +34,7 @@ pub use config_store::secret_variable;
 pub use engine::{EpochTicker, pooling_config};
 pub use grants::{Covered, Granted, RunGrants};
 pub use guest_text::{MAX_METADATA_DESCRIPTION, MAX_METADATA_NAME, MAX_PROGRESS_NOTE};
-pub use http::{GUEST_HTTP_TARGET, HttpLimits};
+pub use http::{GUEST_HTTP_TARGET, GuestHttpConfig};
 pub use plugin::{LoadError, Loaded, LoadedPlugin, PluginMetadata, content_hash};
 pub use run::{LogEntry, LogLevel, PhaseFailure, PhaseLog, PhaseResult, PhaseRun, ProgressSink};
 pub use tokio_util::sync::CancellationToken;
@@ -68,7 +68,7 @@ pub struct RuntimeConfig {
     /// Which addresses guest HTTP may reach (besides those a grant names).
     pub outbound: crate::outbound::AddressPolicy,
     /// Bounds on guest HTTP.
-    pub http: HttpLimits,
+    pub http: GuestHttpConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -84,7 +84,7 @@ impl Default for RuntimeConfig {
             max_concurrent_compiles: 1,
             max_functions: 100_000,
             outbound: Default::default(),
-            http: HttpLimits::default(),
+            http: GuestHttpConfig::default(),
         }
     }
 }
