@@ -1,22 +1,28 @@
 //! `jobhost new-plugin` makes a crate that builds into a working component
-//! with one command.
+//! with one command: a text phase that runs locally, and an HTTP phase that
+//! calls a real API once granted.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[tokio::test]
-async fn new_plugin_builds_and_runs() {
-    // Inside the repository's target directory, so the pinned toolchain
-    // (with its wasm32-wasip2 target) applies, and builds are cached.
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/scaffold-test");
-    let crate_dir = root.join("shout-loud");
-    let _ = std::fs::remove_dir_all(&crate_dir);
-    std::fs::create_dir_all(&root).unwrap();
-    let jobhost = env!("CARGO_BIN_EXE_jobhost");
+use axum::Router;
+use axum::routing::get;
+use reqwest::StatusCode;
+use serde_json::json;
 
-    let created = Command::new(jobhost)
-        .args(["new-plugin", "shout-loud"])
-        .current_dir(&root)
+use crate::server::Server;
+
+/// Scaffolds `name` (with `flags`) under `root` and builds it; returns its
+/// component. Inside the repository's target directory, so the pinned
+/// toolchain (with its wasm32-wasip2 target) applies, and builds are cached.
+async fn scaffold_and_build(root: &Path, name: &str, flags: &[&str]) -> PathBuf {
+    let crate_dir = root.join(name);
+    let _ = std::fs::remove_dir_all(&crate_dir);
+    std::fs::create_dir_all(root).unwrap();
+    let created = Command::new(env!("CARGO_BIN_EXE_jobhost"))
+        .args(["new-plugin", name])
+        .args(flags)
+        .current_dir(root)
         .output()
         .unwrap();
     assert!(
@@ -25,7 +31,6 @@ async fn new_plugin_builds_and_runs() {
         String::from_utf8_lossy(&created.stderr)
     );
     assert!(String::from_utf8_lossy(&created.stdout).contains("cargo build --release"));
-
     let built = tokio::task::spawn_blocking({
         let crate_dir = crate_dir.clone();
         move || {
@@ -41,9 +46,19 @@ async fn new_plugin_builds_and_runs() {
     })
     .await
     .unwrap();
-    assert!(built.success(), "the scaffolded crate did not build");
+    assert!(built.success(), "the scaffolded crate {name} did not build");
+    let file = format!("{}.wasm", name.replace('-', "_"));
+    root.join("target/wasm32-wasip2/release").join(file)
+}
 
-    let component = root.join("target/wasm32-wasip2/release/shout_loud.wasm");
+fn scaffold_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/scaffold-test")
+}
+
+#[tokio::test]
+async fn new_plugin_builds_and_runs() {
+    let jobhost = env!("CARGO_BIN_EXE_jobhost");
+    let component = scaffold_and_build(&scaffold_root(), "shout-loud", &[]).await;
     let ran = Command::new(jobhost)
         .args([
             "run-phase",
@@ -70,5 +85,42 @@ async fn new_plugin_builds_and_runs() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("the payload needs a \"text\" string")
+    );
+}
+
+#[tokio::test]
+async fn new_plugin_http_calls_the_api_it_is_granted() {
+    let component = scaffold_and_build(&scaffold_root(), "fetch-page", &["--http"]).await;
+    let api = Router::new().route("/status", get(|| async { "all good" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let _api = tokio::spawn(async move { axum::serve(listener, api).await.unwrap() });
+
+    let server = Server::start(&[]).await;
+    let (status, body) = server
+        .upload("fetch-page", "0.1.0", component.to_str().unwrap())
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let grants = json!({"versions": ["0.1.0"], "http": [origin]});
+    let (status, body) = server
+        .send(
+            server
+                .client
+                .put(server.url("/plugins/fetch-page/grants"))
+                .json(&grants),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let job = server
+        .submit(&json!({
+            "phases": [{"name": "fetch", "plugin": "fetch-page"}],
+            "payload": {"url": format!("{origin}/status")},
+        }))
+        .await;
+    let job = server.wait_finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(
+        job["phases"][0]["output"],
+        json!({"status": 200, "body": "all good"})
     );
 }

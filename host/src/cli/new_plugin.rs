@@ -20,6 +20,10 @@ pub struct NewPluginArgs {
     /// Directory to create the crate in [default: ./<name>].
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Scaffold a phase that calls an HTTP API (the origins it may call
+    /// are granted by the operator).
+    #[arg(long)]
+    pub http: bool,
 }
 
 pub fn new_plugin(args: NewPluginArgs) -> anyhow::Result<i32> {
@@ -37,7 +41,7 @@ pub fn new_plugin(args: NewPluginArgs) -> anyhow::Result<i32> {
     if dir.exists() {
         bail!("{} already exists", dir.display());
     }
-    for (path, contents) in files(&name) {
+    for (path, contents) in files(&name, args.http) {
         write(&dir.join(path), &contents)?;
     }
     let artifact = format!(
@@ -46,8 +50,13 @@ pub fn new_plugin(args: NewPluginArgs) -> anyhow::Result<i32> {
     );
     println!("created plugin crate {}", dir.display());
     println!("  cd {} && cargo build --release", dir.display());
-    println!("  jobhost run-phase {artifact} --input '{{\"text\": \"hello\"}}'");
-    println!("  jobhost plugin push {name} {artifact}");
+    if args.http {
+        println!("  jobhost plugin push {name} {artifact}");
+        println!("  jobhost plugin grant {name} --version 0.1.0 --http https://api.example.com");
+    } else {
+        println!("  jobhost run-phase {artifact} --input '{{\"text\": \"hello\"}}'");
+        println!("  jobhost plugin push {name} {artifact}");
+    }
     Ok(0)
 }
 
@@ -59,8 +68,64 @@ fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
     std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The phase of a new crate: one that upper-cases text, or one that
+/// fetches a URL.
+fn phase_source(name: &str, type_name: &str, http: bool) -> String {
+    let file = name.replace('-', "_");
+    if http {
+        return format!(
+            r#"//! `{name}`: a jobhost phase that fetches the payload's `url`. Build with
+//! `cargo build --release`, upload it, and grant it the origins it may call:
+//! `jobhost plugin grant {name} --version 0.1.0 --http https://api.example.com`
+//! (any other origin is refused, naming the grant).
+
+use jobhost_plugin::{{Context, Input, Phase, PhaseError, Value, export_phase, http, json}};
+
+struct {type_name};
+
+impl Phase for {type_name} {{
+    fn run(_ctx: &Context, input: &Input) -> Result<Value, PhaseError> {{
+        let payload: Value = input.payload()?;
+        let url = payload["url"].as_str().ok_or_else(|| PhaseError::fail("the payload needs a \"url\" string"))?;
+        let response = http::get(url)?;
+        if response.status >= 500 {{
+            return Err(PhaseError::retry(format!("{{url}} answered {{}}", response.status)));
+        }}
+        Ok(json!({{ "status": response.status, "body": response.text()? }}))
+    }}
+}}
+
+export_phase!({type_name});
+"#
+        );
+    }
+    format!(
+        r#"//! `{name}`: a jobhost phase. Build with `cargo build --release`, then try it:
+//! `jobhost run-phase target/wasm32-wasip2/release/{file}.wasm --input '{{"text": "hello"}}'`
+
+use jobhost_plugin::{{Context, Input, Phase, PhaseError, Value, export_phase, json}};
+
+struct {type_name};
+
+impl Phase for {type_name} {{
+    fn run(_ctx: &Context, input: &Input) -> Result<Value, PhaseError> {{
+        let payload: Value = input.payload()?;
+        let text = payload["text"].as_str().ok_or_else(|| PhaseError::fail("the payload needs a \"text\" string"))?;
+        if jobhost_plugin::cancelled() {{
+            return Err(PhaseError::retry("cancelled before it started"));
+        }}
+        jobhost_plugin::progress(100, "upper-cased");
+        Ok(json!({{ "text": text.to_uppercase(), "characters": text.chars().count() }}))
+    }}
+}}
+
+export_phase!({type_name});
+"#
+    )
+}
+
 /// (relative path, contents) of every file of the new crate.
-fn files(name: &str) -> Vec<(&'static str, String)> {
+fn files(name: &str, http: bool) -> Vec<(&'static str, String)> {
     let type_name: String = name
         .split('-')
         .map(|word| {
@@ -71,6 +136,11 @@ fn files(name: &str) -> Vec<(&'static str, String)> {
         })
         .collect();
     let sdk_version = env!("CARGO_PKG_VERSION");
+    let description = if http {
+        "A jobhost phase that fetches a URL"
+    } else {
+        "A jobhost phase that upper-cases text"
+    };
     vec![
         (
             "Cargo.toml",
@@ -78,7 +148,7 @@ fn files(name: &str) -> Vec<(&'static str, String)> {
                 r#"[package]
 name = "{name}"
 version = "0.1.0"
-description = "A jobhost phase that upper-cases text"
+description = "{description}"
 edition = "2024"
 
 [lib]
@@ -102,33 +172,7 @@ strip = true
                 .into(),
         ),
         (".gitignore", "/target\n".into()),
-        (
-            "src/lib.rs",
-            format!(
-                r#"//! `{name}`: a jobhost phase. Build with `cargo build --release`, then try it:
-//! `jobhost run-phase target/wasm32-wasip2/release/{file}.wasm --input '{{"text": "hello"}}'`
-
-use jobhost_plugin::{{Context, Input, Phase, PhaseError, Value, export_phase, json}};
-
-struct {type_name};
-
-impl Phase for {type_name} {{
-    fn run(_ctx: &Context, input: &Input) -> Result<Value, PhaseError> {{
-        let payload: Value = input.payload()?;
-        let text = payload["text"].as_str().ok_or_else(|| PhaseError::fail("the payload needs a \"text\" string"))?;
-        if jobhost_plugin::cancelled() {{
-            return Err(PhaseError::retry("cancelled before it started"));
-        }}
-        jobhost_plugin::progress(100, "upper-cased");
-        Ok(json!({{ "text": text.to_uppercase(), "characters": text.chars().count() }}))
-    }}
-}}
-
-export_phase!({type_name});
-"#,
-                file = name.replace('-', "_")
-            ),
-        ),
+        ("src/lib.rs", phase_source(name, &type_name, http)),
         (
             "jobhost-plugin/Cargo.toml",
             format!(
