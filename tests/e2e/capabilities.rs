@@ -320,11 +320,19 @@ async fn a_plugin_calls_only_the_origins_granted_to_it_within_its_caps() {
         "{usage}"
     );
 
-    // A wildcard never admits a loopback address.
+    // A wildcard never admits a loopback address, however it is spelled.
     grant_http(&server, &["http://*:*"]).await;
-    let job = fetch(&server, json!([{"url": hello}]), 30_000).await;
-    let error = job["phases"][0]["output"][0]["error"].as_str().unwrap();
-    assert!(error.contains("loopback"), "{error}");
+    let spellings = json!([
+        {"url": hello},
+        {"url": format!("http://2130706433:{port}/hello")},
+        {"url": format!("http://127.1:{port}/hello")},
+        {"url": format!("http://[::ffff:127.0.0.1]:{port}/hello")},
+    ]);
+    let job = fetch(&server, spellings, 30_000).await;
+    for out in job["phases"][0]["output"].as_array().unwrap() {
+        let error = out["error"].as_str().unwrap_or_else(|| panic!("{out}"));
+        assert!(error.contains("loopback address"), "{error}");
+    }
     assert_eq!(api.hits(), 4);
 
     let log = server.log();

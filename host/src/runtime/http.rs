@@ -160,28 +160,42 @@ impl GuestHttp {
         }
     }
 
-    /// Whether the run may send this request, before any connection.
-    fn admit(&self, uri: &http::Uri) -> Result<(), String> {
+    /// Whether the run may send this request, before any connection: the
+    /// URL as it will be sent. The URL is parsed the way the client parses
+    /// it first, so that what is checked is what is connected to
+    /// (`http://2130706433/` is 127.0.0.1, an address, not a name).
+    fn admit(&self, uri: &http::Uri) -> Result<reqwest::Url, String> {
         let grants = self.grants.as_deref().ok_or("this run has no grants")?;
         let rules = &grants.covered()?.http;
-        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let host = uri.host().ok_or("the request names no host")?;
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let origin = origin(uri);
+        let url = reqwest::Url::parse(&uri.to_string())
+            .map_err(|e| format!("the URL {uri} is not valid: {e}"))?;
+        let https = match url.scheme() {
+            "https" => true,
+            "http" => false,
+            other => return Err(format!("the scheme {other} is not HTTP")),
+        };
+        // The parser has turned every form of an address into its plain
+        // text (IPv6 in brackets), so a host that parses as an address is one.
+        let host = url.host_str().ok_or("the request names no host")?;
+        let address = host.trim_matches(['[', ']']).parse::<IpAddr>().ok();
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if https { 443 } else { 80 });
         let rule = rules
             .iter()
             .find(|rule| rule.matches(https, host, port))
             .ok_or_else(|| {
                 format!(
-                    "origin {origin} is not granted to plugin `{}` {} (`http` in its grants): {}",
+                    "origin {} is not granted to plugin `{}` {} (`http` in its grants): {}",
+                    origin(&url),
                     grants.plugin,
                     grants.version,
                     grants.where_to_grant()
                 )
             })?;
         // A name is checked once resolved (the client's resolver); an
-        // address literal here, unless a grant names that very address.
-        if let Ok(address) = host.trim_matches(['[', ']']).parse::<IpAddr>()
+        // address here, unless a grant names that very address.
+        if let Some(address) = address
             && rule.host != HostRule::Address(address)
         {
             self.shared
@@ -196,7 +210,7 @@ impl GuestHttp {
                 (sent < max).then_some(sent + 1)
             })
             .map_err(|_| format!("the run's limit of {max} HTTP requests is reached"))?;
-        Ok(())
+        Ok(url)
     }
 
     fn names(&self) -> (String, String) {
@@ -207,13 +221,11 @@ impl GuestHttp {
     }
 }
 
-/// `scheme://host:port` of a request.
-fn origin(uri: &http::Uri) -> String {
-    let scheme = uri.scheme_str().unwrap_or("https");
-    let port = uri
-        .port_u16()
-        .unwrap_or(if scheme == "https" { 443 } else { 80 });
-    format!("{scheme}://{}:{port}", uri.host().unwrap_or_default())
+/// `scheme://host:port` of a URL.
+fn origin(url: &reqwest::Url) -> String {
+    let port = url.port_or_known_default().unwrap_or_default();
+    let host = url.host_str().unwrap_or_default();
+    format!("{}://{host}:{port}", url.scheme())
 }
 
 type ResponseFuture = Box<
@@ -236,35 +248,42 @@ impl WasiHttpHooks for GuestHttp {
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> ResponseFuture {
         let (plugin, job) = self.names();
+        let admitted = self.admit(request.uri());
         let outgoing = Outgoing {
             method: request.method().clone(),
-            origin: origin(request.uri()),
+            origin: match &admitted {
+                Ok(url) => origin(url),
+                Err(_) => request.uri().to_string(),
+            },
             plugin,
             job,
         };
-        if let Err(reason) = self.admit(request.uri()) {
-            tracing::warn!(
-                plugin = %outgoing.plugin, job = %outgoing.job, method = %outgoing.method,
-                origin = %outgoing.origin, %reason, "refused a guest's HTTP request"
-            );
-            let refused =
-                Error::InternalError(Some(format!("jobhost refused the request: {reason}")));
-            // The guest may be writing the body: take it (up to the cap) and
-            // drop it, so that it sees this refusal rather than a broken
-            // body stream.
-            let mut body = BodyDataStream::new(request.into_body());
-            let max = self.shared.config.max_request_bytes;
-            return Box::new(async move {
-                let mut taken = 0;
-                while let Some(Ok(chunk)) = body.next().await {
-                    taken += chunk.len() as u64;
-                    if taken > max {
-                        break;
+        let url = match admitted {
+            Ok(url) => url,
+            Err(reason) => {
+                tracing::warn!(
+                    plugin = %outgoing.plugin, job = %outgoing.job, method = %outgoing.method,
+                    origin = %outgoing.origin, %reason, "refused a guest's HTTP request"
+                );
+                let refused =
+                    Error::InternalError(Some(format!("jobhost refused the request: {reason}")));
+                // The guest may be writing the body: take it (up to the cap) and
+                // drop it, so that it sees this refusal rather than a broken
+                // body stream.
+                let mut body = BodyDataStream::new(request.into_body());
+                let max = self.shared.config.max_request_bytes;
+                return Box::new(async move {
+                    let mut taken = 0;
+                    while let Some(Ok(chunk)) = body.next().await {
+                        taken += chunk.len() as u64;
+                        if taken > max {
+                            break;
+                        }
                     }
-                }
-                Err(refused)
-            });
-        }
+                    Err(refused)
+                });
+            }
+        };
         let (shared, usage, run_slots) = (
             self.shared.clone(),
             self.usage.clone(),
@@ -279,7 +298,7 @@ impl WasiHttpHooks for GuestHttp {
                 .await
                 .expect("never closed");
             let started = Instant::now();
-            let response = send(&shared, usage.clone(), request, options, &outgoing).await;
+            let response = send(&shared, usage.clone(), url, request, options, &outgoing).await;
             let response = response.inspect_err(|error| {
                 tracing::info!(
                     target: GUEST_HTTP_TARGET, plugin = %outgoing.plugin, job = %outgoing.job,
@@ -304,6 +323,7 @@ impl WasiHttpHooks for GuestHttp {
 async fn send(
     shared: &OutboundHttp,
     usage: Arc<HttpUsage>,
+    url: reqwest::Url,
     request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
     outgoing: &Outgoing,
@@ -326,7 +346,7 @@ async fn send(
         Ok::<Bytes, Error>(chunk)
     });
     let request = client
-        .request(parts.method, parts.uri.to_string())
+        .request(parts.method, url)
         .headers(parts.headers)
         .body(reqwest::Body::wrap_stream(body));
     // The guest may shorten the wait for headers, never lengthen it.
