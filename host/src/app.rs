@@ -64,7 +64,8 @@ impl App {
         let runtime = Arc::new(Runtime::new(config.runtime.clone())?);
         let plugins = Arc::new(
             PluginRegistry::with_quota(runtime, storage.clone(), config.plugin_quota)
-                .with_secrets(config.secrets.clone()),
+                .with_secrets(config.secrets.clone())
+                .with_max_phase_timeout(config.queue.max_phase_timeout),
         );
         let loaded = plugins.preload().await.context("loading stored plugins")?;
         let mut webhooks = WebhookConfig::new(webhook_secret(&config)?);

@@ -80,6 +80,10 @@ pub struct ServeArgs {
     /// Linear memory cap per phase run, in MiB [default: 256].
     #[arg(long, env = "JOBHOST_MEMORY_MB")]
     pub memory_mb: Option<u64>,
+    /// The most memory a plugin's resources may give one of its runs, in
+    /// MiB (`PUT /plugins/{name}/resources`) [default: 4096].
+    #[arg(long, env = "JOBHOST_MAX_PLUGIN_MEMORY_MB")]
+    pub max_plugin_memory_mb: Option<u64>,
     /// Attempts per job when the job gives none [default: 3].
     #[arg(long, env = "JOBHOST_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
@@ -336,6 +340,10 @@ impl ServeArgs {
                 .memory_mb
                 .or(file.memory_mb)
                 .map_or(runtime_defaults.memory_limit, |mb| mb << 20),
+            max_plugin_memory: self
+                .max_plugin_memory_mb
+                .or(file.max_plugin_memory_mb)
+                .map_or(runtime_defaults.max_plugin_memory, |mb| mb << 20),
             max_log_bytes: log_bytes,
             max_captured_output: log_bytes,
             max_error_bytes: self

@@ -484,3 +484,84 @@ async fn guest_http_goes_through_the_operators_proxy() {
     let refused = out[1]["error"].as_str().unwrap();
     assert!(refused.contains("is not granted"), "{refused}");
 }
+
+/// A plugin's resources: its runs' memory cap, and the timeout of its
+/// phases whose job gives none, set while the server runs.
+#[tokio::test]
+async fn a_plugins_resources_set_its_memory_cap_and_default_timeout() {
+    let server = Server::start(&["--memory-mb", "32", "--max-plugin-memory-mb", "128"]).await;
+    server
+        .upload("hog-memory", "1.0.0", plugin_artifacts::HOG_MEMORY)
+        .await;
+    server
+        .upload("sleep", "1.0.0", plugin_artifacts::SLEEP)
+        .await;
+    let run = |plugin: &'static str, timeout_ms: Option<u64>| {
+        let server = &server;
+        async move {
+            let mut phase =
+                json!({"name": "p", "plugin": plugin, "config": {"ms": 3000, "steps": 3}});
+            if let Some(ms) = timeout_ms {
+                phase["timeout_ms"] = json!(ms);
+            }
+            let spec = json!({"phases": [phase], "max_attempts": 1});
+            let job = server.submit(&spec).await;
+            server.wait_finished(job["id"].as_str().unwrap()).await
+        }
+    };
+    let set = |resources: Value| {
+        let server = &server;
+        async move {
+            let request = server
+                .client
+                .put(server.url("/plugins/hog-memory/resources"));
+            let request = request.json(&resources);
+            let hog = server.send(request).await;
+            let request = server.client.put(server.url("/plugins/sleep/resources"));
+            (hog, server.send(request.json(&resources)).await)
+        }
+    };
+
+    let job = run("hog-memory", None).await;
+    let error = job["phases"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("memory limit of {} bytes", 32 << 20)),
+        "{error}"
+    );
+
+    let ((status, body), _) = set(json!({"memory_mb": 129})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory_mb")
+    );
+    let ((status, body), (sleep_status, _)) =
+        set(json!({"memory_mb": 96, "timeout_ms": 500})).await;
+    assert_eq!(
+        (status, sleep_status),
+        (StatusCode::OK, StatusCode::OK),
+        "{body}"
+    );
+    let (_, plugin) = server.get("/plugins/hog-memory").await;
+    assert_eq!(
+        plugin["resources"],
+        json!({"memory_mb": 96, "timeout_ms": 500})
+    );
+
+    let job = run("hog-memory", None).await;
+    let error = job["phases"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("memory limit of {} bytes", 96 << 20)),
+        "{error}"
+    );
+    let job = run("sleep", None).await;
+    let error = job["phases"][0]["error"].as_str().unwrap();
+    assert!(error.contains("timed out after 500 ms"), "{error}");
+    let job = run("sleep", Some(10_000)).await;
+    assert_eq!(
+        job["status"], "completed",
+        "a job's own timeout comes first: {job}"
+    );
+}

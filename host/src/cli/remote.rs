@@ -88,6 +88,15 @@ pub enum PluginAction {
         #[arg(long = "http", value_name = "ORIGIN")]
         http: Vec<String>,
     },
+    /// Set the memory cap of a plugin's runs and the timeout of its phases
+    /// whose job gives none (every version); omitted: the server's default.
+    Resources {
+        name: String,
+        #[arg(long)]
+        memory_mb: Option<u64>,
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,6 +212,17 @@ pub async fn plugin(remote: &Remote, action: PluginAction) -> anyhow::Result<i32
                 .await?;
             remote.print(&body, |b| print_grants(&b["grants"]));
         }
+        PluginAction::Resources {
+            name,
+            memory_mb,
+            timeout_ms,
+        } => {
+            let resources = json!({"memory_mb": memory_mb, "timeout_ms": timeout_ms});
+            let body = client
+                .put_json(&format!("/plugins/{name}/resources"), &resources)
+                .await?;
+            remote.print(&body, |b| print_resources(&b["resources"]));
+        }
         PluginAction::Activate { name, version } => {
             let body = client
                 .put_json(
@@ -235,6 +255,18 @@ async fn component_version(bytes: &[u8]) -> anyhow::Result<String> {
         .metadata
         .version
         .clone())
+}
+
+fn print_resources(resources: &Value) {
+    let or_default = |value: &Value, unit: &str| match value.as_u64() {
+        Some(n) => format!("{n} {unit}"),
+        None => "server default".to_owned(),
+    };
+    println!(
+        "  resources: memory {}, default timeout {}",
+        or_default(&resources["memory_mb"], "MiB"),
+        or_default(&resources["timeout_ms"], "ms")
+    );
 }
 
 fn print_grants(grants: &Value) {
@@ -282,6 +314,7 @@ fn print_plugin(plugin: &Value) {
             text(&version["description"])
         );
     }
+    print_resources(&plugin["resources"]);
     if !plugin["grants"].is_null() {
         print_grants(&plugin["grants"]);
     }

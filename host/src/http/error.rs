@@ -141,6 +141,11 @@ impl From<PluginError> for ApiError {
             PluginError::InvalidGrants(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_grants", message)
             }
+            PluginError::InvalidResources(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_resources",
+                message,
+            ),
             PluginError::InUse { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "version_in_use", message)
             }

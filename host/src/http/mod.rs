@@ -121,6 +121,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(plugins::show))
         .routes(routes!(plugins::activate))
         .routes(routes!(plugins::set_grants))
+        .routes(routes!(plugins::set_resources))
         .routes(routes!(jobs::create, jobs::list))
         .routes(routes!(jobs::show, jobs::delete))
         .routes(routes!(jobs::cancel))

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, AppJson, AppState, ErrorBody};
-use crate::model::PluginGrants;
+use crate::model::{PluginGrants, PluginResources};
 use crate::plugins::Uploaded;
 use crate::runtime::{PluginMetadata, content_hash};
 use crate::storage::PluginRecord;
@@ -210,5 +210,37 @@ pub async fn set_grants(
     Ok(AppJson(GrantsResponse {
         plugin: name,
         grants,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ResourcesResponse {
+    plugin: String,
+    resources: PluginResources,
+}
+
+/// Set a plugin's resources (admin).
+///
+/// The memory cap of each of its runs, and the timeout of its phases whose
+/// job spec gives none; `null` keeps the server's default. They apply to
+/// every version, from the next phase that starts (memory) or the next job
+/// submitted (timeout), on every host. Logs `plugin:resources:changed`.
+#[utoipa::path(put, path = "/plugins/{name}/resources", operation_id = "set_plugin_resources", tag = TAG, params(("name" = String, Path)),
+    request_body = PluginResources,
+    responses(
+        (status = 200, body = ResourcesResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 404, description = "No such plugin", body = ErrorBody),
+        (status = 422, description = "A value out of range; nothing is stored", body = ErrorBody),
+    ))]
+pub async fn set_resources(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    AppJson(resources): AppJson<PluginResources>,
+) -> Result<impl IntoResponse, ApiError> {
+    state.plugins.set_resources(&name, resources).await?;
+    Ok(AppJson(ResourcesResponse {
+        plugin: name,
+        resources,
     }))
 }

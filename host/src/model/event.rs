@@ -82,6 +82,8 @@ event_kinds! {
     /// The operator set a plugin's grants. Names only: values stay out of
     /// the log.
     PluginGrantsChanged(PluginGrantsChanged) = "plugin:grants:changed",
+    /// The operator set a plugin's memory cap or default timeout.
+    PluginResourcesChanged(PluginResourcesChanged) = "plugin:resources:changed",
 }
 
 impl EventKind {
@@ -390,6 +392,12 @@ pub struct PluginGrantsChanged {
     pub config_keys: Vec<String>,
     /// The secrets granted, by name.
     pub secrets: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PluginResourcesChanged {
+    pub plugin: String,
+    pub resources: super::PluginResources,
 }
 
 impl PluginGrantsChanged {

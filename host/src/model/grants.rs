@@ -112,6 +112,39 @@ impl PluginGrants {
     }
 }
 
+/// What the operator sets aside for a plugin's runs, whatever its version:
+/// a JavaScript or Python component needs far more memory than a Rust one.
+/// `None` keeps the server's default (`--memory-mb`, `--phase-timeout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PluginResources {
+    /// Memory cap of each run, in MiB (1 to the server's
+    /// `--max-plugin-memory-mb`).
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// Timeout of a phase whose job spec gives none, in ms (1 to the
+    /// server's largest phase timeout).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+impl PluginResources {
+    /// Checks the ranges; the error names the field.
+    pub fn validate(&self, max_memory_mb: u64, max_timeout_ms: u64) -> Result<(), String> {
+        if let Some(mb) = self.memory_mb
+            && !(1..=max_memory_mb).contains(&mb)
+        {
+            return Err(format!("memory_mb: must be 1 to {max_memory_mb}"));
+        }
+        if let Some(ms) = self.timeout_ms
+            && !(1..=max_timeout_ms).contains(&ms)
+        {
+            return Err(format!("timeout_ms: must be 1 to {max_timeout_ms}"));
+        }
+        Ok(())
+    }
+}
+
 /// One allowed origin of outbound HTTP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginRule {

@@ -15,7 +15,7 @@ pub mod webhook;
 
 pub use backoff::BackoffPolicy;
 pub use event::{Event, EventBody, EventKind, NewEvent};
-pub use grants::PluginGrants;
+pub use grants::{PluginGrants, PluginResources};
 pub use job::{
     AfterFailure, AttemptError, Job, JobSpec, JobStatus, JobSummary, Phase, PhaseSpec, PhaseStatus,
     PhaseSummary, WebhookSpec, limits,

@@ -13,12 +13,13 @@
 mod grants;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::model::PluginGrants;
 use crate::model::time::now_ms;
+use crate::model::{PluginGrants, PluginResources};
 use crate::runtime::{LoadError, LoadedPlugin, PluginMetadata, RunGrants, Runtime, content_hash};
 use crate::storage::{
     ActivateOutcome, DeleteVersionOutcome, GrantOutcome, NewPluginVersion, PluginQuota,
@@ -54,6 +55,8 @@ pub enum PluginError {
     NoSuchPlugin(String),
     #[error("invalid grants: {0}")]
     InvalidGrants(String),
+    #[error("invalid resources: {0}")]
+    InvalidResources(String),
     #[error("version {version} of plugin `{name}` is pinned by {jobs} unfinished job(s)")]
     InUse {
         name: String,
@@ -85,6 +88,12 @@ pub struct PluginRegistry {
     quota: PluginQuota,
     secrets: Secrets,
     loaded: Mutex<HashMap<(String, String), Arc<LoadedPlugin>>>,
+    /// Each plugin's resources, read at every enqueue and phase start: kept
+    /// here, refreshed from storage when they change on any host (see
+    /// [`PluginRegistry::refresh_resources`]).
+    resources: RwLock<HashMap<String, PluginResources>>,
+    /// The longest phase timeout the queue allows.
+    max_timeout: Duration,
 }
 
 fn check_name(what: &'static str, value: &str) -> Result<(), PluginError> {
@@ -116,7 +125,15 @@ impl PluginRegistry {
             quota,
             secrets: Secrets::default(),
             loaded: Mutex::default(),
+            resources: RwLock::default(),
+            max_timeout: Duration::from_secs(3600),
         }
+    }
+
+    /// The longest phase timeout a plugin's default may be.
+    pub fn with_max_phase_timeout(mut self, max: Duration) -> Self {
+        self.max_timeout = max;
+        self
     }
 
     /// The secret values that grants may name.
@@ -224,6 +241,68 @@ impl PluginRegistry {
         }
     }
 
+    /// Sets the plugin's memory cap and default timeout.
+    pub async fn set_resources(
+        &self,
+        name: &str,
+        resources: PluginResources,
+    ) -> Result<(), PluginError> {
+        let max_memory_mb = self.runtime.config().max_plugin_memory >> 20;
+        let max_timeout_ms = self.max_timeout.as_millis() as u64;
+        resources
+            .validate(max_memory_mb, max_timeout_ms)
+            .map_err(PluginError::InvalidResources)?;
+        if !self
+            .storage
+            .set_plugin_resources(name, resources, now_ms())
+            .await?
+        {
+            return Err(PluginError::NoSuchPlugin(name.to_owned()));
+        }
+        self.resources_changed(name, resources);
+        Ok(())
+    }
+
+    /// Reads a plugin's resources again (after a change on any host, or an
+    /// upload that may have made a new plugin of an old name).
+    pub async fn refresh_resources(&self, name: &str) -> Result<(), PluginError> {
+        let resources = self
+            .storage
+            .plugin(name)
+            .await?
+            .map(|plugin| plugin.resources)
+            .unwrap_or_default();
+        self.resources_changed(name, resources);
+        Ok(())
+    }
+
+    /// Takes a change of a plugin's resources (made on any host).
+    pub fn resources_changed(&self, name: &str, resources: PluginResources) {
+        let mut known = self.resources.write().expect("never poisoned");
+        if resources == PluginResources::default() {
+            known.remove(name);
+        } else {
+            known.insert(name.to_owned(), resources);
+        }
+    }
+
+    fn resources_of(&self, name: &str) -> PluginResources {
+        let known = self.resources.read().expect("never poisoned");
+        known.get(name).copied().unwrap_or_default()
+    }
+
+    /// The memory cap of a run of the plugin, if the operator set one.
+    pub fn memory_limit(&self, name: &str) -> Option<u64> {
+        self.resources_of(name).memory_mb.map(|mb| mb << 20)
+    }
+
+    /// The timeout of a phase whose spec gives none, if the operator set one.
+    pub fn default_timeout(&self, name: &str) -> Option<Duration> {
+        self.resources_of(name)
+            .timeout_ms
+            .map(Duration::from_millis)
+    }
+
     /// What a run of `name`@`version` in job `job_id` may read through
     /// `wasi:config/store` and call through `wasi:http`: the grants in
     /// force now, with this host's secret values.
@@ -278,6 +357,7 @@ impl PluginRegistry {
     pub async fn preload(&self) -> Result<usize, PluginError> {
         let mut count = 0;
         for plugin in self.list().await? {
+            self.resources_changed(&plugin.name, plugin.resources);
             for version in &plugin.versions {
                 self.load(&plugin.name, &version.version).await?;
                 count += 1;

@@ -12,7 +12,14 @@ use crate::storage::{NewJob, NewPhase};
 
 use crate::model::limits::*;
 
-pub(super) fn new_job(spec: JobSpec, config: &QueueConfig, now: i64) -> Result<NewJob, String> {
+/// `plugin_timeout` is a plugin's default phase timeout, if its operator
+/// set one: it comes before the server's.
+pub(super) fn new_job(
+    spec: JobSpec,
+    config: &QueueConfig,
+    plugin_timeout: impl Fn(&str) -> Option<std::time::Duration>,
+    now: i64,
+) -> Result<NewJob, String> {
     if spec.phases.is_empty() {
         return Err("phases: a job needs at least one phase".into());
     }
@@ -104,7 +111,11 @@ pub(super) fn new_job(spec: JobSpec, config: &QueueConfig, now: i64) -> Result<N
         .phases
         .into_iter()
         .map(|p| NewPhase {
-            timeout_ms: p.timeout_ms.unwrap_or(default_timeout).min(max_timeout),
+            timeout_ms: p
+                .timeout_ms
+                .or_else(|| plugin_timeout(&p.plugin).map(|t| t.as_millis() as u64))
+                .unwrap_or(default_timeout)
+                .min(max_timeout),
             config: p
                 .config
                 .unwrap_or_else(|| Value::Object(Default::default())),
@@ -173,7 +184,7 @@ mod tests {
     const NOW: i64 = 1_764_504_000_000;
 
     fn check(spec: JobSpec) -> Result<NewJob, String> {
-        new_job(spec, &QueueConfig::default(), NOW)
+        new_job(spec, &QueueConfig::default(), |_| None, NOW)
     }
 
     #[test]

@@ -227,10 +227,13 @@ impl Shared {
 /// Compiles each plugin version as it is uploaded, on whichever host: the
 /// first job of a new version (an 18 MB Python component, say) does not
 /// wait for it on every host. Where the upload happened, it is loaded
-/// already.
-async fn compile_uploads(shared: Arc<Shared>) {
-    // Batches with an upload only: job events do not wake this task.
-    let topic = Topic::Kinds(KindSet::of(&[EventKind::PluginUploaded]));
+/// already. Keeps each plugin's resources current on every host too.
+async fn follow_plugins(shared: Arc<Shared>) {
+    // Batches with plugin changes only: job events do not wake this task.
+    let topic = Topic::Kinds(KindSet::of(&[
+        EventKind::PluginUploaded,
+        EventKind::PluginResourcesChanged,
+    ]));
     let mut batches = shared.bus.subscribe_batches(topic);
     loop {
         let batch = tokio::select! {
@@ -243,13 +246,22 @@ async fn compile_uploads(shared: Arc<Shared>) {
             Err(broadcast::error::RecvError::Closed) => return,
         };
         for event in batch.events() {
-            if let EventBody::PluginUploaded(uploaded) = &event.body
-                && let Err(error) = shared
+            match &event.body {
+                EventBody::PluginUploaded(uploaded) => {
+                    // A first upload may be a new plugin of a deleted one's name.
+                    let plugins = &shared.plugins;
+                    let loaded = plugins.load(&uploaded.plugin, &uploaded.version).await;
+                    if let Err(error) = loaded {
+                        tracing::warn!(plugin = %uploaded.plugin, version = %uploaded.version, %error, "compiling an uploaded plugin failed");
+                    }
+                    if let Err(error) = plugins.refresh_resources(&uploaded.plugin).await {
+                        tracing::warn!(plugin = %uploaded.plugin, %error, "reading a plugin's resources failed");
+                    }
+                }
+                EventBody::PluginResourcesChanged(changed) => shared
                     .plugins
-                    .load(&uploaded.plugin, &uploaded.version)
-                    .await
-            {
-                tracing::warn!(plugin = %uploaded.plugin, version = %uploaded.version, %error, "compiling an uploaded plugin failed");
+                    .resources_changed(&changed.plugin, changed.resources),
+                _ => {}
             }
         }
     }
@@ -376,7 +388,7 @@ impl Queue {
             tokio::spawn(dispatch::dispatch(shared.clone())),
             tokio::spawn(dispatch::retention(shared.clone())),
             tokio::spawn(dispatch::reap(shared.clone())),
-            tokio::spawn(compile_uploads(shared.clone())),
+            tokio::spawn(follow_plugins(shared.clone())),
         ];
         let deliverer = match &shared.config.webhooks {
             Some(config) => {
@@ -475,7 +487,9 @@ impl Queue {
             return Err(QueueError::ShuttingDown);
         }
         let now = shared.now();
-        let new = enqueue::new_job(spec, &shared.config, now).map_err(QueueError::InvalidJob)?;
+        let plugin_timeout = |plugin: &str| shared.plugins.default_timeout(plugin);
+        let new = enqueue::new_job(spec, &shared.config, plugin_timeout, now)
+            .map_err(QueueError::InvalidJob)?;
         self.check_pending_quota().await?;
         let id = new.id.clone();
         let slot = self.reserve_slot(&id).await;

@@ -244,6 +244,7 @@ async fn run_phase(
         cancel: cancel.clone(),
         progress: Some(report_progress),
         granted,
+        memory_limit: shared.plugins.memory_limit(&phase.plugin),
     };
     let result = shared.plugins.runtime().run(&plugin, run).await;
     if let Some(progress) = &result.last_progress

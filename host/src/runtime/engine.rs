@@ -58,7 +58,10 @@ pub fn pooling_config(config: &RuntimeConfig) -> PoolingAllocationConfig {
         .total_tables(runs * TABLES_PER_RUN)
         .max_tables_per_component(TABLES_PER_RUN)
         .total_stacks(runs)
-        .max_memory_size(usize::try_from(config.memory_limit).unwrap_or(usize::MAX))
+        .max_memory_size(
+            usize::try_from(config.memory_limit.max(config.max_plugin_memory))
+                .unwrap_or(usize::MAX),
+        )
         // Returning slots to the pool costs a madvise each, and with it a TLB
         // shootdown across cores; batching them is much faster (figures in
         // BENCHMARKS.md, "Phase overhead").

@@ -47,8 +47,12 @@ pub struct RuntimeConfig {
     /// Phases that may run at once. The instance pool is sized from this, so
     /// it is also the most instances that exist at any time.
     pub max_concurrent_runs: u32,
-    /// Linear memory a single run may use, in bytes.
+    /// Linear memory a single run may use, in bytes, unless its plugin's
+    /// resources say otherwise.
     pub memory_limit: u64,
+    /// The most a plugin's resources may give one run, in bytes: the
+    /// instance pool is sized for it (address space, not memory).
+    pub max_plugin_memory: u64,
     /// Period of the epoch ticker: the granularity of timeouts and forced
     /// cancellation, and how often a busy guest yields to other tasks.
     pub epoch_tick: Duration,
@@ -76,6 +80,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             max_concurrent_runs: 16,
             memory_limit: 256 << 20,
+            max_plugin_memory: 4 << 30,
             epoch_tick: Duration::from_millis(10),
             max_log_bytes: 64 << 10,
             max_captured_output: 64 << 10,

@@ -39,6 +39,9 @@ pub struct PhaseRun {
     pub progress: Option<ProgressSink>,
     /// What `wasi:config/store` answers; `None` refuses every read.
     pub granted: Option<Arc<RunGrants>>,
+    /// This run's memory cap, in bytes, if not the runtime's (at most
+    /// [`RuntimeConfig::max_plugin_memory`](super::RuntimeConfig)).
+    pub memory_limit: Option<u64>,
 }
 
 impl PhaseRun {
@@ -56,6 +59,7 @@ impl PhaseRun {
             cancel: CancellationToken::new(),
             progress: None,
             granted: None,
+            memory_limit: None,
         }
     }
 }
@@ -226,7 +230,9 @@ impl Runtime {
             slot = self.slots.acquire() => slot.expect("instance slots are never closed"),
         };
         let limits = SandboxLimits {
-            memory: self.config.memory_limit,
+            memory: run.memory_limit.map_or(self.config.memory_limit, |limit| {
+                limit.min(self.config.max_plugin_memory.max(self.config.memory_limit))
+            }),
             log_bytes: self.config.max_log_bytes,
             captured_output: self.config.max_captured_output,
         };

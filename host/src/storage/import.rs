@@ -56,6 +56,8 @@ const TABLES: &[Table] = &[
             ("name", Text),
             ("active_version", Text),
             ("created_at", BigInt),
+            ("memory_mb", BigInt),
+            ("timeout_ms", BigInt),
         ],
     },
     Table {

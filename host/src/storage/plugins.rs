@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use super::Result;
-use crate::model::PluginGrants;
+use crate::model::{PluginGrants, PluginResources};
 
 /// A validated plugin version to store.
 pub struct NewPluginVersion {
@@ -117,6 +117,8 @@ pub struct PluginRecord {
     /// What the operator granted it (never secret values: secrets are
     /// named only). None until grants are set.
     pub grants: Option<PluginGrants>,
+    /// Its memory cap and default timeout, if the operator set them.
+    pub resources: PluginResources,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -164,6 +166,15 @@ pub trait PluginStore: Send + Sync {
         grants: &PluginGrants,
         now: i64,
     ) -> Result<GrantOutcome>;
+
+    /// Sets a plugin's resources and logs `plugin:resources:changed`;
+    /// false if there is no such plugin.
+    async fn set_plugin_resources(
+        &self,
+        name: &str,
+        resources: PluginResources,
+        now: i64,
+    ) -> Result<bool>;
 
     /// A plugin's grants, if the operator set any.
     async fn plugin_grants(&self, name: &str) -> Result<Option<PluginGrants>>;

@@ -7,8 +7,10 @@ use async_trait::async_trait;
 use deadpool_postgres::GenericClient;
 
 use super::{PgStore, Tx, WriteScope, execute, query, query_one, query_opt};
-use crate::model::event::{PluginActivated, PluginGrantsChanged, PluginUploaded};
-use crate::model::{EventBody, NewEvent, PluginGrants};
+use crate::model::event::{
+    PluginActivated, PluginGrantsChanged, PluginResourcesChanged, PluginUploaded,
+};
+use crate::model::{EventBody, NewEvent, PluginGrants, PluginResources};
 use crate::storage::{
     ActivateOutcome, DeleteVersionOutcome, GrantOutcome, NewPluginVersion, PluginRecord,
     PluginStore, PutOutcome, Result, VersionRecord, plugins::decode_grants,
@@ -243,6 +245,34 @@ async fn set_grants(
     Ok(GrantOutcome::Set)
 }
 
+async fn set_resources(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    name: &str,
+    resources: PluginResources,
+    now: i64,
+) -> Result<bool> {
+    let updated = execute(
+        tx,
+        "UPDATE plugins SET memory_mb = $2, timeout_ms = $3 WHERE name = $1",
+        &[
+            &name,
+            &resources.memory_mb.map(|mb| mb as i64),
+            &resources.timeout_ms.map(|ms| ms as i64),
+        ],
+    )
+    .await?;
+    if updated == 0 {
+        return Ok(false);
+    }
+    let changed = EventBody::PluginResourcesChanged(PluginResourcesChanged {
+        plugin: name.to_owned(),
+        resources,
+    });
+    scope.emit(NewEvent::plugin(changed), now);
+    Ok(true)
+}
+
 async fn grants_of(db: &impl GenericClient, name: &str) -> Result<Option<PluginGrants>> {
     let row = query_opt(
         db,
@@ -258,7 +288,7 @@ async fn records(db: &impl GenericClient, name: Option<&str>) -> Result<Vec<Plug
     let rows = query(
         db,
         "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at,
-                g.grants
+                g.grants, p.memory_mb, p.timeout_ms
          FROM plugins p JOIN plugin_versions v ON v.plugin = p.name
          LEFT JOIN plugin_grants g ON g.plugin = p.name
          WHERE $1::text IS NULL OR p.name = $1
@@ -286,6 +316,10 @@ async fn records(db: &impl GenericClient, name: Option<&str>) -> Result<Vec<Plug
                     .get::<_, Option<String>>(7)
                     .map(|json| decode_grants(&json))
                     .transpose()?,
+                resources: PluginResources {
+                    memory_mb: row.get::<_, Option<i64>>(8).map(|mb| mb as u64),
+                    timeout_ms: row.get::<_, Option<i64>>(9).map(|ms| ms as u64),
+                },
             }),
         }
     }
@@ -373,6 +407,19 @@ impl PluginStore for PgStore {
         let (name, grants) = (name.to_owned(), grants.clone());
         self.write(move |tx, scope| {
             Box::pin(async move { set_grants(tx, scope, &name, &grants, now).await })
+        })
+        .await
+    }
+
+    async fn set_plugin_resources(
+        &self,
+        name: &str,
+        resources: PluginResources,
+        now: i64,
+    ) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |tx, scope| {
+            Box::pin(async move { set_resources(tx, scope, &name, resources, now).await })
         })
         .await
     }

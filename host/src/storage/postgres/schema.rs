@@ -215,6 +215,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
         updated_at BIGINT NOT NULL
     );
     "#,
+    // 3: what the operator sets aside for a plugin's runs
+    // (`model::PluginResources`).
+    r#"
+    ALTER TABLE plugins ADD COLUMN memory_mb BIGINT;
+    ALTER TABLE plugins ADD COLUMN timeout_ms BIGINT;
+    "#,
 ];
 
 /// The schema version this build writes.

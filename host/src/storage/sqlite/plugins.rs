@@ -7,8 +7,10 @@ use async_trait::async_trait;
 
 use super::SqliteStore;
 use super::writer::EventLog;
-use crate::model::event::{PluginActivated, PluginGrantsChanged, PluginUploaded};
-use crate::model::{EventBody, NewEvent, PluginGrants};
+use crate::model::event::{
+    PluginActivated, PluginGrantsChanged, PluginResourcesChanged, PluginUploaded,
+};
+use crate::model::{EventBody, NewEvent, PluginGrants, PluginResources};
 use crate::storage::{
     ActivateOutcome, DeleteVersionOutcome, GrantOutcome, NewPluginVersion, PluginRecord,
     PluginStore, PutOutcome, Result, VersionRecord, plugins::decode_grants,
@@ -189,6 +191,32 @@ fn set_grants(
     Ok(GrantOutcome::Set)
 }
 
+fn set_resources(
+    conn: &Connection,
+    log: &mut EventLog,
+    name: &str,
+    resources: PluginResources,
+    now: i64,
+) -> Result<bool> {
+    let updated = conn.execute(
+        "UPDATE plugins SET memory_mb = ?2, timeout_ms = ?3 WHERE name = ?1",
+        params![
+            name,
+            resources.memory_mb.map(|mb| mb as i64),
+            resources.timeout_ms.map(|ms| ms as i64)
+        ],
+    )?;
+    if updated == 0 {
+        return Ok(false);
+    }
+    let changed = EventBody::PluginResourcesChanged(PluginResourcesChanged {
+        plugin: name.to_owned(),
+        resources,
+    });
+    log.emit(conn, NewEvent::plugin(changed), now)?;
+    Ok(true)
+}
+
 fn grants_of(conn: &Connection, name: &str) -> Result<Option<PluginGrants>> {
     let json: Option<String> = conn
         .prepare_cached("SELECT grants FROM plugin_grants WHERE plugin = ?1")?
@@ -199,7 +227,8 @@ fn grants_of(conn: &Connection, name: &str) -> Result<Option<PluginGrants>> {
 
 fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at
+        "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at,
+                p.memory_mb, p.timeout_ms
          FROM plugins p JOIN plugin_versions v ON v.plugin = p.name
          WHERE ?1 IS NULL OR p.name = ?1
          ORDER BY p.name, v.uploaded_at, v.version",
@@ -216,10 +245,14 @@ fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
                 description: row.get(5)?,
                 uploaded_at: row.get(6)?,
             },
+            PluginResources {
+                memory_mb: row.get::<_, Option<i64>>(7)?.map(|mb| mb as u64),
+                timeout_ms: row.get::<_, Option<i64>>(8)?.map(|ms| ms as u64),
+            },
         ))
     })?;
     for row in rows {
-        let (name, active_version, version) = row?;
+        let (name, active_version, version, resources) = row?;
         match plugins.last_mut() {
             Some(last) if last.name == name => last.versions.push(version),
             _ => plugins.push(PluginRecord {
@@ -227,6 +260,7 @@ fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
                 active_version,
                 versions: vec![version],
                 grants: None,
+                resources,
             }),
         }
     }
@@ -311,6 +345,17 @@ impl PluginStore for SqliteStore {
     ) -> Result<GrantOutcome> {
         let (name, grants) = (name.to_owned(), grants.clone());
         self.write(move |conn, log| set_grants(conn, log, &name, &grants, now))
+            .await
+    }
+
+    async fn set_plugin_resources(
+        &self,
+        name: &str,
+        resources: PluginResources,
+        now: i64,
+    ) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |conn, log| set_resources(conn, log, &name, resources, now))
             .await
     }
 

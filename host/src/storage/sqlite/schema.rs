@@ -207,6 +207,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     );
     ",
+    // 10: what the operator sets aside for a plugin's runs
+    // (`model::PluginResources`).
+    "
+    ALTER TABLE plugins ADD COLUMN memory_mb INTEGER;
+    ALTER TABLE plugins ADD COLUMN timeout_ms INTEGER;
+    ",
 ];
 
 /// Brings the database up to the latest schema.

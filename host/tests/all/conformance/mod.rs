@@ -40,6 +40,7 @@ use jobs::claims_take_the_highest_priority_then_the_earliest_due;
 use jobs::completing_a_job_can_claim_the_workers_next_one;
 use jobs::created_and_claimed_jobs_read_back_as_returned;
 use plugins::grants_replace_the_old_ones_and_go_with_the_plugin;
+use plugins::resources_are_set_on_the_plugin_and_logged;
 use races::a_cancel_racing_a_completion_ends_the_job_once;
 use races::a_transition_replayed_after_an_unknown_outcome_changes_nothing;
 use races::concurrent_claimers_never_share_a_job;
@@ -68,6 +69,7 @@ crate::fixture::on_each_backend! {
     a_cancel_racing_a_completion_ends_the_job_once,
     a_transition_replayed_after_an_unknown_outcome_changes_nothing,
     grants_replace_the_old_ones_and_go_with_the_plugin,
+    resources_are_set_on_the_plugin_and_logged,
 }
 
 /// Stores `echo` 1.0.0 (active) and 2.0.0, which [`job`] pins.

@@ -1,9 +1,9 @@
-//! Plugin grants: operator data stored beside the plugin.
+//! Plugin grants and resources: operator data stored beside the plugin.
 
 use std::collections::BTreeMap;
 
-use jobhost::model::event::PluginGrantsChanged;
-use jobhost::model::{EventBody, EventKind, PluginGrants};
+use jobhost::model::event::{PluginGrantsChanged, PluginResourcesChanged};
+use jobhost::model::{EventBody, EventKind, PluginGrants, PluginResources};
 use jobhost::storage::{EventFilter, GrantOutcome};
 
 use super::{fresh, with_echo};
@@ -86,4 +86,41 @@ pub async fn grants_replace_the_old_ones_and_go_with_the_plugin(backend: Backend
         None,
         "a new plugin of the same name starts without grants"
     );
+}
+
+/// A plugin's resources are stored on it, read back with it and logged.
+pub async fn resources_are_set_on_the_plugin_and_logged(backend: Backend) {
+    let (store, _dir) = fresh(backend).await;
+    with_echo(&store).await;
+    let resources = PluginResources {
+        memory_mb: Some(1024),
+        timeout_ms: None,
+    };
+    assert!(
+        !store
+            .set_plugin_resources("nope", resources, 1)
+            .await
+            .unwrap()
+    );
+    let record = store.plugin("echo").await.unwrap().unwrap();
+    assert_eq!(record.resources, PluginResources::default());
+    assert!(
+        store
+            .set_plugin_resources("echo", resources, 2)
+            .await
+            .unwrap()
+    );
+    let record = store.plugin("echo").await.unwrap().unwrap();
+    assert_eq!(record.resources, resources);
+    let filter = EventFilter {
+        job_id: None,
+        kinds: vec![EventKind::PluginResourcesChanged],
+    };
+    let logged = store.events_after(0, filter, 10).await.unwrap();
+    let expected = EventBody::PluginResourcesChanged(PluginResourcesChanged {
+        plugin: "echo".into(),
+        resources,
+    });
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0].body, expected);
 }
