@@ -1,4 +1,4 @@
-//! The CLI's user path against a real server: push, grant, activate, submit
+//! The CLI's user path against a real server: push, grant, resources, activate, submit
 //! --wait (exit codes), show, list, watch, cancel, retry, and clear errors.
 
 use std::process::{Command, Output, Stdio};
@@ -121,6 +121,13 @@ async fn cli_user_path() {
     ] {
         assert!(shown.contains(line), "{shown}");
     }
+    let sized = run(url, &["plugin", "resources", "echo", "--memory-mb", "64"]).await;
+    assert!(sized.status.success(), "{}", stderr(&sized));
+    let shown = stdout(&run(url, &["plugin", "show", "echo"]).await);
+    assert!(
+        shown.contains("resources: memory 64 MiB, default timeout server default"),
+        "{shown}"
+    );
     let malformed = run(url, &["plugin", "grant", "echo", "--config", "region"]).await;
     assert!(!malformed.status.success());
     assert!(

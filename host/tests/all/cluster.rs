@@ -558,3 +558,21 @@ async fn deleting_a_job_leaves_no_empty_position_blocks() {
         .collect();
     assert_eq!(survived, kept, "the rest of the log keeps its positions");
 }
+
+/// A plugin's resources set on one host hold on every host: the memory cap
+/// of the runs it takes, the default timeout of the jobs it is given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_set_on_one_host_reach_every_host() {
+    let Some((a, b)) = two_hosts().await else {
+        return;
+    };
+    a.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let resources = jobhost::model::PluginResources {
+        memory_mb: Some(64),
+        timeout_ms: Some(1234),
+    };
+    a.plugins.set_resources("echo", resources).await.unwrap();
+    until(|| b.plugins.memory_limit("echo") == Some(64 << 20)).await;
+    let timeout = b.plugins.default_timeout("echo");
+    assert_eq!(timeout, Some(Duration::from_millis(1234)));
+}
