@@ -249,7 +249,13 @@ fn check_host_name(host: &str) -> Result<(), String> {
                 && label.len() <= 63
                 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         });
-    if valid {
+    // A name that ends in a number is an address to URL parsers
+    // (`2130706433`, `*.0.0.1`): give addresses as addresses.
+    let numeric = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| last.chars().all(|c| c.is_ascii_digit()));
+    if valid && !numeric {
         Ok(())
     } else {
         Err(format!("bad host `{host}`"))
@@ -330,6 +336,8 @@ mod tests {
             "https://x:99999",
             "https://exa mple.com",
             "https://",
+            "https://*.0.0.1",
+            "http://2130706433",
         ] {
             assert!(OriginRule::parse(bad).is_err(), "{bad}");
         }

@@ -10,8 +10,9 @@
 //! the run's grants name. An IP-literal target that is loopback, private or
 //! link-local passes only when a grant names that very address; a wildcard
 //! never admits one. Timeouts are the host's; a guest may only shorten the
-//! wait for a response. Requests, bytes and waiting time are counted and
-//! capped per run, requests in flight per run and per host.
+//! wait for a response. Requests, bytes and waiting time are counted per
+//! run; requests and bytes are capped per run, requests in flight per run
+//! and, until their headers arrive, per host.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,7 +125,12 @@ pub(super) struct HttpUsage {
     pub(super) bytes_in: AtomicU64,
     /// Milliseconds from sending each request to its response's headers.
     pub(super) wait_ms: AtomicU64,
+    /// Requests refused.
+    refusals: AtomicU64,
 }
+
+/// Refused requests of one run that are logged; the rest are counted.
+const LOGGED_REFUSALS: u64 = 10;
 
 /// One run's `wasi:http` hooks.
 pub(super) struct GuestHttp {
@@ -164,7 +170,10 @@ impl GuestHttp {
     /// URL as it will be sent. The URL is parsed the way the client parses
     /// it first, so that what is checked is what is connected to
     /// (`http://2130706433/` is 127.0.0.1, an address, not a name).
-    fn admit(&self, uri: &http::Uri) -> Result<reqwest::Url, String> {
+    fn admit(&self, method: &http::Method, uri: &http::Uri) -> Result<reqwest::Url, String> {
+        if *method == http::Method::CONNECT || *method == http::Method::TRACE {
+            return Err(format!("the method {method} is not allowed"));
+        }
         let grants = self.grants.as_deref().ok_or("this run has no grants")?;
         let rules = &grants.covered()?.http;
         let url = reqwest::Url::parse(&uri.to_string())
@@ -181,22 +190,25 @@ impl GuestHttp {
         let port = url
             .port_or_known_default()
             .unwrap_or(if https { 443 } else { 80 });
-        let rule = rules
+        let matching: Vec<_> = rules
             .iter()
-            .find(|rule| rule.matches(https, host, port))
-            .ok_or_else(|| {
-                format!(
-                    "origin {} is not granted to plugin `{}` {} (`http` in its grants): {}",
-                    origin(&url),
-                    grants.plugin,
-                    grants.version,
-                    grants.where_to_grant()
-                )
-            })?;
+            .filter(|rule| rule.matches(https, host, port))
+            .collect();
+        if matching.is_empty() {
+            return Err(format!(
+                "origin {} is not granted to plugin `{}` {} (`http` in its grants): {}",
+                origin(&url),
+                grants.plugin,
+                grants.version,
+                grants.where_to_grant()
+            ));
+        }
         // A name is checked once resolved (the client's resolver); an
         // address here, unless a grant names that very address.
         if let Some(address) = address
-            && rule.host != HostRule::Address(address)
+            && !matching
+                .iter()
+                .any(|rule| rule.host == HostRule::Address(address))
         {
             self.shared
                 .policy
@@ -219,6 +231,14 @@ impl GuestHttp {
             None => (self.plugin.clone(), "-".to_owned()),
         }
     }
+}
+
+/// `scheme://host[:port]` of a request that was not admitted: never its
+/// user, path or query, which may hold secrets; the host cut short.
+fn uri_origin(uri: &http::Uri) -> String {
+    let host: String = uri.host().unwrap_or("?").chars().take(256).collect();
+    let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+    format!("{}://{host}{port}", uri.scheme_str().unwrap_or("https"))
 }
 
 /// `scheme://host:port` of a URL.
@@ -248,12 +268,12 @@ impl WasiHttpHooks for GuestHttp {
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> ResponseFuture {
         let (plugin, job) = self.names();
-        let admitted = self.admit(request.uri());
+        let admitted = self.admit(request.method(), request.uri());
         let outgoing = Outgoing {
             method: request.method().clone(),
             origin: match &admitted {
                 Ok(url) => origin(url),
-                Err(_) => request.uri().to_string(),
+                Err(_) => uri_origin(request.uri()),
             },
             plugin,
             job,
@@ -261,10 +281,14 @@ impl WasiHttpHooks for GuestHttp {
         let url = match admitted {
             Ok(url) => url,
             Err(reason) => {
-                tracing::warn!(
-                    plugin = %outgoing.plugin, job = %outgoing.job, method = %outgoing.method,
-                    origin = %outgoing.origin, %reason, "refused a guest's HTTP request"
-                );
+                // A guest that loops on refused requests logs only its first few.
+                if self.usage.refusals.fetch_add(1, Ordering::Relaxed) < LOGGED_REFUSALS {
+                    tracing::warn!(
+                        target: GUEST_HTTP_TARGET,
+                        plugin = %outgoing.plugin, job = %outgoing.job, method = %outgoing.method,
+                        origin = %outgoing.origin, %reason, "refused a guest's HTTP request"
+                    );
+                }
                 let refused =
                     Error::InternalError(Some(format!("jobhost refused the request: {reason}")));
                 // The guest may be writing the body: take it (up to the cap) and
@@ -299,20 +323,17 @@ impl WasiHttpHooks for GuestHttp {
                 .expect("never closed");
             let started = Instant::now();
             let response = send(&shared, usage.clone(), url, request, options, &outgoing).await;
+            // The host-wide slot is for requests waiting on the network; a
+            // response the guest reads slowly holds only its run's slot.
+            drop(host_slot);
             let response = response.inspect_err(|error| {
                 tracing::info!(
                     target: GUEST_HTTP_TARGET, plugin = %outgoing.plugin, job = %outgoing.job,
                     method = %outgoing.method, origin = %outgoing.origin, %error, "guest HTTP request failed"
                 );
             })?;
-            let response = counted_response(
-                response,
-                usage,
-                outgoing,
-                [run_slot, host_slot],
-                started,
-                &shared.config,
-            );
+            let response =
+                counted_response(response, usage, outgoing, run_slot, started, &shared.config);
             let done: Box<dyn Future<Output = Result<(), Error>> + Send> =
                 Box::new(async { Ok(()) });
             Ok((response, done))
@@ -363,11 +384,12 @@ async fn send(
     match sent {
         Err(_) => Err(Error::HttpResponseTimeout),
         Ok(Err(error)) if error.is_timeout() => Err(Error::ConnectionTimeout),
+        // Without the URL: its path or query may hold a secret.
         Ok(Err(error)) => Err(Error::InternalError(Some(format!(
             "{} {}: {}",
             outgoing.method,
             outgoing.origin,
-            error_chain(&error)
+            error_chain(&error.without_url())
         )))),
         Ok(Ok(response)) => Ok(response.into()),
     }
@@ -392,7 +414,7 @@ fn counted_response(
     response: http::Response<reqwest::Body>,
     usage: Arc<HttpUsage>,
     outgoing: Outgoing,
-    slots: [OwnedSemaphorePermit; 2],
+    run_slot: OwnedSemaphorePermit,
     started: Instant,
     config: &GuestHttpConfig,
 ) -> http::Response<WasiBody> {
@@ -403,7 +425,7 @@ fn counted_response(
         started,
         bytes_in: 0,
         usage: usage.clone(),
-        _slots: slots,
+        _run_slot: run_slot,
     };
     let max_in = config.max_response_bytes;
     let chunks = BodyDataStream::new(body).map(move |chunk| {
@@ -439,7 +461,7 @@ struct RequestLog {
     started: Instant,
     bytes_in: u64,
     usage: Arc<HttpUsage>,
-    _slots: [OwnedSemaphorePermit; 2],
+    _run_slot: OwnedSemaphorePermit,
 }
 
 impl Drop for RequestLog {
