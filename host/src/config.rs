@@ -356,9 +356,9 @@ impl ServeArgs {
                 let timeout = duration(
                     self.guest_http_timeout,
                     file.guest_http_timeout,
-                    Some(defaults.response_timeout),
+                    Some(defaults.timeout),
                 )
-                .unwrap_or(defaults.response_timeout);
+                .unwrap_or(defaults.timeout);
                 GuestHttpConfig {
                     max_requests: self
                         .guest_http_max_requests
@@ -376,8 +376,7 @@ impl ServeArgs {
                         .guest_http_max_in_flight
                         .or(file.guest_http_max_in_flight)
                         .unwrap_or(defaults.per_host),
-                    response_timeout: timeout,
-                    idle_timeout: timeout,
+                    timeout,
                     extra_roots: match self.guest_http_ca_file.or(file.guest_http_ca_file) {
                         Some(path) => read_roots(&path)?,
                         None => Vec::new(),

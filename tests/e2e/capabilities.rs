@@ -315,10 +315,11 @@ async fn a_plugin_calls_only_the_origins_granted_to_it_within_its_caps() {
     let usage = &job["phases"][0]["usage"];
     assert_eq!(usage["http_requests"], 4, "{usage}");
     assert_eq!(usage["http_bytes_out"], 6, "{usage}");
-    assert!(
-        usage["http_bytes_in"].as_u64().unwrap() > 16 << 10,
-        "{usage}"
-    );
+    // The refused chunk is not counted: usage stays within the cap.
+    let received = usage["http_bytes_in"].as_u64().unwrap();
+    let bodies = ["hi from the api", "got 6 bytes", "hi from the api"];
+    let read: usize = bodies.iter().map(|body| body.len()).sum();
+    assert!((read as u64..=16 << 10).contains(&received), "{usage}");
 
     // A wildcard never admits a loopback address, however it is spelled.
     grant_http(&server, &["http://*:*"]).await;
@@ -563,5 +564,78 @@ async fn a_plugins_resources_set_its_memory_cap_and_default_timeout() {
     assert_eq!(
         job["status"], "completed",
         "a job's own timeout comes first: {job}"
+    );
+}
+
+/// A guest that floods the host with refused reads gets its refusals, and
+/// the host logs only the first few, with keys cut short.
+#[tokio::test]
+async fn refused_config_reads_stay_small_in_the_log() {
+    let server = Server::start(&[]).await;
+    server
+        .upload("read-config", "1.0.0", plugin_artifacts::READ_CONFIG)
+        .await;
+    let huge = "k".repeat(512 << 10);
+    let mut keys: Vec<String> = (0..20).map(|i| format!("key{i}")).collect();
+    keys.push(huge.clone());
+    let job = server
+        .submit(&json!({
+            "phases": [{"name": "read", "plugin": "read-config"}],
+            "payload": {"keys": keys},
+        }))
+        .await;
+    let job = server.wait_finished(job["id"].as_str().unwrap()).await;
+    let errors = job["phases"][0]["output"]["errors"].as_object().unwrap();
+    assert_eq!(errors.len(), 21, "every read is refused");
+    let cut = errors[&huge].as_str().unwrap();
+    assert!(
+        cut.len() < 1024 && cut.contains("truncated"),
+        "{}",
+        cut.len()
+    );
+    let log = server.log();
+    assert_eq!(log.matches("refused a guest's config read").count(), 10);
+    assert!(
+        log.len() < 64 << 10,
+        "the log stays small: {} bytes",
+        log.len()
+    );
+}
+
+/// The server's bounds on guest HTTP: bytes sent per run, and the wait for
+/// a response, which a guest cannot lengthen.
+#[tokio::test]
+async fn guest_http_sent_bytes_and_response_wait_are_bounded() {
+    let api = Api::start().await;
+    let server = Server::start(&[
+        "--guest-http-max-sent-kb",
+        "1",
+        "--guest-http-timeout",
+        "1s",
+    ])
+    .await;
+    server
+        .upload("fetch", "1.0.0", plugin_artifacts::FETCH)
+        .await;
+    grant_http(&server, &[&api.url]).await;
+    let requests = json!([
+        {"url": format!("{}/echo", api.url), "method": "POST", "body": "x".repeat(2048)},
+        {"url": format!("{}/never", api.url)},
+    ]);
+    let job = fetch(&server, requests, 30_000).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let out = &job["phases"][0]["output"];
+    let too_much = out[0]["error"].as_str().unwrap();
+    assert!(
+        too_much.contains("request body size exceeds limit: 1024 bytes"),
+        "{too_much}"
+    );
+    let waited = out[1]["error"].as_str().unwrap();
+    assert!(waited.to_lowercase().contains("timeout"), "{waited}");
+    assert!(
+        job["phases"][0]["usage"]["http_bytes_out"]
+            .as_u64()
+            .unwrap()
+            <= 1024
     );
 }

@@ -8,8 +8,10 @@
 //! guest's library may swallow the message. Values never reach a log.
 
 use super::bindings::config_store::{Error, Host};
-use super::grants::RunGrants;
+use super::grants::{LOGGED_REFUSALS, RunGrants};
+use super::guest_text::cut;
 use super::sandbox::PhaseState;
+use crate::model::grants::limits::MAX_KEY_LEN;
 
 impl RunGrants {
     /// The value of `key`, or why the guest may not have it.
@@ -50,7 +52,12 @@ pub fn secret_variable(name: &str) -> String {
 }
 
 impl PhaseState {
-    fn refused(&self, what: &str, reason: String) -> Error {
+    /// Logs the first few refusals of a run (a guest may ask in a loop).
+    fn refused(&mut self, what: &str, reason: String) -> Error {
+        self.config_refusals += 1;
+        if self.config_refusals > LOGGED_REFUSALS {
+            return Error::Upstream(reason);
+        }
         let granted = self.granted();
         tracing::warn!(
             plugin = %granted.map_or(self.plugin(), |g| g.plugin.as_str()),
@@ -65,6 +72,9 @@ impl PhaseState {
 
 impl Host for PhaseState {
     fn get(&mut self, key: String) -> Result<Option<String>, Error> {
+        // No granted key is longer: a longer one (cut, with a marker) is
+        // refused, and its message stays small.
+        let key = cut(key, MAX_KEY_LEN);
         let answer = match self.granted() {
             Some(granted) => granted.get(&key),
             None => Err(format!(

@@ -7,6 +7,10 @@ use std::collections::BTreeMap;
 
 use crate::model::grants::OriginRule;
 
+/// Refusals of one run that are logged on the host (of config reads, and
+/// of HTTP requests); the rest only reach the guest.
+pub(super) const LOGGED_REFUSALS: u64 = 10;
+
 #[derive(Clone)]
 pub struct RunGrants {
     /// The plugin's stored name and version, and the job: for messages.

@@ -26,7 +26,7 @@ use hyper::body::Frame;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
-use super::grants::RunGrants;
+use super::grants::{LOGGED_REFUSALS, RunGrants};
 use crate::model::grants::HostRule;
 use crate::outbound::AddressPolicy;
 
@@ -47,10 +47,9 @@ pub struct GuestHttpConfig {
     pub per_run: usize,
     /// Requests of all runs of this host in flight at once; more wait.
     pub per_host: usize,
-    /// Longest wait for a response's headers, connecting included.
-    pub response_timeout: Duration,
-    /// Longest wait for the next bytes of a response body.
-    pub idle_timeout: Duration,
+    /// Longest wait for a response's headers (connecting included), and
+    /// for each next chunk of its body.
+    pub timeout: Duration,
     /// Roots trusted besides the system's (an internal CA).
     pub extra_roots: Vec<reqwest::Certificate>,
     /// An HTTP proxy every guest request goes through (which then
@@ -66,8 +65,7 @@ impl Default for GuestHttpConfig {
             max_response_bytes: 32 << 20,
             per_run: 8,
             per_host: 64,
-            response_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(30),
+            timeout: Duration::from_secs(30),
             extra_roots: Vec::new(),
             proxy: None,
         }
@@ -100,8 +98,8 @@ impl OutboundHttp {
                 let mut client = self
                     .policy
                     .client()
-                    .connect_timeout(self.config.response_timeout)
-                    .read_timeout(self.config.idle_timeout);
+                    .connect_timeout(self.config.timeout)
+                    .read_timeout(self.config.timeout);
                 for root in &self.config.extra_roots {
                     client = client.add_root_certificate(root.clone());
                 }
@@ -128,9 +126,6 @@ pub(super) struct HttpUsage {
     /// Requests refused.
     refusals: AtomicU64,
 }
-
-/// Refused requests of one run that are logged; the rest are counted.
-const LOGGED_REFUSALS: u64 = 10;
 
 /// One run's `wasi:http` hooks.
 pub(super) struct GuestHttp {
@@ -177,7 +172,7 @@ impl GuestHttp {
         let grants = self.grants.as_deref().ok_or("this run has no grants")?;
         let rules = &grants.covered()?.http;
         let url = reqwest::Url::parse(&uri.to_string())
-            .map_err(|e| format!("the URL {uri} is not valid: {e}"))?;
+            .map_err(|e| format!("the URL of {} is not valid: {e}", uri_origin(uri)))?;
         let https = match url.scheme() {
             "https" => true,
             "http" => false,
@@ -357,11 +352,7 @@ async fn send(
     let sent = usage.clone();
     let body = BodyDataStream::new(body).map(move |chunk| {
         let chunk = chunk?;
-        let total = sent
-            .bytes_out
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed)
-            + chunk.len() as u64;
-        if total > max_out {
+        if !take(&sent.bytes_out, chunk.len(), max_out) {
             return Err(Error::HttpRequestBodySize(Some(max_out)));
         }
         Ok::<Bytes, Error>(chunk)
@@ -373,9 +364,7 @@ async fn send(
     // The guest may shorten the wait for headers, never lengthen it.
     let wait = options
         .and_then(|o| o.first_byte_timeout)
-        .map_or(shared.config.response_timeout, |t| {
-            t.min(shared.config.response_timeout)
-        });
+        .map_or(shared.config.timeout, |t| t.min(shared.config.timeout));
     let started = Instant::now();
     let sent = tokio::time::timeout(wait, request.send()).await;
     usage
@@ -393,6 +382,17 @@ async fn send(
         )))),
         Ok(Ok(response)) => Ok(response.into()),
     }
+}
+
+/// Counts `bytes` against a run's `max`, if they fit: what is refused is
+/// not counted, so usage never reports more than the cap.
+fn take(counter: &AtomicU64, bytes: usize, max: u64) -> bool {
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+            let total = used + bytes as u64;
+            (total <= max).then_some(total)
+        })
+        .is_ok()
 }
 
 /// An error with its causes: the address policy's refusal is a cause.
@@ -439,14 +439,10 @@ fn counted_response(
         // The whole guard moves into the closure (not only this field), so
         // it logs when the body is dropped.
         let log = &mut log;
-        log.bytes_in += chunk.len() as u64;
-        let total = usage
-            .bytes_in
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed)
-            + chunk.len() as u64;
-        if total > max_in {
+        if !take(&usage.bytes_in, chunk.len(), max_in) {
             return Err(Error::HttpResponseBodySize(Some(max_in)));
         }
+        log.bytes_in += chunk.len() as u64;
         Ok(Frame::data(chunk))
     });
     let body = StreamBody::new(chunks).boxed_unsync();

@@ -63,6 +63,8 @@ pub(super) struct PhaseState {
     pub(super) interrupted: Option<Interruption>,
     plugin: String,
     granted: Option<Arc<RunGrants>>,
+    /// Config reads refused so far (only the first few are logged).
+    pub(super) config_refusals: u64,
     http_ctx: WasiHttpCtx,
     http: GuestHttp,
 }
@@ -125,6 +127,7 @@ impl PhaseState {
             http: GuestHttp::new(http.clone(), granted.clone(), plugin),
             http_ctx: WasiHttpCtx::new(),
             granted,
+            config_refusals: 0,
         }
     }
 
