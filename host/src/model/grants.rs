@@ -77,7 +77,7 @@ impl PluginGrants {
             }
         }
         for name in &self.secrets {
-            check_key("secrets", name, is_secret_name_char)?;
+            check_secret_name(name)?;
             if self.config.contains_key(name) {
                 return Err(format!(
                     "secrets: `{name}` is also a config key; a guest reads both by name"
@@ -270,6 +270,12 @@ fn is_config_key_char(c: char) -> bool {
 /// (`JOBHOST_SECRET_<NAME>`, upper-cased), so they are narrower.
 fn is_secret_name_char(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
+}
+
+/// Whether `name` may name a secret (in grants, the secrets file or a
+/// `JOBHOST_SECRET_*` variable).
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    check_key("secrets", name, is_secret_name_char)
 }
 
 fn check_key(field: &str, key: &str, allowed: fn(char) -> bool) -> Result<(), String> {

@@ -74,13 +74,8 @@ impl Secrets {
     }
 }
 
-/// A name grants can use (see [`PluginGrants::validate`]).
 fn check_secret_name(name: &str) -> anyhow::Result<()> {
-    let probe = PluginGrants {
-        secrets: vec![name.to_owned()],
-        ..Default::default()
-    };
-    probe.validate().map_err(anyhow::Error::msg)
+    crate::model::grants::check_secret_name(name).map_err(anyhow::Error::msg)
 }
 
 /// What a run of `plugin`@`version` (in job `job_id`) may read, given the

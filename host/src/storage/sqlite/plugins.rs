@@ -228,8 +228,9 @@ fn grants_of(conn: &Connection, name: &str) -> Result<Option<PluginGrants>> {
 fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
     let mut stmt = conn.prepare_cached(
         "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at,
-                p.memory_mb, p.timeout_ms
+                p.memory_mb, p.timeout_ms, g.grants
          FROM plugins p JOIN plugin_versions v ON v.plugin = p.name
+         LEFT JOIN plugin_grants g ON g.plugin = p.name
          WHERE ?1 IS NULL OR p.name = ?1
          ORDER BY p.name, v.uploaded_at, v.version",
     )?;
@@ -249,23 +250,21 @@ fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
                 memory_mb: row.get::<_, Option<i64>>(7)?.map(|mb| mb as u64),
                 timeout_ms: row.get::<_, Option<i64>>(8)?.map(|ms| ms as u64),
             },
+            row.get::<_, Option<String>>(9)?,
         ))
     })?;
     for row in rows {
-        let (name, active_version, version, resources) = row?;
+        let (name, active_version, version, resources, grants) = row?;
         match plugins.last_mut() {
             Some(last) if last.name == name => last.versions.push(version),
             _ => plugins.push(PluginRecord {
                 name,
                 active_version,
                 versions: vec![version],
-                grants: None,
+                grants: grants.map(|json| decode_grants(&json)).transpose()?,
                 resources,
             }),
         }
-    }
-    for plugin in &mut plugins {
-        plugin.grants = grants_of(conn, &plugin.name)?;
     }
     Ok(plugins)
 }
