@@ -31,7 +31,7 @@ use crate::model::grants::HostRule;
 use crate::outbound::AddressPolicy;
 
 /// The tracing target of guest HTTP request lines.
-pub const GUEST_HTTP_TARGET: &str = "jobhost::egress";
+const GUEST_HTTP_TARGET: &str = "jobhost::egress";
 
 /// How guest HTTP goes out, and what a run may do with it (see the
 /// README's Configuration).

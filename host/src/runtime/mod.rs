@@ -34,7 +34,7 @@ pub use config_store::secret_variable;
 pub use engine::{EpochTicker, pooling_config};
 pub use grants::{Covered, Granted, RunGrants};
 pub use guest_text::{MAX_METADATA_DESCRIPTION, MAX_METADATA_NAME, MAX_PROGRESS_NOTE};
-pub use http::{GUEST_HTTP_TARGET, GuestHttpConfig};
+pub use http::GuestHttpConfig;
 pub use plugin::{LoadError, Loaded, LoadedPlugin, PluginMetadata, content_hash};
 pub use run::{LogEntry, LogLevel, PhaseFailure, PhaseLog, PhaseResult, PhaseRun, ProgressSink};
 pub use tokio_util::sync::CancellationToken;
