@@ -128,6 +128,13 @@ pub struct ServeArgs {
     /// [default: 100000].
     #[arg(long, env = "JOBHOST_MAX_PENDING_JOBS")]
     pub max_pending_jobs: Option<u64>,
+    /// Most schedules stored; creating more answers 409 [default: 1000].
+    #[arg(long, env = "JOBHOST_MAX_SCHEDULES")]
+    pub max_schedules: Option<u64>,
+    /// The shortest time a schedule may leave between two of its ticks;
+    /// a cron pattern that fires more often is refused [default: 1s].
+    #[arg(long, env = "JOBHOST_SCHEDULE_MIN_INTERVAL")]
+    pub schedule_min_interval: Option<HumanDuration>,
     /// Most plugin versions stored; uploads past it answer 507 [default: 1000].
     #[arg(long, env = "JOBHOST_MAX_PLUGIN_VERSIONS")]
     pub max_plugin_versions: Option<u64>,
@@ -326,6 +333,16 @@ impl ServeArgs {
                 .max_pending_jobs
                 .or(file.max_pending_jobs)
                 .unwrap_or(defaults.max_pending_jobs),
+            max_schedules: self
+                .max_schedules
+                .or(file.max_schedules)
+                .unwrap_or(defaults.max_schedules),
+            schedule_min_interval: duration(
+                self.schedule_min_interval,
+                file.schedule_min_interval,
+                Some(defaults.schedule_min_interval),
+            )
+            .unwrap_or_default(),
             ..defaults
         };
         let runtime_defaults = RuntimeConfig::default();

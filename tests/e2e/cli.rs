@@ -342,3 +342,93 @@ async fn guest_text_cannot_drive_the_terminal() {
         "{stdout}"
     );
 }
+
+/// `jobhost schedule …`: create from flags, list, show, trigger, pause,
+/// replace from a file, and delete, each printing what the server did.
+#[tokio::test]
+async fn schedules_from_the_cli() {
+    let server = Server::start(&[]).await;
+    let url = server.url.as_str();
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let create = [
+        "schedule",
+        "create",
+        "--name",
+        "nightly",
+        "--cron",
+        "30 2 * * *",
+        "--timezone",
+        "Europe/Berlin",
+        "--phase",
+        "report=echo",
+        "--payload",
+        r#"{"kind":"nightly"}"#,
+    ];
+    let created = run(url, &create).await;
+    assert!(created.status.success(), "{}", stderr(&created));
+    let text = stdout(&created);
+    assert!(
+        text.starts_with("nightly: 30 2 * * * (Europe/Berlin)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("overlap skip, catch-up one (limit 10)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("job: report=echo") && text.contains("never fired"),
+        "{text}"
+    );
+
+    let listed = stdout(&run(url, &["schedule", "list"]).await);
+    assert!(
+        listed.starts_with("nightly") && listed.contains("active"),
+        "{listed}"
+    );
+
+    let triggered = run(url, &["schedule", "trigger", "nightly", "--json"]).await;
+    let job = json(&triggered);
+    let done = server.wait_finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["payload"], json!({"kind": "nightly"}));
+    let shown = stdout(&run(url, &["schedule", "show", "nightly"]).await);
+    assert!(
+        shown.contains(&format!("job {}", job["id"].as_str().unwrap())),
+        "{shown}"
+    );
+
+    let paused = stdout(&run(url, &["schedule", "pause", "nightly"]).await);
+    assert!(paused.contains("paused, next tick"), "{paused}");
+
+    let definition = server.dir.path().join("nightly.json");
+    let mut replacement = server.get("/schedules/nightly").await.1;
+    replacement["cron"] = json!("0 3 * * *");
+    let spec = json!({"name": "nightly", "cron": "0 3 * * *", "timezone": "UTC",
+        "job": replacement["job"], "paused": true});
+    std::fs::write(&definition, spec.to_string()).unwrap();
+    let replaced = run(url, &["schedule", "replace", definition.to_str().unwrap()]).await;
+    assert!(
+        stdout(&replaced).starts_with("nightly: 0 3 * * * (UTC)"),
+        "{}",
+        stderr(&replaced)
+    );
+
+    let bad = run(
+        url,
+        &[
+            "schedule", "create", "--name", "x", "--cron", "nope", "--phase", "a=echo",
+        ],
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("cron: `nope`"), "{}", stderr(&bad));
+
+    let deleted = run(url, &["schedule", "delete", "nightly"]).await;
+    assert_eq!(stdout(&deleted).trim(), "deleted nightly");
+    let missing = run(url, &["schedule", "show", "nightly"]).await;
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("no schedule named `nightly`"),
+        "{}",
+        stderr(&missing)
+    );
+}

@@ -294,6 +294,64 @@ fn signal(server: &Server, signal: &str) {
     assert!(status.success());
 }
 
+/// Three hosts share a schedule that ticks every second, and one of them
+/// is killed while it runs: every tick fires exactly one job, on one host
+/// or another, and none is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_sharing_a_schedule_fire_each_tick_once() {
+    if !test_database::available().await {
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let url = database.url();
+    let args = ["--database", url.as_str()];
+    let mut hosts = [
+        Server::start(&args).await,
+        Server::start(&args).await,
+        Server::start(&args).await,
+    ];
+    hosts[0]
+        .upload("echo", "1.0.0", plugin_artifacts::ECHO)
+        .await;
+    let mut fired = hosts[1].events("/events?types=schedule:fired", None).await;
+    let schedule = json!({"name": "tick", "cron": "* * * * * *", "overlap": "allow",
+        "job": {"phases": [{"name": "e", "plugin": "echo"}]}});
+    let (status, body) = hosts[2].post("/schedules", &schedule).await;
+    assert_eq!(status, 201, "{body}");
+    let mut ticks = Vec::new();
+    for round in 0..8 {
+        if round == 4 {
+            hosts[0].kill();
+        }
+        let event = fired.next_event().await.unwrap();
+        ticks.push(event.data["data"]["tick"].as_i64().unwrap());
+    }
+    let (status, _) = hosts[1]
+        .send(hosts[1].client.delete(hosts[1].url("/schedules/tick")))
+        .await;
+    assert_eq!(status, 204);
+    for pair in ticks.windows(2) {
+        assert_eq!(
+            pair[1] - pair[0],
+            1000,
+            "a tick was missed or repeated: {ticks:?}"
+        );
+    }
+    let db = connect(&database).await;
+    let row = db
+        .query_one(
+            "SELECT count(*), count(DISTINCT data::json->>'tick'),
+                    (SELECT count(*) FROM jobs)
+             FROM events WHERE kind = 'schedule:fired'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (fires, distinct_ticks, jobs): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert!(fires >= 8);
+    assert_eq!((distinct_ticks, jobs), (fires, fires), "one job per tick");
+}
+
 /// A user outgrows SQLite: stops the server, runs `jobhost migrate --from
 /// data/jobhost.db --to postgres://…`, and starts the server on
 /// PostgreSQL: the job, its plugin and its event history are there, and a
@@ -313,6 +371,10 @@ async fn an_installation_moves_to_postgres_with_jobhost_migrate() {
     let id = job["id"].as_str().unwrap().to_owned();
     let finished = embedded.wait_finished(&id).await;
     let history = events_of(&embedded, &id).await;
+    let schedule = json!({"name": "nightly", "cron": "30 2 * * *", "timezone": "Europe/Berlin",
+        "paused": true, "job": {"phases": [{"name": "copy", "plugin": "echo"}]}});
+    let (status, schedule) = embedded.post("/schedules", &schedule).await;
+    assert_eq!(status, 201, "{schedule}");
     assert!(embedded.terminate().success());
 
     let database = TestDatabase::create().await;
@@ -340,6 +402,7 @@ async fn an_installation_moves_to_postgres_with_jobhost_migrate() {
     let (_, moved_job) = shared.get(&format!("/jobs/{id}")).await;
     assert_eq!(moved_job, finished);
     assert_eq!(events_of(&shared, &id).await, history);
+    assert_eq!(shared.get("/schedules/nightly").await.1, schedule);
     let next = shared
         .submit(&json!({"phases": [{"name": "copy", "plugin": "echo"}], "payload": {"n": 2}}))
         .await;

@@ -14,6 +14,7 @@ mod polyglot;
 mod queue_admin;
 mod receiver;
 mod scaffold;
+mod schedules;
 mod server;
 mod streaming;
 #[path = "../support/test_database.rs"]

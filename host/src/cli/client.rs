@@ -105,6 +105,10 @@ impl Client {
             .1)
     }
 
+    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        Ok(self.send(self.request(Method::DELETE, path)).await?.1)
+    }
+
     pub async fn put_json(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         Ok(self
             .send(self.request(Method::PUT, path).json(body))

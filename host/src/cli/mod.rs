@@ -5,6 +5,7 @@ mod client;
 mod new_plugin;
 mod remote;
 mod run_phase;
+mod schedule;
 
 use anyhow::Context as _;
 use clap::Subcommand;
@@ -39,6 +40,14 @@ pub enum Command {
         #[command(subcommand)]
         action: JobAction,
     },
+    /// Create, list, show, replace, delete, pause, resume and trigger
+    /// schedules on a server.
+    Schedule {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: schedule::ScheduleAction,
+    },
     /// Tail a server's event stream: events from now on, or with --job
     /// that job's whole history first.
     Events {
@@ -66,6 +75,7 @@ pub async fn run(command: Command) -> anyhow::Result<i32> {
         Command::NewPlugin(args) => new_plugin::new_plugin(args),
         Command::Plugin { remote, action } => remote::plugin(&remote, action).await,
         Command::Job { remote, action } => remote::job(&remote, action).await,
+        Command::Schedule { remote, action } => schedule::schedule(&remote, action).await,
         Command::Events {
             remote,
             job,

@@ -34,11 +34,11 @@ pub struct Remote {
 }
 
 impl Remote {
-    fn client(&self) -> Client {
+    pub(super) fn client(&self) -> Client {
         Client::new(&self.url, self.token.clone())
     }
 
-    fn print(&self, value: &Value, human: impl FnOnce(&Value)) {
+    pub(super) fn print(&self, value: &Value, human: impl FnOnce(&Value)) {
         if self.json {
             println!(
                 "{}",
@@ -403,7 +403,7 @@ pub async fn job(remote: &Remote, action: JobAction) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn build_spec(
+pub(super) fn build_spec(
     file: Option<PathBuf>,
     phases: &[String],
     payload: Option<String>,
@@ -547,7 +547,7 @@ async fn follow(remote: &Remote, client: &Client, job: &Value) -> anyhow::Result
     Ok(if outcome == "completed" { 0 } else { 1 })
 }
 
-fn print_job(job: &Value) {
+pub(super) fn print_job(job: &Value) {
     println!("job {}  {}", text(&job["id"]), text(&job["status"]));
     println!(
         "  created {}  attempt {}/{}",
@@ -640,6 +640,6 @@ pub async fn events(
 }
 
 /// A string field of the server's JSON, safe to print.
-fn text(value: &Value) -> std::borrow::Cow<'_, str> {
+pub(super) fn text(value: &Value) -> std::borrow::Cow<'_, str> {
     super::printable(value.as_str().unwrap_or("-"), false)
 }

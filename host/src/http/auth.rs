@@ -271,6 +271,12 @@ mod tests {
             need(Method::PUT, "/plugins/{name}/versions/{version}"),
             Need::Scope(Scope::Admin)
         );
+        assert_eq!(need(Method::POST, "/schedules"), Need::Scope(Scope::Admin));
+        assert_eq!(
+            need(Method::POST, "/schedules/{name}/trigger"),
+            Need::Scope(Scope::Admin)
+        );
+        assert_eq!(need(Method::GET, "/schedules"), Need::Scope(Scope::Read));
     }
 
     #[test]

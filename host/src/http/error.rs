@@ -106,6 +106,18 @@ impl From<QueueError> for ApiError {
             QueueError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
             }
+            QueueError::InvalidSchedule(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_schedule",
+                message,
+            ),
+            QueueError::ScheduleNotFound(_) => ApiError::not_found(message),
+            QueueError::ScheduleExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "schedule_exists", message)
+            }
+            QueueError::TooManySchedules(_) => {
+                ApiError::new(StatusCode::CONFLICT, "too_many_schedules", message)
+            }
             QueueError::Webhooks(_) => ApiError::internal(message),
             QueueError::Storage(e) => ApiError::from(e),
         }

@@ -10,6 +10,7 @@ mod events;
 mod health;
 mod jobs;
 mod plugins;
+mod schedules;
 pub mod serve;
 
 use std::sync::Arc;
@@ -88,6 +89,7 @@ pub struct ErrorDetail {
         (name = "jobs", description = "Submit, inspect, cancel, retry and delete jobs"),
         (name = "events", description = "Live lifecycle events over Server-Sent Events"),
         (name = "queue", description = "Operators: queue state, pause and resume, purge"),
+        (name = "schedules", description = "Recurring jobs: cron patterns in a time zone, fired once per tick across hosts"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]
@@ -105,7 +107,7 @@ impl utoipa::Modify for BearerAuth {
             .description(Some(
                 "Needed on every route but /healthz, /readyz, / and /openapi.json when the server \
                  has tokens: scope `read` for views and streams, `submit` to create, cancel and \
-                 retry jobs, `admin` for plugins, the queue and deleting jobs",
+                 retry jobs, `admin` for plugins, the queue, schedules and deleting jobs",
             ));
         components.add_security_scheme("bearer", SecurityScheme::Http(scheme.build()));
     }
@@ -126,6 +128,15 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::show, jobs::delete))
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::retry))
+        .routes(routes!(schedules::create, schedules::list))
+        .routes(routes!(
+            schedules::show,
+            schedules::replace,
+            schedules::delete
+        ))
+        .routes(routes!(schedules::pause))
+        .routes(routes!(schedules::resume))
+        .routes(routes!(schedules::trigger))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))

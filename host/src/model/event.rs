@@ -84,6 +84,12 @@ event_kinds! {
     PluginGrantsChanged(PluginGrantsChanged) = "plugin:grants:changed",
     /// The operator set a plugin's memory cap or default timeout.
     PluginResourcesChanged(PluginResourcesChanged) = "plugin:resources:changed",
+    /// A schedule enqueued a job, at a tick or by hand.
+    ScheduleFired(ScheduleFired) = "schedule:fired",
+    /// A schedule let a tick (or a run of missed ticks) pass without a job.
+    ScheduleSkipped(ScheduleSkipped) = "schedule:skipped",
+    /// A schedule was created, replaced, deleted, paused or resumed.
+    ScheduleChanged(ScheduleChanged) = "schedule:changed",
 }
 
 impl EventKind {
@@ -204,7 +210,8 @@ impl NewEvent {
         }
     }
 
-    pub fn plugin(body: EventBody) -> Self {
+    /// An event about no job (plugins, schedules).
+    pub fn global(body: EventBody) -> Self {
         NewEvent { job_id: None, body }
     }
 
@@ -398,6 +405,54 @@ pub struct PluginGrantsChanged {
 pub struct PluginResourcesChanged {
     pub plugin: String,
     pub resources: super::PluginResources,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ScheduleFired {
+    pub schedule: String,
+    pub job_id: String,
+    /// The tick (Unix ms) it fired for; none when triggered by hand.
+    pub tick: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ScheduleSkipped {
+    pub schedule: String,
+    /// The tick skipped (Unix ms); with `until`, the first of a run of them.
+    pub tick: i64,
+    /// The last tick of the run skipped, if more than one.
+    pub until: Option<i64>,
+    pub reason: SkipReason,
+    pub message: String,
+}
+
+/// Why a schedule skipped a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The previous fire's job was unfinished (overlap `skip`).
+    Overlap,
+    /// No host ran at the tick, and the catch-up policy skipped it.
+    Missed,
+    /// The template no longer makes a valid job (a plugin was deleted, a
+    /// limit was lowered).
+    InvalidJob,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ScheduleChanged {
+    pub schedule: String,
+    pub change: ScheduleChange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleChange {
+    Created,
+    Replaced,
+    Deleted,
+    Paused,
+    Resumed,
 }
 
 impl PluginGrantsChanged {

@@ -139,7 +139,7 @@ pub mod limits {
 }
 
 /// A job as submitted (`POST /jobs`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// At most `--max-phases` (32 by default).
@@ -169,7 +169,7 @@ pub struct JobSpec {
     pub idempotency_key: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PhaseSpec {
     #[schema(min_length = 1, max_length = 64)]
@@ -186,7 +186,7 @@ pub struct PhaseSpec {
     pub config: Option<Value>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
     #[schema(min_length = 1, max_length = 2048)]

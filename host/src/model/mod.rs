@@ -9,6 +9,7 @@ pub mod event;
 pub mod grants;
 pub mod job;
 pub mod json;
+pub mod schedule;
 pub mod time;
 pub mod usage;
 pub mod webhook;
@@ -21,5 +22,6 @@ pub use job::{
     PhaseSummary, WebhookSpec, limits,
 };
 pub use json::Json;
+pub use schedule::{CatchUp, Overlap, Recurrence, Schedule, ScheduleSpec};
 pub use usage::{Progress, ResourceUsage};
 pub use webhook::{DeliveryStatus, WebhookStatus};

@@ -9,6 +9,7 @@
 
 mod dispatch;
 mod enqueue;
+mod schedules;
 mod worker;
 
 use std::collections::HashMap;
@@ -51,6 +52,10 @@ pub struct QueueConfig {
     pub webhooks: Option<WebhookConfig>,
     /// Most jobs waiting (`pending`) at once; submits past it answer 429.
     pub max_pending_jobs: u64,
+    /// Most schedules stored at once.
+    pub max_schedules: u64,
+    /// The shortest time a schedule may leave between two ticks.
+    pub schedule_min_interval: Duration,
     pub metrics: Arc<Metrics>,
     /// The queue's clock, Unix ms: tests inject their own.
     pub clock: Clock,
@@ -83,6 +88,8 @@ impl std::fmt::Debug for QueueConfig {
             .field("retention", &self.retention)
             .field("webhooks", &self.webhooks)
             .field("max_pending_jobs", &self.max_pending_jobs)
+            .field("max_schedules", &self.max_schedules)
+            .field("schedule_min_interval", &self.schedule_min_interval)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +107,8 @@ impl Default for QueueConfig {
             retention_interval: Duration::from_secs(60),
             webhooks: None,
             max_pending_jobs: 100_000,
+            max_schedules: 1000,
+            schedule_min_interval: Duration::from_secs(1),
             metrics: Arc::default(),
             clock: Arc::new(now_ms),
             between_phases: None,
@@ -127,6 +136,14 @@ pub enum QueueError {
     Webhooks(String),
     #[error("{0} jobs are waiting, the server's limit: try again when some have run")]
     TooManyPending(u64),
+    #[error("invalid schedule: {0}")]
+    InvalidSchedule(String),
+    #[error("no schedule named `{0}`")]
+    ScheduleNotFound(String),
+    #[error("a schedule named `{0}` exists")]
+    ScheduleExists(String),
+    #[error("{0} schedules exist, the server's limit")]
+    TooManySchedules(u64),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -389,6 +406,7 @@ impl Queue {
             tokio::spawn(dispatch::retention(shared.clone())),
             tokio::spawn(dispatch::reap(shared.clone())),
             tokio::spawn(follow_plugins(shared.clone())),
+            tokio::spawn(schedules::fire_schedules(shared.clone())),
         ];
         let deliverer = match &shared.config.webhooks {
             Some(config) => {

@@ -1,6 +1,6 @@
 //! Moving an embedded installation to PostgreSQL: everything in the SQLite
 //! file (plugins with their bytes and grants, jobs with their phases and attempt
-//! errors, the event log with its sequence numbers, the webhook outbox,
+//! errors, schedules, the event log with its sequence numbers, the webhook outbox,
 //! the pause) copied into an empty PostgreSQL database, in one transaction:
 //! all of it or nothing. SSE clients resume across the move: events keep
 //! their ids, and new ones follow them. Compiled-artifact digests stay
@@ -115,6 +115,21 @@ const TABLES: &[Table] = &[
             ("finished_at", BigInt),
             ("usage", Text),
             ("progress", Text),
+        ],
+    },
+    Table {
+        name: "schedules",
+        columns: &[
+            ("name", Text),
+            ("spec", Text),
+            ("webhook_secret", Text),
+            ("paused", Bool),
+            ("next_tick", BigInt),
+            ("last_tick", BigInt),
+            ("last_fired_at", BigInt),
+            ("last_job_id", Text),
+            ("created_at", BigInt),
+            ("updated_at", BigInt),
         ],
     },
     Table {

@@ -25,6 +25,7 @@ pub mod import;
 mod jobs;
 mod plugins;
 pub mod postgres;
+mod schedules;
 pub mod sqlite;
 mod webhooks;
 
@@ -45,12 +46,13 @@ pub use plugins::{
     PluginRecord, PluginStore, PutOutcome, VersionRecord,
 };
 pub use postgres::PgOptions;
+pub use schedules::{Fire, FireAction, Fired, NewSchedule, ScheduleStore, ScheduleWrite};
 pub use sqlite::Durability;
 pub use webhooks::{AttemptOutcome, Delivery, WebhookOutbox};
 
 /// A storage backend: all of the queue's storage, plus its lifecycle.
 #[async_trait]
-pub trait Store: JobStore + EventStore + WebhookOutbox + PluginStore {
+pub trait Store: JobStore + EventStore + WebhookOutbox + PluginStore + ScheduleStore {
     /// Caps the database at `bytes`: a write that would grow it further
     /// fails as [`ErrorClass::Full`].
     async fn limit_size(&self, bytes: u64) -> Result<()>;

@@ -21,6 +21,7 @@ mod create;
 mod log;
 mod plugins;
 mod rows;
+mod schedules;
 mod schema;
 mod store;
 mod tls;

@@ -91,7 +91,7 @@ async fn put(
         content_hash: new.content_hash.clone(),
         size: new.component.len(),
     });
-    scope.emit(NewEvent::plugin(uploaded), now);
+    scope.emit(NewEvent::global(uploaded), now);
     let activated = active_version(tx, &new.name).await?.flatten().is_none();
     if activated {
         set_active(tx, scope, &new.name, &new.version, None, now).await?;
@@ -118,7 +118,7 @@ async fn set_active(
         version: version.to_owned(),
         previous,
     });
-    scope.emit(NewEvent::plugin(activated), now);
+    scope.emit(NewEvent::global(activated), now);
     Ok(())
 }
 
@@ -241,7 +241,7 @@ async fn set_grants(
     )
     .await?;
     let changed = EventBody::PluginGrantsChanged(PluginGrantsChanged::new(name, grants));
-    scope.emit(NewEvent::plugin(changed), now);
+    scope.emit(NewEvent::global(changed), now);
     Ok(GrantOutcome::Set)
 }
 
@@ -269,7 +269,7 @@ async fn set_resources(
         plugin: name.to_owned(),
         resources,
     });
-    scope.emit(NewEvent::plugin(changed), now);
+    scope.emit(NewEvent::global(changed), now);
     Ok(true)
 }
 

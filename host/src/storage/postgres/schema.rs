@@ -221,6 +221,23 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE plugins ADD COLUMN memory_mb BIGINT;
     ALTER TABLE plugins ADD COLUMN timeout_ms BIGINT;
     "#,
+    // 4: schedules (`model::ScheduleSpec` as JSON text, without the webhook
+    // secret, as on SQLite), their next tick and last fire.
+    r#"
+    CREATE TABLE schedules (
+        name           TEXT PRIMARY KEY,
+        spec           TEXT NOT NULL,
+        webhook_secret TEXT,
+        paused         BOOLEAN NOT NULL,
+        next_tick      BIGINT NOT NULL,
+        last_tick      BIGINT,
+        last_fired_at  BIGINT,
+        last_job_id    TEXT,
+        created_at     BIGINT NOT NULL,
+        updated_at     BIGINT NOT NULL
+    );
+    CREATE INDEX schedules_due ON schedules (next_tick) WHERE NOT paused;
+    "#,
 ];
 
 /// The schema version this build writes.

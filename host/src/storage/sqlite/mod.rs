@@ -23,6 +23,7 @@ mod listing;
 mod plugins;
 mod recovery;
 mod rows;
+mod schedules;
 mod schema;
 mod store;
 mod transitions;
@@ -416,7 +417,7 @@ mod tests {
     }
 
     fn marker(conn: &Connection, log: &mut EventLog, name: &str) -> Result<()> {
-        let event = NewEvent::plugin(EventBody::PluginUploaded(PluginUploaded {
+        let event = NewEvent::global(EventBody::PluginUploaded(PluginUploaded {
             plugin: name.into(),
             version: "1".into(),
             content_hash: String::new(),

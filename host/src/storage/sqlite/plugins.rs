@@ -62,7 +62,7 @@ fn put(
         content_hash: new.content_hash.clone(),
         size: new.component.len(),
     });
-    log.emit(conn, NewEvent::plugin(uploaded), now)?;
+    log.emit(conn, NewEvent::global(uploaded), now)?;
     let activated = active_version(conn, &new.name)?.flatten().is_none();
     if activated {
         conn.execute(
@@ -74,7 +74,7 @@ fn put(
             version: new.version.clone(),
             previous: None,
         });
-        log.emit(conn, NewEvent::plugin(activated), now)?;
+        log.emit(conn, NewEvent::global(activated), now)?;
     }
     Ok(PutOutcome::Created { activated })
 }
@@ -107,7 +107,7 @@ fn activate(
         version: version.to_owned(),
         previous: previous.clone(),
     });
-    log.emit(conn, NewEvent::plugin(activated), now)?;
+    log.emit(conn, NewEvent::global(activated), now)?;
     Ok(ActivateOutcome::Activated { previous })
 }
 
@@ -187,7 +187,7 @@ fn set_grants(
         params![name, json, now],
     )?;
     let changed = EventBody::PluginGrantsChanged(PluginGrantsChanged::new(name, grants));
-    log.emit(conn, NewEvent::plugin(changed), now)?;
+    log.emit(conn, NewEvent::global(changed), now)?;
     Ok(GrantOutcome::Set)
 }
 
@@ -213,7 +213,7 @@ fn set_resources(
         plugin: name.to_owned(),
         resources,
     });
-    log.emit(conn, NewEvent::plugin(changed), now)?;
+    log.emit(conn, NewEvent::global(changed), now)?;
     Ok(true)
 }
 

@@ -213,6 +213,23 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE plugins ADD COLUMN memory_mb INTEGER;
     ALTER TABLE plugins ADD COLUMN timeout_ms INTEGER;
     ",
+    // 11: schedules (`model::ScheduleSpec` as JSON, without the webhook
+    // secret), their next tick and last fire.
+    "
+    CREATE TABLE schedules (
+        name           TEXT PRIMARY KEY,
+        spec           TEXT NOT NULL,
+        webhook_secret TEXT,
+        paused         INTEGER NOT NULL,
+        next_tick      INTEGER NOT NULL,
+        last_tick      INTEGER,
+        last_fired_at  INTEGER,
+        last_job_id    TEXT,
+        created_at     INTEGER NOT NULL,
+        updated_at     INTEGER NOT NULL
+    );
+    CREATE INDEX schedules_due ON schedules (next_tick) WHERE NOT paused;
+    ",
 ];
 
 /// Brings the database up to the latest schema.

@@ -11,6 +11,7 @@ mod jobs;
 mod plugins;
 mod races;
 mod recovery;
+mod schedules;
 
 use std::sync::Arc;
 
@@ -48,6 +49,9 @@ use races::one_idempotency_key_submitted_at_once_creates_one_job;
 use recovery::a_job_claimed_again_fences_its_old_worker;
 use recovery::recovery_applies_the_queues_decision_to_every_running_job;
 use recovery::retention_deletes_old_finished_jobs_and_logs_their_deletion;
+use schedules::a_schedule_is_stored_replaced_paused_and_deleted;
+use schedules::a_tick_fires_once_and_moves_the_schedule_on;
+use schedules::hosts_firing_one_tick_at_once_enqueue_one_job;
 
 crate::fixture::on_each_backend! {
     created_and_claimed_jobs_read_back_as_returned,
@@ -70,6 +74,9 @@ crate::fixture::on_each_backend! {
     a_transition_replayed_after_an_unknown_outcome_changes_nothing,
     grants_replace_the_old_ones_and_go_with_the_plugin,
     resources_are_set_on_the_plugin_and_logged,
+    a_schedule_is_stored_replaced_paused_and_deleted,
+    a_tick_fires_once_and_moves_the_schedule_on,
+    hosts_firing_one_tick_at_once_enqueue_one_job,
 }
 
 /// Stores `echo` 1.0.0 (active) and 2.0.0, which [`job`] pins.
