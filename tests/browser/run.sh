@@ -35,12 +35,14 @@ check() {
     [ -n "${token:-}" ] && auth=(-H "Authorization: Bearer $token")
     curl -fsS "${auth[@]}" -X PUT --data-binary @$wasm/sleep.wasm "$url/plugins/sleep/versions/1.0.0" > /dev/null
     curl -fsS "${auth[@]}" -X PUT --data-binary @$wasm/echo.wasm "$url/plugins/echo/versions/1.0.0" > /dev/null
-    node "$here/dashboard.mjs" "$url" "$out/$name.png" ${token:-}
+    curl -fsS "${auth[@]}" -X PUT --data-binary @$wasm/echo.wasm "$url/plugins/echo/versions/2.0.0" > /dev/null
+    node "$here/dashboard.mjs" "$url" "$out/$name" ${token:-} ${read_token:-}
     kill -INT $server; wait $server || true
     trap - EXIT
 }
 
 token="" check open
-token="browser-test-token" check with-token --tokens "admin:browser-test-token"
-cp "$out/open.png" "$out/dashboard.png"
+token="browser-test-token" read_token="browser-read-token" \
+    check with-token --tokens "admin:browser-test-token,read:browser-read-token"
+cp "$out/open-jobs.png" "$out/dashboard.png"
 echo "browser test: ok"

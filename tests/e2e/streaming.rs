@@ -149,6 +149,35 @@ async fn a_jobs_stream_ends_with_the_job_whatever_it_asks_for() {
     );
 }
 
+/// A job that ended and was retried goes on: its stream replays past the
+/// first end and ends with the last one.
+#[tokio::test]
+async fn a_retried_jobs_stream_replays_past_its_first_end() {
+    let server = Server::start(&[]).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let job = server
+        .submit(&json!({"phases": [{"name": "e", "plugin": "echo"}], "delay_ms": 3_600_000}))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    let (status, _) = server.post(&format!("/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _) = server
+        .post(&format!("/jobs/{id}/retry"), &json!({"from_start": true}))
+        .await;
+    assert_eq!(status, 200);
+    let mut events = server.events(&format!("/jobs/{id}/events"), None).await;
+    let mut kinds = Vec::new();
+    while let Some(event) = events.next_event().await {
+        kinds.push(event.kind);
+    }
+    let first_end = kinds
+        .iter()
+        .position(|k| k == "job:cancelled")
+        .expect("cancelled");
+    assert_eq!(kinds[first_end + 1], "job:retrying", "{kinds:?}");
+    assert_eq!(kinds.last().unwrap(), "job:completed", "{kinds:?}");
+}
+
 /// With hundreds of clients connected, each client's new events wait a few
 /// milliseconds for more and go out together. Every client still gets every
 /// event once and in order, the last ones included (sent when the wait

@@ -20,14 +20,24 @@ pub struct QueueState {
     /// Pending jobs that are due now.
     due: u64,
     concurrency: usize,
+    /// Jobs stored in each status, on every host.
+    jobs: std::collections::BTreeMap<&'static str, u64>,
 }
 
 async fn queue_state(state: &AppState) -> Result<QueueState, ApiError> {
+    let mut jobs: std::collections::BTreeMap<_, _> = crate::model::JobStatus::ALL
+        .iter()
+        .map(|status| (status.as_str(), 0))
+        .collect();
+    for (status, count) in state.queue.counts().await? {
+        jobs.insert(status.as_str(), count);
+    }
     Ok(QueueState {
         paused: state.queue.is_paused(),
         running: state.queue.running().await,
         due: state.queue.due_count().await?,
         concurrency: state.queue.config().concurrency,
+        jobs,
     })
 }
 

@@ -581,13 +581,16 @@ impl Client {
         }
     }
 
-    /// Takes the messages of the `events` the client wants, up to the
-    /// event that ends a job's stream (whether it wants that one or not).
+    /// Takes the messages of the `events` the client wants, and notes
+    /// whether the last of them ends a job's stream (whether it wants that
+    /// one or not).
     fn take<'a>(&mut self, events: impl Iterator<Item = &'a Published>) {
         let mut messages = BytesMut::new();
         for event in events {
-            if self.ended {
-                break;
+            // An event after the job's end: it was retried and goes on, so
+            // its stream does too (replaying a retried job's history).
+            if self.ended && !event.live {
+                self.ended = false;
             }
             if self.wants(event) {
                 if !event.live {
