@@ -188,12 +188,14 @@ pub async fn cancel_latency(args: &BenchArgs) -> anyhow::Result<()> {
     for i in 0..CANCEL_SAMPLES {
         let run = PhaseRun::new("{}");
         let cancel = run.cancel.clone();
-        let (runtime, plugin) = (runtime.clone(), plugin.clone());
-        let task = tokio::spawn(async move { runtime.run(&plugin, run).await });
+        let (running, plugin) = (runtime.clone(), plugin.clone());
+        let task = tokio::spawn(async move { running.run(&plugin, run).await });
         // Cancel at varying points within a tick, after the guest is spinning.
         tokio::time::sleep(Duration::from_millis(30) + tick.mul_f64((i % 10) as f64 / 10.0)).await;
+        // As the queue stops a run: cancel, then interrupt guest code.
         let cancelled_at = Instant::now();
         cancel.cancel();
+        runtime.interrupt_guests();
         let result = task.await?;
         latencies.push(millis(cancelled_at.elapsed()));
         anyhow::ensure!(result.outcome.is_err(), "spin returned");

@@ -229,6 +229,15 @@ impl Shared {
         self.fenced.lock().expect("never poisoned").contains(job_id)
     }
 
+    /// Stops the runs of these jobs' tokens by force, at once (see
+    /// `Runtime::interrupt_guests`), rather than at the next epoch tick.
+    fn stop_runs<'a>(&self, tokens: impl IntoIterator<Item = &'a CancellationToken>) {
+        for token in tokens {
+            token.cancel();
+        }
+        self.plugins.runtime().interrupt_guests();
+    }
+
     /// Whether the queue takes new jobs now (not paused, not draining, its
     /// lease not in doubt).
     fn may_claim(&self) -> bool {
@@ -305,10 +314,8 @@ fn signal_handler(shared: &Arc<Shared>) -> SignalHandler {
                 tokio::spawn(async move {
                     let running = shared.running.lock().await;
                     let mut fenced = shared.fenced.lock().expect("never poisoned");
-                    for (id, token) in running.iter() {
-                        fenced.insert(id.clone());
-                        token.cancel();
-                    }
+                    fenced.extend(running.keys().cloned());
+                    shared.stop_runs(running.values());
                     tracing::error!(
                         jobs = running.len(),
                         "this host could not renew its lease: its running phases were stopped"
@@ -322,7 +329,7 @@ fn signal_handler(shared: &Arc<Shared>) -> SignalHandler {
             ClusterSignal::CancelRequested(id) => {
                 tokio::spawn(async move {
                     if let Some(token) = shared.running.lock().await.get(&id) {
-                        token.cancel();
+                        shared.stop_runs([token]);
                     }
                 });
             }
@@ -349,7 +356,7 @@ pub(super) fn recovery_policy(cause: &'static str, now: i64) -> RecoveryPolicy {
 }
 
 /// How long a cancel of a running job waits for its worker to stop it
-/// (by force within an epoch tick) before answering that it is stopping.
+/// (by force, at once) before answering that it is stopping.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Queue {
@@ -648,7 +655,7 @@ impl Queue {
         id: &str,
         token: CancellationToken,
     ) -> Result<Cancelled, QueueError> {
-        token.cancel();
+        self.shared.stop_runs([&token]);
         let stopped = tokio::time::timeout(CANCEL_WAIT, self.wait_until_not_running(id)).await;
         match (stopped, self.job_status(id).await?) {
             (Ok(()), JobStatus::Cancelled) => Ok(Cancelled::Done),
@@ -856,9 +863,9 @@ impl Queue {
                 jobs = forced.len(),
                 "shutdown timeout: stopping running phases by force"
             );
-            shared.force.cancel();
-            // Epoch interruption stops every guest within a tick; the workers
-            // then record the interruption.
+            shared.stop_runs([&shared.force]);
+            // Epoch interruption stops every guest at once; the workers then
+            // record the interruption.
             shared.workers.wait().await;
         }
         self.stop_deliverer().await;

@@ -240,7 +240,7 @@ async fn stop_previous(shared: &Arc<Shared>, id: &str) {
         let outcome = shared.storage.cancel_pending_job(id, shared.now()).await?;
         if let CancelOutcome::Running { .. } = outcome {
             match running.get(id) {
-                Some(token) => token.cancel(),
+                Some(token) => shared.stop_runs([token]),
                 None => {
                     shared.storage.request_cancel(id).await?;
                 }

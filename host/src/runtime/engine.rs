@@ -5,7 +5,7 @@
 //! permits is enough to guarantee instantiation never fails for lack of slots.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -83,28 +83,40 @@ pub fn pooling_config(config: &RuntimeConfig) -> PoolingAllocationConfig {
 
 /// Advances the engine's epoch every `tick` on a background thread, until
 /// dropped. Holds only a weak reference, so it never keeps an engine alive.
+/// Counts its ticks apart from the epoch, which stops also bump
+/// (`Runtime::interrupt_guests`): resource use counts ticks.
 pub struct EpochTicker {
     stop: Arc<AtomicBool>,
+    ticks: Arc<AtomicU64>,
 }
 
 impl EpochTicker {
     pub fn start(engine: &Engine, tick: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let ticks = Arc::new(AtomicU64::new(0));
         let engine = engine.weak();
-        let stopped = stop.clone();
+        let (stopped, counted) = (stop.clone(), ticks.clone());
         thread::Builder::new()
             .name("jobhost-epoch".into())
             .spawn(move || {
                 while !stopped.load(Ordering::Relaxed) {
                     thread::sleep(tick);
                     match engine.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
+                        Some(engine) => {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            engine.increment_epoch();
+                        }
                         None => break,
                     }
                 }
             })
             .expect("spawning the epoch ticker thread");
-        EpochTicker { stop }
+        EpochTicker { stop, ticks }
+    }
+
+    /// The ticks so far.
+    pub fn ticks(&self) -> Arc<AtomicU64> {
+        self.ticks.clone()
     }
 }
 

@@ -106,7 +106,7 @@ pub struct Runtime {
     compiles: Semaphore,
     http: Arc<http::OutboundHttp>,
     config: RuntimeConfig,
-    _ticker: engine::EpochTicker,
+    ticker: engine::EpochTicker,
 }
 
 impl Runtime {
@@ -131,7 +131,7 @@ impl Runtime {
             linker,
             cache,
             config,
-            _ticker: ticker,
+            ticker,
         })
     }
 
@@ -143,6 +143,16 @@ impl Runtime {
     /// reused a cached artifact, or rejected a bad cache file.
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
+    }
+
+    /// Makes every guest running in guest code run its epoch callback at
+    /// its next check instead of at the next tick (up to `epoch_tick`
+    /// later): a run whose token was cancelled before this call stops
+    /// there; every other one yields once and loses nothing. A guest parked
+    /// in a host call needs none of this (its run's select stops it).
+    /// Callers cancel first: the epoch counter is relaxed, the token is not.
+    pub fn interrupt_guests(&self) {
+        self.engine.increment_epoch();
     }
 
     /// Which engine configuration compiled artifacts are for: with a

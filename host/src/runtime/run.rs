@@ -317,9 +317,14 @@ pub(super) fn sandboxed_store(runtime: &Runtime, state: PhaseState) -> Store<Pha
     let mut store = Store::new(&runtime.engine, state);
     store.limiter(|state| &mut state.limiter);
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(|mut ctx| {
+    let ticker = runtime.ticker.ticks();
+    store.epoch_deadline_callback(move |mut ctx| {
         let state = ctx.data_mut();
-        state.ticks += 1;
+        let tick = ticker.load(std::sync::atomic::Ordering::Relaxed);
+        if tick != state.last_tick {
+            state.ticks += 1;
+            state.last_tick = tick;
+        }
         if state.cancel.is_cancelled() {
             state.interrupted = Some(Interruption::Cancelled);
             return Ok(UpdateDeadline::Interrupt);

@@ -60,6 +60,9 @@ pub(super) struct PhaseState {
     pub(super) deadline: Instant,
     /// Epoch ticks this run spent executing guest code.
     pub(super) ticks: u64,
+    /// The ticker's count when the callback last ran: a callback that a
+    /// stop's bump (not a tick) triggered counts no tick.
+    pub(super) last_tick: u64,
     pub(super) interrupted: Option<Interruption>,
     plugin: String,
     granted: Option<Arc<RunGrants>>,
@@ -122,6 +125,7 @@ impl PhaseState {
             cancel,
             deadline,
             ticks: 0,
+            last_tick: 0,
             interrupted: None,
             plugin: plugin.to_owned(),
             http: GuestHttp::new(http.clone(), granted.clone(), plugin),

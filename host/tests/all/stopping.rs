@@ -131,3 +131,40 @@ async fn progress_reaches_the_sink() {
         Some((100, "step 4/4".to_owned()))
     );
 }
+
+/// Interrupting guest code (what a stop does after cancelling a run's
+/// token) stops the cancelled runs only: the others yield and go on, and
+/// their resource use counts the ticks they ran, not the interruptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupting_guests_stops_only_cancelled_runs() {
+    let runtime = std::sync::Arc::new(runtime());
+    let spin = load(&runtime, plugin_artifacts::SPIN).await;
+    let start = |run: PhaseRun| {
+        let (runtime, spin) = (runtime.clone(), spin.clone());
+        tokio::spawn(async move { runtime.run(&spin, run).await })
+    };
+    let (first, second) = (PhaseRun::new("{}"), PhaseRun::new("{}"));
+    let (stop_first, stop_second) = (first.cancel.clone(), second.cancel.clone());
+    let (first, second) = (start(first), start(second));
+    tokio::time::sleep(LET_IT_RUN).await;
+    for _ in 0..500 {
+        runtime.interrupt_guests();
+    }
+    stop_first.cancel();
+    runtime.interrupt_guests();
+    let first = first.await.unwrap();
+    assert_eq!(first.outcome, Err(PhaseFailure::Cancelled));
+    assert!(!second.is_finished(), "the other run went on");
+    tokio::time::sleep(LET_IT_RUN).await;
+    stop_second.cancel();
+    runtime.interrupt_guests();
+    let second = second.await.unwrap();
+    assert_eq!(second.outcome, Err(PhaseFailure::Cancelled));
+    let tick_ms = runtime.config().epoch_tick.as_millis() as u64;
+    assert!(
+        second.usage.epoch_ticks <= second.usage.wall_ms / tick_ms + 2,
+        "{} ticks counted in {} ms",
+        second.usage.epoch_ticks,
+        second.usage.wall_ms
+    );
+}
