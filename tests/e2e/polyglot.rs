@@ -1,6 +1,7 @@
 //! A plugin written in Python (componentize-py, from PyPI) runs in the same
 //! pipeline as the Rust plugins: csv-parse (Rust) → convert-currency
-//! (Python) → aggregate (Rust) → render-report (Rust).
+//! (Python) → aggregate (Rust) → render-report (Rust); and the Python
+//! phase fetches its rates from an HTTP API once the operator grants it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -98,4 +99,42 @@ async fn python_plugin_runs_in_a_rust_pipeline() {
             .contains("record 1: no rate for currency 'JPY'"),
         "{failed}"
     );
+
+    // The rates from an HTTP API instead, through wasi:http: refused until
+    // the operator grants the API's origin, then fetched and used.
+    let rates = axum::Router::new().route(
+        "/rates",
+        axum::routing::get(|| async { axum::Json(json!({"EUR": 1.1, "GBP": 1.25})) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, rates).await.unwrap() });
+    let from_api = json!({
+        "phases": [
+            {"name": "parse", "plugin": "csv-parse"},
+            {"name": "convert", "plugin": "convert-currency",
+             "config": {"rates_url": format!("{origin}/rates"), "to": "USD"}}
+        ],
+        "payload": {"csv": csv},
+        "max_attempts": 1
+    });
+    let refused = server.submit(&from_api).await;
+    let refused = server.wait_finished(refused["id"].as_str().unwrap()).await;
+    assert_eq!(refused["status"], "failed");
+    let error = refused["error"].as_str().unwrap();
+    assert!(error.contains("has no grants"), "{error}");
+    let grant = server
+        .client
+        .put(server.url("/plugins/convert-currency/grants"))
+        .json(&json!({"versions": ["1.0.0"], "http": [origin]}));
+    let (status, body) = server.send(grant).await;
+    assert_eq!(status, 200, "{body}");
+    let fetched = server.submit(&from_api).await;
+    let fetched = server.wait_finished(fetched["id"].as_str().unwrap()).await;
+    assert_eq!(fetched["status"], "completed", "{fetched}");
+    assert_eq!(
+        fetched["phases"][1]["output"]["records"][0],
+        json!({"region": "north", "amount": 110.0, "currency": "USD"})
+    );
+    assert_eq!(fetched["phases"][1]["usage"]["http_requests"], 1);
 }
