@@ -207,3 +207,32 @@ async fn bad_definitions_are_refused_naming_the_field_and_store_nothing() {
     let (status, _) = server.post("/schedules/nope/trigger", &json!({})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+/// A paused queue still fires schedules, and their jobs wait; past the
+/// pending-jobs quota a tick is skipped, saying why.
+#[tokio::test]
+async fn ticks_past_the_pending_quota_are_skipped() {
+    let server = Server::start(&["--max-pending-jobs", "1"]).await;
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let (status, _) = server.post("/queue/pause", &json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut events = server
+        .events("/events?types=schedule:fired,schedule:skipped", None)
+        .await;
+    let (status, _) = server.post("/schedules", &every_second("flood")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let fired = next_of(&mut events, "schedule:fired").await;
+    let skipped = next_of(&mut events, "schedule:skipped").await.data["data"].clone();
+    assert_eq!(skipped["reason"], "queue_full", "{skipped}");
+    assert!(skipped["tick"].as_i64() > fired.data["data"]["tick"].as_i64());
+    let (_, job) = server
+        .get(&format!(
+            "/jobs/{}",
+            fired.data["data"]["job_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        job["status"], "pending",
+        "the paused queue keeps it waiting"
+    );
+}

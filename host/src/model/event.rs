@@ -437,6 +437,8 @@ pub enum SkipReason {
     /// The template no longer makes a valid job (a plugin was deleted, a
     /// limit was lowered).
     InvalidJob,
+    /// As many jobs wait as the server allows (`--max-pending-jobs`).
+    QueueFull,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

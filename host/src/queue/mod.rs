@@ -229,6 +229,31 @@ impl Shared {
         self.fenced.lock().expect("never poisoned").contains(job_id)
     }
 
+    /// Refuses a new job while the pending-jobs quota is used up.
+    async fn check_pending_quota(&self) -> Result<(), QueueError> {
+        let shared = self;
+        // One caller recounts; those arriving meanwhile use the estimate
+        // rather than all asking storage at once.
+        let stale = {
+            let mut counted_at = shared.pending.counted_at.lock().unwrap();
+            let stale = counted_at.is_none_or(|at| at.elapsed() >= PENDING_RECOUNT);
+            if stale {
+                *counted_at = Some(std::time::Instant::now());
+            }
+            stale
+        };
+        if stale {
+            let counted = shared.storage.pending_count().await?;
+            shared.pending.estimate.store(counted, Ordering::Relaxed);
+        }
+        let waiting = shared.pending.estimate.fetch_add(1, Ordering::Relaxed);
+        if waiting >= shared.config.max_pending_jobs {
+            shared.pending.estimate.fetch_sub(1, Ordering::Relaxed);
+            return Err(QueueError::TooManyPending(shared.config.max_pending_jobs));
+        }
+        Ok(())
+    }
+
     /// Stops the runs of these jobs' tokens by force, at once (see
     /// `Runtime::interrupt_guests`), rather than at the next epoch tick.
     fn stop_runs<'a>(&self, tokens: impl IntoIterator<Item = &'a CancellationToken>) {
@@ -515,7 +540,7 @@ impl Queue {
         let plugin_timeout = |plugin: &str| shared.plugins.default_timeout(plugin);
         let new = enqueue::new_job(spec, &shared.config, plugin_timeout, now)
             .map_err(QueueError::InvalidJob)?;
-        self.check_pending_quota().await?;
+        self.shared.check_pending_quota().await?;
         let id = new.id.clone();
         let slot = self.reserve_slot(&id).await;
         let created = shared
@@ -546,31 +571,6 @@ impl Queue {
             }),
             CreateOutcome::UnknownPlugin(message) => Err(QueueError::UnknownPlugin(message)),
         }
-    }
-
-    /// Refuses a new job while the pending-jobs quota is used up.
-    async fn check_pending_quota(&self) -> Result<(), QueueError> {
-        let shared = &self.shared;
-        // One caller recounts; those arriving meanwhile use the estimate
-        // rather than all asking storage at once.
-        let stale = {
-            let mut counted_at = shared.pending.counted_at.lock().unwrap();
-            let stale = counted_at.is_none_or(|at| at.elapsed() >= PENDING_RECOUNT);
-            if stale {
-                *counted_at = Some(std::time::Instant::now());
-            }
-            stale
-        };
-        if stale {
-            let counted = shared.storage.pending_count().await?;
-            shared.pending.estimate.store(counted, Ordering::Relaxed);
-        }
-        let waiting = shared.pending.estimate.fetch_add(1, Ordering::Relaxed);
-        if waiting >= shared.config.max_pending_jobs {
-            shared.pending.estimate.fetch_sub(1, Ordering::Relaxed);
-            return Err(QueueError::TooManyPending(shared.config.max_pending_jobs));
-        }
-        Ok(())
     }
 
     /// Takes a free slot for the job about to be created, if the queue is

@@ -133,17 +133,25 @@ async fn fire_tick(shared: &Arc<Shared>, schedule: &Schedule, now: i64) -> Resul
             }),
         ),
     };
+    let skip = |reason, message| FireAction::Skip {
+        reason,
+        message,
+        until: None,
+    };
     let action = match action {
         Some(skip) => skip,
         None => match template_job(shared, schedule) {
-            Ok(job) => FireAction::Enqueue {
-                job: Box::new(job),
-                skip_if_unfinished: schedule.overlap == Overlap::Skip,
-            },
-            Err(message) => FireAction::Skip {
-                reason: SkipReason::InvalidJob,
-                message,
-                until: None,
+            Err(message) => skip(SkipReason::InvalidJob, message),
+            // A schedule's jobs count against the pending-jobs quota too.
+            Ok(job) => match shared.check_pending_quota().await {
+                Err(full @ QueueError::TooManyPending(_)) => {
+                    skip(SkipReason::QueueFull, full.to_string())
+                }
+                Err(error) => return Err(error),
+                Ok(()) => FireAction::Enqueue {
+                    job: Box::new(job),
+                    skip_if_unfinished: schedule.overlap == Overlap::Skip,
+                },
             },
         },
     };
@@ -321,7 +329,7 @@ impl super::Queue {
         let shared = &self.shared;
         let schedule = self.schedule(name).await?;
         let job = template_job(shared, &schedule).map_err(QueueError::InvalidJob)?;
-        self.check_pending_quota().await?;
+        shared.check_pending_quota().await?;
         let fire = Fire {
             schedule: name.to_owned(),
             tick: None,
