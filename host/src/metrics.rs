@@ -30,6 +30,7 @@ pub struct Metrics {
     registry: Registry,
     pub phase_duration: Family<PhaseLabels, Histogram>,
     pub webhook_attempts: Family<OutcomeLabel, Counter>,
+    pub schedule_ticks: Family<OutcomeLabel, Counter>,
     pub sse_clients: Gauge,
     pub jobs: Family<StatusLabel, Gauge>,
     pub queue_depth: Gauge,
@@ -61,6 +62,12 @@ impl Default for Metrics {
             "webhook_attempts",
             "Webhook delivery attempts by outcome (delivered, retry, failed)",
             webhook_attempts.clone(),
+        );
+        let schedule_ticks = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "schedule_ticks",
+            "Schedule fires on this host by outcome (fired, triggered, or why a tick was skipped)",
+            schedule_ticks.clone(),
         );
         let sse_clients = Gauge::default();
         registry.register("sse_clients", "Connected SSE clients", sse_clients.clone());
@@ -94,6 +101,7 @@ impl Default for Metrics {
             registry,
             phase_duration,
             webhook_attempts,
+            schedule_ticks,
             sse_clients,
             jobs,
             queue_depth,

@@ -441,6 +441,18 @@ pub enum SkipReason {
     QueueFull,
 }
 
+impl SkipReason {
+    /// The wire name, e.g. `queue_full`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Overlap => "overlap",
+            SkipReason::Missed => "missed",
+            SkipReason::InvalidJob => "invalid_job",
+            SkipReason::QueueFull => "queue_full",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScheduleChanged {
     pub schedule: String,

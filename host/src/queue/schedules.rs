@@ -161,7 +161,8 @@ async fn fire_tick(shared: &Arc<Shared>, schedule: &Schedule, now: i64) -> Resul
         action,
         now,
     };
-    fired(shared, schedule, &shared.storage.fire_schedule(fire).await?).await;
+    let outcome = shared.storage.fire_schedule(fire).await?;
+    fired(shared, schedule, &outcome, false).await;
     Ok(())
 }
 
@@ -228,9 +229,24 @@ fn template_job(shared: &Shared, schedule: &Schedule) -> Result<crate::storage::
     )
 }
 
-/// After a fire: wakes the dispatcher for the new job and, for
+/// After a fire: counts it, wakes the dispatcher for the new job and, for
 /// `cancel_previous`, stops the previous fire's job.
-async fn fired(shared: &Arc<Shared>, schedule: &Schedule, fired: &Fired) {
+async fn fired(shared: &Arc<Shared>, schedule: &Schedule, fired: &Fired, by_hand: bool) {
+    let outcome = match fired {
+        Fired::Enqueued { .. } if by_hand => "triggered",
+        Fired::Enqueued { .. } => "fired",
+        Fired::Skipped(reason) => reason.as_str(),
+        Fired::Moved => return,
+    };
+    let label = crate::metrics::OutcomeLabel {
+        outcome: outcome.into(),
+    };
+    shared
+        .config
+        .metrics
+        .schedule_ticks
+        .get_or_create(&label)
+        .inc();
     if let Fired::Enqueued { job, previous } = fired {
         tracing::info!(schedule = %schedule.name, job = %job.id, "schedule fired");
         shared.wake.notify_one();
@@ -340,7 +356,7 @@ impl super::Queue {
             now: shared.now(),
         };
         let outcome = shared.storage.fire_schedule(fire).await?;
-        fired(shared, &schedule, &outcome).await;
+        fired(shared, &schedule, &outcome, true).await;
         match outcome {
             Fired::Enqueued { job, .. } => Ok(*job),
             Fired::Skipped(_) => Err(QueueError::UnknownPlugin(format!(
