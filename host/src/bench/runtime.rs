@@ -146,7 +146,12 @@ pub async fn epoch_overhead(args: &BenchArgs) -> anyhow::Result<()> {
     let plugin = load_plugin(&runtime, &wasm).await?;
     let raw_off = RawWasmtime::new(&wasm, false, RawPooling::Defaults)?;
     let raw_on = RawWasmtime::new(&wasm, true, RawPooling::Defaults)?;
-    let (mut off, mut on, mut host) = (vec![], vec![], vec![]);
+    let (mut off, mut on, mut host, mut stormed) = (vec![], vec![], vec![], vec![]);
+    let busy_run = || {
+        let mut run = PhaseRun::new("{}");
+        run.config = BUSY_CONFIG.into();
+        run
+    };
     for _ in 0..args.samples {
         let t = Instant::now();
         raw_off.call(BUSY_CONFIG, "{}").await?;
@@ -154,17 +159,33 @@ pub async fn epoch_overhead(args: &BenchArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         raw_on.call(BUSY_CONFIG, "{}").await?;
         on.push(millis(t.elapsed()));
-        let mut run = PhaseRun::new("{}");
-        run.config = BUSY_CONFIG.into();
         let t = Instant::now();
         runtime
-            .run(&plugin, run)
+            .run(&plugin, busy_run())
             .await
             .outcome
             .map_err(anyhow::Error::from)?;
         host.push(millis(t.elapsed()));
+        // Other runs stopped 1,000 times a second: each stop interrupts all
+        // guest code once (`Runtime::interrupt_guests`).
+        let storm = {
+            let runtime = runtime.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(1));
+                loop {
+                    every.tick().await;
+                    runtime.interrupt_guests();
+                }
+            })
+        };
+        let t = Instant::now();
+        let busy = runtime.run(&plugin, busy_run()).await;
+        stormed.push(millis(t.elapsed()));
+        storm.abort();
+        busy.outcome.map_err(anyhow::Error::from)?;
     }
     let (off, on, host) = (median(&mut off), median(&mut on), median(&mut host));
+    let stormed = median(&mut stormed);
     println!("## Epoch interruption on a CPU-bound phase (`busy`, {BUSY_CONFIG})");
     println!("| | ms | ratio to raw, interruption off |\n|---|---:|---:|");
     println!("| raw wasmtime, interruption off | {off:.1} | 1.00 |");
@@ -175,6 +196,10 @@ pub async fn epoch_overhead(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
         "| jobhost (interruption, limits, capture) | {host:.1} | {:.3} |",
         host / off
+    );
+    println!(
+        "| jobhost, while 1,000 stops a second interrupt guest code | {stormed:.1} | {:.3} |",
+        stormed / off
     );
     Ok(())
 }
