@@ -432,3 +432,51 @@ async fn schedules_from_the_cli() {
         stderr(&missing)
     );
 }
+
+/// `jobhost run-phase` grants a local run what an operator would grant a
+/// plugin: config values, secrets from JOBHOST_SECRET_<NAME>, and nothing
+/// else.
+#[tokio::test]
+async fn run_phase_grants_config_values_and_secrets() {
+    let input = json!({"keys": ["region", "api_key", "other"]}).to_string();
+    let args = [
+        "run-phase",
+        plugin_artifacts::READ_CONFIG,
+        "--input",
+        &input,
+        "--config-value",
+        "region=eu",
+        "--secret",
+        "api_key",
+    ];
+    let mut command = jobhost("http://127.0.0.1:9", &args);
+    command.env("JOBHOST_SECRET_API_KEY", "s3cret-value");
+    let ran = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    let out = json(&ran);
+    assert_eq!(
+        out["values"],
+        json!({"region": "eu", "api_key": "s3cret-value"})
+    );
+    assert!(out["errors"]["other"].is_string(), "{out}");
+    assert_eq!(out["all"], json!(["api_key", "region"]));
+
+    let bad = run(
+        "http://127.0.0.1:9",
+        &[
+            "run-phase",
+            plugin_artifacts::READ_CONFIG,
+            "--config-value",
+            "novalue",
+        ],
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("--config-value \"novalue\" is not KEY=VALUE"),
+        "{}",
+        stderr(&bad)
+    );
+}

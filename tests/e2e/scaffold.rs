@@ -88,13 +88,40 @@ async fn new_plugin_builds_and_runs() {
     );
 }
 
-#[tokio::test]
+// Two workers: the local API keeps serving while a worker waits for
+// `run-phase`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_plugin_http_calls_the_api_it_is_granted() {
     let component = scaffold_and_build(&scaffold_root(), "fetch-page", &["--http"]).await;
     let api = Router::new().route("/status", get(|| async { "all good" }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let origin = format!("http://{}", listener.local_addr().unwrap());
     let _api = tokio::spawn(async move { axum::serve(listener, api).await.unwrap() });
+
+    // Tried locally first: run-phase grants the origin with --allow-http,
+    // and refuses it without.
+    let run_phase = |allow: &[&str]| {
+        let input = json!({"url": format!("{origin}/status")}).to_string();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_jobhost"));
+        command.args(["run-phase", component.to_str().unwrap(), "--input", &input]);
+        command.args(allow);
+        command.output().unwrap()
+    };
+    let allowed = run_phase(&["--allow-http", &origin]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    let output: serde_json::Value = serde_json::from_slice(&allowed.stdout).unwrap();
+    assert_eq!(output, json!({"status": 200, "body": "all good"}));
+    let refused = run_phase(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains(&format!("origin {origin} is not granted")),
+        "{said}"
+    );
 
     let server = Server::start(&[]).await;
     let (status, body) = server

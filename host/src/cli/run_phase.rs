@@ -8,8 +8,9 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::printable;
-use crate::model::Progress;
-use crate::runtime::{PhaseRun, Runtime, RuntimeConfig};
+use crate::model::{PluginGrants, Progress};
+use crate::plugins::{Secrets, resolve_grants};
+use crate::runtime::{PhaseRun, RunGrants, Runtime, RuntimeConfig};
 
 #[derive(Debug, Args)]
 pub struct RunPhaseArgs {
@@ -33,6 +34,50 @@ pub struct RunPhaseArgs {
     /// Print one JSON object (outcome, output, log, usage) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Let the phase call this origin through wasi:http, as a grant would
+    /// (e.g. https://api.example.com, https://*.example.org,
+    /// http://127.0.0.1:9000); repeat for several.
+    #[arg(long = "allow-http", value_name = "ORIGIN")]
+    pub allow_http: Vec<String>,
+    /// A value the phase may read through wasi:config/store, as a grant's
+    /// `config` would; repeat for several. (`--config` is the phase's
+    /// config JSON.)
+    #[arg(long = "config-value", value_name = "KEY=VALUE")]
+    pub config_values: Vec<String>,
+    /// A secret the phase may read through wasi:config/store, its value
+    /// from the variable JOBHOST_SECRET_<NAME>, as on a server; repeat for
+    /// several.
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
+}
+
+/// What `--allow-http`, `--config-value` and `--secret` grant the run: the
+/// grants a server would resolve for the plugin, checked the same way.
+fn local_grants(args: &RunPhaseArgs, plugin: &str, version: &str) -> anyhow::Result<RunGrants> {
+    let config = args
+        .config_values
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .with_context(|| format!("--config-value {pair:?} is not KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let grants = PluginGrants {
+        versions: vec![version.to_owned()],
+        config,
+        secrets: args.secrets.clone(),
+        http: args.allow_http.clone(),
+    };
+    grants.validate().map_err(anyhow::Error::msg)?;
+    let secrets = Secrets::load(None, std::env::vars())?;
+    Ok(resolve_grants(
+        Some(&grants),
+        &secrets,
+        plugin,
+        version,
+        "run-phase",
+    ))
 }
 
 pub async fn run_phase(args: RunPhaseArgs) -> anyhow::Result<i32> {
@@ -58,8 +103,9 @@ pub async fn run_phase(args: RunPhaseArgs) -> anyhow::Result<i32> {
         run.previous.push((name.to_owned(), text_or_file(output)?));
     }
     run.timeout = Duration::from_millis(args.timeout_ms);
+    let m = &plugin.metadata;
+    run.granted = Some(Arc::new(local_grants(&args, &m.name, &m.version)?));
     if !args.json {
-        let m = &plugin.metadata;
         eprintln!(
             "{} {} — {}",
             printable(&m.name, false),

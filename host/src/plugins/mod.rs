@@ -26,7 +26,7 @@ use crate::storage::{
     PluginRecord, PutOutcome, Storage, StorageError,
 };
 
-pub use grants::{SECRET_PREFIX, Secrets};
+pub use grants::{SECRET_PREFIX, Secrets, resolve as resolve_grants};
 
 /// Longest plugin name or version accepted.
 const MAX_NAME_LEN: usize = 64;
