@@ -184,6 +184,80 @@ async fn a_plugin_built_before_config_existed_still_runs() {
     assert_eq!(job["phases"][0]["output"]["payload"], 7);
 }
 
+/// A phase that uses a secret without printing it: the value is in no
+/// route, event, log line, error, or file of the data directory (the
+/// database and its WAL included).
+#[tokio::test]
+async fn a_secret_a_phase_uses_is_in_no_route_log_or_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets.json");
+    std::fs::write(&secrets, json!({"mail_token": SECRET_VALUE}).to_string()).unwrap();
+    let mut server = Server::start(&["--secrets-file", secrets.to_str().unwrap()]).await;
+    server
+        .upload("read-config", "1.0.0", plugin_artifacts::READ_CONFIG)
+        .await;
+    let grants = json!({"versions": ["1.0.0"], "secrets": ["mail_token"]});
+    let (status, _) = server
+        .send(
+            server
+                .client
+                .put(server.url("/plugins/read-config/grants"))
+                .json(&grants),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let job = server
+        .submit(&json!({
+            "phases": [{"name": "read", "plugin": "read-config"}],
+            "payload": {"keys": ["mail_token", "missing"], "hide_values": true},
+        }))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    let done = server.wait_finished(id).await;
+    assert_eq!(
+        done["phases"][0]["output"]["values"],
+        json!({"mail_token": SECRET_VALUE.len()}),
+        "the phase read the secret"
+    );
+    let mut seen = vec![done.to_string()];
+    for route in [
+        "/jobs",
+        "/plugins",
+        "/plugins/read-config",
+        "/queue",
+        "/metrics",
+    ] {
+        seen.push(server.get_text(route).await);
+    }
+    let mut events = server.events(&format!("/jobs/{id}/events"), Some(0)).await;
+    while let Some(event) = events.next_event().await {
+        seen.push(event.data.to_string());
+    }
+    assert!(server.terminate().success());
+    seen.push(server.log());
+    for text in &seen {
+        assert!(
+            !text.contains(SECRET_VALUE),
+            "a secret value leaked: {text}"
+        );
+    }
+    let mut files = vec![server.dir.path().join("data")];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes
+                .windows(SECRET_VALUE.len())
+                .any(|w| w == SECRET_VALUE.as_bytes()),
+            "the secret is in {}",
+            path.display()
+        );
+    }
+}
+
 /// An API a phase may call: counts the requests that reach it.
 struct Api {
     url: String,
@@ -195,8 +269,19 @@ impl Api {
     async fn start() -> Api {
         let (counted, hits) = watch::channel(0);
         let counted = Arc::new(counted);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        // The same server under another name: another origin.
+        let elsewhere = format!(
+            "http://localhost:{}/hello",
+            listener.local_addr().unwrap().port()
+        );
         let app = Router::new()
             .route("/hello", get(|| async { "hi from the api" }))
+            .route(
+                "/redirect",
+                get(move || async move { axum::response::Redirect::to(&elsewhere) }),
+            )
             .route(
                 "/echo",
                 post(|body: Bytes| async move { format!("got {} bytes", body.len()) }),
@@ -209,8 +294,6 @@ impl Api {
                     next.run(request)
                 },
             ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Api {
             url,
@@ -256,6 +339,64 @@ async fn grant_http(server: &Server, origins: &[&str]) {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// A redirect reaches the guest as a response (the host follows none), and
+/// the guest's own request to where it points is refused when that origin
+/// is not granted.
+#[tokio::test]
+async fn a_redirect_is_the_guests_to_follow_within_its_grants() {
+    let api = Api::start().await;
+    let server = Server::start(&[]).await;
+    server
+        .upload("fetch", "1.0.0", plugin_artifacts::FETCH)
+        .await;
+    grant_http(&server, &[&api.url]).await;
+    let port = api.url.rsplit(':').next().unwrap();
+    let requests = json!([
+        {"url": format!("{}/redirect", api.url)},
+        {"url": format!("http://localhost:{port}/hello")},
+    ]);
+    let job = fetch(&server, requests, 30_000).await;
+    let out = &job["phases"][0]["output"];
+    assert_eq!(out[0]["status"], 303, "{out}");
+    let refused = out[1]["error"].as_str().unwrap();
+    assert!(refused.contains("is not granted"), "{refused}");
+    assert_eq!(api.hits(), 1, "only the redirect itself reached the API");
+}
+
+/// Grants changed while jobs wait apply to the phases that start after the
+/// change: a key taken back is refused to a job queued before.
+#[tokio::test]
+async fn grants_taken_back_while_jobs_wait_apply_to_their_phases() {
+    let server = Server::start(&[]).await;
+    server
+        .upload("read-config", "1.0.0", plugin_artifacts::READ_CONFIG)
+        .await;
+    let grant = |config: Value| {
+        let grants = json!({"versions": ["1.0.0"], "config": config});
+        server.send(
+            server
+                .client
+                .put(server.url("/plugins/read-config/grants"))
+                .json(&grants),
+        )
+    };
+    assert_eq!(grant(json!({"region": "eu"})).await.0, StatusCode::OK);
+    server.post("/queue/pause", &json!({})).await;
+    let job = server
+        .submit(&json!({
+            "phases": [{"name": "read", "plugin": "read-config"}],
+            "payload": {"keys": ["region"]},
+        }))
+        .await;
+    assert_eq!(grant(json!({})).await.0, StatusCode::OK);
+    server.post("/queue/resume", &json!({})).await;
+    let done = server.wait_finished(job["id"].as_str().unwrap()).await;
+    let output = &done["phases"][0]["output"];
+    assert_eq!(output["values"], json!({}), "{output}");
+    let refused = output["errors"]["region"].as_str().unwrap();
+    assert!(refused.contains("`region` is not granted"), "{refused}");
 }
 
 #[tokio::test]
