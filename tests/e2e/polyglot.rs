@@ -1,36 +1,96 @@
-//! A plugin written in Python (componentize-py, from PyPI) runs in the same
-//! pipeline as the Rust plugins: csv-parse (Rust) → convert-currency
-//! (Python) → aggregate (Rust) → render-report (Rust); and the Python
-//! phase fetches its rates from an HTTP API once the operator grants it.
+//! Plugins in three languages in one pipeline: csv-parse (Rust) →
+//! convert-currency (Python, componentize-py from PyPI) → aggregate (Rust)
+//! → render-report (Rust) → notify (JavaScript, ComponentizeJS from npm),
+//! which posts the report to a real receiver with a bearer secret. The
+//! Python phase also fetches its rates from an HTTP API once the operator
+//! grants it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
-use serde_json::json;
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
 
 use crate::server::Server;
 
-/// Builds `plugins/python/convert-currency` into the workspace's target
-/// directory (installing componentize-py into a virtualenv there).
-fn build_python_plugin() -> PathBuf {
+/// Runs `plugins/<dir>/build.sh` into the workspace's target directory;
+/// the component's path.
+fn build_plugin(dir: &str, out: &str, component: &str) -> PathBuf {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = repo.join("target").join("python-plugins");
-    let status = Command::new(repo.join("plugins/python/convert-currency/build.sh"))
+    let out = repo.join("target").join(out);
+    let status = Command::new(repo.join("plugins").join(dir).join("build.sh"))
         .arg(&out)
         .status()
-        .expect(
-            "running plugins/python/convert-currency/build.sh (needs python3 with venv and pip)",
-        );
-    assert!(status.success(), "building the Python plugin failed");
-    out.join("convert_currency.wasm")
+        .unwrap_or_else(|e| panic!("running plugins/{dir}/build.sh: {e}"));
+    assert!(status.success(), "building plugins/{dir} failed");
+    out.join(component)
 }
 
-#[tokio::test]
-async fn python_plugin_runs_in_a_rust_pipeline() {
-    let component = tokio::task::spawn_blocking(build_python_plugin)
-        .await
-        .unwrap();
-    let server = Server::start(&[]).await;
+/// Uploads a component built here as version 1.0.0, which must say this
+/// of itself.
+async fn upload_built(server: &Server, name: &str, component: &Path, description: &str) {
+    let (status, body) = server
+        .upload(name, "1.0.0", component.to_str().unwrap())
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["metadata"]["description"], description);
+}
+
+/// What the receiver got: the Authorization header and the body.
+type Received = Arc<Mutex<Vec<(String, Value)>>>;
+
+/// An HTTP API for the pipeline: `/rates` answers exchange rates, `/hook`
+/// records what is posted to it. Its origin, and what `/hook` received.
+async fn api() -> (String, Received) {
+    let received = Received::default();
+    let hook = received.clone();
+    let app = axum::Router::new()
+        .route(
+            "/rates",
+            axum::routing::get(|| async { axum::Json(json!({"EUR": 1.1, "GBP": 1.25})) }),
+        )
+        .route(
+            "/hook",
+            axum::routing::post(
+                move |headers: HeaderMap, body: axum::Json<Value>| async move {
+                    let bearer = headers
+                        .get("authorization")
+                        .map_or(String::new(), |v| v.to_str().unwrap().to_owned());
+                    hook.lock().unwrap().push((bearer, body.0));
+                    axum::http::StatusCode::CREATED
+                },
+            ),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (origin, received)
+}
+
+const NOTIFY_TOKEN: &str = "notify-t0ken";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_javascript_plugins_run_in_a_rust_pipeline() {
+    let python = tokio::task::spawn_blocking(|| {
+        build_plugin(
+            "python/convert-currency",
+            "python-plugins",
+            "convert_currency.wasm",
+        )
+    });
+    let javascript =
+        tokio::task::spawn_blocking(|| build_plugin("js/notify", "js-plugins", "notify.wasm"));
+    let (component, notify) = (python.await.unwrap(), javascript.await.unwrap());
+    let (origin, received) = api().await;
+    let secrets = tempfile::tempdir().unwrap();
+    let secrets_file = secrets.path().join("secrets.json");
+    std::fs::write(
+        &secrets_file,
+        json!({"notify_token": NOTIFY_TOKEN}).to_string(),
+    )
+    .unwrap();
+    let server = Server::start(&["--secrets-file", secrets_file.to_str().unwrap()]).await;
     server
         .upload("csv-parse", "1.0.0", plugin_artifacts::CSV_PARSE)
         .await;
@@ -40,17 +100,17 @@ async fn python_plugin_runs_in_a_rust_pipeline() {
     server
         .upload("render-report", "1.0.0", plugin_artifacts::RENDER_REPORT)
         .await;
-    let upload = server
+    let python = "Converts record amounts to one currency (written in Python)";
+    upload_built(&server, "convert-currency", &component, python).await;
+    let javascript = "Posts a report to a URL with a bearer secret (written in JavaScript)";
+    upload_built(&server, "notify", &notify, javascript).await;
+    let grants = json!({"versions": ["1.0.0"], "secrets": ["notify_token"], "http": [origin]});
+    let grant = server
         .client
-        .put(server.url("/plugins/convert-currency/versions/1.0.0"));
-    let (status, body) = server
-        .send(upload.body(std::fs::read(&component).unwrap()))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    assert_eq!(
-        body["metadata"]["description"],
-        "Converts record amounts to one currency (written in Python)"
-    );
+        .put(server.url("/plugins/notify/grants"))
+        .json(&grants);
+    let (status, body) = server.send(grant).await;
+    assert_eq!(status, 200, "{body}");
 
     let csv = "region,amount,currency\nnorth,100,EUR\nsouth,50,USD\nnorth,10,GBP\n";
     let job = server
@@ -60,7 +120,9 @@ async fn python_plugin_runs_in_a_rust_pipeline() {
                 {"name": "convert", "plugin": "convert-currency",
                  "config": {"rates": {"EUR": 1.1, "GBP": 1.25}, "to": "USD"}},
                 {"name": "aggregate", "plugin": "aggregate", "config": {"group_by": "region", "sum": ["amount"]}},
-                {"name": "report", "plugin": "render-report", "config": {"title": "Sales in USD"}}
+                {"name": "report", "plugin": "render-report", "config": {"title": "Sales in USD"}},
+                {"name": "notify", "plugin": "notify",
+                 "config": {"url": format!("{origin}/hook"), "token_secret": "notify_token"}}
             ],
             "payload": {"csv": csv}
         }))
@@ -78,6 +140,17 @@ async fn python_plugin_runs_in_a_rust_pipeline() {
     let report = done["phases"][3]["output"]["report"].as_str().unwrap();
     assert!(report.contains("| north | 2 | 122.50 |"), "{report}");
     assert!(report.contains("| south | 1 | 50 |"), "{report}");
+    assert_eq!(
+        done["phases"][4]["output"],
+        json!({"posted": true, "status": 201})
+    );
+    let posted = received.lock().unwrap().clone();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    let (bearer, body) = &posted[0];
+    assert_eq!(bearer, &format!("Bearer {NOTIFY_TOKEN}"));
+    assert_eq!(body["job_id"], done["id"]);
+    assert_eq!(body["phase"], "report");
+    assert_eq!(body["report"], done["phases"][3]["output"]["report"]);
 
     // An unknown currency is a permanent failure that names the record.
     let bad = server
@@ -102,13 +175,6 @@ async fn python_plugin_runs_in_a_rust_pipeline() {
 
     // The rates from an HTTP API instead, through wasi:http: refused until
     // the operator grants the API's origin, then fetched and used.
-    let rates = axum::Router::new().route(
-        "/rates",
-        axum::routing::get(|| async { axum::Json(json!({"EUR": 1.1, "GBP": 1.25})) }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, rates).await.unwrap() });
     let from_api = json!({
         "phases": [
             {"name": "parse", "plugin": "csv-parse"},
