@@ -780,3 +780,56 @@ async fn guest_http_sent_bytes_and_response_wait_are_bounded() {
             <= 1024
     );
 }
+
+/// A real pipeline from the web: `fetch-url` downloads a CSV from an
+/// origin the operator granted, `csv-parse` and `aggregate` work on it;
+/// past its `max_bytes` the download fails, naming the cap.
+#[tokio::test]
+async fn fetch_url_feeds_csv_parse_from_a_granted_origin() {
+    let app = Router::new().route(
+        "/sales.csv",
+        get(|| async { "region,amount\nnorth,3\nsouth,4\nnorth,5\n" }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let _api = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let server = Server::start(&[]).await;
+    for (name, component) in [
+        ("fetch-url", plugin_artifacts::FETCH_URL),
+        ("csv-parse", plugin_artifacts::CSV_PARSE),
+        ("aggregate", plugin_artifacts::AGGREGATE),
+    ] {
+        let (status, body) = server.upload(name, "1.0.0", component).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let grants = json!({"versions": ["1.0.0"], "http": [origin]});
+    let grant = server.client.put(server.url("/plugins/fetch-url/grants"));
+    assert_eq!(server.send(grant.json(&grants)).await.0, StatusCode::OK);
+    let pipeline = |max_bytes: u64| {
+        json!({
+            "phases": [
+                {"name": "download", "plugin": "fetch-url",
+                 "config": {"url": format!("{origin}/sales.csv"), "max_bytes": max_bytes}},
+                {"name": "parse", "plugin": "csv-parse"},
+                {"name": "totals", "plugin": "aggregate",
+                 "config": {"group_by": "region", "sum": ["amount"]}}
+            ],
+            "max_attempts": 1,
+        })
+    };
+    let job = server.submit(&pipeline(1000)).await;
+    let done = server.wait_finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["phases"][0]["output"]["bytes"], 38);
+    assert_eq!(done["phases"][1]["output"]["rows"], 3);
+    assert_eq!(done["phases"][2]["output"]["totals"], json!({"amount": 12.0}));
+
+    let job = server.submit(&pipeline(10)).await;
+    let capped = server.wait_finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(capped["status"], "failed");
+    let error = capped["error"].as_str().unwrap();
+    assert!(
+        error.contains("38 bytes is more than max_bytes (10)"),
+        "{error}"
+    );
+}

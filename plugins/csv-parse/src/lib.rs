@@ -1,6 +1,8 @@
 //! `csv-parse`: the first phase of the sample pipeline.
 //!
-//! Payload `{"csv": "<text>"}`; config `{"delimiter": ",", "header": true}`
+//! Input `{"csv": "<text>"}`: the output of the phase before (`fetch-url`
+//! makes one) if there is one, otherwise the job's payload. Config
+//! `{"delimiter": ",", "header": true}`
 //! (both optional). Output `{"columns": [...], "records": [{...}], "rows": n}`
 //! where each record maps column names to values: numbers and booleans are
 //! typed, empty cells are `null`, everything else stays a string.
@@ -35,8 +37,12 @@ struct CsvParse;
 impl Phase for CsvParse {
     fn run(ctx: &Context, input: &Input) -> Result<Value, PhaseError> {
         let config: Config = ctx.config()?;
-        let payload: Payload = input.payload()?;
-        parse(&payload.csv, &config).map_err(PhaseError::fail)
+        let source: Payload = if input.previous.is_empty() {
+            input.payload()?
+        } else {
+            input.previous_output()?
+        };
+        parse(&source.csv, &config).map_err(PhaseError::fail)
     }
 }
 
