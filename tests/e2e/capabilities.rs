@@ -822,7 +822,10 @@ async fn fetch_url_feeds_csv_parse_from_a_granted_origin() {
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["phases"][0]["output"]["bytes"], 38);
     assert_eq!(done["phases"][1]["output"]["rows"], 3);
-    assert_eq!(done["phases"][2]["output"]["totals"], json!({"amount": 12.0}));
+    assert_eq!(
+        done["phases"][2]["output"]["totals"],
+        json!({"amount": 12.0})
+    );
 
     let job = server.submit(&pipeline(10)).await;
     let capped = server.wait_finished(job["id"].as_str().unwrap()).await;
