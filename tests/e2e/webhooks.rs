@@ -56,6 +56,14 @@ async fn webhook_arrives_once_signed_after_completion() {
     let seen = events.until(id, "job:webhook:delivered").await;
     let position = |kind: &str| seen.iter().position(|e| e.kind == kind).unwrap();
     assert!(position("job:completed") < position("job:webhook:delivered"));
+    // The job's own stream, replayed once the webhook's outcome is logged
+    // after the job's end, still ends with the job.
+    let mut replay = server.events(&format!("/jobs/{id}/events"), None).await;
+    let mut kinds = Vec::new();
+    while let Some(event) = replay.next_event().await {
+        kinds.push(event.kind);
+    }
+    assert_eq!(kinds.last().unwrap(), "job:completed", "{kinds:?}");
 
     let deliveries = receiver.wait_for(1).await;
     assert_eq!(deliveries.len(), 1, "delivered once");

@@ -587,9 +587,13 @@ impl Client {
     fn take<'a>(&mut self, events: impl Iterator<Item = &'a Published>) {
         let mut messages = BytesMut::new();
         for event in events {
-            // An event after the job's end: it was retried and goes on, so
-            // its stream does too (replaying a retried job's history).
-            if self.ended && !event.live {
+            if self.ended {
+                // A retry after the job's end: the job goes on, and so does
+                // its stream (replaying a retried job's history). Anything
+                // else after the end (its webhook's outcome) is not sent.
+                if event.kind() != EventKind::JobRetrying {
+                    continue;
+                }
                 self.ended = false;
             }
             if self.wants(event) {
@@ -598,7 +602,9 @@ impl Client {
                 }
                 messages.extend_from_slice(event.sse_message());
             }
-            self.ended = self.end_after_terminal && ends_job(event.kind());
+            if self.end_after_terminal && ends_job(event.kind()) {
+                self.ended = true;
+            }
         }
         if !messages.is_empty() {
             self.pending.push(messages.freeze());

@@ -76,7 +76,7 @@ pub enum Overlap {
 pub enum CatchUp {
     /// Skip them all (`schedule:skipped`, reason `missed`).
     Skip,
-    /// Run one job for them, at the latest one.
+    /// Run one job for them (its tick: the first one missed).
     #[default]
     One,
     /// Run a job for each, up to `catch_up_limit` (the latest ones).

@@ -78,10 +78,11 @@ pub(super) async fn fire_schedules(shared: Arc<Shared>) {
     let mut changes = shared.bus.subscribe_batches(topic);
     while !shared.draining.is_cancelled() {
         let wait = match fire_due(&shared).await {
-            Ok(Some(next)) => {
+            Ok(Next::Stuck) => ERROR_BACKOFF,
+            Ok(Next::At(next)) => {
                 Duration::from_millis(next.saturating_sub(shared.now()).max(0) as u64)
             }
-            Ok(None) => SAFETY_NET,
+            Ok(Next::Unknown) => SAFETY_NET,
             Err(error) => {
                 tracing::error!(%error, "firing schedules failed");
                 ERROR_BACKOFF
@@ -99,19 +100,42 @@ pub(super) async fn fire_schedules(shared: Arc<Shared>) {
     }
 }
 
+/// When the timer should fire next.
+enum Next {
+    At(i64),
+    /// No schedule has a next tick (a change will wake the timer).
+    Unknown,
+    /// A tick is due that could not be fired.
+    Stuck,
+}
+
 /// Fires every tick due now, one transaction each; the next tick after.
-async fn fire_due(shared: &Arc<Shared>) -> Result<Option<i64>, QueueError> {
+/// A schedule whose fire fails is left for the next round, so that it
+/// holds up no other; so is one storage cannot read (stored by a newer
+/// jobhost): then the next tick is already past, and the timer waits
+/// [`ERROR_BACKOFF`] before trying again.
+async fn fire_due(shared: &Arc<Shared>) -> Result<Next, QueueError> {
+    let mut failed = std::collections::HashSet::new();
     loop {
         let now = shared.now();
-        let due = shared.storage.due_schedules(now).await?;
+        let mut due = shared.storage.due_schedules(now).await?;
+        due.retain(|schedule| !failed.contains(&schedule.name));
         if due.is_empty() {
-            return Ok(shared.storage.next_schedule_tick().await?);
+            return Ok(match shared.storage.next_schedule_tick().await? {
+                // Due at the read, yet not fired.
+                Some(next) if next <= now => Next::Stuck,
+                Some(next) => Next::At(next),
+                None => Next::Unknown,
+            });
         }
         for schedule in due {
             if shared.draining.is_cancelled() {
-                return Ok(None);
+                return Ok(Next::Unknown);
             }
-            fire_tick(shared, &schedule, now).await?;
+            if let Err(error) = fire_tick(shared, &schedule, now).await {
+                tracing::error!(schedule = %schedule.name, %error, "firing a schedule failed");
+                failed.insert(schedule.name);
+            }
         }
     }
 }
@@ -176,18 +200,23 @@ fn plan_tick(schedule: &Schedule, recurrence: &Recurrence, now: i64) -> (i64, Op
     if now - tick <= MISSED_AFTER_MS {
         return (after(tick), None);
     }
-    let latest = recurrence.last_at_or_before(now).unwrap_or(tick).max(tick);
+    // The missed ticks run from `tick` to the last one more than
+    // MISSED_AFTER_MS ago; later ones are on time and fire as usual.
+    let last_missed = recurrence
+        .last_at_or_before(now - MISSED_AFTER_MS)
+        .unwrap_or(tick)
+        .max(tick);
     let missed = "missed while no host ran";
     match schedule.catch_up {
         CatchUp::Skip => (
-            after(now),
-            Some(skipped_run(SkipReason::Missed, missed, tick, latest)),
+            after(last_missed),
+            Some(skipped_run(SkipReason::Missed, missed, tick, last_missed)),
         ),
-        CatchUp::One => (after(now), None),
+        CatchUp::One => (after(last_missed), None),
         CatchUp::All => {
             // Only the latest `catch_up_limit` missed ticks run: the older
             // ones are skipped in one step.
-            let mut oldest_kept = latest;
+            let mut oldest_kept = last_missed;
             for _ in 1..schedule.catch_up_limit {
                 match recurrence.last_at_or_before(oldest_kept - 1) {
                     Some(earlier) if earlier >= tick => oldest_kept = earlier,
@@ -473,6 +502,17 @@ mod tests {
             (following, skip_range(skip)),
             (at("2026-01-01T16:00:00Z"), None)
         );
+        // Back at 11:00:20: 10:00 was missed, 11:00 is on time and fires
+        // as usual after the missed one is dealt with.
+        let just_back = at("2026-01-01T11:00:20Z");
+        let (schedule, recurrence) = hourly(CatchUp::Skip, "2026-01-01T10:00:00Z");
+        let (following, skip) = plan_tick(&schedule, &recurrence, just_back);
+        assert_eq!(following, at("2026-01-01T11:00:00Z"));
+        assert_eq!(skip_range(skip), Some((SkipReason::Missed, None)));
+        let (schedule, recurrence) = hourly(CatchUp::One, "2026-01-01T10:00:00Z");
+        let (following, skip) = plan_tick(&schedule, &recurrence, just_back);
+        assert_eq!(following, at("2026-01-01T11:00:00Z"));
+        assert!(skip.is_none());
         // `all` with a limit of 3: 10:00-12:00 skipped at once, then 13:00,
         // 14:00 and 15:00 fire one after the other.
         let (mut schedule, recurrence) = hourly(CatchUp::All, "2026-01-01T10:00:00Z");

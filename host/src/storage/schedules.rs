@@ -143,6 +143,7 @@ pub(super) fn encode_spec(spec: &ScheduleSpec) -> String {
 
 /// A schedule's row as both backends read it.
 pub(super) struct ScheduleRow {
+    pub name: String,
     pub spec: String,
     pub paused: bool,
     pub next_tick: i64,
@@ -153,6 +154,22 @@ pub(super) struct ScheduleRow {
     pub last_job_status: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// The rows that decode. One that does not (stored by a newer jobhost
+/// during a rolling upgrade, say) is logged and left out, rather than hide
+/// every other schedule from listings and from the timer.
+pub(super) fn decode_listed(rows: impl IntoIterator<Item = ScheduleRow>) -> Vec<Schedule> {
+    rows.into_iter()
+        .filter_map(|row| {
+            let name = row.name.clone();
+            row.decode()
+                .inspect_err(|error| {
+                    tracing::error!(schedule = %name, %error, "a stored schedule does not decode; it is left out");
+                })
+                .ok()
+        })
+        .collect()
 }
 
 impl ScheduleRow {
@@ -273,5 +290,37 @@ impl Fire {
                 tick: self.tick.map(|(tick, _)| tick),
             },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, spec: &str) -> ScheduleRow {
+        ScheduleRow {
+            name: name.into(),
+            spec: spec.into(),
+            paused: false,
+            next_tick: 1_000,
+            last_tick: None,
+            last_fired_at: None,
+            last_job_id: None,
+            last_job_status: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    /// A definition this build cannot read (a field from a newer jobhost)
+    /// is left out; the others are listed.
+    #[test]
+    fn a_row_that_does_not_decode_hides_no_other() {
+        let good = r#"{"name": "good", "cron": "0 * * * *", "job": {"phases": [{"name": "p", "plugin": "echo"}]}}"#;
+        let newer =
+            r#"{"name": "newer", "cron": "0 * * * *", "jitter_ms": 5, "job": {"phases": []}}"#;
+        let listed = decode_listed([row("newer", newer), row("good", good)]);
+        let names: Vec<_> = listed.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["good"]);
     }
 }

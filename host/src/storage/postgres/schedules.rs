@@ -11,7 +11,9 @@ use super::create::create;
 use super::{PgStore, Tx, WriteScope, corrupt, execute, query, query_one, query_opt};
 use crate::model::Schedule;
 use crate::model::event::{ScheduleChange, SkipReason};
-use crate::storage::schedules::{FirePlan, FireRow, ScheduleRow, changed, encode_spec};
+use crate::storage::schedules::{
+    FirePlan, FireRow, ScheduleRow, changed, decode_listed, encode_spec,
+};
 use crate::storage::{
     CreateOutcome, Fire, Fired, NewSchedule, Result, ScheduleStore, ScheduleWrite,
 };
@@ -19,28 +21,30 @@ use crate::storage::{
 /// The advisory lock creating a schedule holds.
 const SCHEDULES_LOCK: i64 = 0x6a6f_6268_6f73_7403;
 
-const SELECT: &str = "SELECT s.spec, s.paused, s.next_tick, s.last_tick, s.last_fired_at,
+const SELECT: &str = "SELECT s.name, s.spec, s.paused, s.next_tick, s.last_tick, s.last_fired_at,
                              s.last_job_id, j.status, s.created_at, s.updated_at
                       FROM schedules s LEFT JOIN jobs j ON j.id = s.last_job_id";
 
-fn decode(row: &Row) -> Result<Schedule> {
+fn row(row: &Row) -> ScheduleRow {
     ScheduleRow {
-        spec: row.get(0),
-        paused: row.get(1),
-        next_tick: row.get(2),
-        last_tick: row.get(3),
-        last_fired_at: row.get(4),
-        last_job_id: row.get(5),
-        last_job_status: row.get(6),
-        created_at: row.get(7),
-        updated_at: row.get(8),
+        name: row.get(0),
+        spec: row.get(1),
+        paused: row.get(2),
+        next_tick: row.get(3),
+        last_tick: row.get(4),
+        last_fired_at: row.get(5),
+        last_job_id: row.get(6),
+        last_job_status: row.get(7),
+        created_at: row.get(8),
+        updated_at: row.get(9),
     }
-    .decode()
 }
 
 async fn load(db: &impl GenericClient, name: &str) -> Result<Option<Schedule>> {
     let row = query_opt(db, &format!("{SELECT} WHERE s.name = $1"), &[&name]).await?;
-    row.as_ref().map(decode).transpose()
+    row.as_ref()
+        .map(|found| self::row(found).decode())
+        .transpose()
 }
 
 async fn stored(
@@ -146,22 +150,31 @@ async fn set_paused(
 }
 
 async fn fire(tx: &Tx<'_>, scope: &mut WriteScope, mut fire: Fire) -> Result<Fired> {
+    // The schedule's row alone is locked; the last job's status is read
+    // after the lock is held, so a fire that waited for another (a trigger)
+    // sees the job that one stored.
     let row = query_opt(
         tx,
-        "SELECT s.paused, s.next_tick, s.webhook_secret, s.last_job_id, j.status
-         FROM schedules s LEFT JOIN jobs j ON j.id = s.last_job_id
-         WHERE s.name = $1
-         FOR UPDATE OF s",
+        "SELECT paused, next_tick, webhook_secret, last_job_id FROM schedules
+         WHERE name = $1 FOR UPDATE",
         &[&fire.schedule],
     )
-    .await?
-    .map(|row| FireRow {
-        paused: row.get(0),
-        next_tick: row.get(1),
-        webhook_secret: row.get(2),
-        last_job_id: row.get(3),
-        last_job_status: row.get(4),
-    });
+    .await?;
+    let row = match row {
+        Some(row) => {
+            let last_job_id: Option<String> = row.get(3);
+            let status =
+                query_opt(tx, "SELECT status FROM jobs WHERE id = $1", &[&last_job_id]).await?;
+            Some(FireRow {
+                paused: row.get(0),
+                next_tick: row.get(1),
+                webhook_secret: row.get(2),
+                last_job_id,
+                last_job_status: status.map(|row| row.get(0)),
+            })
+        }
+        None => None,
+    };
     let plan = match fire.plan(row) {
         FirePlan::Enqueue { job, previous } => match create(tx, scope, &job).await? {
             CreateOutcome::Created(job, _) => {
@@ -269,7 +282,7 @@ impl ScheduleStore for PgStore {
     async fn schedules(&self) -> Result<Vec<Schedule>> {
         let client = self.client().await?;
         let rows = query(&client, &format!("{SELECT} ORDER BY s.name"), &[]).await?;
-        rows.iter().map(decode).collect()
+        Ok(decode_listed(rows.iter().map(row)))
     }
 
     async fn due_schedules(&self, now: i64) -> Result<Vec<Schedule>> {
@@ -280,7 +293,7 @@ impl ScheduleStore for PgStore {
             &[&now],
         )
         .await?;
-        rows.iter().map(decode).collect()
+        Ok(decode_listed(rows.iter().map(row)))
     }
 
     async fn next_schedule_tick(&self) -> Result<Option<i64>> {

@@ -9,34 +9,37 @@ use super::create::create;
 use super::writer::EventLog;
 use crate::model::Schedule;
 use crate::model::event::{ScheduleChange, SkipReason};
-use crate::storage::schedules::{FirePlan, FireRow, ScheduleRow, changed, encode_spec};
+use crate::storage::schedules::{
+    FirePlan, FireRow, ScheduleRow, changed, decode_listed, encode_spec,
+};
 use crate::storage::{
     CreateOutcome, Fire, Fired, NewSchedule, Result, ScheduleStore, ScheduleWrite,
 };
 
-const COLUMNS: &str = "s.spec, s.paused, s.next_tick, s.last_tick, s.last_fired_at,
+const COLUMNS: &str = "s.name, s.spec, s.paused, s.next_tick, s.last_tick, s.last_fired_at,
                        s.last_job_id, j.status, s.created_at, s.updated_at";
 const FROM: &str = "FROM schedules s LEFT JOIN jobs j ON j.id = s.last_job_id";
 
-fn decode(row: &Row<'_>) -> rusqlite::Result<Result<Schedule>> {
-    let row = ScheduleRow {
-        spec: row.get(0)?,
-        paused: row.get(1)?,
-        next_tick: row.get(2)?,
-        last_tick: row.get(3)?,
-        last_fired_at: row.get(4)?,
-        last_job_id: row.get(5)?,
-        last_job_status: row.get(6)?,
-        created_at: row.get(7)?,
-        updated_at: row.get(8)?,
-    };
-    Ok(row.decode())
+fn row(row: &Row<'_>) -> rusqlite::Result<ScheduleRow> {
+    Ok(ScheduleRow {
+        name: row.get(0)?,
+        spec: row.get(1)?,
+        paused: row.get(2)?,
+        next_tick: row.get(3)?,
+        last_tick: row.get(4)?,
+        last_fired_at: row.get(5)?,
+        last_job_id: row.get(6)?,
+        last_job_status: row.get(7)?,
+        created_at: row.get(8)?,
+        updated_at: row.get(9)?,
+    })
 }
 
 fn load(conn: &Connection, name: &str) -> Result<Option<Schedule>> {
     conn.prepare_cached(&format!("SELECT {COLUMNS} {FROM} WHERE s.name = ?1"))?
-        .query_row([name], decode)
+        .query_row([name], row)
         .optional()?
+        .map(ScheduleRow::decode)
         .transpose()
 }
 
@@ -45,10 +48,10 @@ fn load_where(conn: &Connection, condition: &str, now: Option<i64>) -> Result<Ve
         "SELECT {COLUMNS} {FROM} WHERE {condition} ORDER BY s.name"
     ))?;
     let rows = match now {
-        Some(now) => stmt.query_map([now], decode)?,
-        None => stmt.query_map([], decode)?,
+        Some(now) => stmt.query_map([now], row)?,
+        None => stmt.query_map([], row)?,
     };
-    rows.map(|row| row?).collect()
+    Ok(decode_listed(rows.collect::<rusqlite::Result<Vec<_>>>()?))
 }
 
 fn stored(
