@@ -221,11 +221,70 @@ pub(super) enum FirePlan {
         job: Box<NewJob>,
         previous: Option<String>,
     },
-    /// Log this skip.
+    /// Log this skip (`schedule:skipped`).
     Skip(crate::model::NewEvent, SkipReason),
 }
 
+/// What a fire writes once its plan is made and, for an enqueue, its job
+/// stored: the same on both backends, which write it with
+/// [`RECORD_FIRE`] and log `event`.
+pub(super) struct FireRecord {
+    /// `schedule:fired` or `schedule:skipped`.
+    pub event: crate::model::NewEvent,
+    /// The job stored: the schedule's last fire from now on.
+    pub job_id: Option<String>,
+    pub fired: Fired,
+}
+
+/// Records a fire on its schedule's row: the tick it moves to (none for a
+/// trigger by hand), and the job it stored, if any, as the last fire.
+/// Parameters: name, following tick, job id, now, tick fired (`$N` here;
+/// SQLite takes the same text with `?N`).
+pub(super) const RECORD_FIRE: &str = "
+    UPDATE schedules
+    SET next_tick = COALESCE(CAST($2 AS BIGINT), next_tick),
+        last_job_id = COALESCE(CAST($3 AS TEXT), last_job_id),
+        last_fired_at = CASE WHEN CAST($3 AS TEXT) IS NULL THEN last_fired_at ELSE $4 END,
+        last_tick = CASE WHEN CAST($3 AS TEXT) IS NULL THEN last_tick ELSE CAST($5 AS BIGINT) END
+    WHERE name = $1";
+
 impl Fire {
+    /// Finishes `plan` with what storing its job did (`created`, for an
+    /// enqueue); none when the guard failed and nothing is written.
+    pub(super) fn record(
+        &self,
+        plan: FirePlan,
+        created: Option<super::CreateOutcome>,
+    ) -> Result<Option<FireRecord>> {
+        use super::CreateOutcome::{Created, Existing, UnknownPlugin};
+        let skipped = |event, reason| FireRecord {
+            event,
+            job_id: None,
+            fired: Fired::Skipped(reason),
+        };
+        Ok(Some(match (plan, created) {
+            (FirePlan::Moved, _) => return Ok(None),
+            (FirePlan::Skip(event, reason), _) => skipped(event, reason),
+            (FirePlan::Enqueue { previous, .. }, Some(Created(job, _))) => FireRecord {
+                event: self.fired(&job.id),
+                job_id: Some(job.id.clone()),
+                fired: Fired::Enqueued {
+                    job: Box::new(job),
+                    previous,
+                },
+            },
+            (FirePlan::Enqueue { .. }, Some(UnknownPlugin(message))) => {
+                let reason = SkipReason::InvalidJob;
+                skipped(self.skipped(reason, message, None), reason)
+            }
+            (FirePlan::Enqueue { .. }, Some(Existing(_)) | None) => {
+                return Err(super::StorageError::corrupt(
+                    "a schedule's job: an idempotency key in its template".to_owned(),
+                ));
+            }
+        }))
+    }
+
     pub(super) fn plan(&mut self, row: Option<FireRow>) -> FirePlan {
         let Some(row) = row else {
             return FirePlan::Moved;
@@ -248,11 +307,11 @@ impl Fire {
             FireAction::Enqueue {
                 skip_if_unfinished: true,
                 ..
-            } if unfinished => self.skip(
-                SkipReason::Overlap,
-                "the job of the previous fire is unfinished".into(),
-                None,
-            ),
+            } if unfinished => {
+                let reason = SkipReason::Overlap;
+                let message = "the job of the previous fire is unfinished".into();
+                FirePlan::Skip(self.skipped(reason, message, None), reason)
+            }
             FireAction::Enqueue { mut job, .. } => {
                 job.webhook_secret = row.webhook_secret;
                 FirePlan::Enqueue {
@@ -264,25 +323,30 @@ impl Fire {
                 reason,
                 message,
                 until,
-            } => self.skip(reason, message, until),
+            } => FirePlan::Skip(self.skipped(reason, message, until), reason),
         }
     }
 
-    /// The skip plan for this fire.
-    pub(super) fn skip(&self, reason: SkipReason, message: String, until: Option<i64>) -> FirePlan {
-        let skipped =
-            crate::model::EventBody::ScheduleSkipped(crate::model::event::ScheduleSkipped {
+    /// `schedule:skipped` for this fire.
+    fn skipped(
+        &self,
+        reason: SkipReason,
+        message: String,
+        until: Option<i64>,
+    ) -> crate::model::NewEvent {
+        crate::model::NewEvent::global(crate::model::EventBody::ScheduleSkipped(
+            crate::model::event::ScheduleSkipped {
                 schedule: self.schedule.clone(),
                 tick: self.tick.map_or(self.now, |(tick, _)| tick),
                 until,
                 reason,
                 message,
-            });
-        FirePlan::Skip(crate::model::NewEvent::global(skipped), reason)
+            },
+        ))
     }
 
     /// `schedule:fired` for the job this fire stored.
-    pub(super) fn fired(&self, job_id: &str) -> crate::model::NewEvent {
+    fn fired(&self, job_id: &str) -> crate::model::NewEvent {
         crate::model::NewEvent::global(crate::model::EventBody::ScheduleFired(
             crate::model::event::ScheduleFired {
                 schedule: self.schedule.clone(),

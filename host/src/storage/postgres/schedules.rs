@@ -10,13 +10,11 @@ use tokio_postgres::Row;
 use super::create::create;
 use super::{PgStore, Tx, WriteScope, corrupt, execute, query, query_one, query_opt};
 use crate::model::Schedule;
-use crate::model::event::{ScheduleChange, SkipReason};
+use crate::model::event::ScheduleChange;
 use crate::storage::schedules::{
-    FirePlan, FireRow, ScheduleRow, changed, decode_listed, encode_spec,
+    FirePlan, FireRow, RECORD_FIRE, ScheduleRow, changed, decode_listed, encode_spec,
 };
-use crate::storage::{
-    CreateOutcome, Fire, Fired, NewSchedule, Result, ScheduleStore, ScheduleWrite,
-};
+use crate::storage::{Fire, Fired, NewSchedule, Result, ScheduleStore, ScheduleWrite};
 
 /// The advisory lock creating a schedule holds.
 const SCHEDULES_LOCK: i64 = 0x6a6f_6268_6f73_7403;
@@ -175,62 +173,30 @@ async fn fire(tx: &Tx<'_>, scope: &mut WriteScope, mut fire: Fire) -> Result<Fir
         }
         None => None,
     };
-    let plan = match fire.plan(row) {
-        FirePlan::Enqueue { job, previous } => match create(tx, scope, &job).await? {
-            CreateOutcome::Created(job, _) => {
-                execute(
-                    tx,
-                    "UPDATE schedules SET last_job_id = $2, last_fired_at = $3, last_tick = $4
-                     WHERE name = $1",
-                    &[
-                        &fire.schedule,
-                        &job.id,
-                        &fire.now,
-                        &fire.tick.map(|(tick, _)| tick),
-                    ],
-                )
-                .await?;
-                scope.emit(fire.fired(&job.id), fire.now);
-                scope.jobs_due = true;
-                advance(tx, &fire).await?;
-                return Ok(Fired::Enqueued {
-                    job: Box::new(job),
-                    previous,
-                });
-            }
-            CreateOutcome::UnknownPlugin(message) => {
-                fire.skip(SkipReason::InvalidJob, message, None)
-            }
-            CreateOutcome::Existing(_) => {
-                return Err(corrupt(
-                    "a schedule's job",
-                    "an idempotency key in its template",
-                ));
-            }
-        },
-        plan => plan,
+    let plan = fire.plan(row);
+    let created = match &plan {
+        FirePlan::Enqueue { job, .. } => Some(create(tx, scope, job).await?),
+        _ => None,
     };
-    match plan {
-        FirePlan::Skip(event, reason) => {
-            scope.emit(event, fire.now);
-            advance(tx, &fire).await?;
-            Ok(Fired::Skipped(reason))
-        }
-        _ => Ok(Fired::Moved),
-    }
-}
-
-/// Moves the schedule to the tick after the one fired.
-async fn advance(tx: &Tx<'_>, fire: &Fire) -> Result<()> {
-    if let Some((_, following)) = fire.tick {
-        execute(
-            tx,
-            "UPDATE schedules SET next_tick = $2 WHERE name = $1",
-            &[&fire.schedule, &following],
-        )
-        .await?;
-    }
-    Ok(())
+    let Some(record) = fire.record(plan, created)? else {
+        return Ok(Fired::Moved);
+    };
+    execute(
+        tx,
+        RECORD_FIRE,
+        &[
+            &fire.schedule,
+            &fire.tick.map(|(_, following)| following),
+            &record.job_id,
+            &fire.now,
+            &fire.tick.map(|(tick, _)| tick),
+        ],
+    )
+    .await?;
+    scope.emit(record.event, fire.now);
+    // A job stored: hosts with free workers are told.
+    scope.jobs_due |= record.job_id.is_some();
+    Ok(record.fired)
 }
 
 #[async_trait]

@@ -8,13 +8,11 @@ use super::corrupt;
 use super::create::create;
 use super::writer::EventLog;
 use crate::model::Schedule;
-use crate::model::event::{ScheduleChange, SkipReason};
+use crate::model::event::ScheduleChange;
 use crate::storage::schedules::{
-    FirePlan, FireRow, ScheduleRow, changed, decode_listed, encode_spec,
+    FirePlan, FireRow, RECORD_FIRE, ScheduleRow, changed, decode_listed, encode_spec,
 };
-use crate::storage::{
-    CreateOutcome, Fire, Fired, NewSchedule, Result, ScheduleStore, ScheduleWrite,
-};
+use crate::storage::{Fire, Fired, NewSchedule, Result, ScheduleStore, ScheduleWrite};
 
 const COLUMNS: &str = "s.name, s.spec, s.paused, s.next_tick, s.last_tick, s.last_fired_at,
                        s.last_job_id, j.status, s.created_at, s.updated_at";
@@ -174,55 +172,24 @@ fn fire(conn: &Connection, log: &mut EventLog, mut fire: Fire) -> Result<Fired> 
             })
         })
         .optional()?;
-    let plan = match fire.plan(row) {
-        FirePlan::Enqueue { job, previous } => match create(conn, log, &job)? {
-            CreateOutcome::Created(job, _) => {
-                conn.prepare_cached(
-                    "UPDATE schedules SET last_job_id = ?2, last_fired_at = ?3, last_tick = ?4
-                     WHERE name = ?1",
-                )?
-                .execute(params![
-                    fire.schedule,
-                    job.id,
-                    fire.now,
-                    fire.tick.map(|(tick, _)| tick)
-                ])?;
-                log.emit(conn, fire.fired(&job.id), fire.now)?;
-                advance(conn, &fire)?;
-                return Ok(Fired::Enqueued {
-                    job: Box::new(job),
-                    previous,
-                });
-            }
-            CreateOutcome::UnknownPlugin(message) => {
-                fire.skip(SkipReason::InvalidJob, message, None)
-            }
-            CreateOutcome::Existing(_) => {
-                return Err(corrupt(
-                    "a schedule's job",
-                    "an idempotency key in its template",
-                ));
-            }
-        },
-        plan => plan,
+    let plan = fire.plan(row);
+    let created = match &plan {
+        FirePlan::Enqueue { job, .. } => Some(create(conn, log, job)?),
+        _ => None,
     };
-    match plan {
-        FirePlan::Skip(event, reason) => {
-            log.emit(conn, event, fire.now)?;
-            advance(conn, &fire)?;
-            Ok(Fired::Skipped(reason))
-        }
-        _ => Ok(Fired::Moved),
-    }
-}
-
-/// Moves the schedule to the tick after the one fired.
-fn advance(conn: &Connection, fire: &Fire) -> Result<()> {
-    if let Some((_, following)) = fire.tick {
-        conn.prepare_cached("UPDATE schedules SET next_tick = ?2 WHERE name = ?1")?
-            .execute(params![fire.schedule, following])?;
-    }
-    Ok(())
+    let Some(record) = fire.record(plan, created)? else {
+        return Ok(Fired::Moved);
+    };
+    conn.prepare_cached(&RECORD_FIRE.replace('$', "?"))?
+        .execute(params![
+            fire.schedule,
+            fire.tick.map(|(_, following)| following),
+            record.job_id,
+            fire.now,
+            fire.tick.map(|(tick, _)| tick),
+        ])?;
+    log.emit(conn, record.event, fire.now)?;
+    Ok(record.fired)
 }
 
 #[async_trait]
