@@ -197,15 +197,7 @@ async fn a_secret_a_phase_uses_is_in_no_route_log_or_database_file() {
         .upload("read-config", "1.0.0", plugin_artifacts::READ_CONFIG)
         .await;
     let grants = json!({"versions": ["1.0.0"], "secrets": ["mail_token"]});
-    let (status, _) = server
-        .send(
-            server
-                .client
-                .put(server.url("/plugins/read-config/grants"))
-                .json(&grants),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    server.grant("read-config", &grants).await;
     let job = server
         .submit(&json!({
             "phases": [{"name": "read", "plugin": "read-config"}],
@@ -330,15 +322,7 @@ async fn fetch(server: &Server, requests: Value, timeout_ms: u64) -> Value {
 
 async fn grant_http(server: &Server, origins: &[&str]) {
     let grants = json!({"versions": ["1.0.0"], "http": origins});
-    let (status, body) = server
-        .send(
-            server
-                .client
-                .put(server.url("/plugins/fetch/grants"))
-                .json(&grants),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    server.grant("fetch", &grants).await;
 }
 
 /// A redirect reaches the guest as a response (the host follows none), and
@@ -373,16 +357,10 @@ async fn grants_taken_back_while_jobs_wait_apply_to_their_phases() {
     server
         .upload("read-config", "1.0.0", plugin_artifacts::READ_CONFIG)
         .await;
-    let grant = |config: Value| {
-        let grants = json!({"versions": ["1.0.0"], "config": config});
-        server.send(
-            server
-                .client
-                .put(server.url("/plugins/read-config/grants"))
-                .json(&grants),
-        )
-    };
-    assert_eq!(grant(json!({"region": "eu"})).await.0, StatusCode::OK);
+    let grant = |config: Value| json!({"versions": ["1.0.0"], "config": config});
+    server
+        .grant("read-config", &grant(json!({"region": "eu"})))
+        .await;
     server.post("/queue/pause", &json!({})).await;
     let job = server
         .submit(&json!({
@@ -390,7 +368,7 @@ async fn grants_taken_back_while_jobs_wait_apply_to_their_phases() {
             "payload": {"keys": ["region"]},
         }))
         .await;
-    assert_eq!(grant(json!({})).await.0, StatusCode::OK);
+    server.grant("read-config", &grant(json!({}))).await;
     server.post("/queue/resume", &json!({})).await;
     let done = server.wait_finished(job["id"].as_str().unwrap()).await;
     let output = &done["phases"][0]["output"];
@@ -803,8 +781,7 @@ async fn fetch_url_feeds_csv_parse_from_a_granted_origin() {
         assert_eq!(status, StatusCode::CREATED, "{body}");
     }
     let grants = json!({"versions": ["1.0.0"], "http": [origin]});
-    let grant = server.client.put(server.url("/plugins/fetch-url/grants"));
-    assert_eq!(server.send(grant.json(&grants)).await.0, StatusCode::OK);
+    server.grant("fetch-url", &grants).await;
     let pipeline = |max_bytes: u64| {
         json!({
             "phases": [

@@ -105,12 +105,7 @@ async fn python_and_javascript_plugins_run_in_a_rust_pipeline() {
     let javascript = "Posts a report to a URL with a bearer secret (written in JavaScript)";
     upload_built(&server, "notify", &notify, javascript).await;
     let grants = json!({"versions": ["1.0.0"], "secrets": ["notify_token"], "http": [origin]});
-    let grant = server
-        .client
-        .put(server.url("/plugins/notify/grants"))
-        .json(&grants);
-    let (status, body) = server.send(grant).await;
-    assert_eq!(status, 200, "{body}");
+    server.grant("notify", &grants).await;
 
     let csv = "region,amount,currency\nnorth,100,EUR\nsouth,50,USD\nnorth,10,GBP\n";
     let job = server
@@ -189,12 +184,8 @@ async fn python_and_javascript_plugins_run_in_a_rust_pipeline() {
     assert_eq!(refused["status"], "failed");
     let error = refused["error"].as_str().unwrap();
     assert!(error.contains("has no grants"), "{error}");
-    let grant = server
-        .client
-        .put(server.url("/plugins/convert-currency/grants"))
-        .json(&json!({"versions": ["1.0.0"], "http": [origin]}));
-    let (status, body) = server.send(grant).await;
-    assert_eq!(status, 200, "{body}");
+    let grants = json!({"versions": ["1.0.0"], "http": [origin]});
+    server.grant("convert-currency", &grants).await;
     let fetched = server.submit(&from_api).await;
     let fetched = server.wait_finished(fetched["id"].as_str().unwrap()).await;
     assert_eq!(fetched["status"], "completed", "{fetched}");

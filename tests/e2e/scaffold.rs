@@ -129,15 +129,7 @@ async fn new_plugin_http_calls_the_api_it_is_granted() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let grants = json!({"versions": ["0.1.0"], "http": [origin]});
-    let (status, body) = server
-        .send(
-            server
-                .client
-                .put(server.url("/plugins/fetch-page/grants"))
-                .json(&grants),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    server.grant("fetch-page", &grants).await;
     let job = server
         .submit(&json!({
             "phases": [{"name": "fetch", "plugin": "fetch-page"}],

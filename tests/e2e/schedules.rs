@@ -195,14 +195,7 @@ async fn bad_definitions_are_refused_naming_the_field_and_store_nothing() {
         (status, &body["error"]["code"]),
         (StatusCode::CONFLICT, &json!("too_many_schedules"))
     );
-    let (status, body) = server
-        .send(
-            server
-                .client
-                .put(server.url("/schedules/hourly"))
-                .json(&second),
-        )
-        .await;
+    let (status, body) = server.put("/schedules/hourly", &second).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let (status, _) = server.post("/schedules/nope/trigger", &json!({})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -173,6 +173,16 @@ impl Server {
         self.send(self.client.post(self.url(path)).json(body)).await
     }
 
+    pub async fn put(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.send(self.client.put(self.url(path)).json(body)).await
+    }
+
+    /// Sets a plugin's grants, which must be accepted.
+    pub async fn grant(&self, plugin: &str, grants: &Value) {
+        let (status, body) = self.put(&format!("/plugins/{plugin}/grants"), grants).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
     /// Uploads a plugin component built from `plugins/`.
     pub async fn upload(&self, name: &str, version: &str, component: &str) -> (StatusCode, Value) {
         let path = format!("/plugins/{name}/versions/{version}");
