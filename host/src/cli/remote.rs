@@ -403,21 +403,26 @@ pub async fn job(remote: &Remote, action: JobAction) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// A JSON file (`-`: standard input) holding `what`.
+pub(super) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+) -> anyhow::Result<T> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).with_context(|| format!("reading the {what}"))?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("{} is not a valid {what}", path.display()))
+}
+
 pub(super) fn build_spec(
     file: Option<PathBuf>,
     phases: &[String],
     payload: Option<String>,
 ) -> anyhow::Result<JobSpec> {
     let mut spec: JobSpec = match &file {
-        Some(path) if path.as_os_str() == "-" => {
-            serde_json::from_reader(std::io::stdin()).context("reading the spec")?
-        }
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a valid job spec", path.display()))?
-        }
+        Some(path) => read_json(path, "job spec")?,
         None => JobSpec::default(),
     };
     for phase in phases {

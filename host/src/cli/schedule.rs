@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::remote::{Remote, build_spec, print_job, text};
+use super::remote::{Remote, build_spec, print_job, read_json, text};
 
 #[derive(Debug, Subcommand)]
 pub enum ScheduleAction {
@@ -60,14 +60,7 @@ pub struct Definition {
 impl Definition {
     fn body(self) -> anyhow::Result<Value> {
         if let Some(path) = &self.file {
-            let text = if path.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).context("reading the definition")?
-            } else {
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?
-            };
-            return serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", path.display()));
+            return read_json(path, "schedule definition");
         }
         let job = build_spec(None, &self.phases, self.payload)?;
         let mut body = json!({
