@@ -812,4 +812,12 @@ async fn fetch_url_feeds_csv_parse_from_a_granted_origin() {
         error.contains("38 bytes is more than max_bytes (10)"),
         "{error}"
     );
+
+    let job = server.submit(&pipeline(16 * 1024 * 1024 + 1)).await;
+    let refused = server.wait_finished(job["id"].as_str().unwrap()).await;
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.contains("max_bytes: must be between 1 and 16777216"),
+        "{error}"
+    );
 }

@@ -383,6 +383,11 @@ mod tests {
             let error = Recurrence::parse(cron, zone).unwrap_err();
             assert!(error.contains(wanted), "{error}");
         }
+        let too_long = Recurrence::parse(&"0 ".repeat(129), "UTC").unwrap_err();
+        assert!(
+            too_long.contains("cron: must be 1-256 bytes long"),
+            "{too_long}"
+        );
         let never = Recurrence::parse("0 0 30 2 *", "UTC").unwrap();
         assert_eq!(never.next_after(at("2026-01-01T00:00:00Z")), None);
     }
