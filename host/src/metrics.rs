@@ -26,6 +26,13 @@ pub struct StatusLabel {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    pub key: String,
+    /// `running` or `pending`.
+    pub status: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub phase_duration: Family<PhaseLabels, Histogram>,
@@ -35,6 +42,9 @@ pub struct Metrics {
     pub jobs: Family<StatusLabel, Gauge>,
     pub queue_depth: Gauge,
     pub running_jobs: Gauge,
+    /// Only the busiest keys, so that cardinality stays bounded.
+    pub key_jobs: Family<KeyLabels, Gauge>,
+    pub keys: Gauge,
     pub log_backlog: Gauge,
     pub log_lag_ms: Gauge,
 }
@@ -97,8 +107,22 @@ impl Default for Metrics {
             "How long the oldest of them has waited",
             log_lag_ms.clone(),
         );
+        let key_jobs = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "concurrency_key_jobs",
+            "Running and pending jobs of the 50 busiest concurrency keys",
+            key_jobs.clone(),
+        );
+        let keys = Gauge::default();
+        registry.register(
+            "concurrency_keys",
+            "Concurrency keys with running or pending jobs",
+            keys.clone(),
+        );
         Metrics {
             registry,
+            key_jobs,
+            keys,
             phase_duration,
             webhook_attempts,
             schedule_ticks,

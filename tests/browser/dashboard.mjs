@@ -5,7 +5,8 @@
 //   Retry work; the status filter and paging narrow the list.
 // - Job detail: phases with pinned versions, outputs, resource use, attempt
 //   errors and a timeline of events; Retry from start works.
-// - Queue: counts per status, Pause and Resume, the throughput chart.
+// - Queue: counts per status, Pause and Resume, the throughput chart, the
+//   concurrency limits and keys; a key opens the job list filtered by it.
 // - Plugins: versions with hash and size; Activate and Roll back, each after
 //   a confirmation; grants set through the API show live.
 // - Schedules: a schedule made through the API shows its next tick; Trigger,
@@ -124,7 +125,20 @@ try {
   for (let i = 0; i < 5; i++) await submit({ phases: [{ name: "burst", plugin: "echo" }] });
   await page.waitForFunction(() => Number(document.getElementById("chart").dataset.total) >= 5, null, { timeout: 10000 });
   step("the queue shows counts, pauses and resumes, and charts completions");
+  await call("PUT", "/queue/concurrency", { default: 4, keys: { "tenant-*": 2 } }, 200);
+  const keyed = await submit({ phases: [{ name: "later", plugin: "echo" }], delay_ms: 3600000, concurrency_key: "tenant-7" });
+  // The job's event refreshes the view.
+  await page.locator("#key-limits", { hasText: "tenant-* 2, default 4" }).waitFor({ timeout: 10000 });
+  const keyRow = page.locator('#keys tr[data-key="tenant-7"]');
+  await keyRow.locator("td", { hasText: /^2$/ }).waitFor();
   await shoot("queue");
+  await keyRow.locator("a").click();
+  await page.locator(`#jobs tr[data-job="${keyed.id}"]`).waitFor({ timeout: 10000 });
+  await page.locator(`#jobs tr[data-job="${job.id}"]`).waitFor({ state: "detached", timeout: 10000 });
+  await page.locator("#filter-key").fill("");
+  await page.locator("#filter-apply").click();
+  await row.waitFor();
+  step("the queue lists limits and keys, and a key filters the job list");
 
   // ---- Plugins ----
   await page.locator('nav a[data-view="plugins"]').click();

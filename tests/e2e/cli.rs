@@ -433,6 +433,54 @@ async fn schedules_from_the_cli() {
     );
 }
 
+/// `jobhost queue …` and keys: limits set from a file and shown, jobs
+/// submitted with a key and listed by it, the queue paused and resumed.
+#[tokio::test]
+async fn queue_and_concurrency_limits_from_the_cli() {
+    let server = Server::start(&[]).await;
+    let url = server.url.as_str();
+    server.upload("echo", "1.0.0", plugin_artifacts::ECHO).await;
+    let file = server.dir.path().join("limits.json");
+    std::fs::write(&file, r#"{"default": 2, "keys": {"tenant-*": 1}}"#).unwrap();
+    let set = run(url, &["queue", "limits", file.to_str().unwrap()]).await;
+    assert!(set.status.success(), "{}", stderr(&set));
+    assert!(
+        stdout(&set).starts_with("limits: tenant-* 1, default 2"),
+        "{}",
+        stdout(&set)
+    );
+
+    let paused = stdout(&run(url, &["queue", "pause"]).await);
+    assert!(paused.starts_with("paused:"), "{paused}");
+    let submit = [
+        "job", "submit", "--phase", "a=echo", "--key", "tenant-7", "--json",
+    ];
+    let job = json(&run(url, &submit).await);
+    assert_eq!(job["concurrency_key"], "tenant-7");
+    let shown = stdout(&run(url, &["queue", "show"]).await);
+    assert!(
+        shown.contains("1 keys with jobs") && shown.contains("tenant-7"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("pending 1") && shown.contains("limit 1"),
+        "{shown}"
+    );
+    let listed = stdout(&run(url, &["job", "list", "--key", "tenant-7"]).await);
+    assert!(listed.contains(job["id"].as_str().unwrap()), "{listed}");
+    let other = stdout(&run(url, &["job", "list", "--key", "tenant-8"]).await);
+    assert!(other.trim().is_empty(), "{other}");
+
+    run(url, &["queue", "resume"]).await;
+    let done = server.wait_finished(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed");
+
+    std::fs::write(&file, r#"{"keys": {"a b": 1}}"#).unwrap();
+    let bad = run(url, &["queue", "limits", file.to_str().unwrap()]).await;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("keys.a b:"), "{}", stderr(&bad));
+}
+
 /// `jobhost run-phase` grants a local run what an operator would grant a
 /// plugin: config values, secrets from JOBHOST_SECRET_<NAME>, and nothing
 /// else.

@@ -6,6 +6,7 @@ mod bench;
 mod capabilities;
 mod cli;
 mod cluster;
+mod concurrency;
 mod crash;
 mod jobs_api;
 mod observability;

@@ -293,7 +293,8 @@ fn raw_sqlite(
         let claimed: Vec<String> = tx
             .prepare_cached(
                 "UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = 1
-                 WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_due WHERE status = 'pending' AND run_at <= 1
+                 WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_due
+                              WHERE status = 'pending' AND concurrency_key IS NULL AND run_at <= 1
                               ORDER BY priority DESC, run_at, id LIMIT ?1)
                  RETURNING id",
             )?

@@ -3,6 +3,7 @@
 
 mod client;
 mod new_plugin;
+mod queue;
 mod remote;
 mod run_phase;
 mod schedule;
@@ -48,6 +49,14 @@ pub enum Command {
         #[command(subcommand)]
         action: schedule::ScheduleAction,
     },
+    /// Show the queue, pause or resume it, and set concurrency limits on a
+    /// server.
+    Queue {
+        #[command(flatten)]
+        remote: Remote,
+        #[command(subcommand)]
+        action: queue::QueueAction,
+    },
     /// Tail a server's event stream: events from now on, or with --job
     /// that job's whole history first.
     Events {
@@ -76,6 +85,7 @@ pub async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Plugin { remote, action } => remote::plugin(&remote, action).await,
         Command::Job { remote, action } => remote::job(&remote, action).await,
         Command::Schedule { remote, action } => schedule::schedule(&remote, action).await,
+        Command::Queue { remote, action } => queue::queue(&remote, action).await,
         Command::Events {
             remote,
             job,

@@ -111,6 +111,9 @@ pub enum JobAction {
         /// The payload: JSON text or @file.
         #[arg(long)]
         payload: Option<String>,
+        /// The job's concurrency key (e.g. a tenant).
+        #[arg(long)]
+        key: Option<String>,
         /// Follow the job live and exit non-zero unless it completes.
         #[arg(long)]
         wait: bool,
@@ -125,6 +128,9 @@ pub enum JobAction {
         status: Option<String>,
         #[arg(long)]
         plugin: Option<String>,
+        /// Only jobs with this concurrency key.
+        #[arg(long)]
+        key: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
@@ -327,9 +333,13 @@ pub async fn job(remote: &Remote, action: JobAction) -> anyhow::Result<i32> {
             spec,
             phases,
             payload,
+            key,
             wait,
         } => {
-            let spec = build_spec(spec, &phases, payload)?;
+            let mut spec = build_spec(spec, &phases, payload)?;
+            if key.is_some() {
+                spec.concurrency_key = key;
+            }
             let job = client.post("/jobs", &serde_json::to_value(&spec)?).await?;
             let id = text(&job["id"]).into_owned();
             if !wait {
@@ -354,9 +364,13 @@ pub async fn job(remote: &Remote, action: JobAction) -> anyhow::Result<i32> {
         JobAction::List {
             status,
             plugin,
+            key,
             limit,
         } => {
             let mut query = format!("/jobs?limit={limit}");
+            if let Some(key) = key {
+                query.push_str(&format!("&key={key}"));
+            }
             if let Some(status) = status {
                 query.push_str(&format!("&status={status}"));
             }

@@ -7,6 +7,8 @@ use utoipa::ToSchema;
 
 use super::{ApiError, AppJson, AppState, ErrorBody};
 use crate::model::time::parse_rfc3339;
+use crate::model::{ConcurrencyLimits, KeyLoad};
+use crate::queue::KeysState;
 use crate::storage::HostRecord;
 
 const TAG: &str = "queue";
@@ -22,6 +24,26 @@ pub struct QueueState {
     concurrency: usize,
     /// Jobs stored in each status, on every host.
     jobs: std::collections::BTreeMap<&'static str, u64>,
+    /// Concurrency keys: the limits and the busiest keys.
+    keys: ConcurrencyState,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConcurrencyState {
+    limits: ConcurrencyLimits,
+    /// The keys with pending or running jobs, at most 50, busiest first.
+    keys: Vec<KeyLoad>,
+    /// How many keys have pending or running jobs.
+    key_count: u64,
+}
+
+async fn concurrency_state(state: &AppState) -> Result<ConcurrencyState, ApiError> {
+    let KeysState { keys, key_count } = state.queue.keys().await?;
+    Ok(ConcurrencyState {
+        limits: state.queue.concurrency_limits().await?,
+        keys,
+        key_count,
+    })
 }
 
 async fn queue_state(state: &AppState) -> Result<QueueState, ApiError> {
@@ -38,6 +60,7 @@ async fn queue_state(state: &AppState) -> Result<QueueState, ApiError> {
         due: state.queue.due_count().await?,
         concurrency: state.queue.config().concurrency,
         jobs,
+        keys: concurrency_state(state).await?,
     })
 }
 
@@ -110,4 +133,31 @@ pub async fn purge(
     Ok(AppJson(PurgeResponse {
         deleted: state.queue.purge_finished_before(cutoff).await?,
     }))
+}
+
+/// The limits on how many jobs with one concurrency key run at once, and
+/// the busiest keys.
+#[utoipa::path(get, path = "/queue/concurrency", operation_id = "concurrency", tag = TAG,
+    responses((status = 200, body = ConcurrencyState)))]
+pub async fn concurrency(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(AppJson(concurrency_state(&state).await?))
+}
+
+/// Replace the concurrency limits: per key (`tenant-42`), per prefix
+/// (`tenant-*`, each key under it capped on its own) and a default for
+/// keys no rule names. They apply at once, on every host, to jobs already
+/// waiting too.
+#[utoipa::path(put, path = "/queue/concurrency", operation_id = "set_concurrency", tag = TAG,
+    request_body = ConcurrencyLimits,
+    responses(
+        (status = 200, body = ConcurrencyState),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 422, description = "A rule out of bounds, named", body = ErrorBody),
+    ))]
+pub async fn set_concurrency(
+    State(state): State<AppState>,
+    AppJson(limits): AppJson<ConcurrencyLimits>,
+) -> Result<impl IntoResponse, ApiError> {
+    state.queue.set_concurrency_limits(limits).await?;
+    Ok(AppJson(concurrency_state(&state).await?))
 }

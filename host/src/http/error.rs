@@ -111,6 +111,9 @@ impl From<QueueError> for ApiError {
                 "invalid_schedule",
                 message,
             ),
+            QueueError::InvalidLimits(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_limits", message)
+            }
             QueueError::ScheduleNotFound(_) => ApiError::not_found(message),
             QueueError::ScheduleExists(_) => {
                 ApiError::new(StatusCode::CONFLICT, "schedule_exists", message)

@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use crate::metrics::StatusLabel;
+use crate::metrics::{KeyLabels, StatusLabel};
 use crate::model::JobStatus;
 use serde_json::{Value, json};
 
@@ -39,6 +39,18 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         .queue_depth
         .set(state.queue.due_count().await? as i64);
     metrics.running_jobs.set(state.queue.running().await as i64);
+    let keys = state.queue.keys().await?;
+    metrics.keys.set(keys.key_count as i64);
+    metrics.key_jobs.clear();
+    for load in keys.keys {
+        for (status, count) in [("running", load.running), ("pending", load.pending)] {
+            let labels = KeyLabels {
+                key: load.key.clone(),
+                status: status.into(),
+            };
+            metrics.key_jobs.get_or_create(&labels).set(count as i64);
+        }
+    }
     let backlog = state.queue.log_backlog().await?;
     metrics.log_backlog.set(backlog.events as i64);
     metrics.log_lag_ms.set(backlog.oldest_ms);

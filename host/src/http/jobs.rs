@@ -67,6 +67,8 @@ pub struct ListQuery {
     status: Option<String>,
     /// Only jobs with a phase running this plugin.
     plugin: Option<String>,
+    /// Only jobs with this concurrency key.
+    key: Option<String>,
     /// Page size (1-100, default 50).
     #[param(minimum = 1, maximum = 100)]
     limit: Option<usize>,
@@ -101,6 +103,7 @@ pub async fn list(
     let filter = JobFilter {
         status,
         plugin: query.plugin,
+        concurrency_key: query.key.filter(|key| !key.is_empty()),
         limit: match query.limit {
             None => DEFAULT_PAGE,
             Some(limit @ 1..=MAX_PAGE) => limit,

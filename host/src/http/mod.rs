@@ -88,7 +88,7 @@ pub struct ErrorDetail {
         (name = "plugins", description = "Upload, list, activate (hot swap) and delete plugin versions"),
         (name = "jobs", description = "Submit, inspect, cancel, retry and delete jobs"),
         (name = "events", description = "Live lifecycle events over Server-Sent Events"),
-        (name = "queue", description = "Operators: queue state, pause and resume, purge"),
+        (name = "queue", description = "Operators: queue state, pause and resume, purge, concurrency limits"),
         (name = "schedules", description = "Recurring jobs: cron patterns in a time zone, fired once per tick across hosts"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
@@ -146,6 +146,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(admin::pause))
         .routes(routes!(admin::resume))
         .routes(routes!(admin::purge))
+        .routes(routes!(admin::concurrency, admin::set_concurrency))
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.request_timeout,

@@ -167,6 +167,11 @@ pub struct JobSpec {
     /// A second submit with the same key returns the first job.
     #[schema(min_length = 1, max_length = 256)]
     pub idempotency_key: Option<String>,
+    /// Groups the job for fair claiming and the operator's limits on how
+    /// many jobs with one key run at once (e.g. a tenant). Letters, digits
+    /// and `. _ - : / @`.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:/@-]+$")]
+    pub concurrency_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -215,6 +220,8 @@ pub struct Job {
     pub idempotency_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
     #[serde(serialize_with = "super::time::as_rfc3339::serialize")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
@@ -306,6 +313,8 @@ pub struct JobSummary {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
     pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
     pub phases: Vec<PhaseSummary>,
 }
 
@@ -335,6 +344,7 @@ impl From<Job> for JobSummary {
             started_at: job.started_at,
             finished_at: job.finished_at,
             error: job.error,
+            concurrency_key: job.concurrency_key,
             phases: job
                 .phases
                 .into_iter()

@@ -5,6 +5,7 @@
 //! it.
 
 pub mod backoff;
+pub mod concurrency;
 pub mod event;
 pub mod grants;
 pub mod job;
@@ -15,6 +16,7 @@ pub mod usage;
 pub mod webhook;
 
 pub use backoff::BackoffPolicy;
+pub use concurrency::{ConcurrencyLimits, KeyLoad};
 pub use event::{Event, EventBody, EventKind, NewEvent};
 pub use grants::{PluginGrants, PluginResources};
 pub use job::{

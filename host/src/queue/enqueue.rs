@@ -95,6 +95,9 @@ pub(super) fn new_job(
     if let Some(key) = &spec.idempotency_key {
         check_length("idempotency_key", key, 1, MAX_IDEMPOTENCY_KEY)?;
     }
+    if let Some(key) = &spec.concurrency_key {
+        crate::model::concurrency::check_key(key).map_err(|e| format!("concurrency_key: {e}"))?;
+    }
     if let Some(webhook) = &spec.webhook {
         check_length("webhook.url", &webhook.url, 1, MAX_WEBHOOK_URL)?;
         if !(webhook.url.starts_with("http://") || webhook.url.starts_with("https://")) {
@@ -134,6 +137,7 @@ pub(super) fn new_job(
         idempotency_key: spec.idempotency_key,
         webhook_url: spec.webhook.as_ref().map(|w| w.url.clone()),
         webhook_secret: spec.webhook.and_then(|w| w.secret),
+        concurrency_key: spec.concurrency_key,
         phases,
         created_at: now,
     })

@@ -7,10 +7,13 @@
 //! The worker decides each outcome; storage only records it, guarded by the
 //! state it expects (see `storage::jobs`).
 
+mod concurrency;
 mod dispatch;
 mod enqueue;
 mod schedules;
 mod worker;
+
+pub use concurrency::KeysState;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -138,6 +141,8 @@ pub enum QueueError {
     TooManyPending(u64),
     #[error("invalid schedule: {0}")]
     InvalidSchedule(String),
+    #[error("invalid concurrency limits: {0}")]
+    InvalidLimits(String),
     #[error("no schedule named `{0}`")]
     ScheduleNotFound(String),
     #[error("a schedule named `{0}` exists")]
@@ -542,7 +547,15 @@ impl Queue {
             .map_err(QueueError::InvalidJob)?;
         self.shared.check_pending_quota().await?;
         let id = new.id.clone();
-        let slot = self.reserve_slot(&id).await;
+        // A keyed job waits for its turn in the rotation: never claimed as
+        // it is created.
+        let slot = match &new.concurrency_key {
+            Some(key) => {
+                self.check_key_limit(key).await?;
+                None
+            }
+            None => self.reserve_slot(&id).await,
+        };
         let created = shared
             .storage
             .create_job(new, slot.as_ref().map(|_| now))

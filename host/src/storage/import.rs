@@ -76,6 +76,12 @@ const TABLES: &[Table] = &[
         name: "plugin_grants",
         columns: &[("plugin", Text), ("grants", Text), ("updated_at", BigInt)],
     },
+    // Before the jobs: the trigger that puts a pending job's key in the
+    // claim rotation reads its limit.
+    Table {
+        name: "concurrency_limits",
+        columns: &[("pattern", Text), ("prefix", Bool), ("max_running", Int)],
+    },
     Table {
         name: "jobs",
         columns: &[
@@ -95,6 +101,7 @@ const TABLES: &[Table] = &[
             ("finished_at", BigInt),
             ("error", Text),
             ("lease", BigInt),
+            ("concurrency_key", Text),
         ],
     },
     Table {

@@ -93,6 +93,7 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     pub webhook_url: Option<String>,
     pub webhook_secret: Option<String>,
+    pub concurrency_key: Option<String>,
     pub phases: Vec<NewPhase>,
     pub created_at: i64,
 }
@@ -113,6 +114,7 @@ impl NewJob {
             backoff: new.backoff,
             idempotency_key: new.idempotency_key.clone(),
             webhook_url: new.webhook_url.clone(),
+            concurrency_key: new.concurrency_key.clone(),
             created_at: new.created_at,
             started_at: None,
             finished_at: None,
@@ -264,6 +266,7 @@ pub struct Recovered {
 pub struct JobFilter {
     pub status: Option<JobStatus>,
     pub plugin: Option<String>,
+    pub concurrency_key: Option<String>,
     /// Clamped to 1..=[`MAX_PAGE`].
     pub limit: usize,
     /// Return jobs older than this id (ids sort by creation time).

@@ -19,6 +19,7 @@
 //!   them.
 //! - Errors carry a class ([`ErrorClass`]), the same for every backend.
 
+mod concurrency;
 mod error;
 mod events;
 pub mod import;
@@ -34,6 +35,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use concurrency::ConcurrencyStore;
 pub use error::{ErrorClass, Result, StorageError};
 pub use events::{AppendWaker, EventFilter, EventStore};
 pub use jobs::{
@@ -52,7 +54,9 @@ pub use webhooks::{AttemptOutcome, Delivery, WebhookOutbox};
 
 /// A storage backend: all of the queue's storage, plus its lifecycle.
 #[async_trait]
-pub trait Store: JobStore + EventStore + WebhookOutbox + PluginStore + ScheduleStore {
+pub trait Store:
+    JobStore + EventStore + WebhookOutbox + PluginStore + ScheduleStore + ConcurrencyStore
+{
     /// Caps the database at `bytes`: a write that would grow it further
     /// fails as [`ErrorClass::Full`].
     async fn limit_size(&self, bytes: u64) -> Result<()>;

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use jobhost::model::PluginGrants;
+use jobhost::model::{ConcurrencyLimits, PluginGrants};
 use jobhost::storage::{
     AfterFailure, ErrorClass, EventFilter, NewJob, PgOptions, PhaseFailed, Storage,
 };
@@ -60,6 +60,16 @@ async fn fill(store: &Arc<Storage>) -> Vec<String> {
     store.fail_phase(&failing.lease, failed).await.unwrap();
     running(store, job("running", 2)).await;
     create(store, job("pending", 1)).await;
+    let limits = ConcurrencyLimits {
+        default: None,
+        keys: [("tenant".to_owned(), 1)].into(),
+    };
+    store.set_concurrency_limits(limits).await.unwrap();
+    let keyed = NewJob {
+        concurrency_key: Some("tenant".into()),
+        ..job("keyed", 1)
+    };
+    create(store, keyed).await;
     let deleted = running(store, job("deleted", 1)).await;
     store
         .complete_phase(&deleted.lease, done(0, false, 2_400))
@@ -67,7 +77,7 @@ async fn fill(store: &Arc<Storage>) -> Vec<String> {
         .unwrap();
     store.delete_job("deleted", 2_500).await.unwrap();
     store.set_paused(true).await.unwrap();
-    ["completed", "failed", "running", "pending"]
+    ["completed", "failed", "running", "pending", "keyed"]
         .map(str::to_owned)
         .to_vec()
 }
@@ -88,7 +98,7 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     let report = jobhost::storage::import::sqlite_into_postgres(&file, &options)
         .await
         .unwrap();
-    assert!(report.rows.contains(&("jobs", 4)), "{report:?}");
+    assert!(report.rows.contains(&("jobs", 5)), "{report:?}");
 
     let sqlite = jobhost::storage::open_sqlite(&file, Default::default()).unwrap();
     let pg = jobhost::storage::open_postgres(&options).await.unwrap();
@@ -144,6 +154,21 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         again.to_string().contains("already holds jobhost data"),
         "{again}"
     );
+
+    // Keyed jobs came over into the claim rotation, with their limits.
+    assert_eq!(
+        pg.concurrency_limits().await.unwrap(),
+        sqlite.concurrency_limits().await.unwrap()
+    );
+    let mut claimed: Vec<String> = pg
+        .claim_due_jobs(10_000, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.job.id)
+        .collect();
+    claimed.sort();
+    assert_eq!(claimed, ["after-the-move", "keyed", "pending"]);
     pg.close().await;
     sqlite.close().await;
 }

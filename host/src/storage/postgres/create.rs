@@ -2,6 +2,7 @@
 //! due jobs with `FOR UPDATE SKIP LOCKED`: claimers on every host take
 //! disjoint jobs without waiting for each other.
 
+use super::keys;
 use super::rows::{
     J_JOB_COLUMNS, LEASE_COLUMN, PHASE_COLUMNS, decode_job, decode_phase, must_load,
 };
@@ -10,6 +11,7 @@ use super::{Tx, WriteScope, corrupt, query, query_one, query_opt};
 use crate::model::event::JobStarted;
 use crate::model::{EventBody, Job, JobStatus, PhaseStatus};
 use crate::storage::{Claimed, CreateOutcome, Lease, NewJob, Result};
+use tokio_postgres::types::ToSql;
 
 pub(super) async fn create(
     tx: &Tx<'_>,
@@ -45,8 +47,9 @@ pub(super) async fn create(
              LEFT JOIN plugin_versions v ON v.plugin = w.plugin AND v.version = w.version
          ), job AS (
              INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff,
-                               idempotency_key, webhook_url, webhook_secret, created_at)
-             SELECT $1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10
+                               idempotency_key, webhook_url, webhook_secret, created_at,
+                               concurrency_key)
+             SELECT $1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10, $17
              WHERE NOT EXISTS (SELECT 1 FROM wanted WHERE version IS NULL)
              ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING id
@@ -74,6 +77,7 @@ pub(super) async fn create(
             &wanted,
             &configs,
             &timeouts,
+            &new.concurrency_key,
         ],
     )
     .await?;
@@ -101,33 +105,84 @@ pub(super) async fn create(
     Ok(CreateOutcome::Created(job, None))
 }
 
-/// Whether a pending job other than `job_id` is due at `now`.
+/// Whether a pending job other than `job_id` is due at `now` (for a key,
+/// one with room).
 pub(super) async fn other_job_due(tx: &Tx<'_>, job_id: &str, now: i64) -> Result<bool> {
     let row = query_opt(
         tx,
-        "SELECT 1 FROM jobs WHERE status = 'pending' AND run_at <= $1 AND id <> $2 LIMIT 1",
+        "SELECT 1 FROM jobs
+         WHERE status = 'pending' AND concurrency_key IS NULL AND run_at <= $1 AND id <> $2
+         LIMIT 1",
         &[&now, &job_id],
     )
     .await?;
-    Ok(row.is_some())
+    Ok(row.is_some() || keys::key_due(tx, now).await?)
 }
 
 /// Claims up to `limit` due jobs, highest priority first, then earliest
 /// `run_at`, skipping rows another claimer holds, and starts the first
-/// unfinished phase of each: one statement, which returns each claimed
-/// job once per phase, with its phases as they were before it.
+/// unfinished phase of each. While no concurrency key is ready, that is
+/// one statement over the jobs without a key; else the claim goes through
+/// the rotation (`storage::concurrency`).
 pub(super) async fn claim(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
     now: i64,
     limit: usize,
 ) -> Result<Vec<Claimed>> {
-    let sql = format!(
-        "WITH picked AS (
-             SELECT id FROM jobs WHERE status = 'pending' AND run_at <= $1
+    let claimed = claim_picked(tx, scope, now, limit, Pick::Unkeyed { keys_ready: false }).await?;
+    // Nothing claimed: nothing is due, or a key is ready, whose turn it
+    // may be.
+    if !claimed.is_empty() || !keys::any_ready(tx, now).await? {
+        return Ok(claimed);
+    }
+    match keys::take_turns(tx, now, limit).await? {
+        Some(taken) => {
+            let claimed = claim_picked(tx, scope, now, limit, Pick::Ids(&taken.ids)).await?;
+            keys::refresh_keys(tx, &taken.refresh).await?;
+            Ok(claimed)
+        }
+        None => claim_picked(tx, scope, now, limit, Pick::Unkeyed { keys_ready: true }).await,
+    }
+}
+
+/// The jobs a claim takes.
+enum Pick<'a> {
+    /// Due jobs without a key; unless `keys_ready`, none when a key is
+    /// ready (whose turn it may be).
+    Unkeyed { keys_ready: bool },
+    /// These jobs, chosen by the rotation.
+    Ids(&'a [String]),
+}
+
+/// Claims the jobs `pick` names, up to `limit` of them: one statement,
+/// which returns each claimed job once per phase, with its phases as they
+/// were before it.
+async fn claim_picked(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    now: i64,
+    limit: usize,
+    pick: Pick<'_>,
+) -> Result<Vec<Claimed>> {
+    let (picked, fourth): (&str, &(dyn ToSql + Sync)) = match &pick {
+        Pick::Unkeyed { keys_ready } => (
+            "SELECT id FROM jobs
+             WHERE status = 'pending' AND concurrency_key IS NULL AND run_at <= $1
+               AND ($4::boolean OR NOT EXISTS (SELECT 1 FROM concurrency_keys
+                                               WHERE ready_at <= $1))
              ORDER BY priority DESC, run_at, id LIMIT $2
-             FOR UPDATE SKIP LOCKED
-         ), claimed AS (
+             FOR UPDATE SKIP LOCKED",
+            keys_ready,
+        ),
+        Pick::Ids(ids) => (
+            "SELECT id FROM jobs WHERE id = ANY($4::text[]) AND status = 'pending' LIMIT $2
+             FOR UPDATE SKIP LOCKED",
+            ids,
+        ),
+    };
+    let sql = format!(
+        "WITH picked AS ({picked}), claimed AS (
              UPDATE jobs j SET status = 'running', attempt = j.attempt + 1, lease = j.lease + 1,
                               started_at = COALESCE(j.started_at, $1), owner = $3,
                               cancel_requested = false
@@ -150,7 +205,7 @@ pub(super) async fn claim(
          LEFT JOIN started s ON s.job_id = c.id
          ORDER BY c.id, p.idx"
     );
-    let rows = query(tx, &sql, &[&now, &(limit as i64), &&*scope.host]).await?;
+    let rows = query(tx, &sql, &[&now, &(limit as i64), &&*scope.host, fourth]).await?;
     // (claimed job, the phase the claim started)
     let mut claimed: Vec<(Claimed, Option<i32>)> = Vec::new();
     for row in &rows {

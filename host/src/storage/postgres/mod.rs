@@ -18,6 +18,7 @@
 mod cluster;
 mod commands;
 mod create;
+mod keys;
 mod log;
 mod plugins;
 mod rows;

@@ -14,15 +14,16 @@ use crate::storage::{JobFilter, JobPage, MAX_PAGE, Result};
 /// A job's columns, in the order [`decode_job`] reads them (`lease` last).
 pub(super) const JOB_COLUMNS: &str =
     "id, status, payload, priority, run_at, attempt, max_attempts, backoff,
-    idempotency_key, webhook_url, created_at, started_at, finished_at, error, lease";
+    idempotency_key, webhook_url, created_at, started_at, finished_at, error, concurrency_key,
+    lease";
 
 /// The same, qualified by the table's alias `j`.
 pub(super) const J_JOB_COLUMNS: &str = "j.id, j.status, j.payload, j.priority, j.run_at, j.attempt,
     j.max_attempts, j.backoff, j.idempotency_key, j.webhook_url, j.created_at, j.started_at,
-    j.finished_at, j.error, j.lease";
+    j.finished_at, j.error, j.concurrency_key, j.lease";
 
 /// Where `lease` is in a row of [`JOB_COLUMNS`].
-pub(super) const LEASE_COLUMN: usize = 14;
+pub(super) const LEASE_COLUMN: usize = 15;
 
 /// A job without its phases and errors, from a row of [`JOB_COLUMNS`].
 pub(super) fn decode_job(row: &Row) -> Result<Job> {
@@ -44,6 +45,7 @@ pub(super) fn decode_job(row: &Row) -> Result<Job> {
         started_at: row.get(11),
         finished_at: row.get(12),
         error: row.get(13),
+        concurrency_key: row.get(14),
         phases: Vec::new(),
         errors: Vec::new(),
         webhook: None,
@@ -192,17 +194,20 @@ pub(super) async fn list(db: &impl GenericClient, filter: &JobFilter) -> Result<
     let rows = query(
         db,
         "SELECT id, status, 'null', priority, run_at, attempt, max_attempts, backoff,
-                idempotency_key, webhook_url, created_at, started_at, finished_at, error, lease
+                idempotency_key, webhook_url, created_at, started_at, finished_at, error,
+                concurrency_key, lease
          FROM jobs
          WHERE ($1::text IS NULL OR status = $1)
            AND ($2::text IS NULL OR EXISTS (SELECT 1 FROM phases WHERE job_id = jobs.id AND plugin = $2))
            AND ($3::text IS NULL OR id < $3)
+           AND ($5::text IS NULL OR concurrency_key = $5)
          ORDER BY id DESC LIMIT $4",
         &[
             &filter.status.map(JobStatus::as_str),
             &filter.plugin,
             &filter.cursor,
             &(limit as i64 + 1),
+            &filter.concurrency_key,
         ],
     )
     .await?;

@@ -4,6 +4,7 @@
 //! binary older than the database's schema refuses to start, so a rolling
 //! upgrade never runs old code on a new schema.
 
+use crate::storage::concurrency::limit_of;
 use crate::storage::{ErrorClass, Result, StorageError};
 
 /// The advisory lock migrations hold (any constant unique to jobhost).
@@ -238,6 +239,56 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX schedules_due ON schedules (next_tick) WHERE NOT paused;
     "#,
+    // 5: concurrency keys, as on SQLite (its migration 12 says how they
+    // work). One trigger function serves inserts and updates.
+    concat!(
+        r#"
+    ALTER TABLE jobs ADD COLUMN concurrency_key TEXT;
+    DROP INDEX jobs_due;
+    CREATE INDEX jobs_due ON jobs (priority DESC, run_at, id)
+        WHERE status = 'pending' AND concurrency_key IS NULL;
+    CREATE INDEX jobs_keyed_due ON jobs (concurrency_key, priority DESC, run_at, id)
+        WHERE status = 'pending' AND concurrency_key IS NOT NULL;
+    CREATE INDEX jobs_keyed_due_at ON jobs (concurrency_key, run_at)
+        WHERE status = 'pending' AND concurrency_key IS NOT NULL;
+    CREATE INDEX jobs_keyed_running ON jobs (concurrency_key)
+        WHERE status = 'running' AND concurrency_key IS NOT NULL;
+    CREATE TABLE concurrency_limits (
+        pattern     TEXT NOT NULL,
+        prefix      BOOLEAN NOT NULL,
+        max_running INTEGER NOT NULL,
+        PRIMARY KEY (pattern, prefix)
+    );
+    CREATE TABLE concurrency_keys (
+        key            TEXT PRIMARY KEY,
+        turn           BIGINT NOT NULL,
+        ready_priority INTEGER,
+        ready_at       BIGINT,
+        max_running    INTEGER
+    ) WITH (fillfactor = 70);
+    CREATE INDEX concurrency_keys_ready ON concurrency_keys (ready_priority DESC, turn, key)
+        WHERE ready_at IS NOT NULL;
+    CREATE INDEX concurrency_keys_ready_at ON concurrency_keys (ready_at)
+        WHERE ready_at IS NOT NULL;
+    CREATE TABLE claim_rotation (unkeyed_turn BIGINT NOT NULL, next_turn BIGINT NOT NULL);
+    INSERT INTO claim_rotation VALUES (0, 1);
+    CREATE FUNCTION jobhost_key_ready() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO concurrency_keys AS k (key, turn, ready_priority, ready_at, max_running)
+        VALUES (NEW.concurrency_key, (SELECT next_turn FROM claim_rotation), NEW.priority,
+                NEW.run_at, "#,
+        limit_of!("NEW.concurrency_key"),
+        r#")
+        ON CONFLICT (key) DO UPDATE SET
+            ready_priority = GREATEST(k.ready_priority, EXCLUDED.ready_priority),
+            ready_at = LEAST(k.ready_at, EXCLUDED.ready_at);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_key_ready AFTER INSERT OR UPDATE OF status, run_at, priority ON jobs
+        FOR EACH ROW WHEN (NEW.status = 'pending' AND NEW.concurrency_key IS NOT NULL)
+        EXECUTE FUNCTION jobhost_key_ready();
+    "#
+    ),
 ];
 
 /// The schema version this build writes.

@@ -22,7 +22,9 @@ impl JobStore for PgStore {
             Box::pin(async move {
                 match (create(tx, scope, &new).await?, claim_at) {
                     (CreateOutcome::Created(mut job, None), Some(now))
-                        if job.run_at <= now && !other_job_due(tx, &job.id, now).await? =>
+                        if job.run_at <= now
+                            && job.concurrency_key.is_none()
+                            && !other_job_due(tx, &job.id, now).await? =>
                     {
                         let lease = claim_created(tx, scope, &mut job, now).await?;
                         Ok(CreateOutcome::Created(job, Some(lease)))
@@ -46,12 +48,14 @@ impl JobStore for PgStore {
 
     async fn next_due_at(&self) -> Result<Option<i64>> {
         let client = self.client().await?;
-        let row = query_one(
-            &client,
-            "SELECT MIN(run_at) FROM jobs WHERE status = 'pending'",
-            &[],
-        )
-        .await?;
+        // A key's jobs count only once it has room: a worker that finishes
+        // wakes the dispatcher.
+        let sql = format!(
+            "SELECT LEAST((SELECT MIN(run_at) FROM jobs
+                           WHERE status = 'pending' AND concurrency_key IS NULL), ({}))",
+            super::keys::NEXT_KEY_DUE
+        );
+        let row = query_one(&client, &sql, &[]).await?;
         Ok(row.get(0))
     }
 

@@ -3,6 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::keys;
 use super::rows::{JOB_COLUMNS, LEASE_COLUMN, RawJob, job_row, phases_of};
 use super::transitions::{job_event, mark_phase_running};
 use super::writer::EventLog;
@@ -21,11 +22,11 @@ use crate::storage::{Claimed, Lease, Result};
 /// another due job stop at the first priorities that satisfy them.
 pub(super) const PENDING_PRIORITIES: &str = "
     WITH RECURSIVE levels(priority) AS (
-        SELECT (SELECT priority FROM jobs INDEXED BY jobs_due WHERE status = 'pending'
+        SELECT (SELECT priority FROM jobs INDEXED BY jobs_due WHERE status = 'pending' AND concurrency_key IS NULL
                 ORDER BY priority DESC LIMIT 1)
         UNION ALL
         SELECT (SELECT priority FROM jobs INDEXED BY jobs_due
-                WHERE status = 'pending' AND priority < levels.priority
+                WHERE status = 'pending' AND concurrency_key IS NULL AND priority < levels.priority
                 ORDER BY priority DESC LIMIT 1)
         FROM levels WHERE levels.priority IS NOT NULL
     )";
@@ -33,51 +34,61 @@ pub(super) const PENDING_PRIORITIES: &str = "
 /// Whether a pending job other than `?2` is due at `?1`.
 pub(super) const OTHER_JOB_DUE: &str = "
     SELECT EXISTS (SELECT 1 FROM levels CROSS JOIN jobs INDEXED BY jobs_due
-                   WHERE jobs.status = 'pending' AND jobs.priority = levels.priority
+                   WHERE jobs.status = 'pending' AND jobs.concurrency_key IS NULL AND jobs.priority = levels.priority
                      AND jobs.run_at <= ?1 AND jobs.id != ?2)";
 
 /// The earliest `run_at` of any pending job.
 pub(super) const NEXT_DUE: &str = "
     SELECT MIN((SELECT run_at FROM jobs INDEXED BY jobs_due
-                WHERE status = 'pending' AND priority = levels.priority
+                WHERE status = 'pending' AND concurrency_key IS NULL AND priority = levels.priority
                 ORDER BY run_at LIMIT 1))
     FROM levels WHERE priority IS NOT NULL";
 
 /// How many pending jobs are due at `?1`.
 pub(super) const DUE_COUNT: &str = "
     SELECT COALESCE(SUM((SELECT COUNT(*) FROM jobs INDEXED BY jobs_due
-                         WHERE status = 'pending' AND priority = levels.priority
+                         WHERE status = 'pending' AND concurrency_key IS NULL AND priority = levels.priority
                            AND run_at <= ?1)), 0)
     FROM levels WHERE priority IS NOT NULL";
 
+/// Up to `?2` jobs without a key of priority `?3` due at `?1`, earliest
+/// first.
+pub(super) const DUE_AT_LEVEL: &str = "
+    SELECT id FROM jobs INDEXED BY jobs_due
+    WHERE status = 'pending' AND concurrency_key IS NULL AND priority = ?3 AND run_at <= ?1
+    ORDER BY run_at, id LIMIT ?2";
+
+/// What a claim sets on each job it takes, `?1` being now.
+const CLAIM_SET: &str = "UPDATE jobs SET status = 'running', attempt = attempt + 1,
+                         lease = lease + 1, started_at = COALESCE(started_at, ?1)";
+
 /// Claims up to `?2` jobs of priority `?3` due at `?1`, earliest first.
 pub(super) fn claim_level_sql() -> String {
-    format!(
-        "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease = lease + 1,
-                         started_at = COALESCE(started_at, ?1)
-         WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_due
-                      WHERE status = 'pending' AND priority = ?3 AND run_at <= ?1
-                      ORDER BY run_at, id LIMIT ?2)
-         RETURNING {JOB_COLUMNS}, lease"
-    )
+    format!("{CLAIM_SET} WHERE id IN ({DUE_AT_LEVEL}) RETURNING {JOB_COLUMNS}, lease")
 }
 
-/// Whether a pending job other than `job_id` is due at `now`.
+/// Whether a pending job other than `job_id` is due at `now` (for a key,
+/// one with room).
 pub(super) fn other_job_due(conn: &Connection, job_id: &str, now: i64) -> Result<bool> {
-    Ok(conn
+    let unkeyed: bool = conn
         .prepare_cached(&format!("{PENDING_PRIORITIES} {OTHER_JOB_DUE}"))?
-        .query_row(params![now, job_id], |row| row.get(0))?)
+        .query_row(params![now, job_id], |row| row.get(0))?;
+    Ok(unkeyed || keys::key_due(conn, now)?)
 }
 
+/// When a job will be due that a claim could take: a key's only once it
+/// has room (a worker that finishes wakes the dispatcher).
 pub(super) fn next_due_at(conn: &Connection) -> Result<Option<i64>> {
-    Ok(conn
+    let unkeyed: Option<i64> = conn
         .prepare_cached(&format!("{PENDING_PRIORITIES} {NEXT_DUE}"))?
-        .query_row([], |row| row.get(0))?)
+        .query_row([], |row| row.get(0))?;
+    let keyed = keys::next_key_due(conn)?;
+    Ok(unkeyed.into_iter().chain(keyed).min())
 }
 
 /// The highest priority of a pending job below `?1`: one index seek.
 pub(super) const PRIORITY_BELOW: &str = "
-    SELECT priority FROM jobs INDEXED BY jobs_due WHERE status = 'pending' AND priority < ?1
+    SELECT priority FROM jobs INDEXED BY jobs_due WHERE status = 'pending' AND concurrency_key IS NULL AND priority < ?1
     ORDER BY priority DESC LIMIT 1";
 
 pub(super) fn pending_priority_below(conn: &Connection, below: i64) -> Result<Option<i64>> {
@@ -88,7 +99,8 @@ pub(super) fn pending_priority_below(conn: &Connection, below: i64) -> Result<Op
 }
 
 /// Claims due jobs, highest priority first, and starts the first unfinished
-/// phase of each. Without `INDEXED BY`, SQLite chose `jobs_status` and
+/// phase of each: in the rotation's order when a concurrency key is ready
+/// (`storage::concurrency`), else from `jobs_due` alone. Without `INDEXED BY`, SQLite chose `jobs_status` and
 /// sorted every pending job on each claim, so claims slowed down as the
 /// backlog grew. The claimed rows come back from the update itself, and the
 /// started phase is updated in memory rather than read again: claims are
@@ -99,23 +111,22 @@ pub(super) fn claim(
     now: i64,
     limit: usize,
 ) -> Result<Vec<Claimed>> {
-    // Priorities are visited only until the claim is full: there may be
-    // many of them.
-    let mut claimed: Vec<(RawJob, i64)> = Vec::new();
-    let mut below = i64::MAX;
-    while claimed.len() < limit
-        && let Some(priority) = pending_priority_below(conn, below)?
-    {
-        let wanted = (limit - claimed.len()) as i64;
-        let level = conn
-            .prepare_cached(&claim_level_sql())?
-            .query_map(params![now, wanted, priority], |row| {
-                Ok((job_row(row)?, row.get(LEASE_COLUMN)?))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        claimed.extend(level);
-        below = priority;
-    }
+    let claimed = match keys::take_turns(conn, now, limit)? {
+        Some(turns) => {
+            let mut claim_one = conn.prepare_cached(&format!(
+                "{CLAIM_SET} WHERE id = ?2 AND status = 'pending' RETURNING {JOB_COLUMNS}, lease"
+            ))?;
+            let mut claimed = Vec::with_capacity(turns.ids.len());
+            for id in &turns.ids {
+                claimed.push(claim_one.query_row(params![now, id], |row| {
+                    Ok((job_row(row)?, row.get(LEASE_COLUMN)?))
+                })?);
+            }
+            keys::refresh(conn, &turns.refresh)?;
+            claimed
+        }
+        None => claim_unkeyed(conn, now, limit)?,
+    };
     let mut jobs = Vec::with_capacity(claimed.len());
     for (raw, token) in claimed {
         let mut job = raw.decode()?;
@@ -131,6 +142,27 @@ pub(super) fn claim(
     // RETURNING has no order.
     crate::storage::jobs::in_claim_order(&mut jobs);
     Ok(jobs)
+}
+
+/// Claims due jobs without a key, highest priority first. Priorities are
+/// visited only until the claim is full: there may be many of them.
+fn claim_unkeyed(conn: &Connection, now: i64, limit: usize) -> Result<Vec<(RawJob, i64)>> {
+    let mut claimed = Vec::new();
+    let mut below = i64::MAX;
+    while claimed.len() < limit
+        && let Some(priority) = pending_priority_below(conn, below)?
+    {
+        let wanted = (limit - claimed.len()) as i64;
+        let level = conn
+            .prepare_cached(&claim_level_sql())?
+            .query_map(params![now, wanted, priority], |row| {
+                Ok((job_row(row)?, row.get(LEASE_COLUMN)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        claimed.extend(level);
+        below = priority;
+    }
+    Ok(claimed)
 }
 
 /// Claims the job just created, which the caller knows is due and the only
@@ -235,6 +267,7 @@ mod tests {
             idempotency_key: Some("key-1".into()),
             webhook_url: Some("http://127.0.0.1:9/hook".into()),
             webhook_secret: Some("whsec_c2VjcmV0".into()),
+            concurrency_key: None,
             phases: vec![phase("first", None), phase("second", Some("2.0.0"))],
             created_at: 900,
         }

@@ -42,8 +42,8 @@ pub(super) fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Res
     }
     conn.prepare_cached(
         "INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff, idempotency_key,
-                           webhook_url, webhook_secret, created_at)
-         VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                           webhook_url, webhook_secret, created_at, concurrency_key)
+         VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         new.id,
@@ -56,6 +56,7 @@ pub(super) fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Res
         new.webhook_url,
         new.webhook_secret,
         new.created_at,
+        new.concurrency_key,
     ])?;
     let mut insert_phase = conn.prepare_cached(
         "INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status)

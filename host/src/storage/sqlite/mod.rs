@@ -19,6 +19,7 @@ mod claim;
 mod commands;
 mod create;
 mod events;
+mod keys;
 mod listing;
 mod plugins;
 mod recovery;

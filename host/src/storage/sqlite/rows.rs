@@ -12,9 +12,9 @@ use crate::storage::Result;
 
 pub(super) const JOB_COLUMNS: &str =
     "id, status, payload, priority, run_at, attempt, max_attempts, backoff,
-    idempotency_key, webhook_url, created_at, started_at, finished_at, error";
+    idempotency_key, webhook_url, created_at, started_at, finished_at, error, concurrency_key";
 /// Where `lease` is in a row selected as `{JOB_COLUMNS}, lease`.
-pub(super) const LEASE_COLUMN: usize = 14;
+pub(super) const LEASE_COLUMN: usize = 15;
 
 pub(super) fn json_column(text: &str, what: &str) -> Result<Value> {
     serde_json::from_str(text).map_err(|e| corrupt(what, e))
@@ -36,6 +36,7 @@ pub(super) struct RawJob {
     started_at: Option<i64>,
     finished_at: Option<i64>,
     error: Option<String>,
+    concurrency_key: Option<String>,
 }
 
 /// Reads a row selected with [`JOB_COLUMNS`].
@@ -55,6 +56,7 @@ pub(super) fn job_row(row: &Row<'_>) -> rusqlite::Result<RawJob> {
         started_at: row.get(11)?,
         finished_at: row.get(12)?,
         error: row.get(13)?,
+        concurrency_key: row.get(14)?,
     })
 }
 
@@ -73,6 +75,7 @@ impl RawJob {
             max_attempts: self.max_attempts,
             idempotency_key: self.idempotency_key,
             webhook_url: self.webhook_url,
+            concurrency_key: self.concurrency_key,
             created_at: self.created_at,
             started_at: self.started_at,
             finished_at: self.finished_at,

@@ -3,6 +3,27 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
+use crate::storage::concurrency::limit_of;
+
+/// What the triggers of migration 12 do when a keyed job becomes pending:
+/// its key joins `concurrency_keys` at the back of the rotation, or moves
+/// its earliest due time and best priority forward.
+macro_rules! key_ready {
+    () => {
+        concat!(
+            "INSERT INTO concurrency_keys (key, turn, ready_priority, ready_at, max_running)
+             VALUES (NEW.concurrency_key, (SELECT next_turn FROM claim_rotation), NEW.priority,
+                     NEW.run_at, ",
+            limit_of!("NEW.concurrency_key"),
+            ")
+             ON CONFLICT (key) DO UPDATE SET
+                 ready_priority = MAX(COALESCE(ready_priority, excluded.ready_priority),
+                                      excluded.ready_priority),
+                 ready_at = MIN(COALESCE(ready_at, excluded.ready_at), excluded.ready_at);"
+        )
+    };
+}
+
 pub(super) const MIGRATIONS: &[&str] = &[
     // 1: plugins, jobs, phases, attempt errors, the event log.
     "
@@ -230,6 +251,52 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX schedules_due ON schedules (next_tick) WHERE NOT paused;
     ",
+    // 12: concurrency keys (`storage::concurrency`). Jobs with a key leave
+    // `jobs_due`, whose searches stay as they were for jobs without one:
+    // they are claimed through `concurrency_keys`, the keys that have
+    // pending jobs, in rotation. The triggers keep that set: a keyed job
+    // that becomes pending puts its key in (or moves its earliest due time
+    // and best priority forward), wherever in the code that happens.
+    // `claim_rotation` holds the turn of the jobs without a key and the
+    // next turn to hand out.
+    concat!(
+        "
+    ALTER TABLE jobs ADD COLUMN concurrency_key TEXT;
+    DROP INDEX jobs_due;
+    CREATE INDEX jobs_due ON jobs (priority DESC, run_at, id)
+        WHERE status = 'pending' AND concurrency_key IS NULL;
+    CREATE INDEX jobs_keyed_due ON jobs (concurrency_key, priority DESC, run_at, id)
+        WHERE status = 'pending' AND concurrency_key IS NOT NULL;
+    CREATE INDEX jobs_keyed_due_at ON jobs (concurrency_key, run_at)
+        WHERE status = 'pending' AND concurrency_key IS NOT NULL;
+    CREATE INDEX jobs_keyed_running ON jobs (concurrency_key)
+        WHERE status = 'running' AND concurrency_key IS NOT NULL;
+    CREATE TABLE concurrency_limits (
+        pattern     TEXT NOT NULL,
+        prefix      BOOLEAN NOT NULL,
+        max_running INTEGER NOT NULL,
+        PRIMARY KEY (pattern, prefix)
+    );
+    CREATE TABLE concurrency_keys (
+        key            TEXT PRIMARY KEY,
+        turn           INTEGER NOT NULL,
+        ready_priority INTEGER,
+        ready_at       INTEGER,
+        max_running    INTEGER
+    );
+    CREATE INDEX concurrency_keys_ready ON concurrency_keys (ready_priority DESC, turn, key)
+        WHERE ready_at IS NOT NULL;
+    CREATE INDEX concurrency_keys_ready_at ON concurrency_keys (ready_at) WHERE ready_at IS NOT NULL;
+    CREATE TABLE claim_rotation (unkeyed_turn INTEGER NOT NULL, next_turn INTEGER NOT NULL);
+    INSERT INTO claim_rotation VALUES (0, 1);
+    CREATE TRIGGER jobs_key_ready_on_insert AFTER INSERT ON jobs
+        WHEN NEW.status = 'pending' AND NEW.concurrency_key IS NOT NULL
+    BEGIN ", key_ready!(), " END;
+    CREATE TRIGGER jobs_key_ready_on_update AFTER UPDATE OF status, run_at, priority ON jobs
+        WHEN NEW.status = 'pending' AND NEW.concurrency_key IS NOT NULL
+    BEGIN ", key_ready!(), " END;
+    "
+    ),
 ];
 
 /// Brings the database up to the latest schema.

@@ -25,7 +25,9 @@ impl JobStore for SqliteStore {
             let created = create(conn, log, &new)?;
             match (created, claim_at) {
                 (CreateOutcome::Created(mut job, None), Some(now))
-                    if job.run_at <= now && !other_job_due(conn, &job.id, now)? =>
+                    if job.run_at <= now
+                        && job.concurrency_key.is_none()
+                        && !other_job_due(conn, &job.id, now)? =>
                 {
                     let lease = claim_created(conn, log, &mut job, now)?;
                     Ok(CreateOutcome::Created(job, Some(lease)))

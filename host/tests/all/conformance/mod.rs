@@ -6,6 +6,7 @@
 //!
 //! Time is injected: every call passes its own `now`.
 
+mod concurrency;
 mod events;
 mod jobs;
 mod plugins;
@@ -29,6 +30,11 @@ pub async fn fresh(backend: Backend) -> (Arc<Storage>, DataDir) {
     (backend.open(&dir).await, dir)
 }
 
+use concurrency::a_keys_limit_holds_until_its_jobs_end;
+use concurrency::a_retried_keyed_job_rejoins_the_rotation;
+use concurrency::claims_go_round_robin_across_keys;
+use concurrency::concurrent_claimers_respect_a_keys_limit;
+use concurrency::prefix_and_default_limits_apply_to_each_key;
 use events::an_ending_job_with_a_webhook_adds_one_delivery;
 use events::the_log_reads_back_in_order_by_cursor_and_filter;
 use jobs::a_completion_starts_the_next_phase_and_logs_both;
@@ -77,6 +83,11 @@ crate::fixture::on_each_backend! {
     a_schedule_is_stored_replaced_paused_and_deleted,
     a_tick_fires_once_and_moves_the_schedule_on,
     hosts_firing_one_tick_at_once_enqueue_one_job,
+    a_keys_limit_holds_until_its_jobs_end,
+    claims_go_round_robin_across_keys,
+    prefix_and_default_limits_apply_to_each_key,
+    a_retried_keyed_job_rejoins_the_rotation,
+    concurrent_claimers_respect_a_keys_limit,
 }
 
 /// Stores `echo` 1.0.0 (active) and 2.0.0, which [`job`] pins.
@@ -114,6 +125,7 @@ pub fn job(id: &str, phases: usize) -> NewJob {
         idempotency_key: None,
         webhook_url: None,
         webhook_secret: None,
+        concurrency_key: None,
         phases: (0..phases).map(phase).collect(),
         created_at: 900,
     }

@@ -1,0 +1,198 @@
+//! Concurrency keys in storage: the operator's limits, and the claim
+//! rotation that both backends follow.
+//!
+//! Jobs without a key are claimed as before, from the due index, which no
+//! longer holds keyed jobs: when nobody uses keys, a claim costs what it
+//! did. Keyed jobs are claimed through `concurrency_keys`, one row per key
+//! with pending jobs (kept by triggers: a keyed job that becomes pending,
+//! anywhere, puts its key there). A row holds the key's earliest due time
+//! and best priority (bounds: a claim that finds them stale refreshes
+//! them), its limit, and its turn.
+//!
+//! When a key is ready, a claim goes round-robin ([`take_turns`]): the
+//! highest priority first, and among groups whose next job has the same
+//! priority, the group served least recently, which then goes to the back.
+//! The jobs without a key are one group among them. A key at its limit is
+//! passed over without reading its backlog: the running count comes from
+//! the jobs' state (an index of running keyed jobs), never from a counter,
+//! so it holds across restarts, crashes and hosts.
+
+use std::collections::VecDeque;
+
+use async_trait::async_trait;
+
+use super::Result;
+use crate::model::{ConcurrencyLimits, KeyLoad};
+
+/// The limits of concurrency keys, and how busy the busiest keys are.
+#[async_trait]
+pub trait ConcurrencyStore: Send + Sync {
+    /// Replaces the limits, and applies them to the keys that have jobs.
+    async fn set_concurrency_limits(&self, limits: ConcurrencyLimits) -> Result<()>;
+
+    async fn concurrency_limits(&self) -> Result<ConcurrencyLimits>;
+
+    /// The `shown` keys with the most pending and running jobs, busiest
+    /// first, and how many keys have such jobs.
+    async fn key_loads(&self, shown: usize) -> Result<(Vec<KeyLoad>, u64)>;
+}
+
+/// A key's limit, as an SQL expression over the `concurrency_limits` rules
+/// (the same on both backends): the key's own rule, else its longest
+/// prefix rule (the default is the empty prefix); NULL is no limit.
+macro_rules! limit_of {
+    ($key:literal) => {
+        concat!(
+            "(SELECT l.max_running FROM concurrency_limits l
+              WHERE (NOT l.prefix AND l.pattern = ",
+            $key,
+            ") OR (l.prefix AND substr(",
+            $key,
+            ", 1, length(l.pattern)) = l.pattern)
+              ORDER BY l.prefix, length(l.pattern) DESC LIMIT 1)"
+        )
+    };
+}
+pub(super) use limit_of;
+
+/// Gives every key row the limit the rules now set.
+pub(super) const APPLY_LIMITS: &str = concat!(
+    "UPDATE concurrency_keys SET max_running = ",
+    limit_of!("concurrency_keys.key")
+);
+
+/// Running keyed jobs, per key.
+pub(super) const RUNNING_PER_KEY: &str = "SELECT concurrency_key, COUNT(*) FROM jobs
+     WHERE status = 'running' AND concurrency_key IS NOT NULL GROUP BY concurrency_key";
+
+/// Pending keyed jobs, per key.
+pub(super) const PENDING_PER_KEY: &str = "SELECT concurrency_key, COUNT(*) FROM jobs
+     WHERE status = 'pending' AND concurrency_key IS NOT NULL GROUP BY concurrency_key";
+
+/// The busiest `shown` keys of the counts per key, and how many keys there
+/// are; limits from `limits`.
+pub(super) fn busiest(
+    running: Vec<(String, i64)>,
+    pending: Vec<(String, i64)>,
+    limits: &ConcurrencyLimits,
+    shown: usize,
+) -> (Vec<KeyLoad>, u64) {
+    let mut loads = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for (key, count) in running {
+        loads.entry(key).or_default().0 = count as u64;
+    }
+    for (key, count) in pending {
+        loads.entry(key).or_default().1 = count as u64;
+    }
+    let keys = loads.len() as u64;
+    let mut loads: Vec<KeyLoad> = loads
+        .into_iter()
+        .map(|(key, (running, pending))| KeyLoad {
+            limit: limits.limit_of(&key),
+            key,
+            running,
+            pending,
+        })
+        .collect();
+    loads.sort_by(|a, b| {
+        (b.running + b.pending)
+            .cmp(&(a.running + a.pending))
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    loads.truncate(shown);
+    (loads, keys)
+}
+
+/// A group in the claim rotation: one key's due jobs, or those of the jobs
+/// without a key (`key: None`), in the order the group would claim them.
+#[derive(Debug)]
+pub(super) struct Group {
+    pub key: Option<String>,
+    pub turn: i64,
+    /// (job id, priority).
+    pub due: VecDeque<(String, i32)>,
+}
+
+/// What a claim takes from the rotation.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Turns {
+    /// The jobs to claim, in claim order.
+    pub ids: Vec<String>,
+    /// Each group served, with its new turn.
+    pub served: Vec<(Option<String>, i64)>,
+    /// The turn after the last one handed out.
+    pub next_turn: i64,
+}
+
+/// Takes up to `want` of the groups' jobs, one at a time: the highest
+/// priority first, and among groups whose next job has that priority, the
+/// one with the lowest turn, which then gets `next_turn` (the back of the
+/// rotation).
+pub(super) fn take_turns(mut groups: Vec<Group>, want: usize, mut next_turn: i64) -> Turns {
+    let mut turns = Turns::default();
+    while turns.ids.len() < want {
+        let Some(group) = groups
+            .iter_mut()
+            .filter(|g| !g.due.is_empty())
+            .min_by_key(|g| (-g.due[0].1, g.turn))
+        else {
+            break;
+        };
+        let (id, _) = group.due.pop_front().expect("not empty");
+        turns.ids.push(id);
+        group.turn = next_turn;
+        next_turn += 1;
+        match turns.served.iter_mut().find(|(key, _)| *key == group.key) {
+            Some(served) => served.1 = group.turn,
+            None => turns.served.push((group.key.clone(), group.turn)),
+        }
+    }
+    turns.next_turn = next_turn;
+    turns
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(key: Option<&str>, turn: i64, jobs: &[(&str, i32)]) -> Group {
+        Group {
+            key: key.map(Into::into),
+            turn,
+            due: jobs.iter().map(|&(id, p)| (id.to_owned(), p)).collect(),
+        }
+    }
+
+    #[test]
+    fn claims_go_round_robin_within_a_priority() {
+        let groups = vec![
+            group(
+                Some("big"),
+                1,
+                &[("b1", 0), ("b2", 0), ("b3", 0), ("b4", 0)],
+            ),
+            group(Some("small"), 5, &[("s1", 0)]),
+            group(None, 3, &[("u1", 0), ("u2", 0)]),
+        ];
+        let turns = take_turns(groups, 6, 10);
+        assert_eq!(turns.ids, ["b1", "u1", "s1", "b2", "u2", "b3"]);
+        assert_eq!(
+            turns.served,
+            [
+                (Some("big".into()), 15),
+                (None, 14),
+                (Some("small".into()), 12)
+            ]
+        );
+        assert_eq!(turns.next_turn, 16);
+    }
+
+    #[test]
+    fn a_higher_priority_goes_first_whatever_the_turn() {
+        let groups = vec![
+            group(Some("a"), 1, &[("a1", 0)]),
+            group(Some("b"), 9, &[("b1", 5), ("b2", 0)]),
+        ];
+        assert_eq!(take_turns(groups, 3, 10).ids, ["b1", "a1", "b2"]);
+    }
+}

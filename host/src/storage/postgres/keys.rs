@@ -1,0 +1,249 @@
+//! Concurrency keys on PostgreSQL: the claim rotation (see
+//! `storage::concurrency`), the limits, and the load per key.
+//!
+//! Claims that go through the rotation take its row's lock first, so they
+//! follow one another across hosts: each one's counts of running jobs are
+//! read after the one before it committed, and a key's limit holds however
+//! many hosts claim. Claims of jobs without a key, while no key is ready,
+//! take no such lock.
+
+use std::collections::VecDeque;
+
+use async_trait::async_trait;
+use deadpool_postgres::GenericClient;
+
+use super::{PgStore, Tx, execute, query, query_one};
+use crate::model::concurrency::LimitRule;
+use crate::model::{ConcurrencyLimits, KeyLoad};
+use crate::storage::concurrency::{
+    APPLY_LIMITS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest, take_turns as rotate,
+};
+use crate::storage::{ConcurrencyStore, Result};
+
+/// The jobs a claim takes in the rotation's order, and the keys whose
+/// earliest due time and best priority must be read again once they are
+/// claimed.
+pub(super) struct Taken {
+    pub ids: Vec<String>,
+    pub refresh: Vec<String>,
+}
+
+/// How many more jobs key `k` may start, at most `$2`.
+const ROOM: &str = "CASE WHEN k.max_running IS NULL THEN $2::bigint
+          ELSE LEAST($2::bigint, k.max_running - (SELECT COUNT(*) FROM jobs r
+                     WHERE r.concurrency_key = k.key AND r.status = 'running')) END";
+
+/// Whether a key has a job due at `now` by its row (which may be stale),
+/// room or not.
+pub(super) async fn any_ready(tx: &Tx<'_>, now: i64) -> Result<bool> {
+    let sql = "SELECT EXISTS (SELECT 1 FROM concurrency_keys WHERE ready_at <= $1)";
+    Ok(query_one(tx, sql, &[&now]).await?.get(0))
+}
+
+/// Whether a key with room has a job due at `$1`, by the keys' rows.
+pub(super) async fn key_due(db: &impl GenericClient, now: i64) -> Result<bool> {
+    let sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM concurrency_keys k
+                        WHERE k.ready_at IS NOT NULL AND k.ready_at <= $1 AND {ROOM} > 0)"
+    );
+    Ok(query_one(db, &sql, &[&now, &1_i64]).await?.get(0))
+}
+
+/// The earliest time a key with room has a job due, by the keys' rows.
+pub(super) const NEXT_KEY_DUE: &str = "
+    SELECT MIN(k.ready_at) FROM concurrency_keys k
+    WHERE k.ready_at IS NOT NULL
+      AND (k.max_running IS NULL
+           OR k.max_running > (SELECT COUNT(*) FROM jobs r
+                               WHERE r.concurrency_key = k.key AND r.status = 'running'))";
+
+/// Up to `want` jobs of the rotation, or `None` when no key with room is
+/// ready. Up to `want` ready keys with room are read, each with at most as
+/// many due jobs as it has room for; a key at its limit costs a count of
+/// its running jobs, never a read of its backlog.
+pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Option<Taken>> {
+    let rotation = query_one(
+        tx,
+        "SELECT unkeyed_turn, next_turn FROM claim_rotation FOR UPDATE",
+        &[],
+    )
+    .await?;
+    let (unkeyed_turn, next_turn): (i64, i64) = (rotation.get(0), rotation.get(1));
+    let want_ = want as i64;
+    let sql = format!(
+        "WITH ready AS (
+             SELECT k.key, k.turn, k.ready_priority, room.n AS room
+             FROM concurrency_keys k CROSS JOIN LATERAL (SELECT {ROOM} AS n) room
+             WHERE k.ready_at IS NOT NULL AND k.ready_at <= $1 AND room.n > 0
+             ORDER BY k.ready_priority DESC, k.turn, k.key
+             LIMIT $2
+         )
+         SELECT r.key, r.turn, d.id, d.priority
+         FROM ready r LEFT JOIN LATERAL (
+             SELECT j.id, j.priority, j.run_at FROM jobs j
+             WHERE j.concurrency_key = r.key AND j.status = 'pending' AND j.run_at <= $1
+             ORDER BY j.priority DESC, j.run_at, j.id LIMIT r.room
+         ) d ON true
+         ORDER BY r.ready_priority DESC, r.turn, r.key, d.priority DESC, d.run_at, d.id"
+    );
+    let mut groups: Vec<Group> = Vec::new();
+    let mut refresh = Vec::new();
+    for row in query(tx, &sql, &[&now, &want_]).await? {
+        let key: String = row.get(0);
+        let Some(id) = row.get::<_, Option<String>>(2) else {
+            // Its row was stale: the jobs it counted were cancelled.
+            refresh.push(key);
+            continue;
+        };
+        let job = (id, row.get::<_, i32>(3));
+        match groups.last_mut() {
+            Some(group) if group.key.as_deref() == Some(&key) => group.due.push_back(job),
+            _ => groups.push(Group {
+                key: Some(key),
+                turn: row.get(1),
+                due: VecDeque::from([job]),
+            }),
+        }
+    }
+    if groups.is_empty() {
+        refresh_keys(tx, &refresh).await?;
+        return Ok(None);
+    }
+    let unkeyed = query(
+        tx,
+        "SELECT id, priority FROM jobs
+         WHERE status = 'pending' AND concurrency_key IS NULL AND run_at <= $1
+         ORDER BY priority DESC, run_at, id LIMIT $2",
+        &[&now, &want_],
+    )
+    .await?;
+    groups.push(Group {
+        key: None,
+        turn: unkeyed_turn,
+        due: unkeyed.iter().map(|row| (row.get(0), row.get(1))).collect(),
+    });
+    let turns = rotate(groups, want, next_turn);
+    let (mut keys, mut key_turns, mut new_unkeyed_turn) = (Vec::new(), Vec::new(), None);
+    for (key, turn) in &turns.served {
+        match key {
+            Some(key) => {
+                keys.push(key.clone());
+                key_turns.push(*turn);
+            }
+            None => new_unkeyed_turn = Some(*turn),
+        }
+    }
+    execute(
+        tx,
+        "UPDATE concurrency_keys k SET turn = t.turn
+         FROM unnest($1::text[], $2::bigint[]) AS t(key, turn) WHERE k.key = t.key",
+        &[&keys, &key_turns],
+    )
+    .await?;
+    execute(
+        tx,
+        "UPDATE claim_rotation SET next_turn = $1, unkeyed_turn = COALESCE($2, unkeyed_turn)",
+        &[&turns.next_turn, &new_unkeyed_turn],
+    )
+    .await?;
+    refresh.extend(keys);
+    Ok(Some(Taken {
+        ids: turns.ids,
+        refresh,
+    }))
+}
+
+/// Reads again the earliest due time and best priority of `keys`' pending
+/// jobs; a key without any leaves the rotation (the trigger puts it back
+/// when one of its jobs is pending again). The rows are locked first, so
+/// that the reads see what enqueues holding them committed.
+pub(super) async fn refresh_keys(tx: &Tx<'_>, keys: &[String]) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    query(
+        tx,
+        "SELECT 1 FROM concurrency_keys WHERE key = ANY($1) ORDER BY key FOR UPDATE",
+        &[&keys],
+    )
+    .await?;
+    execute(
+        tx,
+        "UPDATE concurrency_keys k SET
+             ready_priority = (SELECT j.priority FROM jobs j
+                               WHERE j.concurrency_key = k.key AND j.status = 'pending'
+                               ORDER BY j.priority DESC LIMIT 1),
+             ready_at = (SELECT j.run_at FROM jobs j
+                         WHERE j.concurrency_key = k.key AND j.status = 'pending'
+                         ORDER BY j.run_at LIMIT 1)
+         WHERE k.key = ANY($1)",
+        &[&keys],
+    )
+    .await?;
+    execute(
+        tx,
+        "DELETE FROM concurrency_keys WHERE key = ANY($1) AND ready_at IS NULL",
+        &[&keys],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn limits(db: &impl GenericClient) -> Result<ConcurrencyLimits> {
+    let rows = query(
+        db,
+        "SELECT pattern, prefix, max_running FROM concurrency_limits",
+        &[],
+    )
+    .await?;
+    Ok(ConcurrencyLimits::from_rules(rows.iter().map(|row| {
+        LimitRule {
+            pattern: row.get(0),
+            prefix: row.get(1),
+            max_running: row.get::<_, i32>(2) as u32,
+        }
+    })))
+}
+
+async fn per_key(db: &impl GenericClient, sql: &str) -> Result<Vec<(String, i64)>> {
+    let rows = query(db, sql, &[]).await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+#[async_trait]
+impl ConcurrencyStore for PgStore {
+    async fn set_concurrency_limits(&self, limits: ConcurrencyLimits) -> Result<()> {
+        self.write(move |tx, scope| {
+            Box::pin(async move {
+                // Hosts waiting for room in a key try again.
+                scope.jobs_due = true;
+                let rules = limits.rules();
+                let patterns: Vec<&str> = rules.iter().map(|r| r.pattern.as_str()).collect();
+                let prefixes: Vec<bool> = rules.iter().map(|r| r.prefix).collect();
+                let maxima: Vec<i32> = rules.iter().map(|r| r.max_running as i32).collect();
+                execute(tx, "DELETE FROM concurrency_limits", &[]).await?;
+                execute(
+                    tx,
+                    "INSERT INTO concurrency_limits (pattern, prefix, max_running)
+                     SELECT * FROM unnest($1::text[], $2::boolean[], $3::int[])",
+                    &[&patterns, &prefixes, &maxima],
+                )
+                .await?;
+                execute(tx, APPLY_LIMITS, &[]).await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn concurrency_limits(&self) -> Result<ConcurrencyLimits> {
+        limits(&self.client().await?).await
+    }
+
+    async fn key_loads(&self, shown: usize) -> Result<(Vec<KeyLoad>, u64)> {
+        let client = self.client().await?;
+        let running = per_key(&client, RUNNING_PER_KEY).await?;
+        let pending = per_key(&client, PENDING_PER_KEY).await?;
+        Ok(busiest(running, pending, &limits(&client).await?, shown))
+    }
+}

@@ -1,0 +1,255 @@
+//! Concurrency keys on SQLite: the claim rotation (see
+//! `storage::concurrency`), the limits, and the load per key. The writer
+//! is the only writer, so reading the rotation and then claiming in one
+//! transaction needs no locks.
+
+use std::collections::VecDeque;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, params};
+
+use super::SqliteStore;
+use super::claim::{DUE_AT_LEVEL, pending_priority_below};
+use crate::model::concurrency::LimitRule;
+use crate::model::{ConcurrencyLimits, KeyLoad};
+use crate::storage::concurrency::{
+    APPLY_LIMITS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest, take_turns as rotate,
+};
+use crate::storage::{ConcurrencyStore, Result};
+
+/// The jobs a claim takes in the rotation's order, and the keys whose
+/// earliest due time and best priority must be read again once they are
+/// claimed.
+pub(super) struct Taken {
+    pub ids: Vec<String>,
+    pub refresh: Vec<String>,
+}
+
+/// Whether a key has a job due at `now` by its row (which may be stale).
+fn any_key_ready(conn: &Connection, now: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM concurrency_keys INDEXED BY concurrency_keys_ready_at
+                            WHERE ready_at IS NOT NULL AND ready_at <= ?1)",
+        )?
+        .query_row([now], |row| row.get(0))?)
+}
+
+/// How many jobs with `key` run now.
+fn running(conn: &Connection, key: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM jobs INDEXED BY jobs_keyed_running
+             WHERE concurrency_key = ?1 AND status = 'running'",
+        )?
+        .query_row([key], |row| row.get(0))?)
+}
+
+/// How many more jobs with `key` may start, given its limit.
+fn room(conn: &Connection, key: &str, max_running: Option<i64>, want: usize) -> Result<usize> {
+    Ok(match max_running {
+        None => want,
+        Some(max) => (max - running(conn, key)?).clamp(0, want as i64) as usize,
+    })
+}
+
+/// Up to `want` jobs of the rotation, or `None` when no key is ready (the
+/// claim then takes jobs without a key as it always did). Reads every ready
+/// key with room until it has `want` groups; keys at their limit cost a
+/// count of their running jobs, never a read of their backlog.
+pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Option<Taken>> {
+    if !any_key_ready(conn, now)? {
+        return Ok(None);
+    }
+    let mut groups = Vec::new();
+    let mut to_refresh = Vec::new();
+    {
+        let mut ready = conn.prepare_cached(
+            "SELECT key, turn, max_running FROM concurrency_keys INDEXED BY concurrency_keys_ready
+             WHERE ready_at IS NOT NULL AND ready_at <= ?1
+             ORDER BY ready_priority DESC, turn, key",
+        )?;
+        let mut due = conn.prepare_cached(
+            "SELECT id, priority FROM jobs INDEXED BY jobs_keyed_due
+             WHERE concurrency_key = ?1 AND status = 'pending' AND run_at <= ?2
+             ORDER BY priority DESC, run_at, id LIMIT ?3",
+        )?;
+        let mut rows = ready.query([now])?;
+        while groups.len() < want
+            && let Some(row) = rows.next()?
+        {
+            let (key, turn): (String, i64) = (row.get(0)?, row.get(1)?);
+            let room = room(conn, &key, row.get(2)?, want)?;
+            if room == 0 {
+                continue;
+            }
+            let jobs = due
+                .query_map(params![key, now, room as i64], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?
+                .collect::<rusqlite::Result<VecDeque<_>>>()?;
+            if jobs.is_empty() {
+                // Its row was stale: the jobs it counted were cancelled.
+                to_refresh.push(key);
+                continue;
+            }
+            groups.push(Group {
+                key: Some(key),
+                turn,
+                due: jobs,
+            });
+        }
+    }
+    if groups.is_empty() {
+        refresh(conn, &to_refresh)?;
+        return Ok(None);
+    }
+    let (unkeyed_turn, next_turn): (i64, i64) = conn
+        .prepare_cached("SELECT unkeyed_turn, next_turn FROM claim_rotation")?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    groups.push(Group {
+        key: None,
+        turn: unkeyed_turn,
+        due: due_unkeyed(conn, now, want)?,
+    });
+    let turns = rotate(groups, want, next_turn);
+    let mut set_turn =
+        conn.prepare_cached("UPDATE concurrency_keys SET turn = ?2 WHERE key = ?1")?;
+    for (key, turn) in &turns.served {
+        match key {
+            Some(key) => {
+                set_turn.execute(params![key, turn])?;
+                to_refresh.push(key.clone());
+            }
+            None => {
+                conn.prepare_cached("UPDATE claim_rotation SET unkeyed_turn = ?1")?
+                    .execute([turn])?;
+            }
+        }
+    }
+    conn.prepare_cached("UPDATE claim_rotation SET next_turn = ?1")?
+        .execute([turns.next_turn])?;
+    Ok(Some(Taken {
+        ids: turns.ids,
+        refresh: to_refresh,
+    }))
+}
+
+/// Due jobs without a key, up to `want`, in claim order, with their
+/// priorities.
+fn due_unkeyed(conn: &Connection, now: i64, want: usize) -> Result<VecDeque<(String, i32)>> {
+    let mut due = VecDeque::new();
+    let mut below = i64::MAX;
+    while due.len() < want
+        && let Some(priority) = pending_priority_below(conn, below)?
+    {
+        let wanted = (want - due.len()) as i64;
+        let level = conn
+            .prepare_cached(DUE_AT_LEVEL)?
+            .query_map(params![now, wanted, priority], |row| {
+                Ok((row.get(0)?, priority as i32))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        due.extend(level);
+        below = priority;
+    }
+    Ok(due)
+}
+
+/// Reads again the earliest due time and best priority of `keys`' pending
+/// jobs; a key without any leaves the rotation (a trigger puts it back
+/// when one of its jobs is pending again).
+pub(super) fn refresh(conn: &Connection, keys: &[String]) -> Result<()> {
+    let mut update = conn.prepare_cached(
+        "UPDATE concurrency_keys SET
+             ready_priority = (SELECT priority FROM jobs INDEXED BY jobs_keyed_due
+                               WHERE concurrency_key = ?1 AND status = 'pending'
+                               ORDER BY priority DESC LIMIT 1),
+             ready_at = (SELECT run_at FROM jobs INDEXED BY jobs_keyed_due_at
+                         WHERE concurrency_key = ?1 AND status = 'pending'
+                         ORDER BY run_at LIMIT 1)
+         WHERE key = ?1",
+    )?;
+    let mut leave =
+        conn.prepare_cached("DELETE FROM concurrency_keys WHERE key = ?1 AND ready_at IS NULL")?;
+    for key in keys {
+        update.execute([key])?;
+        leave.execute([key])?;
+    }
+    Ok(())
+}
+
+/// The earliest time a key with room has a job due, by the keys' rows.
+pub(super) fn next_key_due(conn: &Connection) -> Result<Option<i64>> {
+    let mut ready = conn.prepare_cached(
+        "SELECT key, ready_at, max_running FROM concurrency_keys INDEXED BY concurrency_keys_ready_at
+         WHERE ready_at IS NOT NULL ORDER BY ready_at",
+    )?;
+    let mut rows = ready.query([])?;
+    while let Some(row) = rows.next()? {
+        let key: String = row.get(0)?;
+        if room(conn, &key, row.get(2)?, 1)? > 0 {
+            return Ok(Some(row.get(1)?));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether a key with room has a job due at `now`.
+pub(super) fn key_due(conn: &Connection, now: i64) -> Result<bool> {
+    Ok(next_key_due(conn)?.is_some_and(|at| at <= now))
+}
+
+fn set_limits(conn: &Connection, limits: &ConcurrencyLimits) -> Result<()> {
+    conn.execute("DELETE FROM concurrency_limits", [])?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO concurrency_limits (pattern, prefix, max_running) VALUES (?1, ?2, ?3)",
+    )?;
+    for rule in limits.rules() {
+        insert.execute(params![rule.pattern, rule.prefix, rule.max_running])?;
+    }
+    conn.execute(APPLY_LIMITS, [])?;
+    Ok(())
+}
+
+fn limits(conn: &Connection) -> Result<ConcurrencyLimits> {
+    let rules = conn
+        .prepare_cached("SELECT pattern, prefix, max_running FROM concurrency_limits")?
+        .query_map([], |row| {
+            Ok(LimitRule {
+                pattern: row.get(0)?,
+                prefix: row.get(1)?,
+                max_running: row.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(ConcurrencyLimits::from_rules(rules))
+}
+
+/// Counts per key, from `sql` (`RUNNING_PER_KEY` or `PENDING_PER_KEY`).
+fn per_key(conn: &Connection, sql: &str) -> Result<Vec<(String, i64)>> {
+    Ok(conn
+        .prepare_cached(sql)?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+#[async_trait]
+impl ConcurrencyStore for SqliteStore {
+    async fn set_concurrency_limits(&self, limits: ConcurrencyLimits) -> Result<()> {
+        self.write(move |conn, _| set_limits(conn, &limits)).await
+    }
+
+    async fn concurrency_limits(&self) -> Result<ConcurrencyLimits> {
+        self.read(limits).await
+    }
+
+    async fn key_loads(&self, shown: usize) -> Result<(Vec<KeyLoad>, u64)> {
+        self.read(move |conn| {
+            let running = per_key(conn, RUNNING_PER_KEY)?;
+            let pending = per_key(conn, PENDING_PER_KEY)?;
+            Ok(busiest(running, pending, &limits(conn)?, shown))
+        })
+        .await
+    }
+}
