@@ -8,13 +8,15 @@ use std::time::Duration;
 use tokio::process::Command;
 
 /// Every scenario's heading, in the order the bench prints them.
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 12] = [
     "## Phase overhead",
     "## Epoch interruption",
     "## Forced cancel",
     "## Loading `csv-parse`",
     "## Queue throughput",
     "## Latency, enqueue",
+    "## Fair claiming",
+    "## What keys cost",
     "## Over HTTP",
     "## Start-up",
     "## SSE fan-out",

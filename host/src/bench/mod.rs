@@ -3,6 +3,7 @@
 //! never assert on time. Run with `./bench.sh` (a release build).
 
 mod baseline;
+mod fairness;
 mod fanout;
 mod hotswap;
 mod http;
@@ -60,6 +61,9 @@ pub enum Scenario {
     QueueThroughput,
     /// Enqueue → completed at low load.
     QueueLatency,
+    /// A small concurrency key's waits beside another key's backlog, and
+    /// what keys cost.
+    Fairness,
     /// The queue through the HTTP API and SSE, beside the library.
     HttpThroughput,
     /// Loading 50 stored plugin versions, with and without the artifact cache.
@@ -82,6 +86,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Scenario::Load,
         Scenario::QueueThroughput,
         Scenario::QueueLatency,
+        Scenario::Fairness,
         Scenario::HttpThroughput,
         Scenario::Startup,
         Scenario::SseFanout,
@@ -105,6 +110,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
             Scenario::Load => runtime::plugin_load(&args).await?,
             Scenario::QueueThroughput => queue::queue_throughput(&args).await?,
             Scenario::QueueLatency => queue::queue_latency(&args).await?,
+            Scenario::Fairness => fairness::fairness(&args).await?,
             Scenario::HttpThroughput => http::http_throughput(&args).await?,
             Scenario::Startup => startup::startup(&args).await?,
             Scenario::SseFanout => fanout::sse_fanout(&args).await?,

@@ -32,10 +32,10 @@ const RAW_STEP_BATCH: usize = 64;
 /// Rows in the bigger payload: about 14 KB of JSON.
 const PAYLOAD_ROWS: usize = 250;
 
-struct Bench {
-    queue: Queue,
-    storage: Arc<Storage>,
-    events: Subscription,
+pub(super) struct Bench {
+    pub queue: Queue,
+    pub storage: Arc<Storage>,
+    pub events: Subscription,
     _dir: tempfile::TempDir,
 }
 
@@ -69,7 +69,7 @@ impl SharedCache {
 
 /// A queue on a fresh SQLite database, sharing `compiled` with the other
 /// samples.
-async fn start(
+pub(super) async fn start(
     args: &BenchArgs,
     compiled: &SharedCache,
     concurrency: usize,
@@ -128,7 +128,7 @@ pub(super) async fn start_on(
 }
 
 /// A job of `phases` `echo` phases with a trivial payload.
-fn spec(phases: usize) -> JobSpec {
+pub(super) fn spec(phases: usize) -> JobSpec {
     spec_with(phases, &trivial_payload())
 }
 

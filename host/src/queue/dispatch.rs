@@ -13,6 +13,9 @@ use crate::storage::{Claimed, RecoveryScope};
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
 /// How often the jobs of hosts whose lease expired are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(2);
+/// How often concurrency keys with no pending or running job are forgotten
+/// (until then an idle key keeps its turn in the rotation).
+const FORGET_IDLE_KEYS_EVERY: Duration = Duration::from_secs(60);
 /// Jobs deleted per retention transaction.
 const PURGE_BATCH: usize = 500;
 
@@ -154,6 +157,22 @@ pub(super) async fn reap(shared: Arc<Shared>) {
                 }
             }
             Err(error) => tracing::error!(%error, "recovering the jobs of expired hosts failed"),
+        }
+    }
+}
+
+/// Forgets, periodically until the queue drains, the concurrency keys that
+/// have no pending or running job, so that the rotation holds only keys in
+/// use however many keys come and go.
+pub(super) async fn forget_idle_keys(shared: Arc<Shared>) {
+    let mut ticker = tokio::time::interval(FORGET_IDLE_KEYS_EVERY);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shared.draining.cancelled() => return,
+        }
+        if let Err(error) = shared.storage.forget_idle_keys().await {
+            tracing::error!(%error, "forgetting idle concurrency keys failed");
         }
     }
 }

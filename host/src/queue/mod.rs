@@ -442,6 +442,7 @@ impl Queue {
             tokio::spawn(dispatch::dispatch(shared.clone())),
             tokio::spawn(dispatch::retention(shared.clone())),
             tokio::spawn(dispatch::reap(shared.clone())),
+            tokio::spawn(dispatch::forget_idle_keys(shared.clone())),
             tokio::spawn(follow_plugins(shared.clone())),
             tokio::spawn(schedules::fire_schedules(shared.clone())),
         ];

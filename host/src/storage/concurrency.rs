@@ -12,7 +12,10 @@
 //! When a key is ready, a claim goes round-robin ([`take_turns`]): the
 //! highest priority first, and among groups whose next job has the same
 //! priority, the group served least recently, which then goes to the back.
-//! The jobs without a key are one group among them. A key at its limit is
+//! The jobs without a key are one group among them. A new key starts at
+//! the back; a key whose jobs all ran keeps its row, and its turn, until a
+//! sweep forgets idle keys (every minute), so that a key that comes and
+//! goes is not sent to the back each time. A key at its limit is
 //! passed over without reading its backlog: the running count comes from
 //! the jobs' state (an index of running keyed jobs), never from a counter,
 //! so it holds across restarts, crashes and hosts.
@@ -31,6 +34,11 @@ pub trait ConcurrencyStore: Send + Sync {
     async fn set_concurrency_limits(&self, limits: ConcurrencyLimits) -> Result<()>;
 
     async fn concurrency_limits(&self) -> Result<ConcurrencyLimits>;
+
+    /// Takes out of the rotation the keys with no pending or running job;
+    /// returns how many. An idle key keeps its turn until then, so that a
+    /// key that comes back soon is served before a key that never paused.
+    async fn forget_idle_keys(&self) -> Result<u64>;
 
     /// The `shown` keys with the most pending and running jobs, busiest
     /// first, and how many keys have such jobs.
@@ -60,6 +68,12 @@ pub(super) const APPLY_LIMITS: &str = concat!(
     "UPDATE concurrency_keys SET max_running = ",
     limit_of!("concurrency_keys.key")
 );
+
+/// Deletes the rows of keys with no pending or running job.
+pub(super) const FORGET_IDLE_KEYS: &str = "DELETE FROM concurrency_keys
+     WHERE ready_at IS NULL
+       AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.concurrency_key = concurrency_keys.key
+                                            AND jobs.status IN ('pending', 'running'))";
 
 /// Running keyed jobs, per key.
 pub(super) const RUNNING_PER_KEY: &str = "SELECT concurrency_key, COUNT(*) FROM jobs

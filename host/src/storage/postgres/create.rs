@@ -139,7 +139,7 @@ pub(super) async fn claim(
     match keys::take_turns(tx, now, limit).await? {
         Some(taken) => {
             let claimed = claim_picked(tx, scope, now, limit, Pick::Ids(&taken.ids)).await?;
-            keys::refresh_keys(tx, &taken.refresh).await?;
+            keys::settle(tx, &taken.keys, &taken.turns).await?;
             Ok(claimed)
         }
         None => claim_picked(tx, scope, now, limit, Pick::Unkeyed { keys_ready: true }).await,

@@ -16,16 +16,17 @@ use super::{PgStore, Tx, execute, query, query_one};
 use crate::model::concurrency::LimitRule;
 use crate::model::{ConcurrencyLimits, KeyLoad};
 use crate::storage::concurrency::{
-    APPLY_LIMITS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest, take_turns as rotate,
+    APPLY_LIMITS, FORGET_IDLE_KEYS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest,
+    take_turns as rotate,
 };
 use crate::storage::{ConcurrencyStore, Result};
 
-/// The jobs a claim takes in the rotation's order, and the keys whose
-/// earliest due time and best priority must be read again once they are
-/// claimed.
+/// The jobs a claim takes in the rotation's order, and the keys to
+/// [`settle`] once they are claimed, with the new turn of those served.
 pub(super) struct Taken {
     pub ids: Vec<String>,
-    pub refresh: Vec<String>,
+    pub keys: Vec<String>,
+    pub turns: Vec<Option<i64>>,
 }
 
 /// How many more jobs key `k` may start, at most `$2`.
@@ -87,12 +88,13 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
          ORDER BY r.ready_priority DESC, r.turn, r.key, d.priority DESC, d.run_at, d.id"
     );
     let mut groups: Vec<Group> = Vec::new();
-    let mut refresh = Vec::new();
+    let (mut keys, mut key_turns) = (Vec::new(), Vec::new());
     for row in query(tx, &sql, &[&now, &want_]).await? {
         let key: String = row.get(0);
         let Some(id) = row.get::<_, Option<String>>(2) else {
             // Its row was stale: the jobs it counted were cancelled.
-            refresh.push(key);
+            keys.push(key);
+            key_turns.push(None);
             continue;
         };
         let job = (id, row.get::<_, i32>(3));
@@ -106,7 +108,7 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
         }
     }
     if groups.is_empty() {
-        refresh_keys(tx, &refresh).await?;
+        settle(tx, &keys, &key_turns).await?;
         return Ok(None);
     }
     let unkeyed = query(
@@ -123,41 +125,35 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
         due: unkeyed.iter().map(|row| (row.get(0), row.get(1))).collect(),
     });
     let turns = rotate(groups, want, next_turn);
-    let (mut keys, mut key_turns, mut new_unkeyed_turn) = (Vec::new(), Vec::new(), None);
-    for (key, turn) in &turns.served {
+    let mut new_unkeyed_turn = None;
+    for (key, turn) in turns.served {
         match key {
             Some(key) => {
-                keys.push(key.clone());
-                key_turns.push(*turn);
+                keys.push(key);
+                key_turns.push(Some(turn));
             }
-            None => new_unkeyed_turn = Some(*turn),
+            None => new_unkeyed_turn = Some(turn),
         }
     }
-    execute(
-        tx,
-        "UPDATE concurrency_keys k SET turn = t.turn
-         FROM unnest($1::text[], $2::bigint[]) AS t(key, turn) WHERE k.key = t.key",
-        &[&keys, &key_turns],
-    )
-    .await?;
     execute(
         tx,
         "UPDATE claim_rotation SET next_turn = $1, unkeyed_turn = COALESCE($2, unkeyed_turn)",
         &[&turns.next_turn, &new_unkeyed_turn],
     )
     .await?;
-    refresh.extend(keys);
     Ok(Some(Taken {
         ids: turns.ids,
-        refresh,
+        keys,
+        turns: key_turns,
     }))
 }
 
-/// Reads again the earliest due time and best priority of `keys`' pending
-/// jobs; a key without any leaves the rotation (the trigger puts it back
-/// when one of its jobs is pending again). The rows are locked first, so
-/// that the reads see what enqueues holding them committed.
-pub(super) async fn refresh_keys(tx: &Tx<'_>, keys: &[String]) -> Result<()> {
+/// Writes back the rows of `keys` after a claim: the new turn of each
+/// served (`turns`), and the earliest due time and best priority of their
+/// pending jobs. A key without any stays, idle, with its turn, until
+/// `forget_idle_keys`. The rows are locked first, so that the reads see
+/// what enqueues holding them committed.
+pub(super) async fn settle(tx: &Tx<'_>, keys: &[String], turns: &[Option<i64>]) -> Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -170,20 +166,16 @@ pub(super) async fn refresh_keys(tx: &Tx<'_>, keys: &[String]) -> Result<()> {
     execute(
         tx,
         "UPDATE concurrency_keys k SET
+             turn = COALESCE(t.turn, k.turn),
              ready_priority = (SELECT j.priority FROM jobs j
                                WHERE j.concurrency_key = k.key AND j.status = 'pending'
                                ORDER BY j.priority DESC LIMIT 1),
              ready_at = (SELECT j.run_at FROM jobs j
                          WHERE j.concurrency_key = k.key AND j.status = 'pending'
                          ORDER BY j.run_at LIMIT 1)
-         WHERE k.key = ANY($1)",
-        &[&keys],
-    )
-    .await?;
-    execute(
-        tx,
-        "DELETE FROM concurrency_keys WHERE key = ANY($1) AND ready_at IS NULL",
-        &[&keys],
+         FROM unnest($1::text[], $2::bigint[]) AS t(key, turn)
+         WHERE k.key = t.key",
+        &[&keys, &turns],
     )
     .await?;
     Ok(())
@@ -238,6 +230,11 @@ impl ConcurrencyStore for PgStore {
 
     async fn concurrency_limits(&self) -> Result<ConcurrencyLimits> {
         limits(&self.client().await?).await
+    }
+
+    async fn forget_idle_keys(&self) -> Result<u64> {
+        let client = self.client().await?;
+        Ok(client.execute(FORGET_IDLE_KEYS, &[]).await?)
     }
 
     async fn key_loads(&self, shown: usize) -> Result<(Vec<KeyLoad>, u64)> {

@@ -13,26 +13,23 @@ use super::claim::{DUE_AT_LEVEL, pending_priority_below};
 use crate::model::concurrency::LimitRule;
 use crate::model::{ConcurrencyLimits, KeyLoad};
 use crate::storage::concurrency::{
-    APPLY_LIMITS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest, take_turns as rotate,
+    APPLY_LIMITS, FORGET_IDLE_KEYS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest,
+    take_turns as rotate,
 };
 use crate::storage::{ConcurrencyStore, Result};
 
-/// The jobs a claim takes in the rotation's order, and the keys whose
-/// earliest due time and best priority must be read again once they are
-/// claimed.
+/// The jobs a claim takes in the rotation's order, and the keys to
+/// [`settle`] once they are claimed.
 pub(super) struct Taken {
     pub ids: Vec<String>,
-    pub refresh: Vec<String>,
+    pub keys: Vec<Settled>,
 }
 
-/// Whether a key has a job due at `now` by its row (which may be stale).
-fn any_key_ready(conn: &Connection, now: i64) -> Result<bool> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM concurrency_keys INDEXED BY concurrency_keys_ready_at
-                            WHERE ready_at IS NOT NULL AND ready_at <= ?1)",
-        )?
-        .query_row([now], |row| row.get(0))?)
+/// A key whose row a claim writes back: its new turn if it was served, and
+/// its earliest due time and best priority read again.
+pub(super) struct Settled {
+    key: String,
+    turn: Option<i64>,
 }
 
 /// How many jobs with `key` run now.
@@ -58,11 +55,8 @@ fn room(conn: &Connection, key: &str, max_running: Option<i64>, want: usize) -> 
 /// key with room until it has `want` groups; keys at their limit cost a
 /// count of their running jobs, never a read of their backlog.
 pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Option<Taken>> {
-    if !any_key_ready(conn, now)? {
-        return Ok(None);
-    }
     let mut groups = Vec::new();
-    let mut to_refresh = Vec::new();
+    let mut keys = Vec::new();
     {
         let mut ready = conn.prepare_cached(
             "SELECT key, turn, max_running FROM concurrency_keys INDEXED BY concurrency_keys_ready
@@ -90,7 +84,7 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
                 .collect::<rusqlite::Result<VecDeque<_>>>()?;
             if jobs.is_empty() {
                 // Its row was stale: the jobs it counted were cancelled.
-                to_refresh.push(key);
+                keys.push(Settled { key, turn: None });
                 continue;
             }
             groups.push(Group {
@@ -101,7 +95,7 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
         }
     }
     if groups.is_empty() {
-        refresh(conn, &to_refresh)?;
+        settle(conn, &keys)?;
         return Ok(None);
     }
     let (unkeyed_turn, next_turn): (i64, i64) = conn
@@ -113,25 +107,23 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
         due: due_unkeyed(conn, now, want)?,
     });
     let turns = rotate(groups, want, next_turn);
-    let mut set_turn =
-        conn.prepare_cached("UPDATE concurrency_keys SET turn = ?2 WHERE key = ?1")?;
-    for (key, turn) in &turns.served {
+    let mut unkeyed_turn = None;
+    for (key, turn) in turns.served {
         match key {
-            Some(key) => {
-                set_turn.execute(params![key, turn])?;
-                to_refresh.push(key.clone());
-            }
-            None => {
-                conn.prepare_cached("UPDATE claim_rotation SET unkeyed_turn = ?1")?
-                    .execute([turn])?;
-            }
+            Some(key) => keys.push(Settled {
+                key,
+                turn: Some(turn),
+            }),
+            None => unkeyed_turn = Some(turn),
         }
     }
-    conn.prepare_cached("UPDATE claim_rotation SET next_turn = ?1")?
-        .execute([turns.next_turn])?;
+    conn.prepare_cached(
+        "UPDATE claim_rotation SET next_turn = ?1, unkeyed_turn = COALESCE(?2, unkeyed_turn)",
+    )?
+    .execute(params![turns.next_turn, unkeyed_turn])?;
     Ok(Some(Taken {
         ids: turns.ids,
-        refresh: to_refresh,
+        keys,
     }))
 }
 
@@ -156,12 +148,15 @@ fn due_unkeyed(conn: &Connection, now: i64, want: usize) -> Result<VecDeque<(Str
     Ok(due)
 }
 
-/// Reads again the earliest due time and best priority of `keys`' pending
-/// jobs; a key without any leaves the rotation (a trigger puts it back
-/// when one of its jobs is pending again).
-pub(super) fn refresh(conn: &Connection, keys: &[String]) -> Result<()> {
+/// Writes back the rows of `keys` after a claim: the new turn of each
+/// served, and the earliest due time and best priority of their pending
+/// jobs. A key without any stays, idle, with its turn, until
+/// `forget_idle_keys` (a trigger makes it ready again when one of its jobs
+/// is pending).
+pub(super) fn settle(conn: &Connection, keys: &[Settled]) -> Result<()> {
     let mut update = conn.prepare_cached(
         "UPDATE concurrency_keys SET
+             turn = COALESCE(?2, turn),
              ready_priority = (SELECT priority FROM jobs INDEXED BY jobs_keyed_due
                                WHERE concurrency_key = ?1 AND status = 'pending'
                                ORDER BY priority DESC LIMIT 1),
@@ -170,11 +165,8 @@ pub(super) fn refresh(conn: &Connection, keys: &[String]) -> Result<()> {
                          ORDER BY run_at LIMIT 1)
          WHERE key = ?1",
     )?;
-    let mut leave =
-        conn.prepare_cached("DELETE FROM concurrency_keys WHERE key = ?1 AND ready_at IS NULL")?;
-    for key in keys {
-        update.execute([key])?;
-        leave.execute([key])?;
+    for Settled { key, turn } in keys {
+        update.execute(params![key, turn])?;
     }
     Ok(())
 }
@@ -242,6 +234,11 @@ impl ConcurrencyStore for SqliteStore {
 
     async fn concurrency_limits(&self) -> Result<ConcurrencyLimits> {
         self.read(limits).await
+    }
+
+    async fn forget_idle_keys(&self) -> Result<u64> {
+        self.write(|conn, _| Ok(conn.execute(FORGET_IDLE_KEYS, [])? as u64))
+            .await
     }
 
     async fn key_loads(&self, shown: usize) -> Result<(Vec<KeyLoad>, u64)> {

@@ -1,0 +1,182 @@
+//! Fair claiming across concurrency keys: how long a small key's jobs wait
+//! to start while another key has a backlog (10,000 jobs), beside the same jobs
+//! with no backlog and behind a backlog of their own key (first come, first
+//! served), in one run; and what keys cost the queue's throughput.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use jobhost::events::{KindSet, Topic};
+use jobhost::model::{EventBody, EventKind, JobSpec};
+use jobhost::storage::Durability;
+
+use super::BenchArgs;
+use super::queue::{SharedCache, completions, spec, start};
+use super::stats::{median, millis, percentile};
+
+/// Jobs in the big key's backlog, per `--jobs` (10,000 by default).
+const BACKLOG_PER_JOB: usize = 5;
+/// The small key's jobs, one every `SMALL_EVERY`.
+const SMALL_JOBS: usize = 200;
+const SMALL_EVERY: Duration = Duration::from_millis(2);
+const CONCURRENCY: usize = 8;
+
+pub async fn fairness(args: &BenchArgs) -> anyhow::Result<()> {
+    let compiled = SharedCache::new()?;
+    println!(
+        "## Fair claiming: enqueue → `job:started` of {SMALL_JOBS} jobs of a small key, one every \
+         {} ms, concurrency {CONCURRENCY} (ms)",
+        SMALL_EVERY.as_millis()
+    );
+    println!("| while pending | p50 | p99 | ratio of p99 to no backlog | backlog left |");
+    println!("|---|---:|---:|---:|---:|");
+    let backlog = args.jobs * BACKLOG_PER_JOB;
+    // The second case is the floor under the backlog's load: the small
+    // jobs outrank it, so they wait for a free worker and the writer only.
+    let cases = [
+        ("nothing else".to_owned(), 0, "small", 0),
+        (
+            format!("{backlog} jobs of another key"),
+            backlog,
+            "small",
+            0,
+        ),
+        (
+            format!("the same, the small key's jobs at a higher priority"),
+            backlog,
+            "small",
+            1,
+        ),
+        (format!("{backlog} jobs of the same key"), backlog, "big", 0),
+    ];
+    let mut baseline = None;
+    for (name, backlog, key, priority) in cases {
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        let mut left = Vec::new();
+        for _ in 0..args.samples.min(3) {
+            let (mut waits, backlog_left) =
+                small_waits(args, &compiled, backlog, key, priority).await?;
+            p50s.push(percentile(&mut waits, 50.0));
+            p99s.push(percentile(&mut waits, 99.0));
+            left.push(backlog_left as f64);
+        }
+        let p99 = median(&mut p99s);
+        let base = *baseline.get_or_insert(p99);
+        println!(
+            "| {name} | {:.2} | {p99:.2} | {:.1} | {:.0} |",
+            median(&mut p50s),
+            p99 / base,
+            median(&mut left)
+        );
+    }
+
+    println!(
+        "\n## What keys cost: {} 1-phase jobs, concurrency {CONCURRENCY}, jobs/s",
+        args.jobs
+    );
+    println!("| keys | jobs/s | ratio to no keys |\n|---|---:|---:|");
+    let mut no_keys = None;
+    for (name, keys) in [("none", 0), ("8 keys", 8), ("a key per job", usize::MAX)] {
+        let rate = keyed_throughput(args, &compiled, keys).await?;
+        let base = *no_keys.get_or_insert(rate);
+        println!("| {name} | {rate:.0} | {:.2} |", rate / base);
+    }
+    Ok(())
+}
+
+fn keyed(key: String) -> JobSpec {
+    JobSpec {
+        concurrency_key: Some(key),
+        ..spec(1)
+    }
+}
+
+/// The waits of the small key's jobs (of `priority`), in ms, with
+/// `backlog` jobs of key `big` enqueued first (while paused, so that all of
+/// it is there), and how many of those were still pending once the last
+/// small job started.
+async fn small_waits(
+    args: &BenchArgs,
+    compiled: &SharedCache,
+    backlog: usize,
+    small_key: &str,
+    priority: i32,
+) -> anyhow::Result<(Vec<f64>, u64)> {
+    let bench = start(args, compiled, CONCURRENCY, Durability::Process).await?;
+    bench.queue.pause().await?;
+    for chunk in (0..backlog).collect::<Vec<_>>().chunks(500) {
+        let jobs = chunk
+            .iter()
+            .map(|_| bench.queue.enqueue(keyed("big".into())));
+        for job in futures::future::join_all(jobs).await {
+            job?;
+        }
+    }
+    let mut started = bench
+        .queue
+        .bus()
+        .subscribe_batches(Topic::Kinds(KindSet::of(&[EventKind::JobStarted])));
+    bench.queue.resume().await?;
+    let mut submitted = HashMap::new();
+    let mut waits = Vec::with_capacity(SMALL_JOBS);
+    let mut ticker = tokio::time::interval(SMALL_EVERY);
+    while waits.len() < SMALL_JOBS {
+        tokio::select! {
+            _ = ticker.tick(), if submitted.len() + waits.len() < SMALL_JOBS => {
+                let at = Instant::now();
+                let spec = JobSpec { priority, ..keyed(small_key.into()) };
+                let job = bench.queue.enqueue(spec).await?;
+                submitted.insert(job.job.id, at);
+            }
+            batch = started.recv() => {
+                let batch = batch.map_err(|e| anyhow::anyhow!("event bus: {e}"))?;
+                let now = Instant::now();
+                for event in batch.events() {
+                    if let (EventBody::JobStarted(_), Some(job)) = (&event.body, &event.job_id)
+                        && let Some(at) = submitted.remove(job)
+                    {
+                        waits.push(millis(now - at));
+                    }
+                }
+            }
+        }
+    }
+    let left = bench.storage.pending_count().await?;
+    let _ = bench.queue.shutdown(Duration::from_secs(30)).await;
+    Ok((waits, left))
+}
+
+/// Jobs per second through the queue, each job with one of `keys` keys
+/// (none for 0).
+async fn keyed_throughput(
+    args: &BenchArgs,
+    compiled: &SharedCache,
+    keys: usize,
+) -> anyhow::Result<f64> {
+    let mut rates = Vec::new();
+    for _ in 0..args.samples.min(3) {
+        let mut bench = start(args, compiled, CONCURRENCY, Durability::Process).await?;
+        let queue = std::sync::Arc::new(bench.queue);
+        let began = Instant::now();
+        let submitters: Vec<_> = (0..args.jobs)
+            .map(|i| {
+                let spec = match keys {
+                    0 => spec(1),
+                    keys => keyed(format!("k{}", i % keys)),
+                };
+                let queue = queue.clone();
+                tokio::spawn(async move { queue.enqueue(spec).await })
+            })
+            .collect();
+        for submitter in submitters {
+            submitter.await??;
+        }
+        completions(&mut bench.events, bench.storage.as_ref(), args.jobs).await?;
+        rates.push(args.jobs as f64 / began.elapsed().as_secs_f64());
+        if let Ok(queue) = std::sync::Arc::try_unwrap(queue) {
+            let _ = queue.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+    Ok(median(&mut rates))
+}
