@@ -42,7 +42,7 @@ pub async fn fairness(args: &BenchArgs) -> anyhow::Result<()> {
             0,
         ),
         (
-            format!("the same, the small key's jobs at a higher priority"),
+            "the same, the small key's jobs at a higher priority".to_owned(),
             backlog,
             "small",
             1,
