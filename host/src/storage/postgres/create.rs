@@ -108,15 +108,14 @@ pub(super) async fn create(
 /// Whether a pending job other than `job_id` is due at `now` (for a key,
 /// one with room).
 pub(super) async fn other_job_due(tx: &Tx<'_>, job_id: &str, now: i64) -> Result<bool> {
-    let row = query_opt(
-        tx,
-        "SELECT 1 FROM jobs
-         WHERE status = 'pending' AND concurrency_key IS NULL AND run_at <= $1 AND id <> $2
-         LIMIT 1",
-        &[&now, &job_id],
-    )
-    .await?;
-    Ok(row.is_some() || keys::key_due(tx, now).await?)
+    let sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM jobs
+                        WHERE status = 'pending' AND concurrency_key IS NULL
+                          AND run_at <= $1 AND id <> $2)
+             OR {}",
+        keys::KEY_DUE
+    );
+    Ok(query_one(tx, &sql, &[&now, &job_id, &1_i64]).await?.get(0))
 }
 
 /// Claims up to `limit` due jobs, highest priority first, then earliest
@@ -130,10 +129,15 @@ pub(super) async fn claim(
     now: i64,
     limit: usize,
 ) -> Result<Vec<Claimed>> {
-    let claimed = claim_picked(tx, scope, now, limit, Pick::Unkeyed { keys_ready: false }).await?;
+    // Whether a key is ready is asked beside the claim, pipelined on the
+    // connection: no round trip more when nothing is due.
+    let (claimed, keys_ready) = futures::try_join!(
+        claim_picked(tx, scope, now, limit, Pick::Unkeyed { keys_ready: false }),
+        keys::any_ready(tx, now)
+    )?;
     // Nothing claimed: nothing is due, or a key is ready, whose turn it
     // may be.
-    if !claimed.is_empty() || !keys::any_ready(tx, now).await? {
+    if !claimed.is_empty() || !keys_ready {
         return Ok(claimed);
     }
     match keys::take_turns(tx, now, limit).await? {

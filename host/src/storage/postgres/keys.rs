@@ -30,9 +30,19 @@ pub(super) struct Taken {
 }
 
 /// How many more jobs key `k` may start, at most `$2`.
-const ROOM: &str = "CASE WHEN k.max_running IS NULL THEN $2::bigint
-          ELSE LEAST($2::bigint, k.max_running - (SELECT COUNT(*) FROM jobs r
-                     WHERE r.concurrency_key = k.key AND r.status = 'running')) END";
+macro_rules! room {
+    ($want:literal) => {
+        concat!(
+            "CASE WHEN k.max_running IS NULL THEN ",
+            $want,
+            "::bigint ELSE LEAST(",
+            $want,
+            "::bigint, k.max_running - (SELECT COUNT(*) FROM jobs r
+                 WHERE r.concurrency_key = k.key AND r.status = 'running')) END"
+        )
+    };
+}
+const ROOM: &str = room!("$2");
 
 /// Whether a key has a job due at `now` by its row (which may be stale),
 /// room or not.
@@ -41,14 +51,14 @@ pub(super) async fn any_ready(tx: &Tx<'_>, now: i64) -> Result<bool> {
     Ok(query_one(tx, sql, &[&now]).await?.get(0))
 }
 
-/// Whether a key with room has a job due at `$1`, by the keys' rows.
-pub(super) async fn key_due(db: &impl GenericClient, now: i64) -> Result<bool> {
-    let sql = format!(
-        "SELECT EXISTS (SELECT 1 FROM concurrency_keys k
-                        WHERE k.ready_at IS NOT NULL AND k.ready_at <= $1 AND {ROOM} > 0)"
-    );
-    Ok(query_one(db, &sql, &[&now, &1_i64]).await?.get(0))
-}
+/// Whether a key with room has a job due at `$1`, by the keys' rows (`$3`
+/// is 1).
+pub(super) const KEY_DUE: &str = concat!(
+    "EXISTS (SELECT 1 FROM concurrency_keys k
+             WHERE k.ready_at IS NOT NULL AND k.ready_at <= $1 AND ",
+    room!("$3"),
+    " > 0)"
+);
 
 /// The earliest time a key with room has a job due, by the keys' rows.
 pub(super) const NEXT_KEY_DUE: &str = "
