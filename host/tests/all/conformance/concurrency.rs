@@ -222,3 +222,48 @@ pub async fn concurrent_claimers_respect_a_keys_limit(backend: Backend) {
     let of = |key: &str| ids.iter().filter(|id| id.starts_with(key)).count();
     assert_eq!((of("a-"), of("b-")), (3, 3));
 }
+
+/// Enqueues racing claims that empty a key never strand the key's jobs:
+/// whatever the interleaving (on PostgreSQL, on several connections), every
+/// job is claimed in the end.
+pub async fn enqueues_racing_claims_never_strand_a_keys_jobs(backend: Backend) {
+    let (store, _dir) = fresh(backend).await;
+    with_echo(&store).await;
+    const SUBMITTERS: usize = 4;
+    const EACH: usize = 25;
+    let submitters = (0..SUBMITTERS).map(|s| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for j in 0..EACH {
+                create(&store, keyed(&format!("s{s}-{j:02}"), Some("k"))).await;
+            }
+        })
+    });
+    let claimers = (0..4).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for _ in 0..40 {
+                let claimed = store.claim_due_jobs(2_000, 2).await.unwrap();
+                mine.extend(claimed.into_iter().map(|c| c.job.id));
+                tokio::task::yield_now().await;
+            }
+            mine
+        })
+    });
+    futures::future::join_all(submitters).await;
+    let mut ids = Vec::new();
+    for claimer in futures::future::join_all(claimers).await {
+        ids.extend(claimer.unwrap());
+    }
+    loop {
+        let claimed = store.claim_due_jobs(2_000, 16).await.unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        ids.extend(claimed.into_iter().map(|c| c.job.id));
+    }
+    let distinct: HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "a job was claimed twice");
+    assert_eq!(ids.len(), SUBMITTERS * EACH, "jobs left unclaimed");
+}

@@ -34,6 +34,7 @@ use concurrency::a_keys_limit_holds_until_its_jobs_end;
 use concurrency::a_retried_keyed_job_rejoins_the_rotation;
 use concurrency::claims_go_round_robin_across_keys;
 use concurrency::concurrent_claimers_respect_a_keys_limit;
+use concurrency::enqueues_racing_claims_never_strand_a_keys_jobs;
 use concurrency::prefix_and_default_limits_apply_to_each_key;
 use events::an_ending_job_with_a_webhook_adds_one_delivery;
 use events::the_log_reads_back_in_order_by_cursor_and_filter;
@@ -88,6 +89,7 @@ crate::fixture::on_each_backend! {
     prefix_and_default_limits_apply_to_each_key,
     a_retried_keyed_job_rejoins_the_rotation,
     concurrent_claimers_respect_a_keys_limit,
+    enqueues_racing_claims_never_strand_a_keys_jobs,
 }
 
 /// Stores `echo` 1.0.0 (active) and 2.0.0, which [`job`] pins.
