@@ -387,13 +387,38 @@ mod tests {
         );
     }
 
+    /// Runs `f`, counting the SQLite VM instructions it takes.
+    fn instructions<T>(conn: &mut Connection, f: impl FnOnce(&Connection) -> T) -> (T, u64) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let counted = std::sync::Arc::new(AtomicU64::new(0));
+        let counter = counted.clone();
+        let count = move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+            false
+        };
+        conn.progress_handler(1, Some(count)).unwrap();
+        let result = f(conn);
+        conn.progress_handler(0, None::<fn() -> bool>).unwrap();
+        (result, counted.load(Ordering::Relaxed))
+    }
+
+    fn keyed(id: String, key: &str, run_at: i64) -> NewJob {
+        NewJob {
+            id,
+            concurrency_key: Some(key.into()),
+            run_at,
+            idempotency_key: None,
+            ..two_phase_job("")
+        }
+    }
+
     /// A key at its limit is passed over for a count of its running jobs,
     /// never a read of its backlog: claiming another key's job costs as
     /// many SQLite instructions with 5,000 of the full key's jobs pending as
     /// with 5 (whichever way the rotation turns).
     #[test]
     fn a_key_at_its_limit_is_passed_over_without_reading_its_backlog() {
-        let instructions = |backlog: usize| -> u64 {
+        let cost = |backlog: usize| -> u64 {
             let mut conn = writer_with_echo();
             let mut log = EventLog::default();
             conn.execute(
@@ -401,38 +426,51 @@ mod tests {
                 [],
             )
             .unwrap();
-            let job = |id: String, key: &str| NewJob {
-                id,
-                concurrency_key: Some(key.into()),
+            for i in 0..backlog {
+                create(&conn, &mut log, &keyed(format!("full-{i}"), "full", 0)).unwrap();
+            }
+            assert_eq!(claim(&conn, &mut log, 1_000, 8).unwrap().len(), 1);
+            create(&conn, &mut log, &keyed("other".into(), "other", 0)).unwrap();
+            let (claimed, cost) = instructions(&mut conn, |conn| claim(conn, &mut log, 1_000, 8));
+            let claimed = claimed.unwrap();
+            assert_eq!(claimed.len(), 1);
+            assert_eq!(claimed[0].job.id, "other");
+            cost
+        };
+        let (few, many) = (cost(5), cost(5_000));
+        assert!(
+            many < 2 * few,
+            "{few} SQLite instructions with 5 jobs of the full key, {many} with 5,000"
+        );
+    }
+
+    /// Keys whose jobs are all scheduled for later cost a claim nothing
+    /// while no key is ready: claiming a job without a key takes as many
+    /// instructions beside 5,000 such keys as beside 5.
+    #[test]
+    fn keys_scheduled_for_later_cost_a_claim_nothing() {
+        let cost = |keys: usize| -> u64 {
+            let mut conn = writer_with_echo();
+            let mut log = EventLog::default();
+            for i in 0..keys {
+                let later = keyed(format!("later-{i}"), &format!("k{i}"), 1_000_000);
+                create(&conn, &mut log, &later).unwrap();
+            }
+            let due = NewJob {
+                id: "due".into(),
                 run_at: 0,
                 idempotency_key: None,
                 ..two_phase_job("")
             };
-            for i in 0..backlog {
-                create(&conn, &mut log, &job(format!("full-{i}"), "full")).unwrap();
-            }
-            assert_eq!(claim(&conn, &mut log, 1_000, 8).unwrap().len(), 1);
-            create(&conn, &mut log, &job("other".into(), "other")).unwrap();
-            let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let counter = counted.clone();
-            conn.progress_handler(
-                1,
-                Some(move || {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    false
-                }),
-            )
-            .unwrap();
-            let claimed = claim(&conn, &mut log, 1_000, 8).unwrap();
-            conn.progress_handler(0, None::<fn() -> bool>).unwrap();
-            assert_eq!(claimed.len(), 1);
-            assert_eq!(claimed[0].job.id, "other");
-            counted.load(std::sync::atomic::Ordering::Relaxed)
+            create(&conn, &mut log, &due).unwrap();
+            let (claimed, cost) = instructions(&mut conn, |conn| claim(conn, &mut log, 1_000, 8));
+            assert_eq!(claimed.unwrap().len(), 1);
+            cost
         };
-        let (few, many) = (instructions(5), instructions(5_000));
+        let (few, many) = (cost(5), cost(5_000));
         assert!(
             many < 2 * few,
-            "{few} SQLite instructions with 5 jobs of the full key, {many} with 5,000"
+            "{few} SQLite instructions beside 5 keys scheduled for later, {many} beside 5,000"
         );
     }
 }

@@ -32,6 +32,18 @@ pub(super) struct Settled {
     turn: Option<i64>,
 }
 
+/// Whether a key has a job due at `now` by its row (which may be stale):
+/// one seek, so that a claim while no key is ready reads none of the keys
+/// whose jobs are all scheduled for later.
+fn any_key_ready(conn: &Connection, now: i64) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM concurrency_keys INDEXED BY concurrency_keys_ready_at
+                            WHERE ready_at IS NOT NULL AND ready_at <= ?1)",
+        )?
+        .query_row([now], |row| row.get(0))?)
+}
+
 /// How many jobs with `key` run now.
 fn running(conn: &Connection, key: &str) -> Result<i64> {
     Ok(conn
@@ -51,10 +63,14 @@ fn room(conn: &Connection, key: &str, max_running: Option<i64>, want: usize) -> 
 }
 
 /// Up to `want` jobs of the rotation, or `None` when no key is ready (the
-/// claim then takes jobs without a key as it always did). Reads every ready
-/// key with room until it has `want` groups; keys at their limit cost a
-/// count of their running jobs, never a read of their backlog.
+/// claim then takes jobs without a key as it always did). Reads the keys in
+/// turn order until it has `want` groups: a key at its limit costs a count
+/// of its running jobs, never a read of its backlog; a key whose jobs are
+/// all scheduled for later costs a row.
 pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Option<Taken>> {
+    if !any_key_ready(conn, now)? {
+        return Ok(None);
+    }
     let mut groups = Vec::new();
     let mut keys = Vec::new();
     {
