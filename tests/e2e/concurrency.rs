@@ -54,7 +54,8 @@ async fn limits_are_operator_data_and_hold() {
     server
         .upload("sleep", "1.0.0", plugin_artifacts::SLEEP)
         .await;
-    let limits = json!({"default": 0, "keys": {"tenant-*": 1, "tenant-vip": 3}});
+    let limits = json!({"default": 0, "keys": {"tenant-*": 1, "tenant-vip": 3},
+                        "rates": {"tenant-vip": 50.0}});
     let (status, state) = server.put("/queue/concurrency", &limits).await;
     assert_eq!(status, 200, "{state}");
     assert_eq!(state["limits"], limits);
@@ -74,6 +75,7 @@ async fn limits_are_operator_data_and_hold() {
     for (bad, field) in [
         (json!({"keys": {"tenant 1": 1}}), "keys.tenant 1:"),
         (json!({"default": 100_001}), "default:"),
+        (json!({"rates": {"tenant-1": 0}}), "rates.tenant-1:"),
     ] {
         let (status, body) = server.put("/queue/concurrency", &bad).await;
         assert_eq!(status, 422, "{body}");

@@ -18,7 +18,7 @@ pub enum QueueAction {
     Resume,
     /// Show the concurrency limits and the busiest keys, or replace the
     /// limits from a file (JSON, `-` for standard input), e.g.
-    /// {"default": 4, "keys": {"tenant-*": 2}}.
+    /// {"default": 4, "keys": {"tenant-*": 2}, "rates": {"tenant-*": 10}}.
     Limits {
         file: Option<PathBuf>,
     },
@@ -84,6 +84,12 @@ fn print_concurrency(c: &Value) {
     if let Some(default) = limits["default"].as_u64() {
         rules.push(format!("default {default}"));
     }
+    for (rule, rate) in limits["rates"].as_object().into_iter().flatten() {
+        rules.push(format!("{rule} {rate}/s"));
+    }
+    if let Some(rate) = limits["default_rate"].as_f64() {
+        rules.push(format!("default {rate}/s"));
+    }
     if rules.is_empty() {
         println!("no concurrency limits");
     } else {
@@ -91,9 +97,12 @@ fn print_concurrency(c: &Value) {
     }
     println!("{} keys with jobs", c["key_count"]);
     for key in c["keys"].as_array().into_iter().flatten() {
-        let limit = key["limit"]
+        let mut limit = key["limit"]
             .as_u64()
             .map_or("no limit".to_owned(), |l| format!("limit {l}"));
+        if let Some(rate) = key["rate"].as_f64() {
+            limit.push_str(&format!(", {rate}/s"));
+        }
         println!(
             "  {:<32} running {:<5} pending {:<7} {limit}",
             text(&key["key"]),

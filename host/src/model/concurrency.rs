@@ -21,15 +21,19 @@ pub mod limits {
     pub const MAX_RULES: usize = 1_000;
     /// Largest limit a rule may set.
     pub const MAX_LIMIT: u32 = 100_000;
+    /// Largest rate a rule may set, in starts per second.
+    pub const MAX_RATE: f64 = 100_000.0;
     /// Keys listed in `GET /queue` and labelled in metrics, busiest first.
     pub const SHOWN_KEYS: usize = 50;
 }
 
-/// How many jobs with a key may run at once: per key, per key prefix, and
-/// a default for keys no rule names. The most specific rule wins: the key
-/// itself, then the longest prefix, then the default. Without a default,
-/// keys no rule names have no limit, and only take their turn.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// How many jobs with a key may run at once, and how many may start per
+/// second: per key, per key prefix, and a default for keys no rule names.
+/// The most specific rule wins: the key itself, then the longest prefix,
+/// then the default (limits and rates are resolved on their own). Without
+/// a default, keys no rule names have no limit or no rate, and only take
+/// their turn.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConcurrencyLimits {
     /// The limit of every key no rule names.
@@ -41,22 +45,54 @@ pub struct ConcurrencyLimits {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub keys: BTreeMap<String, u32>,
+    /// The rate of every key no rate rule names, in starts per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0, maximum = 100_000)]
+    pub default_rate: Option<f64>,
+    /// Starts per second by key or prefix, as `keys`: at most this many
+    /// jobs with the key start in a second, in bursts of at most one
+    /// second's worth (and at least one).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = Object)]
+    pub rates: BTreeMap<String, f64>,
 }
 
 /// One rule as stored: a key, or a prefix (the default is the empty
-/// prefix, which every key has).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// prefix, which every key has), with its limit, its rate, or both.
+#[derive(Debug, Clone, PartialEq)]
 pub struct LimitRule {
     pub pattern: String,
     pub prefix: bool,
-    pub max_running: u32,
+    pub max_running: Option<u32>,
+    pub per_second: Option<f64>,
 }
 
 impl ConcurrencyLimits {
     /// Checks the rules' shape and bounds; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.keys.len() > limits::MAX_RULES {
-            return Err(format!("keys: at most {} rules", limits::MAX_RULES));
+        if self.keys.len() + self.rates.len() > limits::MAX_RULES {
+            return Err(format!(
+                "keys: at most {} rules, with rates",
+                limits::MAX_RULES
+            ));
+        }
+        let check_rate = |field: &str, rate: f64| {
+            if rate.is_finite() && rate > 0.0 && rate <= limits::MAX_RATE {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{field}: a rate above 0, at most {}",
+                    limits::MAX_RATE
+                ))
+            }
+        };
+        if let Some(rate) = self.default_rate {
+            check_rate("default_rate", rate)?;
+        }
+        for (rule, &rate) in &self.rates {
+            let key = rule.strip_suffix('*').unwrap_or(rule);
+            check_key(key).map_err(|e| format!("rates.{rule}: {e}"))?;
+            check_rate(&format!("rates.{rule}"), rate)?;
         }
         let check = |field: &str, limit: u32| {
             if limit > limits::MAX_LIMIT {
@@ -76,41 +112,64 @@ impl ConcurrencyLimits {
         Ok(())
     }
 
-    /// The rules as stored.
+    /// The rules as stored: one per pattern, with its limit and its rate.
     pub fn rules(&self) -> Vec<LimitRule> {
-        let default = self.default.map(|max_running| LimitRule {
-            pattern: String::new(),
-            prefix: true,
-            max_running,
-        });
-        let named = self.keys.iter().map(|(rule, &max_running)| {
-            let (pattern, prefix) = match rule.strip_suffix('*') {
-                Some(prefix) => (prefix, true),
-                None => (rule.as_str(), false),
+        let mut out = BTreeMap::new();
+        let entry = |name: Option<&str>| {
+            let (pattern, prefix) = match name {
+                None => ("", true),
+                Some(name) => match name.strip_suffix('*') {
+                    Some(prefix) => (prefix, true),
+                    None => (name, false),
+                },
             };
-            LimitRule {
-                pattern: pattern.to_owned(),
-                prefix,
-                max_running,
-            }
-        });
-        default.into_iter().chain(named).collect()
+            (pattern.to_owned(), prefix)
+        };
+        let mut set = |name: Option<&str>, change: &dyn Fn(&mut LimitRule)| {
+            let (pattern, prefix) = entry(name);
+            let rule = out
+                .entry((pattern.clone(), prefix))
+                .or_insert_with(|| LimitRule {
+                    pattern,
+                    prefix,
+                    max_running: None,
+                    per_second: None,
+                });
+            change(rule);
+        };
+        let limits = self.default.map(|limit| (None, limit)).into_iter();
+        for (name, limit) in limits.chain(self.keys.iter().map(|(k, &v)| (Some(k.as_str()), v))) {
+            set(name, &|rule| rule.max_running = Some(limit));
+        }
+        let rates = self.default_rate.map(|rate| (None, rate)).into_iter();
+        for (name, rate) in rates.chain(self.rates.iter().map(|(k, &v)| (Some(k.as_str()), v))) {
+            set(name, &|rule| rule.per_second = Some(rate));
+        }
+        out.into_values().collect()
     }
 
     /// The limits the stored rules make up.
     pub fn from_rules(rules: impl IntoIterator<Item = LimitRule>) -> Self {
         let mut limits = Self::default();
         for rule in rules {
-            match (rule.prefix, rule.pattern.is_empty()) {
-                (true, true) => limits.default = Some(rule.max_running),
-                (true, false) => {
-                    limits
-                        .keys
-                        .insert(format!("{}*", rule.pattern), rule.max_running);
+            let name = match (rule.prefix, rule.pattern.is_empty()) {
+                (true, true) => None,
+                (true, false) => Some(format!("{}*", rule.pattern)),
+                (false, _) => Some(rule.pattern),
+            };
+            match (&name, rule.max_running) {
+                (None, Some(limit)) => limits.default = Some(limit),
+                (Some(name), Some(limit)) => {
+                    limits.keys.insert(name.clone(), limit);
                 }
-                (false, _) => {
-                    limits.keys.insert(rule.pattern, rule.max_running);
+                (_, None) => {}
+            }
+            match (name, rule.per_second) {
+                (None, Some(rate)) => limits.default_rate = Some(rate),
+                (Some(name), Some(rate)) => {
+                    limits.rates.insert(name, rate);
                 }
+                (_, None) => {}
             }
         }
         limits
@@ -119,19 +178,30 @@ impl ConcurrencyLimits {
     /// The limit of `key`: the key's own rule, else its longest prefix
     /// rule, else the default; `None` is no limit.
     pub fn limit_of(&self, key: &str) -> Option<u32> {
-        if let Some(&limit) = self.keys.get(key) {
-            return Some(limit);
-        }
-        self.keys
-            .iter()
-            .filter_map(|(rule, &limit)| {
-                let prefix = rule.strip_suffix('*')?;
-                key.starts_with(prefix).then_some((prefix.len(), limit))
-            })
-            .max_by_key(|&(length, _)| length)
-            .map(|(_, limit)| limit)
-            .or(self.default)
+        most_specific(&self.keys, self.default, key)
     }
+
+    /// The rate of `key`, resolved as its limit is; `None` is no rate.
+    pub fn rate_of(&self, key: &str) -> Option<f64> {
+        most_specific(&self.rates, self.default_rate, key)
+    }
+}
+
+/// The value of `key`'s own rule, else of its longest prefix rule, else
+/// `default`.
+fn most_specific<T: Copy>(rules: &BTreeMap<String, T>, default: Option<T>, key: &str) -> Option<T> {
+    if let Some(&value) = rules.get(key) {
+        return Some(value);
+    }
+    rules
+        .iter()
+        .filter_map(|(rule, &value)| {
+            let prefix = rule.strip_suffix('*')?;
+            key.starts_with(prefix).then_some((prefix.len(), value))
+        })
+        .max_by_key(|&(length, _)| length)
+        .map(|(_, value)| value)
+        .or(default)
 }
 
 /// Checks a concurrency key: 1 to 128 bytes of letters, digits and
@@ -148,7 +218,7 @@ pub fn check_key(key: &str) -> Result<(), String> {
 }
 
 /// One key's jobs right now, for `GET /queue` and metrics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct KeyLoad {
     pub key: String,
     pub running: u64,
@@ -156,6 +226,9 @@ pub struct KeyLoad {
     /// Its limit; absent when it has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// Its rate in starts per second; absent when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
 }
 
 #[cfg(test)]
@@ -166,6 +239,7 @@ mod tests {
         ConcurrencyLimits {
             default,
             keys: keys.iter().map(|&(k, v)| (k.to_owned(), v)).collect(),
+            ..ConcurrencyLimits::default()
         }
     }
 
@@ -184,8 +258,12 @@ mod tests {
 
     #[test]
     fn rules_round_trip_through_storage() {
-        let limits = limits(Some(0), &[("a*", 2), ("b", 9)]);
-        assert_eq!(ConcurrencyLimits::from_rules(limits.rules()), limits);
+        let mut limits = limits(Some(0), &[("a*", 2), ("b", 9)]);
+        limits.rates = [("a*".to_owned(), 2.5), ("c".to_owned(), 1.0)].into();
+        limits.default_rate = Some(0.5);
+        let rules = limits.rules();
+        assert_eq!(rules.len(), 4, "one row per pattern: {rules:?}");
+        assert_eq!(ConcurrencyLimits::from_rules(rules), limits);
     }
 
     #[test]
@@ -199,10 +277,15 @@ mod tests {
             .map(|i| (format!("k{i}"), 1))
             .collect();
         let many = ConcurrencyLimits {
-            default: None,
             keys: many.into_iter().collect(),
+            ..ConcurrencyLimits::default()
         };
         assert!(refused(many).starts_with("keys: at most"));
+        let mut rated = limits(None, &[]);
+        rated.rates = [("r".to_owned(), 0.0)].into();
+        assert!(refused(rated.clone()).starts_with("rates.r:"));
+        rated.rates = [("r".to_owned(), f64::NAN)].into();
+        assert!(refused(rated).starts_with("rates.r:"));
         assert!(check_key(&"k".repeat(limits::MAX_KEY_LEN + 1)).is_err());
         assert!(check_key("tenant-42/eu@x:1.a_b").is_ok());
     }

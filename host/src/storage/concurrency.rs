@@ -45,29 +45,71 @@ pub trait ConcurrencyStore: Send + Sync {
     async fn key_loads(&self, shown: usize) -> Result<(Vec<KeyLoad>, u64)>;
 }
 
-/// A key's limit, as an SQL expression over the `concurrency_limits` rules
-/// (the same on both backends): the key's own rule, else its longest
-/// prefix rule (the default is the empty prefix); NULL is no limit.
-macro_rules! limit_of {
-    ($key:literal) => {
+/// A key's limit (`max_running`) or rate (`per_second`), as an SQL
+/// expression over the `concurrency_limits` rules (the same on both
+/// backends): the key's own rule that sets it, else its longest prefix rule
+/// that does (the default is the empty prefix); NULL is none.
+macro_rules! rule_of {
+    ($column:literal, $key:literal) => {
         concat!(
-            "(SELECT l.max_running FROM concurrency_limits l
-              WHERE (NOT l.prefix AND l.pattern = ",
+            "(SELECT l.",
+            $column,
+            " FROM concurrency_limits l WHERE l.",
+            $column,
+            " IS NOT NULL AND ((NOT l.prefix AND l.pattern = ",
             $key,
             ") OR (l.prefix AND substr(",
             $key,
-            ", 1, length(l.pattern)) = l.pattern)
+            ", 1, length(l.pattern)) = l.pattern))
               ORDER BY l.prefix, length(l.pattern) DESC LIMIT 1)"
         )
     };
 }
-pub(super) use limit_of;
+pub(super) use rule_of;
 
-/// Gives every key row the limit the rules now set.
+/// Gives every key row the limit and rate the rules now set.
 pub(super) const APPLY_LIMITS: &str = concat!(
     "UPDATE concurrency_keys SET max_running = ",
-    limit_of!("concurrency_keys.key")
+    rule_of!("max_running", "concurrency_keys.key"),
+    ", per_second = ",
+    rule_of!("per_second", "concurrency_keys.key")
 );
+
+/// A key's rate as a token bucket: `per_second` tokens a second, holding at
+/// most one second's worth (and at least one); full until first used.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Bucket {
+    pub per_second: f64,
+    pub tokens: Option<f64>,
+    pub refilled_at: Option<i64>,
+}
+
+impl Bucket {
+    fn burst(&self) -> f64 {
+        self.per_second.max(1.0)
+    }
+
+    /// The tokens it holds at `now` (Unix ms).
+    pub fn tokens_at(&self, now: i64) -> f64 {
+        match (self.tokens, self.refilled_at) {
+            (Some(tokens), Some(at)) => {
+                let earned = (now - at).max(0) as f64 * self.per_second / 1000.0;
+                (tokens + earned).min(self.burst())
+            }
+            _ => self.burst(),
+        }
+    }
+
+    /// When it next holds a whole token, if it holds none now.
+    pub fn next_token_at(&self) -> Option<i64> {
+        match (self.tokens, self.refilled_at) {
+            (Some(tokens), Some(at)) if tokens < 1.0 => {
+                Some(at + ((1.0 - tokens) * 1000.0 / self.per_second).ceil() as i64)
+            }
+            _ => None,
+        }
+    }
+}
 
 /// Deletes the rows of keys with no pending or running job.
 pub(super) const FORGET_IDLE_KEYS: &str = "DELETE FROM concurrency_keys
@@ -103,6 +145,7 @@ pub(super) fn busiest(
         .into_iter()
         .map(|(key, (running, pending))| KeyLoad {
             limit: limits.limit_of(&key),
+            rate: limits.rate_of(&key),
             key,
             running,
             pending,
@@ -132,8 +175,8 @@ pub(super) struct Group {
 pub(super) struct Turns {
     /// The jobs to claim, in claim order.
     pub ids: Vec<String>,
-    /// Each group served, with its new turn.
-    pub served: Vec<(Option<String>, i64)>,
+    /// Each group served, with its new turn and how many of its jobs.
+    pub served: Vec<(Option<String>, i64, usize)>,
     /// The turn after the last one handed out.
     pub next_turn: i64,
 }
@@ -156,9 +199,12 @@ pub(super) fn take_turns(mut groups: Vec<Group>, want: usize, mut next_turn: i64
         turns.ids.push(id);
         group.turn = next_turn;
         next_turn += 1;
-        match turns.served.iter_mut().find(|(key, _)| *key == group.key) {
-            Some(served) => served.1 = group.turn,
-            None => turns.served.push((group.key.clone(), group.turn)),
+        match turns.served.iter_mut().find(|(key, ..)| *key == group.key) {
+            Some(served) => {
+                served.1 = group.turn;
+                served.2 += 1;
+            }
+            None => turns.served.push((group.key.clone(), group.turn, 1)),
         }
     }
     turns.next_turn = next_turn;
@@ -193,9 +239,9 @@ mod tests {
         assert_eq!(
             turns.served,
             [
-                (Some("big".into()), 15),
-                (None, 14),
-                (Some("small".into()), 12)
+                (Some("big".into()), 15, 3),
+                (None, 14, 2),
+                (Some("small".into()), 12, 1)
             ]
         );
         assert_eq!(turns.next_turn, 16);
@@ -208,5 +254,33 @@ mod tests {
             group(Some("b"), 9, &[("b1", 5), ("b2", 0)]),
         ];
         assert_eq!(take_turns(groups, 3, 10).ids, ["b1", "a1", "b2"]);
+    }
+
+    #[test]
+    fn a_bucket_holds_a_seconds_worth_and_refills() {
+        let fresh = Bucket {
+            per_second: 2.0,
+            tokens: None,
+            refilled_at: None,
+        };
+        assert_eq!(fresh.tokens_at(0), 2.0, "full until first used");
+        let used = Bucket {
+            tokens: Some(0.0),
+            refilled_at: Some(1_000),
+            ..fresh
+        };
+        assert_eq!(used.tokens_at(1_250), 0.5);
+        assert_eq!(
+            used.tokens_at(9_000),
+            2.0,
+            "never more than a second's worth"
+        );
+        assert_eq!(used.next_token_at(), Some(1_500));
+        let slow = Bucket {
+            per_second: 0.5,
+            ..used
+        };
+        assert_eq!(slow.tokens_at(9_000), 1.0, "at least one");
+        assert_eq!(slow.next_token_at(), Some(3_000));
     }
 }

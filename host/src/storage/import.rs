@@ -26,6 +26,7 @@ enum Column {
     Int,
     Bytes,
     Bool,
+    Float,
 }
 
 /// A table to copy: its name and columns, the same in both schemas.
@@ -34,7 +35,7 @@ struct Table {
     columns: &'static [(&'static str, Column)],
 }
 
-use Column::{BigInt, Bool, Bytes, Int, Text};
+use Column::{BigInt, Bool, Bytes, Float, Int, Text};
 
 /// Columns PostgreSQL names differently: (table, PostgreSQL's name,
 /// SQLite's).
@@ -80,7 +81,12 @@ const TABLES: &[Table] = &[
     // claim rotation reads its limit.
     Table {
         name: "concurrency_limits",
-        columns: &[("pattern", Text), ("prefix", Bool), ("max_running", Int)],
+        columns: &[
+            ("pattern", Text),
+            ("prefix", Bool),
+            ("max_running", Int),
+            ("per_second", Float),
+        ],
     },
     Table {
         name: "jobs",
@@ -338,6 +344,9 @@ fn convert(table: &Table, row: Vec<Value>) -> Result<Vec<Box<dyn ToSql + Sync + 
                     )),
                     (Bytes, Value::Blob(bytes)) => Box::new(bytes),
                     (Bool, Value::Integer(n)) => Box::new(n != 0),
+                    (Float, Value::Null) => Box::new(None::<f64>),
+                    (Float, Value::Real(x)) => Box::new(Some(x)),
+                    (Float, Value::Integer(n)) => Box::new(Some(n as f64)),
                     (_, value) => return Err(mismatch(name, &value)),
                 })
             },

@@ -61,8 +61,9 @@ async fn fill(store: &Arc<Storage>) -> Vec<String> {
     running(store, job("running", 2)).await;
     create(store, job("pending", 1)).await;
     let limits = ConcurrencyLimits {
-        default: None,
         keys: [("tenant".to_owned(), 1)].into(),
+        rates: [("tenant".to_owned(), 2.5)].into(),
+        ..ConcurrencyLimits::default()
     };
     store.set_concurrency_limits(limits).await.unwrap();
     let keyed = NewJob {

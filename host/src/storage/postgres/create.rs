@@ -143,7 +143,7 @@ pub(super) async fn claim(
     match keys::take_turns(tx, now, limit).await? {
         Some(taken) => {
             let claimed = claim_picked(tx, scope, now, limit, Pick::Ids(&taken.ids)).await?;
-            keys::settle(tx, &taken.keys, &taken.turns).await?;
+            keys::settle(tx, &taken.keys, &taken.turns, &taken.tokens, now).await?;
             Ok(claimed)
         }
         None => claim_picked(tx, scope, now, limit, Pick::Unkeyed { keys_ready: true }).await,

@@ -27,18 +27,38 @@ pub(super) struct Taken {
     pub ids: Vec<String>,
     pub keys: Vec<String>,
     pub turns: Vec<Option<i64>>,
+    /// The tokens left in the bucket of each served key with a rate.
+    pub tokens: Vec<Option<f64>>,
 }
 
-/// How many more jobs key `k` may start, at most `$2`.
+/// The tokens in key `k`'s bucket at `$1` (NULL without a rate), as
+/// `storage::concurrency::Bucket` counts them.
+macro_rules! tokens {
+    () => {
+        "CASE WHEN k.per_second IS NULL THEN NULL
+              WHEN k.tokens IS NULL THEN GREATEST(1, k.per_second)
+              ELSE LEAST(GREATEST(1, k.per_second),
+                         k.tokens + GREATEST(0, $1 - k.refilled_at) * k.per_second / 1000.0) END"
+    };
+}
+const TOKENS: &str = tokens!();
+
+/// How many more jobs key `k` may start at `$1`, at most `$want`: its limit
+/// and its tokens allowing.
 macro_rules! room {
     ($want:literal) => {
         concat!(
-            "CASE WHEN k.max_running IS NULL THEN ",
+            "LEAST(CASE WHEN k.max_running IS NULL THEN ",
             $want,
             "::bigint ELSE LEAST(",
             $want,
             "::bigint, k.max_running - (SELECT COUNT(*) FROM jobs r
-                 WHERE r.concurrency_key = k.key AND r.status = 'running')) END"
+                 WHERE r.concurrency_key = k.key AND r.status = 'running')) END,
+             COALESCE(floor(",
+            tokens!(),
+            ")::bigint, ",
+            $want,
+            "::bigint))"
         )
     };
 }
@@ -60,9 +80,14 @@ pub(super) const KEY_DUE: &str = concat!(
     " > 0)"
 );
 
-/// The earliest time a key with room has a job due, by the keys' rows.
+/// The earliest time a key with room has a job due and a token for it, by
+/// the keys' rows.
 pub(super) const NEXT_KEY_DUE: &str = "
-    SELECT MIN(k.ready_at) FROM concurrency_keys k
+    SELECT MIN(GREATEST(k.ready_at,
+                        CASE WHEN k.per_second IS NOT NULL AND k.tokens < 1
+                             THEN k.refilled_at + ceil((1 - k.tokens) * 1000 / k.per_second)::bigint
+                        END))
+    FROM concurrency_keys k
     WHERE k.ready_at IS NOT NULL
       AND (k.max_running IS NULL
            OR k.max_running > (SELECT COUNT(*) FROM jobs r
@@ -83,13 +108,13 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
     let want_ = want as i64;
     let sql = format!(
         "WITH ready AS (
-             SELECT k.key, k.turn, k.ready_priority, room.n AS room
+             SELECT k.key, k.turn, k.ready_priority, room.n AS room, {TOKENS} AS tokens
              FROM concurrency_keys k CROSS JOIN LATERAL (SELECT {ROOM} AS n) room
              WHERE k.ready_at IS NOT NULL AND k.ready_at <= $1 AND room.n > 0
              ORDER BY k.ready_priority DESC, k.turn, k.key
              LIMIT $2
          )
-         SELECT r.key, r.turn, d.id, d.priority
+         SELECT r.key, r.turn, d.id, d.priority, r.tokens
          FROM ready r LEFT JOIN LATERAL (
              SELECT j.id, j.priority, j.run_at FROM jobs j
              WHERE j.concurrency_key = r.key AND j.status = 'pending' AND j.run_at <= $1
@@ -98,15 +123,23 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
          ORDER BY r.ready_priority DESC, r.turn, r.key, d.priority DESC, d.run_at, d.id"
     );
     let mut groups: Vec<Group> = Vec::new();
-    let (mut keys, mut key_turns) = (Vec::new(), Vec::new());
+    let (mut keys, mut key_turns, mut key_tokens) = (Vec::new(), Vec::new(), Vec::new());
+    // The tokens of each rated key with room, at `now`.
+    let mut buckets: Vec<(String, f64)> = Vec::new();
     for row in query(tx, &sql, &[&now, &want_]).await? {
         let key: String = row.get(0);
         let Some(id) = row.get::<_, Option<String>>(2) else {
             // Its row was stale: the jobs it counted were cancelled.
             keys.push(key);
             key_turns.push(None);
+            key_tokens.push(None);
             continue;
         };
+        if let Some(tokens) = row.get::<_, Option<f64>>(4)
+            && buckets.last().is_none_or(|(last, _)| *last != key)
+        {
+            buckets.push((key.clone(), tokens));
+        }
         let job = (id, row.get::<_, i32>(3));
         match groups.last_mut() {
             Some(group) if group.key.as_deref() == Some(&key) => group.due.push_back(job),
@@ -118,7 +151,7 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
         }
     }
     if groups.is_empty() {
-        settle(tx, &keys, &key_turns).await?;
+        settle(tx, &keys, &key_turns, &key_tokens, now).await?;
         return Ok(None);
     }
     let unkeyed = query(
@@ -136,11 +169,16 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
     });
     let turns = rotate(groups, want, next_turn);
     let mut new_unkeyed_turn = None;
-    for (key, turn) in turns.served {
+    for (key, turn, count) in turns.served {
         match key {
             Some(key) => {
+                let tokens = buckets
+                    .iter()
+                    .find(|(rated, _)| *rated == key)
+                    .map(|(_, tokens)| tokens - count as f64);
                 keys.push(key);
                 key_turns.push(Some(turn));
+                key_tokens.push(tokens);
             }
             None => new_unkeyed_turn = Some(turn),
         }
@@ -155,15 +193,23 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
         ids: turns.ids,
         keys,
         turns: key_turns,
+        tokens: key_tokens,
     }))
 }
 
 /// Writes back the rows of `keys` after a claim: the new turn of each
-/// served (`turns`), and the earliest due time and best priority of their
-/// pending jobs. A key without any stays, idle, with its turn, until
-/// `forget_idle_keys`. The rows are locked first, so that the reads see
-/// what enqueues holding them committed.
-pub(super) async fn settle(tx: &Tx<'_>, keys: &[String], turns: &[Option<i64>]) -> Result<()> {
+/// served (`turns`) and the tokens left in its bucket at `now` (`tokens`),
+/// and the earliest due time and best priority of their pending jobs. A
+/// key without any stays, idle, with its turn, until `forget_idle_keys`.
+/// The rows are locked first, so that the reads see what enqueues holding
+/// them committed.
+pub(super) async fn settle(
+    tx: &Tx<'_>,
+    keys: &[String],
+    turns: &[Option<i64>],
+    tokens: &[Option<f64>],
+    now: i64,
+) -> Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -177,15 +223,17 @@ pub(super) async fn settle(tx: &Tx<'_>, keys: &[String], turns: &[Option<i64>]) 
         tx,
         "UPDATE concurrency_keys k SET
              turn = COALESCE(t.turn, k.turn),
+             tokens = COALESCE(t.tokens, k.tokens),
+             refilled_at = CASE WHEN t.tokens IS NULL THEN k.refilled_at ELSE $4 END,
              ready_priority = (SELECT j.priority FROM jobs j
                                WHERE j.concurrency_key = k.key AND j.status = 'pending'
                                ORDER BY j.priority DESC LIMIT 1),
              ready_at = (SELECT j.run_at FROM jobs j
                          WHERE j.concurrency_key = k.key AND j.status = 'pending'
                          ORDER BY j.run_at LIMIT 1)
-         FROM unnest($1::text[], $2::bigint[]) AS t(key, turn)
+         FROM unnest($1::text[], $2::bigint[], $3::float8[]) AS t(key, turn, tokens)
          WHERE k.key = t.key",
-        &[&keys, &turns],
+        &[&keys, &turns, &tokens, &now],
     )
     .await?;
     Ok(())
@@ -194,7 +242,7 @@ pub(super) async fn settle(tx: &Tx<'_>, keys: &[String], turns: &[Option<i64>]) 
 async fn limits(db: &impl GenericClient) -> Result<ConcurrencyLimits> {
     let rows = query(
         db,
-        "SELECT pattern, prefix, max_running FROM concurrency_limits",
+        "SELECT pattern, prefix, max_running, per_second FROM concurrency_limits",
         &[],
     )
     .await?;
@@ -202,7 +250,8 @@ async fn limits(db: &impl GenericClient) -> Result<ConcurrencyLimits> {
         LimitRule {
             pattern: row.get(0),
             prefix: row.get(1),
-            max_running: row.get::<_, i32>(2) as u32,
+            max_running: row.get::<_, Option<i32>>(2).map(|limit| limit as u32),
+            per_second: row.get(3),
         }
     })))
 }
@@ -222,13 +271,17 @@ impl ConcurrencyStore for PgStore {
                 let rules = limits.rules();
                 let patterns: Vec<&str> = rules.iter().map(|r| r.pattern.as_str()).collect();
                 let prefixes: Vec<bool> = rules.iter().map(|r| r.prefix).collect();
-                let maxima: Vec<i32> = rules.iter().map(|r| r.max_running as i32).collect();
+                let maxima: Vec<Option<i32>> = rules
+                    .iter()
+                    .map(|r| r.max_running.map(|limit| limit as i32))
+                    .collect();
+                let rates: Vec<Option<f64>> = rules.iter().map(|r| r.per_second).collect();
                 execute(tx, "DELETE FROM concurrency_limits", &[]).await?;
                 execute(
                     tx,
-                    "INSERT INTO concurrency_limits (pattern, prefix, max_running)
-                     SELECT * FROM unnest($1::text[], $2::boolean[], $3::int[])",
-                    &[&patterns, &prefixes, &maxima],
+                    "INSERT INTO concurrency_limits (pattern, prefix, max_running, per_second)
+                     SELECT * FROM unnest($1::text[], $2::boolean[], $3::int[], $4::float8[])",
+                    &[&patterns, &prefixes, &maxima, &rates],
                 )
                 .await?;
                 execute(tx, APPLY_LIMITS, &[]).await?;

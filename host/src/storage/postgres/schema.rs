@@ -4,7 +4,7 @@
 //! binary older than the database's schema refuses to start, so a rolling
 //! upgrade never runs old code on a new schema.
 
-use crate::storage::concurrency::limit_of;
+use crate::storage::concurrency::rule_of;
 use crate::storage::{ErrorClass, Result, StorageError};
 
 /// The advisory lock migrations hold (any constant unique to jobhost).
@@ -256,7 +256,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE TABLE concurrency_limits (
         pattern     TEXT NOT NULL,
         prefix      BOOLEAN NOT NULL,
-        max_running INTEGER NOT NULL,
+        max_running INTEGER,
+        per_second  DOUBLE PRECISION,
         PRIMARY KEY (pattern, prefix)
     );
     CREATE TABLE concurrency_keys (
@@ -264,7 +265,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
         turn           BIGINT NOT NULL,
         ready_priority INTEGER,
         ready_at       BIGINT,
-        max_running    INTEGER
+        max_running    INTEGER,
+        per_second     DOUBLE PRECISION,
+        tokens         DOUBLE PRECISION,
+        refilled_at    BIGINT
     ) WITH (fillfactor = 70);
     CREATE INDEX concurrency_keys_ready ON concurrency_keys (ready_priority DESC, turn, key)
         WHERE ready_at IS NOT NULL;
@@ -274,10 +278,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     INSERT INTO claim_rotation VALUES (0, 1);
     CREATE FUNCTION jobhost_key_ready() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-        INSERT INTO concurrency_keys AS k (key, turn, ready_priority, ready_at, max_running)
+        INSERT INTO concurrency_keys AS k (key, turn, ready_priority, ready_at, max_running,
+                                           per_second)
         VALUES (NEW.concurrency_key, (SELECT next_turn FROM claim_rotation), NEW.priority,
                 NEW.run_at, "#,
-        limit_of!("NEW.concurrency_key"),
+        rule_of!("max_running", "NEW.concurrency_key"),
+        ", ",
+        rule_of!("per_second", "NEW.concurrency_key"),
         r#")
         ON CONFLICT (key) DO UPDATE SET
             ready_priority = GREATEST(k.ready_priority, EXCLUDED.ready_priority),

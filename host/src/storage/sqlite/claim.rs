@@ -122,7 +122,7 @@ pub(super) fn claim(
                     Ok((job_row(row)?, row.get(LEASE_COLUMN)?))
                 })?);
             }
-            keys::settle(conn, &turns.keys)?;
+            keys::settle(conn, &turns.keys, now)?;
             claimed
         }
         None => claim_unkeyed(conn, now, limit)?,
@@ -422,7 +422,7 @@ mod tests {
             let mut conn = writer_with_echo();
             let mut log = EventLog::default();
             conn.execute(
-                "INSERT INTO concurrency_limits VALUES ('full', false, 1)",
+                "INSERT INTO concurrency_limits (pattern, prefix, max_running) VALUES ('full', false, 1)",
                 [],
             )
             .unwrap();

@@ -13,7 +13,7 @@ use super::claim::{DUE_AT_LEVEL, pending_priority_below};
 use crate::model::concurrency::LimitRule;
 use crate::model::{ConcurrencyLimits, KeyLoad};
 use crate::storage::concurrency::{
-    APPLY_LIMITS, FORGET_IDLE_KEYS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest,
+    APPLY_LIMITS, Bucket, FORGET_IDLE_KEYS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest,
     take_turns as rotate,
 };
 use crate::storage::{ConcurrencyStore, Result};
@@ -25,11 +25,26 @@ pub(super) struct Taken {
     pub keys: Vec<Settled>,
 }
 
-/// A key whose row a claim writes back: its new turn if it was served, and
-/// its earliest due time and best priority read again.
+/// A key whose row a claim writes back: its new turn and the tokens left
+/// in its bucket if it was served, and its earliest due time and best
+/// priority read again.
 pub(super) struct Settled {
     key: String,
     turn: Option<i64>,
+    tokens: Option<f64>,
+}
+
+/// A key row's bucket, from its `per_second`, `tokens` and `refilled_at`
+/// columns at `at`.
+fn bucket(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Option<Bucket>> {
+    let Some(per_second) = row.get::<_, Option<f64>>(at)? else {
+        return Ok(None);
+    };
+    Ok(Some(Bucket {
+        per_second,
+        tokens: row.get(at + 1)?,
+        refilled_at: row.get(at + 2)?,
+    }))
 }
 
 /// Whether a key has a job due at `now` by its row (which may be stale):
@@ -54,7 +69,7 @@ fn running(conn: &Connection, key: &str) -> Result<i64> {
         .query_row([key], |row| row.get(0))?)
 }
 
-/// How many more jobs with `key` may start, given its limit.
+/// How many more jobs with `key` may run, given its limit.
 fn room(conn: &Connection, key: &str, max_running: Option<i64>, want: usize) -> Result<usize> {
     Ok(match max_running {
         None => want,
@@ -73,9 +88,12 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
     }
     let mut groups = Vec::new();
     let mut keys = Vec::new();
+    // The tokens of each rated key with room, at `now`.
+    let mut buckets: Vec<(String, f64)> = Vec::new();
     {
         let mut ready = conn.prepare_cached(
-            "SELECT key, turn, max_running FROM concurrency_keys INDEXED BY concurrency_keys_ready
+            "SELECT key, turn, max_running, per_second, tokens, refilled_at
+             FROM concurrency_keys INDEXED BY concurrency_keys_ready
              WHERE ready_at IS NOT NULL AND ready_at <= ?1
              ORDER BY ready_priority DESC, turn, key",
         )?;
@@ -89,9 +107,15 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
             && let Some(row) = rows.next()?
         {
             let (key, turn): (String, i64) = (row.get(0)?, row.get(1)?);
-            let room = room(conn, &key, row.get(2)?, want)?;
+            let bucket = bucket(row, 3)?;
+            let tokens = bucket.map(|b| b.tokens_at(now));
+            let room = room(conn, &key, row.get(2)?, want)?
+                .min(tokens.map_or(want, |tokens| tokens.floor() as usize));
             if room == 0 {
                 continue;
+            }
+            if let Some(tokens) = tokens {
+                buckets.push((key.clone(), tokens));
             }
             let jobs = due
                 .query_map(params![key, now, room as i64], |row| {
@@ -100,7 +124,11 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
                 .collect::<rusqlite::Result<VecDeque<_>>>()?;
             if jobs.is_empty() {
                 // Its row was stale: the jobs it counted were cancelled.
-                keys.push(Settled { key, turn: None });
+                keys.push(Settled {
+                    key,
+                    turn: None,
+                    tokens: None,
+                });
                 continue;
             }
             groups.push(Group {
@@ -111,7 +139,7 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
         }
     }
     if groups.is_empty() {
-        settle(conn, &keys)?;
+        settle(conn, &keys, now)?;
         return Ok(None);
     }
     let (unkeyed_turn, next_turn): (i64, i64) = conn
@@ -124,12 +152,19 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
     });
     let turns = rotate(groups, want, next_turn);
     let mut unkeyed_turn = None;
-    for (key, turn) in turns.served {
+    for (key, turn, count) in turns.served {
         match key {
-            Some(key) => keys.push(Settled {
-                key,
-                turn: Some(turn),
-            }),
+            Some(key) => {
+                let tokens = buckets
+                    .iter()
+                    .find(|(rated, _)| *rated == key)
+                    .map(|(_, tokens)| tokens - count as f64);
+                keys.push(Settled {
+                    key,
+                    turn: Some(turn),
+                    tokens,
+                })
+            }
             None => unkeyed_turn = Some(turn),
         }
     }
@@ -169,10 +204,12 @@ fn due_unkeyed(conn: &Connection, now: i64, want: usize) -> Result<VecDeque<(Str
 /// jobs. A key without any stays, idle, with its turn, until
 /// `forget_idle_keys` (a trigger makes it ready again when one of its jobs
 /// is pending).
-pub(super) fn settle(conn: &Connection, keys: &[Settled]) -> Result<()> {
+pub(super) fn settle(conn: &Connection, keys: &[Settled], now: i64) -> Result<()> {
     let mut update = conn.prepare_cached(
         "UPDATE concurrency_keys SET
              turn = COALESCE(?2, turn),
+             tokens = COALESCE(?3, tokens),
+             refilled_at = CASE WHEN ?3 IS NULL THEN refilled_at ELSE ?4 END,
              ready_priority = (SELECT priority FROM jobs INDEXED BY jobs_keyed_due
                                WHERE concurrency_key = ?1 AND status = 'pending'
                                ORDER BY priority DESC LIMIT 1),
@@ -181,26 +218,35 @@ pub(super) fn settle(conn: &Connection, keys: &[Settled]) -> Result<()> {
                          ORDER BY run_at LIMIT 1)
          WHERE key = ?1",
     )?;
-    for Settled { key, turn } in keys {
-        update.execute(params![key, turn])?;
+    for Settled { key, turn, tokens } in keys {
+        update.execute(params![key, turn, tokens, now])?;
     }
     Ok(())
 }
 
-/// The earliest time a key with room has a job due, by the keys' rows.
+/// The earliest time a key with room has a job due and a token for it, by
+/// the keys' rows.
 pub(super) fn next_key_due(conn: &Connection) -> Result<Option<i64>> {
     let mut ready = conn.prepare_cached(
-        "SELECT key, ready_at, max_running FROM concurrency_keys INDEXED BY concurrency_keys_ready_at
+        "SELECT key, ready_at, max_running, per_second, tokens, refilled_at
+         FROM concurrency_keys INDEXED BY concurrency_keys_ready_at
          WHERE ready_at IS NOT NULL ORDER BY ready_at",
     )?;
     let mut rows = ready.query([])?;
+    let mut earliest: Option<i64> = None;
     while let Some(row) = rows.next()? {
+        let ready_at: i64 = row.get(1)?;
+        if earliest.is_some_and(|earliest| ready_at >= earliest) {
+            break;
+        }
         let key: String = row.get(0)?;
         if room(conn, &key, row.get(2)?, 1)? > 0 {
-            return Ok(Some(row.get(1)?));
+            let token_at = bucket(row, 3)?.and_then(|b| b.next_token_at());
+            let due = token_at.map_or(ready_at, |at| at.max(ready_at));
+            earliest = Some(earliest.map_or(due, |earliest| earliest.min(due)));
         }
     }
-    Ok(None)
+    Ok(earliest)
 }
 
 /// Whether a key with room has a job due at `now`.
@@ -211,10 +257,16 @@ pub(super) fn key_due(conn: &Connection, now: i64) -> Result<bool> {
 fn set_limits(conn: &Connection, limits: &ConcurrencyLimits) -> Result<()> {
     conn.execute("DELETE FROM concurrency_limits", [])?;
     let mut insert = conn.prepare_cached(
-        "INSERT INTO concurrency_limits (pattern, prefix, max_running) VALUES (?1, ?2, ?3)",
+        "INSERT INTO concurrency_limits (pattern, prefix, max_running, per_second)
+         VALUES (?1, ?2, ?3, ?4)",
     )?;
     for rule in limits.rules() {
-        insert.execute(params![rule.pattern, rule.prefix, rule.max_running])?;
+        insert.execute(params![
+            rule.pattern,
+            rule.prefix,
+            rule.max_running,
+            rule.per_second
+        ])?;
     }
     conn.execute(APPLY_LIMITS, [])?;
     Ok(())
@@ -222,12 +274,13 @@ fn set_limits(conn: &Connection, limits: &ConcurrencyLimits) -> Result<()> {
 
 fn limits(conn: &Connection) -> Result<ConcurrencyLimits> {
     let rules = conn
-        .prepare_cached("SELECT pattern, prefix, max_running FROM concurrency_limits")?
+        .prepare_cached("SELECT pattern, prefix, max_running, per_second FROM concurrency_limits")?
         .query_map([], |row| {
             Ok(LimitRule {
                 pattern: row.get(0)?,
                 prefix: row.get(1)?,
                 max_running: row.get(2)?,
+                per_second: row.get(3)?,
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension};
 
-use crate::storage::concurrency::limit_of;
+use crate::storage::concurrency::rule_of;
 
 /// What the triggers of migration 12 do when a keyed job becomes pending:
 /// its key joins `concurrency_keys` at the back of the rotation, or moves
@@ -11,10 +11,13 @@ use crate::storage::concurrency::limit_of;
 macro_rules! key_ready {
     () => {
         concat!(
-            "INSERT INTO concurrency_keys (key, turn, ready_priority, ready_at, max_running)
+            "INSERT INTO concurrency_keys (key, turn, ready_priority, ready_at, max_running,
+                                           per_second)
              VALUES (NEW.concurrency_key, (SELECT next_turn FROM claim_rotation), NEW.priority,
                      NEW.run_at, ",
-            limit_of!("NEW.concurrency_key"),
+            rule_of!("max_running", "NEW.concurrency_key"),
+            ", ",
+            rule_of!("per_second", "NEW.concurrency_key"),
             ")
              ON CONFLICT (key) DO UPDATE SET
                  ready_priority = MAX(COALESCE(ready_priority, excluded.ready_priority),
@@ -274,7 +277,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE TABLE concurrency_limits (
         pattern     TEXT NOT NULL,
         prefix      BOOLEAN NOT NULL,
-        max_running INTEGER NOT NULL,
+        max_running INTEGER,
+        per_second  REAL,
         PRIMARY KEY (pattern, prefix)
     );
     CREATE TABLE concurrency_keys (
@@ -282,7 +286,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
         turn           INTEGER NOT NULL,
         ready_priority INTEGER,
         ready_at       INTEGER,
-        max_running    INTEGER
+        max_running    INTEGER,
+        per_second     REAL,
+        tokens         REAL,
+        refilled_at    INTEGER
     );
     CREATE INDEX concurrency_keys_ready ON concurrency_keys (ready_priority DESC, turn, key)
         WHERE ready_at IS NOT NULL;

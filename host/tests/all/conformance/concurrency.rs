@@ -22,6 +22,7 @@ fn limits(default: Option<u32>, keys: &[(&str, u32)]) -> ConcurrencyLimits {
     ConcurrencyLimits {
         default,
         keys: keys.iter().map(|&(k, v)| (k.to_owned(), v)).collect(),
+        ..ConcurrencyLimits::default()
     }
 }
 
@@ -70,6 +71,7 @@ pub async fn a_keys_limit_holds_until_its_jobs_end(backend: Backend) {
         running: 2,
         pending: 3,
         limit: Some(2),
+        rate: None,
     };
     assert_eq!((loads, keys), (vec![load], 1));
 
@@ -266,4 +268,41 @@ pub async fn enqueues_racing_claims_never_strand_a_keys_jobs(backend: Backend) {
     let distinct: HashSet<_> = ids.iter().collect();
     assert_eq!(distinct.len(), ids.len(), "a job was claimed twice");
     assert_eq!(ids.len(), SUBMITTERS * EACH, "jobs left unclaimed");
+}
+
+/// A key's rate: at most `per_second` of its jobs start a second, in a
+/// burst of at most one second's worth; the dispatcher wakes when the next
+/// token is due. The rate is resolved like a limit, on its own.
+pub async fn a_keys_rate_spaces_its_starts(backend: Backend) {
+    let (store, _dir) = fresh(backend).await;
+    with_echo(&store).await;
+    let rules = ConcurrencyLimits {
+        rates: [("k".to_owned(), 2.0)].into(),
+        default_rate: Some(0.5),
+        ..limits(None, &[("k", 10)])
+    };
+    store.set_concurrency_limits(rules.clone()).await.unwrap();
+    assert_eq!(store.concurrency_limits().await.unwrap(), rules);
+    for i in 0..6 {
+        create(&store, keyed(&format!("k-{i}"), Some("k"))).await;
+    }
+    create(&store, keyed("slow-0", Some("slow"))).await;
+    create(&store, keyed("slow-1", Some("slow"))).await;
+    // A full bucket: two seconds' worth of k (2 tokens), one of slow.
+    let mut first = claim_keys(&store, 2_000, 10).await;
+    first.sort();
+    assert_eq!(first, ["k", "k", "slow"]);
+    assert!(store.claim_due_jobs(2_000, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.next_due_at().await.unwrap(),
+        Some(2_500),
+        "k's next token"
+    );
+    assert!(store.claim_due_jobs(2_400, 10).await.unwrap().is_empty());
+    assert_eq!(claim_keys(&store, 2_500, 10).await, ["k"]);
+    // A second later: two more tokens, never more than a second's worth.
+    assert_eq!(claim_keys(&store, 9_000, 10).await, ["k", "k", "slow"]);
+    let (loads, _) = store.key_loads(10).await.unwrap();
+    let k = loads.iter().find(|load| load.key == "k").unwrap();
+    assert_eq!((k.limit, k.rate), (Some(10), Some(2.0)));
 }

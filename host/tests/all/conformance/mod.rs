@@ -31,6 +31,7 @@ pub async fn fresh(backend: Backend) -> (Arc<Storage>, DataDir) {
 }
 
 use concurrency::a_keys_limit_holds_until_its_jobs_end;
+use concurrency::a_keys_rate_spaces_its_starts;
 use concurrency::a_retried_keyed_job_rejoins_the_rotation;
 use concurrency::claims_go_round_robin_across_keys;
 use concurrency::concurrent_claimers_respect_a_keys_limit;
@@ -90,6 +91,7 @@ crate::fixture::on_each_backend! {
     a_retried_keyed_job_rejoins_the_rotation,
     concurrent_claimers_respect_a_keys_limit,
     enqueues_racing_claims_never_strand_a_keys_jobs,
+    a_keys_rate_spaces_its_starts,
 }
 
 /// Stores `echo` 1.0.0 (active) and 2.0.0, which [`job`] pins.
