@@ -76,40 +76,35 @@ impl ConcurrencyLimits {
                 limits::MAX_RULES
             ));
         }
-        let check_rate = |field: &str, rate: f64| {
-            if rate.is_finite() && rate > 0.0 && rate <= limits::MAX_RATE {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{field}: a rate above 0, at most {}",
-                    limits::MAX_RATE
-                ))
-            }
-        };
-        if let Some(rate) = self.default_rate {
-            check_rate("default_rate", rate)?;
-        }
-        for (rule, &rate) in &self.rates {
-            let key = rule.strip_suffix('*').unwrap_or(rule);
-            check_key(key).map_err(|e| format!("rates.{rule}: {e}"))?;
-            check_rate(&format!("rates.{rule}"), rate)?;
-        }
-        let check = |field: &str, limit: u32| {
-            if limit > limits::MAX_LIMIT {
-                Err(format!("{field}: at most {}", limits::MAX_LIMIT))
-            } else {
-                Ok(())
-            }
-        };
-        if let Some(default) = self.default {
-            check("default", default)?;
-        }
-        for (rule, &limit) in &self.keys {
-            let key = rule.strip_suffix('*').unwrap_or(rule);
-            check_key(key).map_err(|e| format!("keys.{rule}: {e}"))?;
-            check(&format!("keys.{rule}"), limit)?;
-        }
-        Ok(())
+        check_rules(
+            "keys",
+            "default",
+            &self.keys,
+            self.default,
+            |field, limit| {
+                if limit > limits::MAX_LIMIT {
+                    Err(format!("{field}: at most {}", limits::MAX_LIMIT))
+                } else {
+                    Ok(())
+                }
+            },
+        )?;
+        check_rules(
+            "rates",
+            "default_rate",
+            &self.rates,
+            self.default_rate,
+            |field, rate| {
+                if rate.is_finite() && rate > 0.0 && rate <= limits::MAX_RATE {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{field}: a rate above 0, at most {}",
+                        limits::MAX_RATE
+                    ))
+                }
+            },
+        )
     }
 
     /// The rules as stored: one per pattern, with its limit and its rate.
@@ -185,6 +180,26 @@ impl ConcurrencyLimits {
     pub fn rate_of(&self, key: &str) -> Option<f64> {
         most_specific(&self.rates, self.default_rate, key)
     }
+}
+
+/// Checks the names of one map of rules (`field`) and, with `check`, their
+/// values and that of its default (`default_field`).
+fn check_rules<T: Copy>(
+    field: &str,
+    default_field: &str,
+    rules: &BTreeMap<String, T>,
+    default: Option<T>,
+    check: impl Fn(&str, T) -> Result<(), String>,
+) -> Result<(), String> {
+    if let Some(value) = default {
+        check(default_field, value)?;
+    }
+    for (rule, &value) in rules {
+        let key = rule.strip_suffix('*').unwrap_or(rule);
+        check_key(key).map_err(|e| format!("{field}.{rule}: {e}"))?;
+        check(&format!("{field}.{rule}"), value)?;
+    }
+    Ok(())
 }
 
 /// The value of `key`'s own rule, else of its longest prefix rule, else
