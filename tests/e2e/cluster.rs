@@ -352,6 +352,63 @@ async fn hosts_sharing_a_schedule_fire_each_tick_once() {
     assert_eq!((distinct_ticks, jobs), (fires, fires), "one job per tick");
 }
 
+/// A key's limit holds across hosts: two hosts with free workers, six
+/// jobs of one key limited to 2 submitted to both, and never more than two
+/// of them run at once (by the times the database recorded), while jobs
+/// without a key run beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_limit_holds_across_hosts() {
+    if !test_database::available().await {
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let url = database.url();
+    let args = ["--database", url.as_str(), "--concurrency", "4"];
+    let hosts = [Server::start(&args).await, Server::start(&args).await];
+    hosts[0]
+        .upload("sleep", "1.0.0", plugin_artifacts::SLEEP)
+        .await;
+    let (status, body) = hosts[1]
+        .put("/queue/concurrency", &json!({"keys": {"shared": 2}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let nap = |key: Option<&str>| {
+        json!({"phases": [{"name": "nap", "plugin": "sleep", "config": {"ms": 150, "steps": 1}}],
+               "concurrency_key": key})
+    };
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(hosts[n % 2].submit(&nap(Some("shared"))).await["id"].clone());
+        hosts[(n + 1) % 2].submit(&nap(None)).await;
+    }
+    for id in &ids {
+        let job = hosts[0].wait_finished(id.as_str().unwrap()).await;
+        assert_eq!(job["status"], "completed", "{job}");
+    }
+    let db = connect(&database).await;
+    let rows = db
+        .query(
+            "SELECT started_at, finished_at FROM jobs WHERE concurrency_key = 'shared'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let spans: Vec<(i64, i64)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    // At each start, the jobs already running: started before it and not
+    // finished by then.
+    let most = spans
+        .iter()
+        .map(|&(start, _)| {
+            spans
+                .iter()
+                .filter(|&&(s, f)| s <= start && start < f)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert_eq!(most, 2, "the limit is 2: {spans:?}");
+}
+
 /// A user outgrows SQLite: stops the server, runs `jobhost migrate --from
 /// data/jobhost.db --to postgres://…`, and starts the server on
 /// PostgreSQL: the job, its plugin and its event history are there, and a
