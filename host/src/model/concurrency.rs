@@ -299,6 +299,10 @@ mod tests {
         let mut rated = limits(None, &[]);
         rated.rates = [("r".to_owned(), 0.0)].into();
         assert!(refused(rated.clone()).starts_with("rates.r:"));
+        rated.rates = [("r".to_owned(), limits::MAX_RATE * 1.01)].into();
+        assert!(refused(rated.clone()).starts_with("rates.r:"));
+        rated.rates = [("r".to_owned(), limits::MAX_RATE)].into();
+        assert_eq!(rated.validate(), Ok(()));
         rated.rates = [("r".to_owned(), f64::NAN)].into();
         assert!(refused(rated).starts_with("rates.r:"));
         assert!(check_key(&"k".repeat(limits::MAX_KEY_LEN + 1)).is_err());

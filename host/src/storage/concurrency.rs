@@ -168,6 +168,18 @@ pub(super) struct Group {
     pub turn: i64,
     /// (job id, priority).
     pub due: VecDeque<(String, i32)>,
+    /// The tokens in the key's bucket now, if it has a rate (the caller
+    /// read no more due jobs than it may start).
+    pub tokens: Option<f64>,
+}
+
+/// A group a claim served: its new turn, and the tokens left in its
+/// bucket.
+#[derive(Debug, PartialEq)]
+pub(super) struct Served {
+    pub key: Option<String>,
+    pub turn: i64,
+    pub tokens: Option<f64>,
 }
 
 /// What a claim takes from the rotation.
@@ -175,18 +187,20 @@ pub(super) struct Group {
 pub(super) struct Turns {
     /// The jobs to claim, in claim order.
     pub ids: Vec<String>,
-    /// Each group served, with its new turn and how many of its jobs.
-    pub served: Vec<(Option<String>, i64, usize)>,
-    /// The turn after the last one handed out.
+    pub served: Vec<Served>,
+    /// The turn a key joining the rotation from now on gets: after every
+    /// turn handed out.
     pub next_turn: i64,
 }
 
 /// Takes up to `want` of the groups' jobs, one at a time: the highest
 /// priority first, and among groups whose next job has that priority, the
-/// one with the lowest turn, which then gets `next_turn` (the back of the
-/// rotation).
-pub(super) fn take_turns(mut groups: Vec<Group>, want: usize, mut next_turn: i64) -> Turns {
+/// one with the lowest turn, which then goes to the back of the rotation:
+/// after `next_turn` too, the turn of keys that joined since the last
+/// claim, which waited longer.
+pub(super) fn take_turns(mut groups: Vec<Group>, want: usize, next_turn: i64) -> Turns {
     let mut turns = Turns::default();
+    let mut next_turn = next_turn + 1;
     while turns.ids.len() < want {
         let Some(group) = groups
             .iter_mut()
@@ -199,12 +213,17 @@ pub(super) fn take_turns(mut groups: Vec<Group>, want: usize, mut next_turn: i64
         turns.ids.push(id);
         group.turn = next_turn;
         next_turn += 1;
-        match turns.served.iter_mut().find(|(key, ..)| *key == group.key) {
-            Some(served) => {
-                served.1 = group.turn;
-                served.2 += 1;
-            }
-            None => turns.served.push((group.key.clone(), group.turn, 1)),
+        if let Some(tokens) = &mut group.tokens {
+            *tokens -= 1.0;
+        }
+        let served = Served {
+            key: group.key.clone(),
+            turn: group.turn,
+            tokens: group.tokens,
+        };
+        match turns.served.iter_mut().find(|s| s.key == group.key) {
+            Some(earlier) => *earlier = served,
+            None => turns.served.push(served),
         }
     }
     turns.next_turn = next_turn;
@@ -220,6 +239,7 @@ mod tests {
             key: key.map(Into::into),
             turn,
             due: jobs.iter().map(|&(id, p)| (id.to_owned(), p)).collect(),
+            tokens: None,
         }
     }
 
@@ -234,17 +254,24 @@ mod tests {
             group(Some("small"), 5, &[("s1", 0)]),
             group(None, 3, &[("u1", 0), ("u2", 0)]),
         ];
+        let mut groups = groups;
+        groups[0].tokens = Some(4.5);
         let turns = take_turns(groups, 6, 10);
         assert_eq!(turns.ids, ["b1", "u1", "s1", "b2", "u2", "b3"]);
+        let served = |key: Option<&str>, turn, tokens| Served {
+            key: key.map(Into::into),
+            turn,
+            tokens,
+        };
         assert_eq!(
             turns.served,
             [
-                (Some("big".into()), 15, 3),
-                (None, 14, 2),
-                (Some("small".into()), 12, 1)
+                served(Some("big"), 16, Some(1.5)),
+                served(None, 15, None),
+                served(Some("small"), 13, None)
             ]
         );
-        assert_eq!(turns.next_turn, 16);
+        assert_eq!(turns.next_turn, 17, "after every turn handed out");
     }
 
     #[test]
@@ -254,6 +281,17 @@ mod tests {
             group(Some("b"), 9, &[("b1", 5), ("b2", 0)]),
         ];
         assert_eq!(take_turns(groups, 3, 10).ids, ["b1", "a1", "b2"]);
+    }
+
+    /// A key that joined since the last claim holds `next_turn`; a group
+    /// served now goes after it, whatever its turn was.
+    #[test]
+    fn a_key_that_joined_waits_less_than_one_served_again() {
+        let groups = vec![
+            group(Some("served"), 3, &[("s1", 0), ("s2", 0)]),
+            group(Some("joined"), 10, &[("j1", 0)]),
+        ];
+        assert_eq!(take_turns(groups, 3, 10).ids, ["s1", "j1", "s2"]);
     }
 
     #[test]

@@ -124,8 +124,6 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
     );
     let mut groups: Vec<Group> = Vec::new();
     let (mut keys, mut key_turns, mut key_tokens) = (Vec::new(), Vec::new(), Vec::new());
-    // The tokens of each rated key with room, at `now`.
-    let mut buckets: Vec<(String, f64)> = Vec::new();
     for row in query(tx, &sql, &[&now, &want_]).await? {
         let key: String = row.get(0);
         let Some(id) = row.get::<_, Option<String>>(2) else {
@@ -135,11 +133,6 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
             key_tokens.push(None);
             continue;
         };
-        if let Some(tokens) = row.get::<_, Option<f64>>(4)
-            && buckets.last().is_none_or(|(last, _)| *last != key)
-        {
-            buckets.push((key.clone(), tokens));
-        }
         let job = (id, row.get::<_, i32>(3));
         match groups.last_mut() {
             Some(group) if group.key.as_deref() == Some(&key) => group.due.push_back(job),
@@ -147,6 +140,7 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
                 key: Some(key),
                 turn: row.get(1),
                 due: VecDeque::from([job]),
+                tokens: row.get(4),
             }),
         }
     }
@@ -166,21 +160,18 @@ pub(super) async fn take_turns(tx: &Tx<'_>, now: i64, want: usize) -> Result<Opt
         key: None,
         turn: unkeyed_turn,
         due: unkeyed.iter().map(|row| (row.get(0), row.get(1))).collect(),
+        tokens: None,
     });
     let turns = rotate(groups, want, next_turn);
     let mut new_unkeyed_turn = None;
-    for (key, turn, count) in turns.served {
-        match key {
+    for served in turns.served {
+        match served.key {
             Some(key) => {
-                let tokens = buckets
-                    .iter()
-                    .find(|(rated, _)| *rated == key)
-                    .map(|(_, tokens)| tokens - count as f64);
                 keys.push(key);
-                key_turns.push(Some(turn));
-                key_tokens.push(tokens);
+                key_turns.push(Some(served.turn));
+                key_tokens.push(served.tokens);
             }
-            None => new_unkeyed_turn = Some(turn),
+            None => new_unkeyed_turn = Some(served.turn),
         }
     }
     execute(

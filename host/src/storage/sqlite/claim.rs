@@ -144,25 +144,35 @@ pub(super) fn claim(
     Ok(jobs)
 }
 
-/// Claims due jobs without a key, highest priority first. Priorities are
-/// visited only until the claim is full: there may be many of them.
+/// Claims due jobs without a key, highest priority first.
 fn claim_unkeyed(conn: &Connection, now: i64, limit: usize) -> Result<Vec<(RawJob, i64)>> {
-    let mut claimed = Vec::new();
-    let mut below = i64::MAX;
-    while claimed.len() < limit
-        && let Some(priority) = pending_priority_below(conn, below)?
-    {
-        let wanted = (limit - claimed.len()) as i64;
-        let level = conn
+    by_priority(conn, limit, |priority, wanted| {
+        Ok(conn
             .prepare_cached(&claim_level_sql())?
             .query_map(params![now, wanted, priority], |row| {
                 Ok((job_row(row)?, row.get(LEASE_COLUMN)?))
             })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        claimed.extend(level);
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    })
+}
+
+/// What `take(priority, wanted)` takes from each priority of pending jobs
+/// without a key, highest first, until `want` are taken. Priorities are
+/// visited only until then: there may be many of them.
+pub(super) fn by_priority<T>(
+    conn: &Connection,
+    want: usize,
+    mut take: impl FnMut(i64, i64) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let mut taken = Vec::new();
+    let mut below = i64::MAX;
+    while taken.len() < want
+        && let Some(priority) = pending_priority_below(conn, below)?
+    {
+        taken.extend(take(priority, (want - taken.len()) as i64)?);
         below = priority;
     }
-    Ok(claimed)
+    Ok(taken)
 }
 
 /// Claims the job just created, which the caller knows is due and the only

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, params};
 
 use super::SqliteStore;
-use super::claim::{DUE_AT_LEVEL, pending_priority_below};
+use super::claim::{DUE_AT_LEVEL, by_priority};
 use crate::model::concurrency::LimitRule;
 use crate::model::{ConcurrencyLimits, KeyLoad};
 use crate::storage::concurrency::{
@@ -88,8 +88,6 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
     }
     let mut groups = Vec::new();
     let mut keys = Vec::new();
-    // The tokens of each rated key with room, at `now`.
-    let mut buckets: Vec<(String, f64)> = Vec::new();
     {
         let mut ready = conn.prepare_cached(
             "SELECT key, turn, max_running, per_second, tokens, refilled_at
@@ -114,9 +112,6 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
             if room == 0 {
                 continue;
             }
-            if let Some(tokens) = tokens {
-                buckets.push((key.clone(), tokens));
-            }
             let jobs = due
                 .query_map(params![key, now, room as i64], |row| {
                     Ok((row.get(0)?, row.get(1)?))
@@ -135,6 +130,7 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
                 key: Some(key),
                 turn,
                 due: jobs,
+                tokens,
             });
         }
     }
@@ -149,23 +145,18 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
         key: None,
         turn: unkeyed_turn,
         due: due_unkeyed(conn, now, want)?,
+        tokens: None,
     });
     let turns = rotate(groups, want, next_turn);
     let mut unkeyed_turn = None;
-    for (key, turn, count) in turns.served {
-        match key {
-            Some(key) => {
-                let tokens = buckets
-                    .iter()
-                    .find(|(rated, _)| *rated == key)
-                    .map(|(_, tokens)| tokens - count as f64);
-                keys.push(Settled {
-                    key,
-                    turn: Some(turn),
-                    tokens,
-                })
-            }
-            None => unkeyed_turn = Some(turn),
+    for served in turns.served {
+        match served.key {
+            Some(key) => keys.push(Settled {
+                key,
+                turn: Some(served.turn),
+                tokens: served.tokens,
+            }),
+            None => unkeyed_turn = Some(served.turn),
         }
     }
     conn.prepare_cached(
@@ -181,22 +172,15 @@ pub(super) fn take_turns(conn: &Connection, now: i64, want: usize) -> Result<Opt
 /// Due jobs without a key, up to `want`, in claim order, with their
 /// priorities.
 fn due_unkeyed(conn: &Connection, now: i64, want: usize) -> Result<VecDeque<(String, i32)>> {
-    let mut due = VecDeque::new();
-    let mut below = i64::MAX;
-    while due.len() < want
-        && let Some(priority) = pending_priority_below(conn, below)?
-    {
-        let wanted = (want - due.len()) as i64;
-        let level = conn
+    let due = by_priority(conn, want, |priority, wanted| {
+        Ok(conn
             .prepare_cached(DUE_AT_LEVEL)?
             .query_map(params![now, wanted, priority], |row| {
                 Ok((row.get(0)?, priority as i32))
             })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        due.extend(level);
-        below = priority;
-    }
-    Ok(due)
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    })?;
+    Ok(due.into())
 }
 
 /// Writes back the rows of `keys` after a claim: the new turn of each
