@@ -306,3 +306,53 @@ pub async fn a_keys_rate_spaces_its_starts(backend: Backend) {
     let k = loads.iter().find(|load| load.key == "k").unwrap();
     assert_eq!((k.limit, k.rate), (Some(10), Some(2.0)));
 }
+
+/// A key whose jobs all ran keeps its turn, so that it comes back before
+/// a key served since; the sweep forgets it once it has no pending or
+/// running job, and it then rejoins at the back.
+pub async fn idle_keys_keep_their_turn_until_forgotten(backend: Backend) {
+    let (store, _dir) = fresh(backend).await;
+    with_echo(&store).await;
+    let claim_one = |now: i64| {
+        let store = store.clone();
+        async move {
+            let mut claimed = store.claim_due_jobs(now, 1).await.unwrap();
+            assert_eq!(claimed.len(), 1, "one job claimed at {now}");
+            claimed.remove(0)
+        }
+    };
+    let complete = |claimed: jobhost::storage::Claimed, now: i64| {
+        let store = store.clone();
+        async move {
+            let outcome = store
+                .complete_phase(&claimed.lease, done(0, false, now))
+                .await;
+            assert!(matches!(outcome.unwrap(), Guarded::Applied(_)));
+        }
+    };
+    create(&store, keyed("a-0", Some("a"))).await;
+    create(&store, keyed("b-0", Some("b"))).await;
+    create(&store, keyed("b-1", Some("b"))).await;
+    let a0 = claim_one(2_000).await;
+    assert_eq!(a0.job.id, "a-0", "keys that joined together go by name");
+    assert_eq!(
+        store.forget_idle_keys().await.unwrap(),
+        0,
+        "a runs a job, b has some pending"
+    );
+    complete(a0, 3_000).await;
+    let b0 = claim_one(3_000).await;
+    assert_eq!(b0.job.id, "b-0");
+
+    // a was idle, and comes back before b, which was served since.
+    create(&store, keyed("a-1", Some("a"))).await;
+    let a1 = claim_one(4_000).await;
+    assert_eq!(a1.job.id, "a-1");
+    complete(a1, 5_000).await;
+    complete(b0, 5_000).await;
+    assert_eq!(store.forget_idle_keys().await.unwrap(), 1, "a, not b");
+
+    // Forgotten, a joins at the back.
+    create(&store, keyed("a-2", Some("a"))).await;
+    assert_eq!(claim_one(6_000).await.job.id, "b-1");
+}

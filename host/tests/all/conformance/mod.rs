@@ -36,6 +36,7 @@ use concurrency::a_retried_keyed_job_rejoins_the_rotation;
 use concurrency::claims_go_round_robin_across_keys;
 use concurrency::concurrent_claimers_respect_a_keys_limit;
 use concurrency::enqueues_racing_claims_never_strand_a_keys_jobs;
+use concurrency::idle_keys_keep_their_turn_until_forgotten;
 use concurrency::prefix_and_default_limits_apply_to_each_key;
 use events::an_ending_job_with_a_webhook_adds_one_delivery;
 use events::the_log_reads_back_in_order_by_cursor_and_filter;
@@ -92,6 +93,7 @@ crate::fixture::on_each_backend! {
     concurrent_claimers_respect_a_keys_limit,
     enqueues_racing_claims_never_strand_a_keys_jobs,
     a_keys_rate_spaces_its_starts,
+    idle_keys_keep_their_turn_until_forgotten,
 }
 
 /// Stores `echo` 1.0.0 (active) and 2.0.0, which [`job`] pins.
