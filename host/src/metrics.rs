@@ -33,6 +33,13 @@ pub struct KeyLabels {
     pub status: String,
 }
 
+/// A plugin with limits, and `running` (phases) or `waiting` (jobs).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginStatusLabels {
+    pub plugin: String,
+    pub status: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub phase_duration: Family<PhaseLabels, Histogram>,
@@ -45,6 +52,8 @@ pub struct Metrics {
     /// Only the busiest keys, so that cardinality stays bounded.
     pub key_jobs: Family<KeyLabels, Gauge>,
     pub keys: Gauge,
+    /// Only plugins with limits (uploaded plugins are bounded in number).
+    pub plugin_slots: Family<PluginStatusLabels, Gauge>,
     pub log_backlog: Gauge,
     pub log_lag_ms: Gauge,
 }
@@ -119,10 +128,17 @@ impl Default for Metrics {
             "Concurrency keys with running or pending jobs",
             keys.clone(),
         );
+        let plugin_slots = Family::<PluginStatusLabels, Gauge>::default();
+        registry.register(
+            "plugin_limited",
+            "Running phases and waiting jobs of each plugin with a limit or a rate",
+            plugin_slots.clone(),
+        );
         Metrics {
             registry,
             key_jobs,
             keys,
+            plugin_slots,
             phase_duration,
             webhook_attempts,
             schedule_ticks,

@@ -6,7 +6,8 @@
 // - Job detail: phases with pinned versions, outputs, resource use, attempt
 //   errors and a timeline of events; Retry from start works.
 // - Queue: counts per status, Pause and Resume, the throughput chart, the
-//   concurrency limits and keys; a key opens the job list filtered by it.
+//   concurrency limits and keys; a key opens the job list filtered by it;
+//   the plugins with limits.
 // - Plugins: versions with hash and size; Activate and Roll back, each after
 //   a confirmation; grants set through the API show live.
 // - Schedules: a schedule made through the API shows its next tick; Trigger,
@@ -139,6 +140,12 @@ try {
   await page.locator("#filter-apply").click();
   await row.waitFor();
   step("the queue lists limits and keys, and a key filters the job list");
+  await call("PUT", "/plugins/echo/resources", { max_running: 8, per_second: 1000 }, 200);
+  await page.locator('nav a[data-view="queue"]').click();
+  await submit({ phases: [{ name: "limited", plugin: "echo" }] });
+  await page.locator('#plugin-loads tr[data-plugin="echo"] td', { hasText: "at most 8 running, 1000 starts/s" })
+    .waitFor({ timeout: 10000 });
+  step("the queue lists the plugins with limits");
 
   // ---- Plugins ----
   await page.locator('nav a[data-view="plugins"]').click();
@@ -153,7 +160,7 @@ try {
   }
   await call("PUT", "/plugins/echo/grants",
     { versions: ["1.0.0"], config: { region: "eu" }, secrets: ["api_key"], http: ["https://api.example.com"] }, 200);
-  await echo.locator(".grants", { hasText: "grants for 1.0.0: config region; secrets api_key; http https://api.example.com" })
+  await echo.locator(".grants", { hasText: "grants for 1.0.0: config region; secrets api_key; http https://api.example.com; at most 8 running, 1000 starts/s" })
     .waitFor({ timeout: 10000 });
   step("Activate and Roll back worked after a confirmation; grants showed live");
   await shoot("plugins");

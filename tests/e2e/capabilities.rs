@@ -667,7 +667,7 @@ async fn a_plugins_resources_set_its_memory_cap_and_default_timeout() {
     let (_, plugin) = server.get("/plugins/hog-memory").await;
     assert_eq!(
         plugin["resources"],
-        json!({"memory_mb": 96, "timeout_ms": 500})
+        json!({"memory_mb": 96, "timeout_ms": 500, "max_running": null, "per_second": null})
     );
 
     let job = run("hog-memory", None).await;

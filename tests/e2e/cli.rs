@@ -121,11 +121,25 @@ async fn cli_user_path() {
     ] {
         assert!(shown.contains(line), "{shown}");
     }
-    let sized = run(url, &["plugin", "resources", "echo", "--memory-mb", "64"]).await;
+    let sized = run(
+        url,
+        &[
+            "plugin",
+            "resources",
+            "echo",
+            "--memory-mb",
+            "64",
+            "--max-running",
+            "4",
+        ],
+    )
+    .await;
     assert!(sized.status.success(), "{}", stderr(&sized));
     let shown = stdout(&run(url, &["plugin", "show", "echo"]).await);
     assert!(
-        shown.contains("resources: memory 64 MiB, default timeout server default"),
+        shown.contains(
+            "resources: memory 64 MiB, default timeout server default, limit 4 running, rate none"
+        ),
         "{shown}"
     );
     let malformed = run(url, &["plugin", "grant", "echo", "--config", "region"]).await;

@@ -396,7 +396,12 @@ async fn a_keys_limit_holds_across_hosts() {
     let spans: Vec<(i64, i64)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
     // At each start, the jobs already running: started before it and not
     // finished by then.
-    let most = spans
+    assert_eq!(most_at_once(&spans), 2, "the limit is 2: {spans:?}");
+}
+
+/// The most spans (start, end) that overlap at any start.
+fn most_at_once(spans: &[(i64, i64)]) -> usize {
+    spans
         .iter()
         .map(|&(start, _)| {
             spans
@@ -405,8 +410,66 @@ async fn a_keys_limit_holds_across_hosts() {
                 .count()
         })
         .max()
+        .unwrap_or(0)
+}
+
+/// A plugin's limit holds across hosts: two hosts with free workers, eight
+/// jobs whose second phase is of a plugin limited to 2, and never more than
+/// two of its phases run at once (by the times the database recorded);
+/// jobs that waited for it were woken, on either host, and all completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_limit_holds_across_hosts() {
+    if !test_database::available().await {
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let url = database.url();
+    let args = ["--database", url.as_str(), "--concurrency", "4"];
+    let hosts = [Server::start(&args).await, Server::start(&args).await];
+    hosts[0]
+        .upload("echo", "1.0.0", plugin_artifacts::ECHO)
+        .await;
+    hosts[0]
+        .upload("sleep", "1.0.0", plugin_artifacts::SLEEP)
+        .await;
+    let (status, body) = hosts[1]
+        .put("/plugins/sleep/resources", &json!({"max_running": 2}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let job = json!({"phases": [
+        {"name": "first", "plugin": "echo"},
+        {"name": "nap", "plugin": "sleep", "config": {"ms": 150, "steps": 1}},
+    ]});
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(hosts[n % 2].submit(&job).await["id"].clone());
+    }
+    for id in &ids {
+        let job = hosts[0].wait_finished(id.as_str().unwrap()).await;
+        assert_eq!(job["status"], "completed", "{job}");
+    }
+    let db = connect(&database).await;
+    let rows = db
+        .query(
+            "SELECT started_at, finished_at FROM phases WHERE plugin = 'sleep'",
+            &[],
+        )
+        .await
         .unwrap();
-    assert_eq!(most, 2, "the limit is 2: {spans:?}");
+    let spans: Vec<(i64, i64)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    assert_eq!(most_at_once(&spans), 2, "the limit is 2: {spans:?}");
+    let waited: i64 = db
+        .query_one(
+            "SELECT count(*) FROM events WHERE kind = 'job:waiting'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        waited > 0,
+        "eight jobs, free workers, two slots: some waited"
+    );
 }
 
 /// A user outgrows SQLite: stops the server, runs `jobhost migrate --from

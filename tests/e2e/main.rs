@@ -11,6 +11,7 @@ mod crash;
 mod jobs_api;
 mod observability;
 mod openapi;
+mod plugin_limits;
 mod polyglot;
 mod queue_admin;
 mod receiver;

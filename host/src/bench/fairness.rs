@@ -1,13 +1,14 @@
 //! Fair claiming across concurrency keys: how long a small key's jobs wait
 //! to start while another key has a backlog (10,000 jobs), beside the same jobs
 //! with no backlog and behind a backlog of their own key (first come, first
-//! served), in one run; and what keys cost the queue's throughput.
+//! served), in one run; and what keys and per-plugin limits cost the
+//! queue's throughput.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use jobhost::events::{KindSet, Topic};
-use jobhost::model::{EventBody, EventKind, JobSpec};
+use jobhost::model::{EventBody, EventKind, JobSpec, PluginResources};
 use jobhost::storage::Durability;
 
 use super::BenchArgs;
@@ -72,14 +73,24 @@ pub async fn fairness(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     println!(
-        "\n## What keys cost: {} 1-phase jobs, concurrency {CONCURRENCY}, jobs/s",
+        "\n## What keys and plugin limits cost: {} 1-phase jobs, concurrency {CONCURRENCY}, jobs/s",
         args.jobs
     );
-    println!("| keys | jobs/s | ratio to no keys |\n|---|---:|---:|");
-    let mut no_keys = None;
-    for (name, keys) in [("none", 0), ("8 keys", 8), ("a key per job", usize::MAX)] {
-        let rate = keyed_throughput(args, &compiled, keys).await?;
-        let base = *no_keys.get_or_insert(rate);
+    println!("| keys, plugin limit | jobs/s | ratio to neither |\n|---|---:|---:|");
+    let mut neither = None;
+    for (name, keys, max_running) in [
+        ("none", 0, None),
+        ("8 keys", 8, None),
+        ("a key per job", usize::MAX, None),
+        (
+            "`echo` limited to 1,000 running (never reached)",
+            0,
+            Some(1_000),
+        ),
+        ("`echo` limited to 4 running", 0, Some(4)),
+    ] {
+        let rate = throughput(args, &compiled, keys, max_running).await?;
+        let base = *neither.get_or_insert(rate);
         println!("| {name} | {rate:.0} | {:.2} |", rate / base);
     }
     Ok(())
@@ -148,15 +159,26 @@ async fn small_waits(
 }
 
 /// Jobs per second through the queue, each job with one of `keys` keys
-/// (none for 0).
-async fn keyed_throughput(
+/// (none for 0), `echo` limited to `max_running` phases at once.
+async fn throughput(
     args: &BenchArgs,
     compiled: &SharedCache,
     keys: usize,
+    max_running: Option<u32>,
 ) -> anyhow::Result<f64> {
     let mut rates = Vec::new();
     for _ in 0..args.samples.min(3) {
         let mut bench = start(args, compiled, CONCURRENCY, Durability::Process).await?;
+        if max_running.is_some() {
+            let limited = PluginResources {
+                max_running,
+                ..PluginResources::default()
+            };
+            bench
+                .storage
+                .set_plugin_resources("echo", limited, 0)
+                .await?;
+        }
         let queue = std::sync::Arc::new(bench.queue);
         let began = Instant::now();
         let submitters: Vec<_> = (0..args.jobs)

@@ -88,14 +88,20 @@ pub enum PluginAction {
         #[arg(long = "http", value_name = "ORIGIN")]
         http: Vec<String>,
     },
-    /// Set the memory cap of a plugin's runs and the timeout of its phases
-    /// whose job gives none (every version); omitted: the server's default.
+    /// Set the memory cap of a plugin's runs, the timeout of its phases
+    /// whose job gives none (every version), and how many of its phases run
+    /// at once or start per second on all hosts; omitted: the server's
+    /// default, or no limit.
     Resources {
         name: String,
         #[arg(long)]
         memory_mb: Option<u64>,
         #[arg(long)]
         timeout_ms: Option<u64>,
+        #[arg(long)]
+        max_running: Option<u32>,
+        #[arg(long)]
+        per_second: Option<f64>,
     },
 }
 
@@ -222,8 +228,15 @@ pub async fn plugin(remote: &Remote, action: PluginAction) -> anyhow::Result<i32
             name,
             memory_mb,
             timeout_ms,
+            max_running,
+            per_second,
         } => {
-            let resources = json!({"memory_mb": memory_mb, "timeout_ms": timeout_ms});
+            let resources = json!({
+                "memory_mb": memory_mb,
+                "timeout_ms": timeout_ms,
+                "max_running": max_running,
+                "per_second": per_second,
+            });
             let body = client
                 .put_json(&format!("/plugins/{name}/resources"), &resources)
                 .await?;
@@ -268,10 +281,16 @@ fn print_resources(resources: &Value) {
         Some(n) => format!("{n} {unit}"),
         None => "server default".to_owned(),
     };
+    let limit = |value: &Value, unit: &str| match value.as_f64() {
+        Some(n) => format!("{n} {unit}"),
+        None => "none".to_owned(),
+    };
     println!(
-        "  resources: memory {}, default timeout {}",
+        "  resources: memory {}, default timeout {}, limit {}, rate {}",
         or_default(&resources["memory_mb"], "MiB"),
-        or_default(&resources["timeout_ms"], "ms")
+        or_default(&resources["timeout_ms"], "ms"),
+        limit(&resources["max_running"], "running"),
+        limit(&resources["per_second"], "starts/s")
     );
 }
 

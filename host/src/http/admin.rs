@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 
 use super::{ApiError, AppJson, AppState, ErrorBody};
 use crate::model::time::parse_rfc3339;
-use crate::model::{ConcurrencyLimits, KeyLoad};
+use crate::model::{ConcurrencyLimits, KeyLoad, PluginLoad};
 use crate::queue::KeysState;
 use crate::storage::HostRecord;
 
@@ -26,6 +26,9 @@ pub struct QueueState {
     jobs: std::collections::BTreeMap<&'static str, u64>,
     /// Concurrency keys: the limits and the busiest keys.
     keys: ConcurrencyState,
+    /// The plugins with a limit or a rate (a plugin's resources): their
+    /// running phases and the jobs waiting for them, on every host.
+    plugins: Vec<PluginLoad>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -61,6 +64,7 @@ async fn queue_state(state: &AppState) -> Result<QueueState, ApiError> {
         concurrency: state.queue.config().concurrency,
         jobs,
         keys: concurrency_state(state).await?,
+        plugins: state.queue.plugin_loads().await?,
     })
 }
 

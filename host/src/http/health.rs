@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-use crate::metrics::{KeyLabels, StatusLabel};
+use crate::metrics::{KeyLabels, PluginStatusLabels, StatusLabel};
 use crate::model::JobStatus;
 use serde_json::{Value, json};
 
@@ -49,6 +49,19 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
                 status: status.into(),
             };
             metrics.key_jobs.get_or_create(&labels).set(count as i64);
+        }
+    }
+    metrics.plugin_slots.clear();
+    for load in state.queue.plugin_loads().await? {
+        for (status, count) in [("running", load.running), ("waiting", load.waiting)] {
+            let labels = PluginStatusLabels {
+                plugin: load.plugin.clone(),
+                status: status.into(),
+            };
+            metrics
+                .plugin_slots
+                .get_or_create(&labels)
+                .set(count as i64);
         }
     }
     let backlog = state.queue.log_backlog().await?;

@@ -224,7 +224,12 @@ pub struct ResourcesResponse {
 /// The memory cap of each of its runs, and the timeout of its phases whose
 /// job spec gives none; `null` keeps the server's default. They apply to
 /// every version, from the next phase that starts (memory) or the next job
-/// submitted (timeout), on every host. Logs `plugin:resources:changed`.
+/// submitted (timeout), on every host. `max_running` and `per_second` limit
+/// how many of its phases run at once and start each second, on all hosts
+/// together, from the next start; a job whose next phase finds the plugin
+/// full waits (status `waiting`) without holding a worker. `null`: no
+/// limit, and jobs waiting for one are woken. Logs
+/// `plugin:resources:changed`.
 #[utoipa::path(put, path = "/plugins/{name}/resources", operation_id = "set_plugin_resources", tag = TAG, params(("name" = String, Path)),
     request_body = PluginResources,
     responses(

@@ -246,6 +246,20 @@ pub struct KeyLoad {
     pub rate: Option<f64>,
 }
 
+/// One limited plugin's phases right now, for `GET /queue` and metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct PluginLoad {
+    pub plugin: String,
+    /// Its phases running, on every host.
+    pub running: u64,
+    /// Jobs waiting for a slot of it (status `waiting`).
+    pub waiting: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_running: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_second: Option<f64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

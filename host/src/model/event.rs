@@ -70,6 +70,9 @@ event_kinds! {
     PhaseFailed(PhaseFailed) = "job:phase:failed",
     /// The job waits for another attempt (automatic or manual retry).
     JobRetrying(JobRetrying) = "job:retrying",
+    /// The job's next phase found its plugin at its limit: the job waits,
+    /// holding no worker, until the plugin has room.
+    JobWaiting(JobWaiting) = "job:waiting",
     JobCompleted(JobCompleted) = "job:completed",
     JobFailed(JobFailed) = "job:failed",
     JobCancelled(JobCancelled) = "job:cancelled",
@@ -276,6 +279,15 @@ pub struct JobCreated {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobStarted {
     pub attempt: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobWaiting {
+    /// The phase that waits to start.
+    pub phase: String,
+    pub index: usize,
+    /// The plugin whose slot it waits for.
+    pub plugin: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -113,9 +113,11 @@ impl PluginGrants {
 }
 
 /// What the operator sets aside for a plugin's runs, whatever its version:
-/// a JavaScript or Python component needs far more memory than a Rust one.
-/// `None` keeps the server's default (`--memory-mb`, `--phase-timeout`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// a JavaScript or Python component needs far more memory than a Rust one,
+/// and a phase that calls a fragile API may need fewer runs at once.
+/// `None` keeps the server's default (`--memory-mb`, `--phase-timeout`), or
+/// no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PluginResources {
     /// Memory cap of each run, in MiB (1 to the server's
@@ -126,6 +128,17 @@ pub struct PluginResources {
     /// server's largest phase timeout).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Most phases of the plugin running at once, on all hosts together.
+    /// A job whose next phase finds them all taken waits (status
+    /// `waiting`) without holding a worker.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 100_000)]
+    pub max_running: Option<u32>,
+    /// Most phases of the plugin started per second, on all hosts together
+    /// (a token bucket holding one second's worth, at least one).
+    #[serde(default)]
+    #[schema(exclusive_minimum = 0, maximum = 100_000)]
+    pub per_second: Option<f64>,
 }
 
 impl PluginResources {
@@ -141,7 +154,30 @@ impl PluginResources {
         {
             return Err(format!("timeout_ms: must be 1 to {max_timeout_ms}"));
         }
+        if let Some(n) = self.max_running
+            && !(1..=crate::model::concurrency::limits::MAX_LIMIT).contains(&n)
+        {
+            return Err(format!(
+                "max_running: must be 1 to {}",
+                crate::model::concurrency::limits::MAX_LIMIT
+            ));
+        }
+        if let Some(rate) = self.per_second
+            && !(rate.is_finite()
+                && rate > 0.0
+                && rate <= crate::model::concurrency::limits::MAX_RATE)
+        {
+            return Err(format!(
+                "per_second: must be above 0 and at most {}",
+                crate::model::concurrency::limits::MAX_RATE
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether starts of the plugin's phases are limited.
+    pub fn limits_starts(&self) -> bool {
+        self.max_running.is_some() || self.per_second.is_some()
     }
 }
 

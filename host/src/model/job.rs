@@ -19,9 +19,14 @@ pub enum JobStatus {
     /// a user cancels it (→ cancelled).
     Pending,
     /// Claimed by a worker, which alone moves it on: to completed, failed,
-    /// cancelled, or back to pending for a retry. After a crash, recovery at
-    /// start-up moves it.
+    /// cancelled, waiting, or back to pending for a retry. After a crash,
+    /// recovery at start-up moves it.
     Running,
+    /// Between phases, waiting for a slot (or a start, under a rate) of its
+    /// next phase's plugin, which the operator limited: the job holds no
+    /// worker. Entered when its worker finds the plugin full, and left for
+    /// pending when the plugin has room again, or when a user cancels it.
+    Waiting,
     /// Every phase completed. Terminal: left only by deletion.
     Completed,
     /// A phase failed permanently, or its attempts ran out. Terminal; a
@@ -32,9 +37,10 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 5] = [
+    pub const ALL: [JobStatus; 6] = [
         JobStatus::Pending,
         JobStatus::Running,
+        JobStatus::Waiting,
         JobStatus::Completed,
         JobStatus::Failed,
         JobStatus::Cancelled,
@@ -44,6 +50,7 @@ impl JobStatus {
         match self {
             JobStatus::Pending => "pending",
             JobStatus::Running => "running",
+            JobStatus::Waiting => "waiting",
             JobStatus::Completed => "completed",
             JobStatus::Failed => "failed",
             JobStatus::Cancelled => "cancelled",

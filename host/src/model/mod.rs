@@ -16,7 +16,7 @@ pub mod usage;
 pub mod webhook;
 
 pub use backoff::BackoffPolicy;
-pub use concurrency::{ConcurrencyLimits, KeyLoad};
+pub use concurrency::{ConcurrencyLimits, KeyLoad, PluginLoad};
 pub use event::{Event, EventBody, EventKind, NewEvent};
 pub use grants::{PluginGrants, PluginResources};
 pub use job::{

@@ -241,7 +241,7 @@ impl PluginRegistry {
         }
     }
 
-    /// Sets the plugin's memory cap and default timeout.
+    /// Sets the plugin's memory cap, default timeout and limits.
     pub async fn set_resources(
         &self,
         name: &str,
@@ -294,6 +294,12 @@ impl PluginRegistry {
     /// The memory cap of a run of the plugin, if the operator set one.
     pub fn memory_limit(&self, name: &str) -> Option<u64> {
         self.resources_of(name).memory_mb.map(|mb| mb << 20)
+    }
+
+    /// Whether the operator limited how many of the plugin's phases run at
+    /// once or start per second.
+    pub fn limits_starts(&self, name: &str) -> bool {
+        self.resources_of(name).limits_starts()
     }
 
     /// The timeout of a phase whose spec gives none, if the operator set one.

@@ -1,8 +1,9 @@
-//! The operator's concurrency limits, and the load per key (see
-//! `storage::concurrency` for how claims honour them).
+//! The operator's concurrency limits, the load per key (see
+//! `storage::concurrency` for how claims honour them), and the load of the
+//! plugins with limits (`storage::plugin_limits`).
 
 use crate::model::concurrency::limits::SHOWN_KEYS;
-use crate::model::{ConcurrencyLimits, KeyLoad};
+use crate::model::{ConcurrencyLimits, KeyLoad, PluginLoad};
 
 use super::QueueError;
 
@@ -37,6 +38,11 @@ impl super::Queue {
     pub async fn keys(&self) -> Result<KeysState, QueueError> {
         let (keys, key_count) = self.shared.storage.key_loads(SHOWN_KEYS).await?;
         Ok(KeysState { keys, key_count })
+    }
+
+    /// The plugins with limits: their running phases and waiting jobs.
+    pub async fn plugin_loads(&self) -> Result<Vec<PluginLoad>, QueueError> {
+        Ok(self.shared.storage.plugin_loads().await?)
     }
 
     /// Refuses a job whose key's limit is 0: it could never run.

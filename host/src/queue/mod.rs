@@ -314,9 +314,14 @@ async fn follow_plugins(shared: Arc<Shared>) {
                         tracing::warn!(plugin = %uploaded.plugin, %error, "reading a plugin's resources failed");
                     }
                 }
-                EventBody::PluginResourcesChanged(changed) => shared
-                    .plugins
-                    .resources_changed(&changed.plugin, changed.resources),
+                EventBody::PluginResourcesChanged(changed) => {
+                    shared
+                        .plugins
+                        .resources_changed(&changed.plugin, changed.resources);
+                    // A plugin's new limits may have room for jobs that
+                    // wait for it.
+                    shared.wake.notify_one();
+                }
                 _ => {}
             }
         }
@@ -705,7 +710,7 @@ impl Queue {
         match self.job_status(id).await? {
             JobStatus::Cancelled => Ok(Cancelled::Done),
             JobStatus::Running => Ok(Cancelled::Stopping),
-            JobStatus::Pending => Box::pin(self.cancel(id)).await,
+            JobStatus::Pending | JobStatus::Waiting => Box::pin(self.cancel(id)).await,
             status => Err(QueueError::Conflict {
                 status,
                 reason: "the job finished before the cancel took effect",

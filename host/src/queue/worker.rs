@@ -14,7 +14,8 @@ use crate::model::event::PhaseProgress;
 use crate::model::{Event, EventBody, Job, Phase, PhaseStatus, Progress, ResourceUsage};
 use crate::runtime::{LoadedPlugin, PhaseFailure, PhaseResult, PhaseRun, ProgressSink, RunGrants};
 use crate::storage::{
-    AfterFailure, Claimed, Completion, Guarded, Lease, PhaseDone, PhaseFailed, RecoveryScope,
+    AfterFailure, Claimed, Completion, Guarded, Lease, PhaseDone, PhaseFailed, PhaseStart,
+    RecoveryScope,
 };
 
 /// Why a job stopped before its next phase.
@@ -146,7 +147,10 @@ async fn run_phases(
                 }
                 let started = storage.start_phase(lease, index, shared.now()).await?;
                 match holds(started, lease) {
-                    Some(attempt) => attempt,
+                    Some(PhaseStart::Started(attempt)) => attempt,
+                    // The job waits for its plugin, and gives this worker
+                    // back.
+                    Some(PhaseStart::Waiting) => return Ok(None),
                     None => return Ok(None), // moved on underneath us
                 }
             }
@@ -167,7 +171,9 @@ async fn run_phases(
                     claim_next: last && shared.may_claim(),
                     now: shared.now(),
                 };
-                match holds(storage.complete_phase(lease, done).await?, lease) {
+                let completion = storage.complete_phase(lease, done).await?;
+                slot_freed(shared, &job.phases[index].plugin).await;
+                match holds(completion, lease) {
                     None => return Ok(None),
                     Some(Completion::Recorded) => {}
                     Some(Completion::NextStarted(attempt)) => started = Some(attempt),
@@ -188,11 +194,25 @@ async fn run_phases(
             Err(failure) => {
                 let usage = Some(result.usage);
                 record_failure(shared, &job, lease, index, failure, usage, cancel).await?;
+                slot_freed(shared, &job.phases[index].plugin).await;
                 return Ok(None);
             }
         }
     }
     Ok(None)
+}
+
+/// After a phase of `plugin` ended: if the plugin has limits, jobs may wait
+/// for the slot it left, which a claim wakes. The dispatcher here is
+/// woken, and hosts that share the database are told.
+async fn slot_freed(shared: &Shared, plugin: &str) {
+    if !shared.plugins.limits_starts(plugin) {
+        return;
+    }
+    shared.wake.notify_one();
+    if let Err(error) = shared.storage.plugin_slot_freed(plugin).await {
+        tracing::warn!(%error, plugin, "could not tell other hosts that a plugin has room");
+    }
 }
 
 async fn run_phase(

@@ -25,9 +25,11 @@ use std::collections::VecDeque;
 use async_trait::async_trait;
 
 use super::Result;
-use crate::model::{ConcurrencyLimits, KeyLoad};
+use crate::model::{ConcurrencyLimits, KeyLoad, PluginLoad};
 
-/// The limits of concurrency keys, and how busy the busiest keys are.
+/// The limits of concurrency keys, how busy the busiest keys are, and how
+/// busy the plugins with limits are (`storage::plugin_limits`; the limits
+/// themselves are a plugin's resources).
 #[async_trait]
 pub trait ConcurrencyStore: Send + Sync {
     /// Replaces the limits, and applies them to the keys that have jobs.
@@ -43,6 +45,16 @@ pub trait ConcurrencyStore: Send + Sync {
     /// The `shown` keys with the most pending and running jobs, busiest
     /// first, and how many keys have such jobs.
     async fn key_loads(&self, shown: usize) -> Result<(Vec<KeyLoad>, u64)>;
+
+    /// Every plugin with a limit or a rate: its running phases and waiting
+    /// jobs.
+    async fn plugin_loads(&self) -> Result<Vec<PluginLoad>>;
+
+    /// A phase of `plugin`, which has limits, ended: hosts that share the
+    /// database are told, if jobs wait for the plugin, so that their
+    /// claims wake them. (A database one host owns needs no telling: that
+    /// host's worker wakes its dispatcher.)
+    async fn plugin_slot_freed(&self, plugin: &str) -> Result<()>;
 }
 
 /// A key's limit (`max_running`) or rate (`per_second`), as an SQL
@@ -115,7 +127,7 @@ impl Bucket {
 pub(super) const FORGET_IDLE_KEYS: &str = "DELETE FROM concurrency_keys
      WHERE ready_at IS NULL
        AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.concurrency_key = concurrency_keys.key
-                                            AND jobs.status IN ('pending', 'running'))";
+                                            AND jobs.status IN ('pending', 'running', 'waiting'))";
 
 /// Running keyed jobs, per key.
 pub(super) const RUNNING_PER_KEY: &str = "SELECT concurrency_key, COUNT(*) FROM jobs

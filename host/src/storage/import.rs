@@ -77,6 +77,16 @@ const TABLES: &[Table] = &[
         name: "plugin_grants",
         columns: &[("plugin", Text), ("grants", Text), ("updated_at", BigInt)],
     },
+    Table {
+        name: "plugin_limits",
+        columns: &[
+            ("plugin", Text),
+            ("max_running", Int),
+            ("per_second", Float),
+            ("tokens", Float),
+            ("refilled_at", BigInt),
+        ],
+    },
     // Before the jobs: the trigger that puts a pending job's key in the
     // claim rotation reads its limit.
     Table {
@@ -108,6 +118,7 @@ const TABLES: &[Table] = &[
             ("error", Text),
             ("lease", BigInt),
             ("concurrency_key", Text),
+            ("waiting_for", Text),
         ],
     },
     Table {

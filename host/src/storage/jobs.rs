@@ -170,6 +170,16 @@ pub enum CreateOutcome {
 
 pub use crate::model::AfterFailure;
 
+/// What asking to start a phase did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseStart {
+    /// Running, with this attempt number.
+    Started(u32),
+    /// Its plugin is at its limit, or out of starts for now: the job waits
+    /// (status `waiting`) and no longer holds its worker.
+    Waiting,
+}
+
 /// What recording a phase's completion did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Completion {
@@ -305,9 +315,17 @@ pub trait JobStore: Send + Sync {
     /// The earliest `run_at` of any pending job.
     async fn next_due_at(&self) -> Result<Option<i64>>;
 
-    /// Marks a pending phase of the leased job as running; the phase's
-    /// attempt number.
-    async fn start_phase(&self, lease: &Lease, index: usize, now: i64) -> Result<Guarded<u32>>;
+    /// Marks a pending phase of the leased job as running, if its plugin
+    /// has room and a token for it (see `storage::plugin_limits`); else the
+    /// job waits for the plugin, holding no worker. The other transitions
+    /// that start a phase (claims, completions) leave a phase of a plugin
+    /// with limits to this one.
+    async fn start_phase(
+        &self,
+        lease: &Lease,
+        index: usize,
+        now: i64,
+    ) -> Result<Guarded<PhaseStart>>;
 
     /// Keeps a run's last progress report on its phase (no event: progress
     /// is live-only), if the phase still runs under the lease.
@@ -386,7 +404,7 @@ pub trait JobStore: Send + Sync {
     /// Pending jobs that are due by `now`: the queue's backlog.
     async fn due_count(&self, now: i64) -> Result<u64>;
 
-    /// Jobs waiting to run, now or later.
+    /// Jobs waiting to run, now or later, or for a plugin's slot.
     async fn pending_count(&self) -> Result<u64>;
 
     /// Number of jobs in each status.

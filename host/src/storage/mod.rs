@@ -24,6 +24,7 @@ mod error;
 mod events;
 pub mod import;
 mod jobs;
+mod plugin_limits;
 mod plugins;
 pub mod postgres;
 mod schedules;
@@ -41,7 +42,7 @@ pub use events::{AppendWaker, EventFilter, EventStore};
 pub use jobs::{
     AfterFailure, CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded,
     Interrupted, JobFilter, JobPage, JobStore, Lease, MAX_PAGE, NewJob, NewPhase, PhaseDone,
-    PhaseFailed, Recovered, Recovery, RecoveryPolicy, RecoveryScope, RetryOutcome,
+    PhaseFailed, PhaseStart, Recovered, Recovery, RecoveryPolicy, RecoveryScope, RetryOutcome,
 };
 pub use plugins::{
     ActivateOutcome, DeleteVersionOutcome, GrantOutcome, NewPluginVersion, PluginQuota,

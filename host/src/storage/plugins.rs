@@ -108,7 +108,7 @@ pub enum GrantOutcome {
     UnknownVersion(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct PluginRecord {
     pub name: String,
     pub active_version: Option<String>,

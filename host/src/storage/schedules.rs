@@ -294,7 +294,10 @@ impl Fire {
         {
             return FirePlan::Moved;
         }
-        let unfinished = matches!(row.last_job_status.as_deref(), Some("pending" | "running"));
+        let unfinished = matches!(
+            row.last_job_status.as_deref(),
+            Some("pending" | "running" | "waiting")
+        );
         let action = std::mem::replace(
             &mut self.action,
             FireAction::Skip {

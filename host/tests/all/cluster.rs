@@ -570,6 +570,7 @@ async fn resources_set_on_one_host_reach_every_host() {
     let resources = jobhost::model::PluginResources {
         memory_mb: Some(64),
         timeout_ms: Some(1234),
+        ..Default::default()
     };
     a.plugins.set_resources("echo", resources).await.unwrap();
     until(|| b.plugins.memory_limit("echo") == Some(64 << 20)).await;

@@ -5,17 +5,19 @@
 
 use std::sync::Arc;
 
-use jobhost::model::{ConcurrencyLimits, PluginGrants};
+use jobhost::model::{ConcurrencyLimits, PluginGrants, PluginResources};
 use jobhost::storage::{
-    AfterFailure, ErrorClass, EventFilter, NewJob, PgOptions, PhaseFailed, Storage,
+    AfterFailure, ErrorClass, EventFilter, Guarded, NewJob, PgOptions, PhaseFailed, PhaseStart,
+    Storage,
 };
 
 use crate::conformance::{create, done, job, running, with_echo};
 use crate::fixture::postgres::{self, TestDatabase};
 
-/// An installation with some of everything: plugin versions with grants, a completed
-/// job with a webhook delivery waiting, a failed job, a running one, a
-/// pending one, a deleted one (whose events went with it), and a pause.
+/// An installation with some of everything: plugin versions with grants
+/// and limits, a completed job with a webhook delivery waiting, a failed
+/// job, a running one, a pending one, one waiting for its plugin, a deleted
+/// one (whose events went with it), and a pause.
 async fn fill(store: &Arc<Storage>) -> Vec<String> {
     with_echo(store).await;
     let grants = PluginGrants {
@@ -77,10 +79,35 @@ async fn fill(store: &Arc<Storage>) -> Vec<String> {
         .await
         .unwrap();
     store.delete_job("deleted", 2_500).await.unwrap();
+    // `echo` limited to one phase at a time, which `running` holds: a job
+    // waits for it.
+    let limited = PluginResources {
+        max_running: Some(1),
+        per_second: Some(4.0),
+        ..PluginResources::default()
+    };
+    store
+        .set_plugin_resources("echo", limited, 2_600)
+        .await
+        .unwrap();
+    let first = NewJob {
+        priority: 5,
+        ..job("waiting", 1)
+    };
+    let waiting = running(store, first).await;
+    let start = store.start_phase(&waiting.lease, 0, 2_700).await.unwrap();
+    assert_eq!(start, Guarded::Applied(PhaseStart::Waiting));
     store.set_paused(true).await.unwrap();
-    ["completed", "failed", "running", "pending", "keyed"]
-        .map(str::to_owned)
-        .to_vec()
+    [
+        "completed",
+        "failed",
+        "running",
+        "pending",
+        "keyed",
+        "waiting",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,11 +126,16 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     let report = jobhost::storage::import::sqlite_into_postgres(&file, &options)
         .await
         .unwrap();
-    assert!(report.rows.contains(&("jobs", 5)), "{report:?}");
+    assert!(report.rows.contains(&("jobs", 6)), "{report:?}");
 
     let sqlite = jobhost::storage::open_sqlite(&file, Default::default()).unwrap();
     let pg = jobhost::storage::open_postgres(&options).await.unwrap();
     assert_eq!(pg.plugins().await.unwrap(), sqlite.plugins().await.unwrap());
+    assert_eq!(
+        pg.plugin_loads().await.unwrap(),
+        sqlite.plugin_loads().await.unwrap(),
+        "the plugin's limits and its waiting job came over"
+    );
     assert!(
         pg.plugin_grants("echo").await.unwrap().is_some(),
         "grants came over"
@@ -169,7 +201,11 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         .map(|c| c.job.id)
         .collect();
     claimed.sort();
-    assert_eq!(claimed, ["after-the-move", "keyed", "pending"]);
+    assert_eq!(
+        claimed,
+        ["after-the-move", "keyed", "pending"],
+        "the waiting job still waits: `running` holds echo's one slot"
+    );
     pg.close().await;
     sqlite.close().await;
 }

@@ -47,8 +47,8 @@ pub(super) async fn cancel_if_pending(
 ) -> Result<CancelOutcome> {
     Ok(match locked(tx, job_id).await? {
         None => CancelOutcome::NotFound,
-        Some((JobStatus::Pending, _)) => {
-            cancel(tx, scope, job_id, JobStatus::Pending, now).await?;
+        Some((status @ (JobStatus::Pending | JobStatus::Waiting), _)) => {
+            cancel(tx, scope, job_id, status, now).await?;
             CancelOutcome::Cancelled
         }
         Some((JobStatus::Running, owner)) => CancelOutcome::Running {

@@ -2,12 +2,12 @@
 //! due jobs with `FOR UPDATE SKIP LOCKED`: claimers on every host take
 //! disjoint jobs without waiting for each other.
 
-use super::keys;
 use super::rows::{
     J_JOB_COLUMNS, LEASE_COLUMN, PHASE_COLUMNS, decode_job, decode_phase, must_load,
 };
-use super::transitions::job_event;
+use super::transitions::{FREELY_STARTED, job_event};
 use super::{Tx, WriteScope, corrupt, query, query_one, query_opt};
+use super::{keys, plugin_limits};
 use crate::model::event::JobStarted;
 use crate::model::{EventBody, Job, JobStatus, PhaseStatus};
 use crate::storage::{Claimed, CreateOutcome, Lease, NewJob, Result};
@@ -118,12 +118,34 @@ pub(super) async fn other_job_due(tx: &Tx<'_>, job_id: &str, now: i64) -> Result
     Ok(query_one(tx, &sql, &[&now, &job_id, &1_i64]).await?.get(0))
 }
 
+/// Wakes the jobs waiting for plugins that have room again
+/// (`storage::plugin_limits`), and claims up to `limit` due jobs (see
+/// [`claim_pending`]). Which plugins have jobs waiting is asked beside the
+/// claim, pipelined: no round trip more while none do.
+pub(super) async fn claim(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    now: i64,
+    limit: usize,
+) -> Result<Vec<Claimed>> {
+    let (mut claimed, waiting) = futures::try_join!(
+        claim_pending(tx, scope, now, limit),
+        plugin_limits::waiting_plugins(tx)
+    )?;
+    if plugin_limits::wake_waiting(tx, &waiting, now).await? && claimed.len() < limit {
+        let more = claim_pending(tx, scope, now, limit - claimed.len()).await?;
+        claimed.extend(more);
+    }
+    Ok(claimed)
+}
+
 /// Claims up to `limit` due jobs, highest priority first, then earliest
 /// `run_at`, skipping rows another claimer holds, and starts the first
-/// unfinished phase of each. While no concurrency key is ready, that is
+/// unfinished phase of each (unless its plugin has limits: its worker asks
+/// to start it). While no concurrency key is ready, that is
 /// one statement over the jobs without a key; else the claim goes through
 /// the rotation (`storage::concurrency`).
-pub(super) async fn claim(
+async fn claim_pending(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
     now: i64,
@@ -201,7 +223,7 @@ async fn claim_picked(
              UPDATE phases p SET status = 'running', attempts = p.attempts + 1, started_at = $1,
                                  finished_at = NULL, progress = NULL
              FROM first WHERE p.job_id = first.job_id AND p.idx = first.idx
-                          AND p.status = 'pending'
+                          AND p.status = 'pending' AND {FREELY_STARTED}
              RETURNING p.job_id, p.idx
          )
          SELECT c.*, s.idx, {PHASE_COLUMNS}
@@ -267,15 +289,18 @@ pub(super) async fn claim_created(
 ) -> Result<Lease> {
     let row = query_one(
         tx,
-        "WITH claimed AS (
+        &format!(
+            "WITH claimed AS (
              UPDATE jobs SET status = 'running', attempt = 1, lease = lease + 1, started_at = $2,
                              owner = $3
              WHERE id = $1 RETURNING lease
          ), started AS (
-             UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = $2
-             WHERE job_id = $1 AND idx = 0 AND status = 'pending' RETURNING idx
+             UPDATE phases p SET status = 'running', attempts = attempts + 1, started_at = $2
+             WHERE job_id = $1 AND idx = 0 AND status = 'pending' AND {FREELY_STARTED}
+             RETURNING idx
          )
-         SELECT (SELECT lease FROM claimed), (SELECT count(*) FROM started)",
+         SELECT (SELECT lease FROM claimed), (SELECT count(*) FROM started)"
+        ),
         &[&job.id, &now, &&*scope.host],
     )
     .await?;

@@ -14,7 +14,7 @@ use deadpool_postgres::GenericClient;
 
 use super::{PgStore, Tx, execute, query, query_one};
 use crate::model::concurrency::LimitRule;
-use crate::model::{ConcurrencyLimits, KeyLoad};
+use crate::model::{ConcurrencyLimits, KeyLoad, PluginLoad};
 use crate::storage::concurrency::{
     APPLY_LIMITS, FORGET_IDLE_KEYS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest,
     take_turns as rotate,
@@ -296,5 +296,13 @@ impl ConcurrencyStore for PgStore {
         let running = per_key(&client, RUNNING_PER_KEY).await?;
         let pending = per_key(&client, PENDING_PER_KEY).await?;
         Ok(busiest(running, pending, &limits(&client).await?, shown))
+    }
+
+    async fn plugin_loads(&self) -> Result<Vec<PluginLoad>> {
+        super::plugin_limits::loads(&self.client().await?).await
+    }
+
+    async fn plugin_slot_freed(&self, plugin: &str) -> Result<()> {
+        super::plugin_limits::slot_freed(&self.client().await?, plugin).await
     }
 }

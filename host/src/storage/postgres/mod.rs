@@ -20,6 +20,7 @@ mod commands;
 mod create;
 mod keys;
 mod log;
+mod plugin_limits;
 mod plugins;
 mod rows;
 mod schedules;

@@ -163,7 +163,7 @@ async fn delete_version(tx: &Tx<'_>, name: &str, version: &str) -> Result<Delete
     let jobs: i64 = query_one(
         tx,
         "SELECT COUNT(DISTINCT p.job_id) FROM phases p JOIN jobs j ON j.id = p.job_id
-         WHERE p.plugin = $1 AND p.version = $2 AND j.status IN ('pending', 'running')",
+         WHERE p.plugin = $1 AND p.version = $2 AND j.status IN ('pending', 'running', 'waiting')",
         &[&name, &version],
     )
     .await?
@@ -265,6 +265,7 @@ async fn set_resources(
     if updated == 0 {
         return Ok(false);
     }
+    super::plugin_limits::set_limits(tx, scope, name, &resources).await?;
     let changed = EventBody::PluginResourcesChanged(PluginResourcesChanged {
         plugin: name.to_owned(),
         resources,
@@ -288,9 +289,10 @@ async fn records(db: &impl GenericClient, name: Option<&str>) -> Result<Vec<Plug
     let rows = query(
         db,
         "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at,
-                g.grants, p.memory_mb, p.timeout_ms
+                g.grants, p.memory_mb, p.timeout_ms, l.max_running, l.per_second
          FROM plugins p JOIN plugin_versions v ON v.plugin = p.name
          LEFT JOIN plugin_grants g ON g.plugin = p.name
+         LEFT JOIN plugin_limits l ON l.plugin = p.name
          WHERE $1::text IS NULL OR p.name = $1
          ORDER BY p.name, v.uploaded_at, v.version",
         &[&name],
@@ -319,6 +321,8 @@ async fn records(db: &impl GenericClient, name: Option<&str>) -> Result<Vec<Plug
                 resources: PluginResources {
                     memory_mb: row.get::<_, Option<i64>>(8).map(|mb| mb as u64),
                     timeout_ms: row.get::<_, Option<i64>>(9).map(|ms| ms as u64),
+                    max_running: row.get::<_, Option<i32>>(10).map(|n| n as u32),
+                    per_second: row.get(11),
                 },
             }),
         }

@@ -296,6 +296,24 @@ pub(super) const MIGRATIONS: &[&str] = &[
         EXECUTE FUNCTION jobhost_key_ready();
     "#
     ),
+    // 6: per-plugin limits, as on SQLite (its migration 13 says how they
+    // work).
+    r#"
+    ALTER TABLE jobs DROP CONSTRAINT jobs_status_check;
+    ALTER TABLE jobs ADD CONSTRAINT jobs_status_check
+        CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled', 'waiting'));
+    ALTER TABLE jobs ADD COLUMN waiting_for TEXT;
+    CREATE INDEX jobs_waiting ON jobs (waiting_for, priority DESC, run_at, id)
+        WHERE status = 'waiting';
+    CREATE INDEX phases_running ON phases (plugin) WHERE status = 'running';
+    CREATE TABLE plugin_limits (
+        plugin      TEXT PRIMARY KEY REFERENCES plugins(name) ON DELETE CASCADE,
+        max_running INTEGER,
+        per_second  DOUBLE PRECISION,
+        tokens      DOUBLE PRECISION,
+        refilled_at BIGINT
+    ) WITH (fillfactor = 70);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -11,8 +11,9 @@ use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::jobs::stopped_usage;
 use crate::storage::{
     CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, HostRecord,
-    JobFilter, JobPage, JobStore, Lease, LogBacklog, NewJob, PhaseDone, PhaseFailed, Recovered,
-    RecoveryPolicy, RecoveryScope, Result, RetryOutcome, SignalHandler, Store, WriterStats,
+    JobFilter, JobPage, JobStore, Lease, LogBacklog, NewJob, PhaseDone, PhaseFailed, PhaseStart,
+    Recovered, RecoveryPolicy, RecoveryScope, Result, RetryOutcome, SignalHandler, Store,
+    WriterStats,
 };
 
 #[async_trait]
@@ -55,11 +56,21 @@ impl JobStore for PgStore {
                            WHERE status = 'pending' AND concurrency_key IS NULL), ({}))",
             super::keys::NEXT_KEY_DUE
         );
-        let row = query_one(&client, &sql, &[]).await?;
-        Ok(row.get(0))
+        // And jobs waiting for a plugin, once it may wake them.
+        let (row, waiting) = futures::try_join!(
+            query_one(&client, &sql, &[]),
+            super::plugin_limits::next_plugin_wake(&client)
+        )?;
+        let pending: Option<i64> = row.get(0);
+        Ok(pending.into_iter().chain(waiting).min())
     }
 
-    async fn start_phase(&self, lease: &Lease, index: usize, now: i64) -> Result<Guarded<u32>> {
+    async fn start_phase(
+        &self,
+        lease: &Lease,
+        index: usize,
+        now: i64,
+    ) -> Result<Guarded<PhaseStart>> {
         let lease = lease.clone();
         self.write(move |tx, scope| {
             Box::pin(async move { transitions::start_phase(tx, scope, &lease, index, now).await })
@@ -225,7 +236,7 @@ impl JobStore for PgStore {
         let client = self.client().await?;
         count(
             &client,
-            "SELECT COUNT(*) FROM jobs WHERE status = 'pending'",
+            "SELECT COUNT(*) FROM jobs WHERE status = 'pending' OR status = 'waiting'",
             &[],
         )
         .await

@@ -3,11 +3,16 @@
 //! events each appends. A guard that does not hold changes nothing and
 //! says why.
 
+use super::plugin_limits;
 use super::webhooks::Target;
 use super::{Tx, WriteScope, corrupt, execute, query_opt};
-use crate::model::event::{EndedAttempt, JobCancelled, JobCompleted, PhaseCompleted, PhaseStarted};
+use crate::model::event::{
+    EndedAttempt, JobCancelled, JobCompleted, JobWaiting, PhaseCompleted, PhaseStarted,
+};
 use crate::model::{EventBody, EventKind, JobStatus, NewEvent, Progress, event};
-use crate::storage::{AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, Result};
+use crate::storage::{
+    AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, PhaseStart, Result,
+};
 
 /// The guard every worker write puts on the job's row, with the lease in
 /// `$1` (job id), `$2` (attempt) and `$3` (token).
@@ -78,22 +83,31 @@ async fn refused<T>(tx: &Tx<'_>, lease: &Lease) -> Result<Guarded<T>> {
     })
 }
 
+/// The condition on a phase (`p`) that its plugin has no limits: only
+/// `start_phase` starts a phase of a plugin with limits.
+pub(super) const FREELY_STARTED: &str =
+    "NOT EXISTS (SELECT 1 FROM plugin_limits l WHERE l.plugin = p.plugin)";
+
 /// Starts phase `index` of a job whose lease the caller holds, if the phase
-/// is pending; returns its attempt.
+/// is pending and (unless `limits_checked`) its plugin has no limits;
+/// returns its attempt.
 async fn start_pending_phase(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
     job_id: &str,
     index: usize,
+    limits_checked: bool,
     now: i64,
 ) -> Result<Option<u32>> {
     let row = query_opt(
         tx,
-        "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = $3,
-                           finished_at = NULL, progress = NULL
-         WHERE job_id = $1 AND idx = $2 AND status = 'pending'
-         RETURNING name, plugin, version, attempts",
-        &[&job_id, &(index as i32), &now],
+        &format!(
+            "UPDATE phases p SET status = 'running', attempts = attempts + 1, started_at = $3,
+                                 finished_at = NULL, progress = NULL
+             WHERE job_id = $1 AND idx = $2 AND status = 'pending' AND ($4 OR {FREELY_STARTED})
+             RETURNING name, plugin, version, attempts"
+        ),
+        &[&job_id, &(index as i32), &now, &limits_checked],
     )
     .await?;
     let Some(row) = row else { return Ok(None) };
@@ -109,22 +123,63 @@ async fn start_pending_phase(
     Ok(Some(attempt))
 }
 
+/// Starts a pending phase of the leased job if its plugin has room and a
+/// token for it (see `storage::plugin_limits`), or else makes the job wait
+/// for the plugin.
 pub(super) async fn start_phase(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
     lease: &Lease,
     index: usize,
     now: i64,
-) -> Result<Guarded<u32>> {
+) -> Result<Guarded<PhaseStart>> {
     if let Some(refusal) = refusal(hold_lease(tx, lease).await?) {
         return Ok(refusal);
     }
+    let Some((name, slots)) = plugin_limits::of_pending_phase(tx, &lease.job_id, index).await?
+    else {
+        return Ok(Guarded::Stale);
+    };
+    if let Some(slots) = slots {
+        match slots.take(now) {
+            Some(tokens) => plugin_limits::keep_tokens(tx, &slots.plugin, tokens, now).await?,
+            None => {
+                let waiting = JobWaiting {
+                    phase: name,
+                    index,
+                    plugin: slots.plugin,
+                };
+                wait_for_plugin(tx, scope, &lease.job_id, waiting, now).await?;
+                return Ok(Guarded::Applied(PhaseStart::Waiting));
+            }
+        }
+    }
     Ok(
-        match start_pending_phase(tx, scope, &lease.job_id, index, now).await? {
-            Some(attempt) => Guarded::Applied(attempt),
+        match start_pending_phase(tx, scope, &lease.job_id, index, true, now).await? {
+            Some(attempt) => Guarded::Applied(PhaseStart::Started(attempt)),
             None => Guarded::Stale,
         },
     )
+}
+
+/// Moves a running job with no phase running to `waiting` for a plugin's
+/// slot: not a failed attempt, so the attempt is not counted (its claim
+/// counts it again).
+async fn wait_for_plugin(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    job_id: &str,
+    waiting: JobWaiting,
+    now: i64,
+) -> Result<()> {
+    execute(
+        tx,
+        "UPDATE jobs SET status = 'waiting', waiting_for = $2, attempt = GREATEST(attempt - 1, 0)
+         WHERE id = $1",
+        &[&job_id, &waiting.plugin],
+    )
+    .await?;
+    job_event(tx, scope, job_id, EventBody::JobWaiting(waiting), now).await
 }
 
 pub(super) async fn record_progress(
@@ -185,7 +240,7 @@ pub(super) async fn complete_phase(
     job_event(tx, scope, &lease.job_id, completed, done.now).await?;
     if done.start_next
         && let Some(attempt) =
-            start_pending_phase(tx, scope, &lease.job_id, done.index + 1, done.now).await?
+            start_pending_phase(tx, scope, &lease.job_id, done.index + 1, false, done.now).await?
     {
         return Ok(Guarded::Applied(Completion::NextStarted(attempt)));
     }

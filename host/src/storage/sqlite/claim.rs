@@ -3,10 +3,10 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::keys;
 use super::rows::{JOB_COLUMNS, LEASE_COLUMN, RawJob, job_row, phases_of};
 use super::transitions::{job_event, mark_phase_running};
 use super::writer::EventLog;
+use super::{keys, plugin_limits};
 use crate::model::event::JobStarted;
 use crate::model::{EventBody, Job, JobStatus, Phase, PhaseStatus};
 use crate::storage::{Claimed, Lease, Result};
@@ -77,13 +77,15 @@ pub(super) fn other_job_due(conn: &Connection, job_id: &str, now: i64) -> Result
 }
 
 /// When a job will be due that a claim could take: a key's only once it
-/// has room (a worker that finishes wakes the dispatcher).
+/// has room (a worker that finishes wakes the dispatcher), and a job
+/// waiting for a plugin once the plugin may wake it.
 pub(super) fn next_due_at(conn: &Connection) -> Result<Option<i64>> {
     let unkeyed: Option<i64> = conn
         .prepare_cached(&format!("{PENDING_PRIORITIES} {NEXT_DUE}"))?
         .query_row([], |row| row.get(0))?;
     let keyed = keys::next_key_due(conn)?;
-    Ok(unkeyed.into_iter().chain(keyed).min())
+    let waiting = plugin_limits::next_plugin_wake(conn)?;
+    Ok(unkeyed.into_iter().chain(keyed).chain(waiting).min())
 }
 
 /// The highest priority of a pending job below `?1`: one index seek.
@@ -98,8 +100,10 @@ pub(super) fn pending_priority_below(conn: &Connection, below: i64) -> Result<Op
         .optional()?)
 }
 
-/// Claims due jobs, highest priority first, and starts the first unfinished
-/// phase of each: in the rotation's order when a concurrency key is ready
+/// Wakes the jobs waiting for plugins that have room again
+/// (`storage::plugin_limits`), then claims due jobs, highest priority
+/// first, and starts the first unfinished phase of each (unless its plugin
+/// has limits: its worker asks to start it): in the rotation's order when a concurrency key is ready
 /// (`storage::concurrency`), else from `jobs_due` alone. Without `INDEXED BY`, SQLite chose `jobs_status` and
 /// sorted every pending job on each claim, so claims slowed down as the
 /// backlog grew. The claimed rows come back from the update itself, and the
@@ -111,6 +115,7 @@ pub(super) fn claim(
     now: i64,
     limit: usize,
 ) -> Result<Vec<Claimed>> {
+    plugin_limits::wake_waiting(conn, now)?;
     let claimed = match keys::take_turns(conn, now, limit)? {
         Some(turns) => {
             let mut claim_one = conn.prepare_cached(&format!(

@@ -18,8 +18,8 @@ pub(super) fn cancel_if_pending(
 ) -> Result<CancelOutcome> {
     Ok(match job_status(conn, job_id)? {
         None => CancelOutcome::NotFound,
-        Some(JobStatus::Pending) => {
-            cancel(conn, log, job_id, JobStatus::Pending, now)?;
+        Some(status @ (JobStatus::Pending | JobStatus::Waiting)) => {
+            cancel(conn, log, job_id, status, now)?;
             CancelOutcome::Cancelled
         }
         // One host owns the database.

@@ -11,7 +11,7 @@ use rusqlite::{Connection, params};
 use super::SqliteStore;
 use super::claim::{DUE_AT_LEVEL, by_priority};
 use crate::model::concurrency::LimitRule;
-use crate::model::{ConcurrencyLimits, KeyLoad};
+use crate::model::{ConcurrencyLimits, KeyLoad, PluginLoad};
 use crate::storage::concurrency::{
     APPLY_LIMITS, Bucket, FORGET_IDLE_KEYS, Group, PENDING_PER_KEY, RUNNING_PER_KEY, busiest,
     take_turns as rotate,
@@ -301,5 +301,13 @@ impl ConcurrencyStore for SqliteStore {
             Ok(busiest(running, pending, &limits(conn)?, shown))
         })
         .await
+    }
+
+    async fn plugin_loads(&self) -> Result<Vec<PluginLoad>> {
+        self.read(super::plugin_limits::loads).await
+    }
+
+    async fn plugin_slot_freed(&self, _plugin: &str) -> Result<()> {
+        Ok(())
     }
 }

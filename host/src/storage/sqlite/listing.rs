@@ -64,7 +64,8 @@ pub(super) fn pending_count(conn: &Connection) -> Result<u64> {
             "SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_due
                      WHERE status = 'pending' AND concurrency_key IS NULL)
                   + (SELECT COUNT(*) FROM jobs INDEXED BY jobs_keyed_due
-                     WHERE status = 'pending' AND concurrency_key IS NOT NULL)",
+                     WHERE status = 'pending' AND concurrency_key IS NOT NULL)
+                  + (SELECT COUNT(*) FROM jobs INDEXED BY jobs_waiting WHERE status = 'waiting')",
         )?
         .query_row([], |row| row.get(0))?;
     Ok(count as u64)

@@ -21,6 +21,7 @@ mod create;
 mod events;
 mod keys;
 mod listing;
+mod plugin_limits;
 mod plugins;
 mod recovery;
 mod rows;

@@ -122,7 +122,7 @@ fn delete_version(conn: &Connection, name: &str, version: &str) -> Result<Delete
     )?;
     let jobs: i64 = conn.query_row(
         "SELECT COUNT(DISTINCT p.job_id) FROM phases p JOIN jobs j ON j.id = p.job_id
-         WHERE p.plugin = ?1 AND p.version = ?2 AND j.status IN ('pending', 'running')",
+         WHERE p.plugin = ?1 AND p.version = ?2 AND j.status IN ('pending', 'running', 'waiting')",
         params![name, version],
         |row| row.get(0),
     )?;
@@ -209,6 +209,7 @@ fn set_resources(
     if updated == 0 {
         return Ok(false);
     }
+    super::plugin_limits::set_limits(conn, name, &resources)?;
     let changed = EventBody::PluginResourcesChanged(PluginResourcesChanged {
         plugin: name.to_owned(),
         resources,
@@ -228,9 +229,10 @@ fn grants_of(conn: &Connection, name: &str) -> Result<Option<PluginGrants>> {
 fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
     let mut stmt = conn.prepare_cached(
         "SELECT p.name, p.active_version, v.version, v.content_hash, v.size, v.description, v.uploaded_at,
-                p.memory_mb, p.timeout_ms, g.grants
+                p.memory_mb, p.timeout_ms, g.grants, l.max_running, l.per_second
          FROM plugins p JOIN plugin_versions v ON v.plugin = p.name
          LEFT JOIN plugin_grants g ON g.plugin = p.name
+         LEFT JOIN plugin_limits l ON l.plugin = p.name
          WHERE ?1 IS NULL OR p.name = ?1
          ORDER BY p.name, v.uploaded_at, v.version",
     )?;
@@ -249,6 +251,8 @@ fn records(conn: &Connection, name: Option<&str>) -> Result<Vec<PluginRecord>> {
             PluginResources {
                 memory_mb: row.get::<_, Option<i64>>(7)?.map(|mb| mb as u64),
                 timeout_ms: row.get::<_, Option<i64>>(8)?.map(|ms| ms as u64),
+                max_running: row.get(10)?,
+                per_second: row.get(11)?,
             },
             row.get::<_, Option<String>>(9)?,
         ))

@@ -304,6 +304,69 @@ pub(super) const MIGRATIONS: &[&str] = &[
     BEGIN ", key_ready!(), " END;
     "
     ),
+    // 13: per-plugin limits (`storage::plugin_limits`). A job whose next
+    // phase finds its plugin full waits in the new status `waiting`,
+    // holding no worker, in `jobs_waiting` by plugin; `plugin_limits` has
+    // a row only for a plugin with a limit or a rate, and its bucket.
+    // Running phases per plugin are counted from `phases_running`, never
+    // kept. The status CHECK cannot be altered, so `jobs` is rebuilt as in
+    // 3, with its indexes and triggers.
+    concat!(
+        "
+    CREATE TABLE jobs_v13 (
+        id              TEXT PRIMARY KEY,
+        status          TEXT NOT NULL
+                        CHECK (status = 'pending' OR status = 'running' OR status = 'completed'
+                               OR status = 'failed' OR status = 'cancelled'
+                               OR status = 'waiting'),
+        payload         TEXT NOT NULL,
+        priority        INTEGER NOT NULL,
+        run_at          INTEGER NOT NULL,
+        attempt         INTEGER NOT NULL DEFAULT 0,
+        max_attempts    INTEGER NOT NULL,
+        backoff         TEXT NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        webhook_url     TEXT,
+        webhook_secret  TEXT,
+        created_at      INTEGER NOT NULL,
+        started_at      INTEGER,
+        finished_at     INTEGER,
+        error           TEXT,
+        lease           INTEGER NOT NULL DEFAULT 0,
+        concurrency_key TEXT,
+        waiting_for     TEXT
+    );
+    INSERT INTO jobs_v13 SELECT *, NULL FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v13 RENAME TO jobs;
+    CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX jobs_status ON jobs (status, id);
+    CREATE INDEX jobs_due ON jobs (priority DESC, run_at, id)
+        WHERE status = 'pending' AND concurrency_key IS NULL;
+    CREATE INDEX jobs_keyed_due ON jobs (concurrency_key, priority DESC, run_at, id)
+        WHERE status = 'pending' AND concurrency_key IS NOT NULL;
+    CREATE INDEX jobs_keyed_due_at ON jobs (concurrency_key, run_at)
+        WHERE status = 'pending' AND concurrency_key IS NOT NULL;
+    CREATE INDEX jobs_keyed_running ON jobs (concurrency_key)
+        WHERE status = 'running' AND concurrency_key IS NOT NULL;
+    CREATE INDEX jobs_waiting ON jobs (waiting_for, priority DESC, run_at, id)
+        WHERE status = 'waiting';
+    CREATE INDEX phases_running ON phases (plugin) WHERE status = 'running';
+    CREATE TABLE plugin_limits (
+        plugin      TEXT PRIMARY KEY REFERENCES plugins(name) ON DELETE CASCADE,
+        max_running INTEGER,
+        per_second  REAL,
+        tokens      REAL,
+        refilled_at INTEGER
+    );
+    CREATE TRIGGER jobs_key_ready_on_insert AFTER INSERT ON jobs
+        WHEN NEW.status = 'pending' AND NEW.concurrency_key IS NOT NULL
+    BEGIN ", key_ready!(), " END;
+    CREATE TRIGGER jobs_key_ready_on_update AFTER UPDATE OF status, run_at, priority ON jobs
+        WHEN NEW.status = 'pending' AND NEW.concurrency_key IS NOT NULL
+    BEGIN ", key_ready!(), " END;
+    "
+    ),
 ];
 
 /// Brings the database up to the latest schema.

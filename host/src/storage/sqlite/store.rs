@@ -14,8 +14,9 @@ use super::transitions;
 use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::{
     CancelOutcome, Claimed, Completion, CreateOutcome, DeleteOutcome, Guarded, HostRecord,
-    JobFilter, JobPage, JobStore, Lease, LogBacklog, NewJob, PhaseDone, PhaseFailed, Recovered,
-    RecoveryPolicy, RecoveryScope, Result, RetryOutcome, SignalHandler, Store, WriterStats,
+    JobFilter, JobPage, JobStore, Lease, LogBacklog, NewJob, PhaseDone, PhaseFailed, PhaseStart,
+    Recovered, RecoveryPolicy, RecoveryScope, Result, RetryOutcome, SignalHandler, Store,
+    WriterStats,
 };
 
 #[async_trait]
@@ -47,7 +48,12 @@ impl JobStore for SqliteStore {
         self.read(next_due_at).await
     }
 
-    async fn start_phase(&self, lease: &Lease, index: usize, now: i64) -> Result<Guarded<u32>> {
+    async fn start_phase(
+        &self,
+        lease: &Lease,
+        index: usize,
+        now: i64,
+    ) -> Result<Guarded<PhaseStart>> {
         let lease = lease.clone();
         self.write(move |conn, log| transitions::start_phase(conn, log, &lease, index, now))
             .await

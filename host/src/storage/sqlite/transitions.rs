@@ -6,10 +6,15 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::corrupt;
+use super::plugin_limits;
 use super::writer::EventLog;
-use crate::model::event::{EndedAttempt, JobCancelled, JobCompleted, PhaseCompleted, PhaseStarted};
+use crate::model::event::{
+    EndedAttempt, JobCancelled, JobCompleted, JobWaiting, PhaseCompleted, PhaseStarted,
+};
 use crate::model::{EventBody, JobStatus, NewEvent, Progress, event};
-use crate::storage::{AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, Result};
+use crate::storage::{
+    AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, PhaseStart, Result,
+};
 
 /// The guard every worker write puts on the job's row, with the lease in
 /// `?{n}` (job id), `?{n+1}` (attempt) and `?{n+2}` (token).
@@ -71,7 +76,9 @@ fn refused<T>(conn: &Connection, lease: &Lease) -> Result<Guarded<T>> {
     })
 }
 
-/// Marks a phase running if it is pending; false if it was not.
+/// Marks a phase running if it is pending and its plugin has no limits;
+/// false if not (a phase of a plugin with limits starts only through
+/// [`start_phase`]).
 pub(super) fn mark_phase_running(
     conn: &Connection,
     job_id: &str,
@@ -81,15 +88,16 @@ pub(super) fn mark_phase_running(
     let changed = conn
         .prepare_cached(
             "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL, progress = NULL
-             WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'",
+             WHERE job_id = ?1 AND idx = ?2 AND status = 'pending'
+               AND NOT EXISTS (SELECT 1 FROM plugin_limits l WHERE l.plugin = phases.plugin)",
         )?
         .execute(params![job_id, index as i64, now])?;
     Ok(changed > 0)
 }
 
 /// Starts phase `index` of a job whose lease the caller has checked in this
-/// write, if the phase is pending; returns its attempt. Reads back only what
-/// the event needs, after the update.
+/// write, if the phase is pending and its plugin has no limits; returns its
+/// attempt. Reads back only what the event needs, after the update.
 fn start_pending_phase(
     conn: &Connection,
     log: &mut EventLog,
@@ -100,6 +108,17 @@ fn start_pending_phase(
     if !mark_phase_running(conn, job_id, index, now)? {
         return Ok(None);
     }
+    Ok(Some(announce_started(conn, log, job_id, index, now)?))
+}
+
+/// Logs `job:phase:started` for a phase just marked running; its attempt.
+fn announce_started(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    index: usize,
+    now: i64,
+) -> Result<u32> {
     let started = conn
         .prepare_cached(
             "SELECT name, plugin, version, attempts FROM phases WHERE job_id = ?1 AND idx = ?2",
@@ -115,27 +134,66 @@ fn start_pending_phase(
         })?;
     let attempt = started.attempt;
     job_event(conn, log, job_id, EventBody::PhaseStarted(started), now)?;
-    Ok(Some(attempt))
+    Ok(attempt)
 }
 
+/// Starts a pending phase of the leased job if its plugin has room and a
+/// token for it (see `storage::plugin_limits`), or else makes the job wait
+/// for the plugin.
 pub(super) fn start_phase(
     conn: &Connection,
     log: &mut EventLog,
     lease: &Lease,
     index: usize,
     now: i64,
-) -> Result<Guarded<u32>> {
+) -> Result<Guarded<PhaseStart>> {
     match check_lease(conn, lease)? {
         Guarded::Applied(()) => {}
         Guarded::Stale => return Ok(Guarded::Stale),
         Guarded::Fenced => return Ok(Guarded::Fenced),
     }
-    Ok(
-        match start_pending_phase(conn, log, &lease.job_id, index, now)? {
-            Some(attempt) => Guarded::Applied(attempt),
-            None => Guarded::Stale,
-        },
-    )
+    let Some((name, slots)) = plugin_limits::of_pending_phase(conn, &lease.job_id, index)? else {
+        return Ok(Guarded::Stale);
+    };
+    if let Some(slots) = slots {
+        match slots.take(now) {
+            Some(tokens) => plugin_limits::keep_tokens(conn, &slots.plugin, tokens, now)?,
+            None => {
+                let waiting = JobWaiting {
+                    phase: name,
+                    index,
+                    plugin: slots.plugin,
+                };
+                wait_for_plugin(conn, log, &lease.job_id, waiting, now)?;
+                return Ok(Guarded::Applied(PhaseStart::Waiting));
+            }
+        }
+    }
+    conn.prepare_cached(
+        "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL, progress = NULL
+         WHERE job_id = ?1 AND idx = ?2",
+    )?
+    .execute(params![lease.job_id, index as i64, now])?;
+    let attempt = announce_started(conn, log, &lease.job_id, index, now)?;
+    Ok(Guarded::Applied(PhaseStart::Started(attempt)))
+}
+
+/// Moves a running job with no phase running to `waiting` for a plugin's
+/// slot: not a failed attempt, so the attempt is not counted (its claim
+/// counts it again).
+fn wait_for_plugin(
+    conn: &Connection,
+    log: &mut EventLog,
+    job_id: &str,
+    waiting: JobWaiting,
+    now: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE jobs SET status = 'waiting', waiting_for = ?2, attempt = MAX(attempt - 1, 0)
+         WHERE id = ?1",
+    )?
+    .execute(params![job_id, waiting.plugin])?;
+    job_event(conn, log, job_id, EventBody::JobWaiting(waiting), now)
 }
 
 pub(super) fn record_progress(

@@ -9,6 +9,7 @@
 mod concurrency;
 mod events;
 mod jobs;
+mod plugin_limits;
 mod plugins;
 mod races;
 mod recovery;
@@ -49,6 +50,9 @@ use jobs::cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker;
 use jobs::claims_take_the_highest_priority_then_the_earliest_due;
 use jobs::completing_a_job_can_claim_the_workers_next_one;
 use jobs::created_and_claimed_jobs_read_back_as_returned;
+use plugin_limits::a_plugins_limit_holds_and_waiting_jobs_hold_no_worker;
+use plugin_limits::a_plugins_rate_spaces_its_starts;
+use plugin_limits::concurrent_starts_respect_a_plugins_limit;
 use plugins::grants_replace_the_old_ones_and_go_with_the_plugin;
 use plugins::resources_are_set_on_the_plugin_and_logged;
 use races::a_cancel_racing_a_completion_ends_the_job_once;
@@ -94,6 +98,9 @@ crate::fixture::on_each_backend! {
     enqueues_racing_claims_never_strand_a_keys_jobs,
     a_keys_rate_spaces_its_starts,
     idle_keys_keep_their_turn_until_forgotten,
+    a_plugins_limit_holds_and_waiting_jobs_hold_no_worker,
+    a_plugins_rate_spaces_its_starts,
+    concurrent_starts_respect_a_plugins_limit,
 }
 
 /// Stores `echo` 1.0.0 (active) and 2.0.0, which [`job`] pins.

@@ -94,7 +94,9 @@ pub async fn resources_are_set_on_the_plugin_and_logged(backend: Backend) {
     with_echo(&store).await;
     let resources = PluginResources {
         memory_mb: Some(1024),
-        timeout_ms: None,
+        max_running: Some(3),
+        per_second: Some(2.5),
+        ..PluginResources::default()
     };
     assert!(
         !store
