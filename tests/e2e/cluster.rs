@@ -352,22 +352,61 @@ async fn hosts_sharing_a_schedule_fire_each_tick_once() {
     assert_eq!((distinct_ticks, jobs), (fires, fires), "one job per tick");
 }
 
-/// A key's limit holds across hosts: two hosts with free workers, six
-/// jobs of one key limited to 2 submitted to both, and never more than two
-/// of them run at once (by the times the database recorded), while jobs
-/// without a key run beside them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_keys_limit_holds_across_hosts() {
+/// Two hosts with 4 workers each on a fresh database, `echo` and `sleep`
+/// uploaded; `None` where no PostgreSQL runs.
+async fn two_hosts_with_sleep() -> Option<(TestDatabase, [Server; 2])> {
     if !test_database::available().await {
-        return;
+        return None;
     }
     let database = TestDatabase::create().await;
     let url = database.url();
     let args = ["--database", url.as_str(), "--concurrency", "4"];
     let hosts = [Server::start(&args).await, Server::start(&args).await];
     hosts[0]
+        .upload("echo", "1.0.0", plugin_artifacts::ECHO)
+        .await;
+    hosts[0]
         .upload("sleep", "1.0.0", plugin_artifacts::SLEEP)
         .await;
+    Some((database, hosts))
+}
+
+/// Waits until the jobs `ids` completed, then the most of the (start, end)
+/// spans that `spans_sql` reads which ran at once: at each start, the spans
+/// started before it and not finished by then.
+async fn most_at_once(
+    database: &TestDatabase,
+    hosts: &[Server; 2],
+    ids: &[Value],
+    spans_sql: &str,
+) -> usize {
+    for id in ids {
+        let job = hosts[0].wait_finished(id.as_str().unwrap()).await;
+        assert_eq!(job["status"], "completed", "{job}");
+    }
+    let rows = connect(database).await.query(spans_sql, &[]).await.unwrap();
+    let spans: Vec<(i64, i64)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    spans
+        .iter()
+        .map(|&(start, _)| {
+            spans
+                .iter()
+                .filter(|&&(s, f)| s <= start && start < f)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A key's limit holds across hosts: two hosts with free workers, six
+/// jobs of one key limited to 2 submitted to both, and never more than two
+/// of them run at once (by the times the database recorded), while jobs
+/// without a key run beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_limit_holds_across_hosts() {
+    let Some((database, hosts)) = two_hosts_with_sleep().await else {
+        return;
+    };
     let (status, body) = hosts[1]
         .put("/queue/concurrency", &json!({"keys": {"shared": 2}}))
         .await;
@@ -381,36 +420,9 @@ async fn a_keys_limit_holds_across_hosts() {
         ids.push(hosts[n % 2].submit(&nap(Some("shared"))).await["id"].clone());
         hosts[(n + 1) % 2].submit(&nap(None)).await;
     }
-    for id in &ids {
-        let job = hosts[0].wait_finished(id.as_str().unwrap()).await;
-        assert_eq!(job["status"], "completed", "{job}");
-    }
-    let db = connect(&database).await;
-    let rows = db
-        .query(
-            "SELECT started_at, finished_at FROM jobs WHERE concurrency_key = 'shared'",
-            &[],
-        )
-        .await
-        .unwrap();
-    let spans: Vec<(i64, i64)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
-    // At each start, the jobs already running: started before it and not
-    // finished by then.
-    assert_eq!(most_at_once(&spans), 2, "the limit is 2: {spans:?}");
-}
-
-/// The most spans (start, end) that overlap at any start.
-fn most_at_once(spans: &[(i64, i64)]) -> usize {
-    spans
-        .iter()
-        .map(|&(start, _)| {
-            spans
-                .iter()
-                .filter(|&&(s, f)| s <= start && start < f)
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
+    let sql = "SELECT started_at, finished_at FROM jobs WHERE concurrency_key = 'shared'";
+    let most = most_at_once(&database, &hosts, &ids, sql).await;
+    assert_eq!(most, 2, "the limit is 2");
 }
 
 /// A plugin's limit holds across hosts: two hosts with free workers, eight
@@ -419,19 +431,9 @@ fn most_at_once(spans: &[(i64, i64)]) -> usize {
 /// jobs that waited for it were woken, on either host, and all completed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugins_limit_holds_across_hosts() {
-    if !test_database::available().await {
+    let Some((database, hosts)) = two_hosts_with_sleep().await else {
         return;
-    }
-    let database = TestDatabase::create().await;
-    let url = database.url();
-    let args = ["--database", url.as_str(), "--concurrency", "4"];
-    let hosts = [Server::start(&args).await, Server::start(&args).await];
-    hosts[0]
-        .upload("echo", "1.0.0", plugin_artifacts::ECHO)
-        .await;
-    hosts[0]
-        .upload("sleep", "1.0.0", plugin_artifacts::SLEEP)
-        .await;
+    };
     let (status, body) = hosts[1]
         .put("/plugins/sleep/resources", &json!({"max_running": 2}))
         .await;
@@ -444,21 +446,11 @@ async fn a_plugins_limit_holds_across_hosts() {
     for n in 0..8 {
         ids.push(hosts[n % 2].submit(&job).await["id"].clone());
     }
-    for id in &ids {
-        let job = hosts[0].wait_finished(id.as_str().unwrap()).await;
-        assert_eq!(job["status"], "completed", "{job}");
-    }
-    let db = connect(&database).await;
-    let rows = db
-        .query(
-            "SELECT started_at, finished_at FROM phases WHERE plugin = 'sleep'",
-            &[],
-        )
+    let sql = "SELECT started_at, finished_at FROM phases WHERE plugin = 'sleep'";
+    let most = most_at_once(&database, &hosts, &ids, sql).await;
+    assert_eq!(most, 2, "the limit is 2");
+    let waited: i64 = connect(&database)
         .await
-        .unwrap();
-    let spans: Vec<(i64, i64)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
-    assert_eq!(most_at_once(&spans), 2, "the limit is 2: {spans:?}");
-    let waited: i64 = db
         .query_one(
             "SELECT count(*) FROM events WHERE kind = 'job:waiting'",
             &[],

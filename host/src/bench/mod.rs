@@ -62,7 +62,7 @@ pub enum Scenario {
     /// Enqueue → completed at low load.
     QueueLatency,
     /// A small concurrency key's waits beside another key's backlog, and
-    /// what keys cost.
+    /// what keys and per-plugin limits cost.
     Fairness,
     /// The queue through the HTTP API and SSE, beside the library.
     HttpThroughput,

@@ -20,8 +20,9 @@ const FORGET_IDLE_KEYS_EVERY: Duration = Duration::from_secs(60);
 const PURGE_BATCH: usize = 500;
 
 /// Claims due jobs while there are free slots, then sleeps until woken (a
-/// job was enqueued or retried, a worker finished, the queue resumed) or
-/// until the earliest scheduled job is due. Returns when the queue drains,
+/// job was enqueued or retried, a worker finished, a limited plugin's
+/// phase ended, the queue resumed) or until the earliest scheduled job is
+/// due. Returns when the queue drains,
 /// never in the middle of a claim: shutdown waits for it rather than abort
 /// it, so that every claimed job gets its worker.
 pub(super) async fn dispatch(shared: Arc<Shared>) {

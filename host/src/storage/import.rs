@@ -139,6 +139,7 @@ const TABLES: &[Table] = &[
             ("finished_at", BigInt),
             ("usage", Text),
             ("progress", Text),
+            ("holds_slot", Bool),
         ],
     },
     Table {
@@ -354,7 +355,8 @@ fn convert(table: &Table, row: Vec<Value>) -> Result<Vec<Box<dyn ToSql + Sync + 
                         i32::try_from(n).map_err(|_| mismatch(name, &Value::Integer(n)))?,
                     )),
                     (Bytes, Value::Blob(bytes)) => Box::new(bytes),
-                    (Bool, Value::Integer(n)) => Box::new(n != 0),
+                    (Bool, Value::Null) => Box::new(None::<bool>),
+                    (Bool, Value::Integer(n)) => Box::new(Some(n != 0)),
                     (Float, Value::Null) => Box::new(None::<f64>),
                     (Float, Value::Real(x)) => Box::new(Some(x)),
                     (Float, Value::Integer(n)) => Box::new(Some(n as f64)),

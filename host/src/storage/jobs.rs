@@ -307,12 +307,16 @@ pub trait JobStore: Send + Sync {
 
     /// Claims up to `limit` due pending jobs, highest priority first, then
     /// earliest `run_at`: marks each running (one more attempt, a new
-    /// lease) and starts its first unfinished phase, in one write. The jobs
-    /// come with their phases, as a worker needs them, but without attempt
-    /// errors or webhook status.
+    /// lease) and starts its first unfinished phase (unless its plugin has
+    /// limits: see [`JobStore::start_phase`]), in one write. The jobs come
+    /// with their phases, as a worker needs them, but without attempt
+    /// errors or webhook status. The same write first wakes, back to
+    /// pending, the jobs waiting for plugins that have room and tokens for
+    /// them.
     async fn claim_due_jobs(&self, now: i64, limit: usize) -> Result<Vec<Claimed>>;
 
-    /// The earliest `run_at` of any pending job.
+    /// The earliest `run_at` of any pending job, or the earliest time a
+    /// plugin may wake jobs waiting for it.
     async fn next_due_at(&self) -> Result<Option<i64>>;
 
     /// Marks a pending phase of the leased job as running, if its plugin

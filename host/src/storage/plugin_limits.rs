@@ -6,8 +6,9 @@
 //! token bucket); other plugins have none, and their phases start as
 //! before, inside the claim or the completion of the phase before. A phase
 //! of a limited plugin starts only through `start_phase`, which counts the
-//! plugin's running phases (from their state, through an index of running
-//! phases: never a counter) and takes a token, in one write; on
+//! plugin's running phases that hold a slot (from their state, through an
+//! index of those phases: never a counter), takes a token, and starts the
+//! phase holding a slot, in one write; on
 //! PostgreSQL, under the lock of the plugin's row, so that starts on any
 //! host follow one another. A phase that finds the plugin full does not
 //! hold its worker: its job goes to `waiting`, in `jobs_waiting` by
@@ -24,9 +25,14 @@ use crate::model::PluginLoad;
 
 /// Each limited plugin with waiting jobs: its limit, rate and bucket, and
 /// how many of its phases run. The same on both backends.
+///
+/// A running phase of a limited plugin holds a slot (`holds_slot`): the
+/// phases `start_phase` starts, and those already running when the limit
+/// was set ([`HOLD_SLOTS`]). Phases of plugins without limits never hold
+/// one, so they stay out of the index that counts them.
 pub(super) const WAITING_PLUGINS: &str = "
     SELECT l.plugin, l.max_running, l.per_second, l.tokens, l.refilled_at,
-           (SELECT COUNT(*) FROM phases p WHERE p.plugin = l.plugin AND p.status = 'running')
+           (SELECT COUNT(*) FROM phases p WHERE p.plugin = l.plugin AND p.status = 'running' AND p.holds_slot)
     FROM plugin_limits l
     WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.status = 'waiting' AND j.waiting_for = l.plugin)";
 
@@ -44,10 +50,19 @@ pub(super) const WAKE_ALL: &str = "
     UPDATE jobs SET status = 'pending', waiting_for = NULL
     WHERE status = 'waiting' AND waiting_for = $1";
 
+/// Marks the running phases of plugin `$1` as holding slots: a limit just
+/// set counts them. (A scan of the plugin's phases, once per change.)
+pub(super) const HOLD_SLOTS: &str = "
+    UPDATE phases SET holds_slot = TRUE WHERE plugin = $1 AND status = 'running'";
+
+/// Counts the running phases of plugin `$1` that hold a slot.
+pub(super) const SLOTS_HELD: &str =
+    "SELECT COUNT(*) FROM phases WHERE plugin = $1 AND status = 'running' AND holds_slot";
+
 /// The load of every limited plugin, by name.
 pub(super) const LOADS: &str = "
     SELECT l.plugin, l.max_running, l.per_second,
-           (SELECT COUNT(*) FROM phases p WHERE p.plugin = l.plugin AND p.status = 'running'),
+           (SELECT COUNT(*) FROM phases p WHERE p.plugin = l.plugin AND p.status = 'running' AND p.holds_slot),
            (SELECT COUNT(*) FROM jobs j WHERE j.status = 'waiting' AND j.waiting_for = l.plugin)
     FROM plugin_limits l ORDER BY l.plugin";
 

@@ -11,7 +11,8 @@ use super::{Tx, WriteScope, execute, query, query_one, query_opt};
 use crate::model::{PluginLoad, PluginResources};
 use crate::storage::Result;
 use crate::storage::plugin_limits::{
-    LOADS, PluginSlots, WAITING_PLUGINS, WAKE, WAKE_ALL, load, next_wake, wakeable,
+    HOLD_SLOTS, LOADS, PluginSlots, SLOTS_HELD, WAITING_PLUGINS, WAKE, WAKE_ALL, load, next_wake,
+    wakeable,
 };
 
 /// A pending phase's name and plugin, with the plugin's limits if it has
@@ -43,12 +44,7 @@ pub(super) async fn of_pending_phase(
     };
     // Counted in a statement of its own, after the lock: a statement that
     // waited for the lock still reads what it saw before.
-    let running = query_one(
-        tx,
-        "SELECT COUNT(*) FROM phases WHERE plugin = $1 AND status = 'running'",
-        &[&plugin],
-    )
-    .await?;
+    let running = query_one(tx, SLOTS_HELD, &[&plugin]).await?;
     let slots = PluginSlots {
         max_running: limits.get::<_, Option<i32>>(0).map(i64::from),
         bucket: PluginSlots::bucket(limits.get(1), limits.get(2), limits.get(3)),
@@ -58,13 +54,22 @@ pub(super) async fn of_pending_phase(
     Ok(Some((phase.get(0), Some(slots))))
 }
 
-/// Writes back a plugin's bucket after a start took a token from it.
-pub(super) async fn keep_tokens(
+/// Records a start that `slots` allowed: the phase (just started) holds a
+/// slot, and the bucket gives up a token.
+pub(super) async fn hold_slot(
     tx: &Tx<'_>,
+    job_id: &str,
+    index: usize,
     plugin: &str,
     tokens: Option<f64>,
     now: i64,
 ) -> Result<()> {
+    execute(
+        tx,
+        "UPDATE phases SET holds_slot = TRUE WHERE job_id = $1 AND idx = $2",
+        &[&job_id, &(index as i32)],
+    )
+    .await?;
     if let Some(tokens) = tokens {
         execute(
             tx,
@@ -106,8 +111,9 @@ pub(super) async fn next_plugin_wake(db: &impl GenericClient) -> Result<Option<i
     Ok(next_wake(&waiting_plugins(db).await?))
 }
 
-/// Keeps a plugin's limits in `plugin_limits` as its resources now say;
-/// lifting them wakes every job waiting for it. Hosts try their claims
+/// Keeps a plugin's limits in `plugin_limits` as its resources now say
+/// (its running phases hold slots from now on); lifting them wakes every
+/// job waiting for it. Hosts try their claims
 /// again: jobs may wait for room that the change made.
 pub(super) async fn set_limits(
     tx: &Tx<'_>,
@@ -128,6 +134,7 @@ pub(super) async fn set_limits(
             ],
         )
         .await?;
+        execute(tx, HOLD_SLOTS, &[&plugin]).await?;
     } else {
         execute(
             tx,

@@ -305,7 +305,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE jobs ADD COLUMN waiting_for TEXT;
     CREATE INDEX jobs_waiting ON jobs (waiting_for, priority DESC, run_at, id)
         WHERE status = 'waiting';
-    CREATE INDEX phases_running ON phases (plugin) WHERE status = 'running';
+    ALTER TABLE phases ADD COLUMN holds_slot BOOLEAN;
+    CREATE INDEX phases_holding_slots ON phases (plugin) WHERE status = 'running' AND holds_slot;
     CREATE TABLE plugin_limits (
         plugin      TEXT PRIMARY KEY REFERENCES plugins(name) ON DELETE CASCADE,
         max_running INTEGER,

@@ -140,26 +140,33 @@ pub(super) async fn start_phase(
     else {
         return Ok(Guarded::Stale);
     };
-    if let Some(slots) = slots {
-        match slots.take(now) {
-            Some(tokens) => plugin_limits::keep_tokens(tx, &slots.plugin, tokens, now).await?,
-            None => {
-                let waiting = JobWaiting {
-                    phase: name,
-                    index,
-                    plugin: slots.plugin,
-                };
-                wait_for_plugin(tx, scope, &lease.job_id, waiting, now).await?;
-                return Ok(Guarded::Applied(PhaseStart::Waiting));
-            }
-        }
+    let Some(slots) = slots else {
+        return Ok(started(
+            start_pending_phase(tx, scope, &lease.job_id, index, true, now).await?,
+        ));
+    };
+    let Some(tokens) = slots.take(now) else {
+        let waiting = JobWaiting {
+            phase: name,
+            index,
+            plugin: slots.plugin,
+        };
+        wait_for_plugin(tx, scope, &lease.job_id, waiting, now).await?;
+        return Ok(Guarded::Applied(PhaseStart::Waiting));
+    };
+    let attempt = start_pending_phase(tx, scope, &lease.job_id, index, true, now).await?;
+    if attempt.is_some() {
+        plugin_limits::hold_slot(tx, &lease.job_id, index, &slots.plugin, tokens, now).await?;
     }
-    Ok(
-        match start_pending_phase(tx, scope, &lease.job_id, index, true, now).await? {
-            Some(attempt) => Guarded::Applied(PhaseStart::Started(attempt)),
-            None => Guarded::Stale,
-        },
-    )
+    Ok(started(attempt))
+}
+
+/// What a start that found its phase pending (or not) says.
+fn started(attempt: Option<u32>) -> Guarded<PhaseStart> {
+    match attempt {
+        Some(attempt) => Guarded::Applied(PhaseStart::Started(attempt)),
+        None => Guarded::Stale,
+    }
 }
 
 /// Moves a running job with no phase running to `waiting` for a plugin's

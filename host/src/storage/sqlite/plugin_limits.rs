@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::model::{PluginLoad, PluginResources};
 use crate::storage::Result;
 use crate::storage::plugin_limits::{
-    LOADS, PluginSlots, WAITING_PLUGINS, WAKE, WAKE_ALL, load, next_wake, wakeable,
+    HOLD_SLOTS, LOADS, PluginSlots, WAITING_PLUGINS, WAKE, WAKE_ALL, load, next_wake, wakeable,
 };
 
 /// A pending phase's name, with its plugin's limits if it has any; `None`
@@ -23,7 +23,8 @@ pub(super) fn of_pending_phase(
                     l.refilled_at,
                     CASE WHEN l.plugin IS NULL THEN 0
                          ELSE (SELECT COUNT(*) FROM phases r
-                               WHERE r.plugin = p.plugin AND r.status = 'running') END
+                               WHERE r.plugin = p.plugin AND r.status = 'running'
+                                 AND r.holds_slot) END
              FROM phases p LEFT JOIN plugin_limits l ON l.plugin = p.plugin
              WHERE p.job_id = ?1 AND p.idx = ?2 AND p.status = 'pending'",
         )?
@@ -90,8 +91,9 @@ pub(super) fn next_plugin_wake(conn: &Connection) -> Result<Option<i64>> {
     Ok(next_wake(&waiting_plugins(conn)?))
 }
 
-/// Keeps a plugin's limits in `plugin_limits` as its resources now say;
-/// lifting them wakes every job waiting for it.
+/// Keeps a plugin's limits in `plugin_limits` as its resources now say
+/// (its running phases hold slots from now on); lifting them wakes every
+/// job waiting for it.
 pub(super) fn set_limits(
     conn: &Connection,
     plugin: &str,
@@ -104,6 +106,7 @@ pub(super) fn set_limits(
                                                 per_second = excluded.per_second",
         )?
         .execute(params![plugin, resources.max_running, resources.per_second])?;
+        conn.prepare_cached(HOLD_SLOTS)?.execute([plugin])?;
     } else {
         conn.prepare_cached("DELETE FROM plugin_limits WHERE plugin = ?1")?
             .execute([plugin])?;

@@ -155,25 +155,27 @@ pub(super) fn start_phase(
     let Some((name, slots)) = plugin_limits::of_pending_phase(conn, &lease.job_id, index)? else {
         return Ok(Guarded::Stale);
     };
-    if let Some(slots) = slots {
+    if let Some(slots) = &slots {
         match slots.take(now) {
             Some(tokens) => plugin_limits::keep_tokens(conn, &slots.plugin, tokens, now)?,
             None => {
                 let waiting = JobWaiting {
                     phase: name,
                     index,
-                    plugin: slots.plugin,
+                    plugin: slots.plugin.clone(),
                 };
                 wait_for_plugin(conn, log, &lease.job_id, waiting, now)?;
                 return Ok(Guarded::Applied(PhaseStart::Waiting));
             }
         }
     }
+    // A phase of a limited plugin holds one of its slots while it runs.
     conn.prepare_cached(
-        "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL, progress = NULL
+        "UPDATE phases SET status = 'running', attempts = attempts + 1, started_at = ?3, finished_at = NULL, progress = NULL,
+                           holds_slot = ?4
          WHERE job_id = ?1 AND idx = ?2",
     )?
-    .execute(params![lease.job_id, index as i64, now])?;
+    .execute(params![lease.job_id, index as i64, now, slots.is_some()])?;
     let attempt = announce_started(conn, log, &lease.job_id, index, now)?;
     Ok(Guarded::Applied(PhaseStart::Started(attempt)))
 }

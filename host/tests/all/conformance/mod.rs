@@ -50,6 +50,7 @@ use jobs::cancel_takes_a_pending_job_and_leaves_a_running_one_to_its_worker;
 use jobs::claims_take_the_highest_priority_then_the_earliest_due;
 use jobs::completing_a_job_can_claim_the_workers_next_one;
 use jobs::created_and_claimed_jobs_read_back_as_returned;
+use plugin_limits::a_new_limit_counts_the_phases_already_running;
 use plugin_limits::a_plugins_limit_holds_and_waiting_jobs_hold_no_worker;
 use plugin_limits::a_plugins_rate_spaces_its_starts;
 use plugin_limits::concurrent_starts_respect_a_plugins_limit;
@@ -101,6 +102,7 @@ crate::fixture::on_each_backend! {
     a_plugins_limit_holds_and_waiting_jobs_hold_no_worker,
     a_plugins_rate_spaces_its_starts,
     concurrent_starts_respect_a_plugins_limit,
+    a_new_limit_counts_the_phases_already_running,
 }
 
 /// Stores `echo` 1.0.0 (active) and 2.0.0, which [`job`] pins.

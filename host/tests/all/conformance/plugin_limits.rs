@@ -177,3 +177,22 @@ pub async fn concurrent_starts_respect_a_plugins_limit(backend: Backend) {
     let loads = store.plugin_loads().await.unwrap();
     assert_eq!((loads[0].running, loads[0].waiting), (2, 6));
 }
+
+/// A limit set while phases of the plugin run counts them: the next start
+/// waits for them.
+pub async fn a_new_limit_counts_the_phases_already_running(backend: Backend) {
+    let (store, _dir) = fresh(backend).await;
+    with_echo(&store).await;
+    create(&store, job("a", 1)).await;
+    let a = claim(&store, 2_000).await.remove(0);
+    assert_eq!(
+        a.job.phases[0].status,
+        jobhost::model::PhaseStatus::Running,
+        "started in the claim: echo has no limit yet"
+    );
+    limit_echo(&store, Some(1), None).await;
+    create(&store, job("b", 1)).await;
+    let b = claim(&store, 2_000).await.remove(0);
+    assert_eq!(start(&store, &b, 2_000).await, PhaseStart::Waiting);
+    assert_eq!(store.plugin_loads().await.unwrap()[0].running, 1);
+}
