@@ -8,9 +8,8 @@
 //! of a limited plugin starts only through `start_phase`, which counts the
 //! plugin's running phases that hold a slot (from their state, through an
 //! index of those phases: never a counter), takes a token, and starts the
-//! phase holding a slot, in one write; on
-//! PostgreSQL, under the lock of the plugin's row, so that starts on any
-//! host follow one another. A phase that finds the plugin full does not
+//! phase holding a slot, in one write; on PostgreSQL, under the lock of
+//! the plugin's row, so that starts on any host follow one another. A phase that finds the plugin full does not
 //! hold its worker: its job goes to `waiting`, in `jobs_waiting` by
 //! plugin. Each claim first wakes (back to pending) as many waiting jobs of
 //! each plugin as it has room and tokens for, by priority then age; a
