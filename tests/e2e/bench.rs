@@ -16,7 +16,7 @@ const SCENARIOS: [&str; 12] = [
     "## Queue throughput",
     "## Latency, enqueue",
     "## Fair claiming",
-    "## What keys cost",
+    "## What keys and plugin limits cost",
     "## Over HTTP",
     "## Start-up",
     "## SSE fan-out",
