@@ -26,13 +26,21 @@ async fn a_plugins_limit_holds_and_waiting_jobs_give_their_worker_back() {
         .await;
     for (bad, field) in [
         (json!({"max_running": 0}), "max_running:"),
+        (json!({"max_running": 100_001}), "max_running:"),
         (json!({"per_second": 0.0}), "per_second:"),
+        (json!({"per_second": 100_000.5}), "per_second:"),
     ] {
         let (status, body) = server.put("/plugins/sleep/resources", &bad).await;
         assert_eq!(status, 422, "{body}");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(field), "{message}");
     }
+    let (_, unchanged) = server.get("/plugins/sleep").await;
+    assert_eq!(
+        unchanged["resources"]["max_running"],
+        Value::Null,
+        "nothing stored"
+    );
     let (status, body) = server
         .put("/plugins/sleep/resources", &json!({"max_running": 1}))
         .await;

@@ -95,25 +95,38 @@ pub(super) fn spawn_worker(shared: &Arc<Shared>, claimed: Claimed, cancel: Cance
     });
 }
 
+/// Runs `task` every `period` until the queue drains (never in the middle
+/// of a run).
+async fn every<F: Future<Output = ()>>(
+    shared: &Shared,
+    period: Duration,
+    mut task: impl FnMut() -> F,
+) {
+    let mut ticker = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shared.draining.cancelled() => return,
+        }
+        task().await;
+    }
+}
+
 /// Deletes finished jobs older than the retention age, periodically, until
 /// the queue drains.
 pub(super) async fn retention(shared: Arc<Shared>) {
     let Some(age) = shared.config.retention else {
         return;
     };
-    let mut ticker = tokio::time::interval(shared.config.retention_interval);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = shared.draining.cancelled() => return,
-        }
+    every(&shared, shared.config.retention_interval, || async {
         let cutoff = shared.now() - age.as_millis() as i64;
         match purge(&shared, cutoff).await {
             Ok(ids) if !ids.is_empty() => tracing::info!(deleted = ids.len(), "retention sweep"),
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "retention sweep failed"),
         }
-    }
+    })
+    .await
 }
 
 pub(super) async fn purge(shared: &Shared, cutoff: i64) -> Result<Vec<String>, QueueError> {
@@ -136,12 +149,7 @@ pub(super) async fn purge(shared: &Shared, cutoff: i64) -> Result<Vec<String>, Q
 /// none), as a crash of theirs: requeued with the interrupted phase on
 /// record, or failed when out of attempts.
 pub(super) async fn reap(shared: Arc<Shared>) {
-    let mut ticker = tokio::time::interval(REAP_EVERY);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = shared.draining.cancelled() => return,
-        }
+    every(&shared, REAP_EVERY, || async {
         let now = shared.now();
         let policy = super::recovery_policy("its host stopped renewing its lease", now);
         match shared
@@ -159,21 +167,18 @@ pub(super) async fn reap(shared: Arc<Shared>) {
             }
             Err(error) => tracing::error!(%error, "recovering the jobs of expired hosts failed"),
         }
-    }
+    })
+    .await
 }
 
 /// Forgets, periodically until the queue drains, the concurrency keys that
 /// have no pending or running job, so that the rotation holds only keys in
 /// use however many keys come and go.
 pub(super) async fn forget_idle_keys(shared: Arc<Shared>) {
-    let mut ticker = tokio::time::interval(FORGET_IDLE_KEYS_EVERY);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = shared.draining.cancelled() => return,
-        }
+    every(&shared, FORGET_IDLE_KEYS_EVERY, || async {
         if let Err(error) = shared.storage.forget_idle_keys().await {
             tracing::error!(%error, "forgetting idle concurrency keys failed");
         }
-    }
+    })
+    .await
 }

@@ -49,6 +49,20 @@ pub(super) const WAKE_ALL: &str = "
     UPDATE jobs SET status = 'pending', waiting_for = NULL
     WHERE status = 'waiting' AND waiting_for = $1";
 
+/// Sets plugin `$1`'s limit (`$2`) and rate (`$3`), keeping its bucket.
+pub(super) const SET_LIMITS: &str = "
+    INSERT INTO plugin_limits (plugin, max_running, per_second) VALUES ($1, $2, $3)
+    ON CONFLICT (plugin) DO UPDATE SET max_running = excluded.max_running,
+                                       per_second = excluded.per_second";
+
+/// Lifts plugin `$1`'s limits (then [`WAKE_ALL`]).
+pub(super) const LIFT_LIMITS: &str = "DELETE FROM plugin_limits WHERE plugin = $1";
+
+/// Writes back plugin `$3`'s bucket (`$1` tokens at `$2`) after a start.
+/// (The parameters go in the order they appear: SQLite numbers `$n` so.)
+pub(super) const KEEP_TOKENS: &str =
+    "UPDATE plugin_limits SET tokens = $1, refilled_at = $2 WHERE plugin = $3";
+
 /// Marks the running phases of plugin `$1` as holding slots: a limit just
 /// set counts them. (A scan of the plugin's phases, once per change.)
 pub(super) const HOLD_SLOTS: &str = "

@@ -11,8 +11,8 @@ use super::{Tx, WriteScope, execute, query, query_one, query_opt};
 use crate::model::{PluginLoad, PluginResources};
 use crate::storage::Result;
 use crate::storage::plugin_limits::{
-    HOLD_SLOTS, LOADS, PluginSlots, SLOTS_HELD, WAITING_PLUGINS, WAKE, WAKE_ALL, load, next_wake,
-    wakeable,
+    HOLD_SLOTS, KEEP_TOKENS, LIFT_LIMITS, LOADS, PluginSlots, SET_LIMITS, SLOTS_HELD,
+    WAITING_PLUGINS, WAKE, WAKE_ALL, load, next_wake, wakeable,
 };
 
 /// A pending phase's name and plugin, with the plugin's limits if it has
@@ -71,12 +71,7 @@ pub(super) async fn hold_slot(
     )
     .await?;
     if let Some(tokens) = tokens {
-        execute(
-            tx,
-            "UPDATE plugin_limits SET tokens = $2, refilled_at = $3 WHERE plugin = $1",
-            &[&plugin, &tokens, &now],
-        )
-        .await?;
+        execute(tx, KEEP_TOKENS, &[&tokens, &now, &plugin]).await?;
     }
     Ok(())
 }
@@ -124,9 +119,7 @@ pub(super) async fn set_limits(
     if resources.limits_starts() {
         execute(
             tx,
-            "INSERT INTO plugin_limits (plugin, max_running, per_second) VALUES ($1, $2, $3)
-             ON CONFLICT (plugin) DO UPDATE SET max_running = EXCLUDED.max_running,
-                                                per_second = EXCLUDED.per_second",
+            SET_LIMITS,
             &[
                 &plugin,
                 &resources.max_running.map(|n| n as i32),
@@ -136,12 +129,7 @@ pub(super) async fn set_limits(
         .await?;
         execute(tx, HOLD_SLOTS, &[&plugin]).await?;
     } else {
-        execute(
-            tx,
-            "DELETE FROM plugin_limits WHERE plugin = $1",
-            &[&plugin],
-        )
-        .await?;
+        execute(tx, LIFT_LIMITS, &[&plugin]).await?;
         execute(tx, WAKE_ALL, &[&plugin]).await?;
     }
     scope.jobs_due = true;

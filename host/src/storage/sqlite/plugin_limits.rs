@@ -7,7 +7,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::model::{PluginLoad, PluginResources};
 use crate::storage::Result;
 use crate::storage::plugin_limits::{
-    HOLD_SLOTS, LOADS, PluginSlots, WAITING_PLUGINS, WAKE, WAKE_ALL, load, next_wake, wakeable,
+    HOLD_SLOTS, KEEP_TOKENS, LIFT_LIMITS, LOADS, PluginSlots, SET_LIMITS, WAITING_PLUGINS, WAKE,
+    WAKE_ALL, load, next_wake, wakeable,
 };
 
 /// A pending phase's name, with its plugin's limits if it has any; `None`
@@ -54,10 +55,8 @@ pub(super) fn keep_tokens(
     now: i64,
 ) -> Result<()> {
     if let Some(tokens) = tokens {
-        conn.prepare_cached(
-            "UPDATE plugin_limits SET tokens = ?2, refilled_at = ?3 WHERE plugin = ?1",
-        )?
-        .execute(params![plugin, tokens, now])?;
+        conn.prepare_cached(KEEP_TOKENS)?
+            .execute(params![tokens, now, plugin])?;
     }
     Ok(())
 }
@@ -100,16 +99,14 @@ pub(super) fn set_limits(
     resources: &PluginResources,
 ) -> Result<()> {
     if resources.limits_starts() {
-        conn.prepare_cached(
-            "INSERT INTO plugin_limits (plugin, max_running, per_second) VALUES (?1, ?2, ?3)
-             ON CONFLICT (plugin) DO UPDATE SET max_running = excluded.max_running,
-                                                per_second = excluded.per_second",
-        )?
-        .execute(params![plugin, resources.max_running, resources.per_second])?;
+        conn.prepare_cached(SET_LIMITS)?.execute(params![
+            plugin,
+            resources.max_running,
+            resources.per_second
+        ])?;
         conn.prepare_cached(HOLD_SLOTS)?.execute([plugin])?;
     } else {
-        conn.prepare_cached("DELETE FROM plugin_limits WHERE plugin = ?1")?
-            .execute([plugin])?;
+        conn.prepare_cached(LIFT_LIMITS)?.execute([plugin])?;
         conn.prepare_cached(WAKE_ALL)?.execute([plugin])?;
     }
     Ok(())
