@@ -220,7 +220,7 @@ fn descriptor_budget(config: &Config) -> (usize, usize) {
 
 /// Raises the soft limit on open files to the hard one; returns the soft
 /// limit in force.
-fn raise_open_file_limit() -> u64 {
+pub fn raise_open_file_limit() -> u64 {
     #[cfg(unix)]
     {
         let mut limit = libc::rlimit {

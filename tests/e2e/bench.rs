@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::process::Command;
 
 /// Every scenario's heading, in the order the bench prints them.
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "## Phase overhead",
     "## Epoch interruption",
     "## Forced cancel",
@@ -20,6 +20,7 @@ const SCENARIOS: [&str; 12] = [
     "## Over HTTP",
     "## Start-up",
     "## SSE fan-out",
+    "## SSE watchers",
     "## Hot swap under load",
 ];
 

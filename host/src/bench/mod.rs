@@ -3,6 +3,7 @@
 //! never assert on time. Run with `./bench.sh` (a release build).
 
 mod baseline;
+mod clients;
 mod fairness;
 mod fanout;
 mod hotswap;
@@ -13,6 +14,7 @@ mod runtime;
 mod server;
 mod startup;
 mod stats;
+mod watchers;
 
 use std::path::PathBuf;
 
@@ -68,8 +70,12 @@ pub enum Scenario {
     HttpThroughput,
     /// Loading 50 stored plugin versions, with and without the artifact cache.
     Startup,
-    /// 1,000 SSE clients: delivery rate, delay, server memory.
+    /// 1,000 SSE clients each receiving every completion: delivery rate,
+    /// delay, server memory, job throughput.
     SseFanout,
+    /// 10,000 SSE clients each watching a job of its own (5 per `--jobs`):
+    /// delivery delay, server memory, job throughput beside them.
+    SseWatchers,
     /// Activating a new plugin version while jobs stream in.
     HotSwap,
     /// The queue on PostgreSQL: 1, 2 and 3 hosts on one database, and a
@@ -90,6 +96,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
         Scenario::HttpThroughput,
         Scenario::Startup,
         Scenario::SseFanout,
+        Scenario::SseWatchers,
         Scenario::HotSwap,
     ];
     let scenarios = if args.only.is_empty() {
@@ -114,6 +121,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<i32> {
             Scenario::HttpThroughput => http::http_throughput(&args).await?,
             Scenario::Startup => startup::startup(&args).await?,
             Scenario::SseFanout => fanout::sse_fanout(&args).await?,
+            Scenario::SseWatchers => watchers::sse_watchers(&args).await?,
             Scenario::HotSwap => hotswap::hot_swap(&args).await?,
             Scenario::Postgres => postgres::postgres_throughput(&args).await?,
         }
