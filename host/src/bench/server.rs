@@ -186,19 +186,33 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// Figures each found by `of` from how to read it off a run's.
+    fn each(of: impl Fn(fn(&Figures) -> f64) -> f64) -> Figures {
+        Figures {
+            jobs_per_second: of(|f| f.jobs_per_second),
+            server_cpu_micros_per_job: of(|f| f.server_cpu_micros_per_job),
+        }
+    }
+
     pub fn median(runs: &[Run]) -> Figures {
-        let median_of = |figure: fn(&Figures) -> f64| {
+        Figures::each(|figure| {
             median(
                 &mut runs
                     .iter()
                     .map(|run| figure(&run.figures))
                     .collect::<Vec<_>>(),
             )
-        };
-        Figures {
-            jobs_per_second: median_of(|f| f.jobs_per_second),
-            server_cpu_micros_per_job: median_of(|f| f.server_cpu_micros_per_job),
-        }
+        })
+    }
+
+    /// The median over pairs of runs of each figure's ratio, `after` to
+    /// `before`.
+    pub fn median_ratio(before: &[Run], after: &[Run]) -> Figures {
+        Figures::each(|figure| {
+            let ratios = before.iter().zip(after);
+            let ratios = ratios.map(|(b, a)| figure(&a.figures) / figure(&b.figures));
+            median(&mut ratios.collect::<Vec<_>>())
+        })
     }
 }
 
