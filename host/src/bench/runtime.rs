@@ -99,6 +99,13 @@ pub async fn phase_overhead(args: &BenchArgs) -> anyhow::Result<()> {
         Subject::Raw(Arc::new(RawWasmtime::new(
             &wasm,
             false,
+            RawPooling::SameAs(Box::new(config.clone())),
+        )?)),
+        // What the guest's code pays to be interruptible (an epoch check
+        // in each function and loop), apart from jobhost's own host code.
+        Subject::Raw(Arc::new(RawWasmtime::new(
+            &wasm,
+            true,
             RawPooling::SameAs(Box::new(config)),
         )?)),
         Subject::Raw(Arc::new(RawWasmtime::new(
@@ -123,17 +130,18 @@ pub async fn phase_overhead(args: &BenchArgs) -> anyhow::Result<()> {
     let rps: Vec<f64> = per_second.iter_mut().map(|s| median(s)).collect();
     println!("## Phase overhead: fresh store + instantiate + run of `echo`");
     println!(
-        "| | jobhost | raw wasmtime, jobhost's pooling settings | ratio | raw wasmtime, default pooling | ratio |"
+        "| | jobhost | raw wasmtime, jobhost's pooling settings | ratio | the same with epoch interruption | ratio | raw wasmtime, default pooling | ratio |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (label, figures, decimals) in [("µs per run, 1 task", us, 1), ("runs/s, 2 tasks", rps, 0)]
     {
-        let [host, same, defaults] = figures[..] else {
-            unreachable!("three subjects")
+        let [host, same, same_epochs, defaults] = figures[..] else {
+            unreachable!("four subjects")
         };
         println!(
-            "| {label} | {host:.decimals$} | {same:.decimals$} | {:.2} | {defaults:.decimals$} | {:.2} |",
+            "| {label} | {host:.decimals$} | {same:.decimals$} | {:.2} | {same_epochs:.decimals$} | {:.2} | {defaults:.decimals$} | {:.2} |",
             host / same,
+            host / same_epochs,
             host / defaults
         );
     }
