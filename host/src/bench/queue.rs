@@ -4,7 +4,7 @@
 //! latency at low load.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rusqlite::params;
@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::sync::broadcast;
 
 use super::BenchArgs;
-use super::stats::{median, millis, percentile};
+use super::stats::{median, micros, millis, percentile};
 use jobhost::events::{Bus, Subscription};
 use jobhost::model::EventKind;
 use jobhost::model::json::Json;
@@ -23,7 +23,9 @@ use jobhost::runtime::{Runtime, RuntimeConfig};
 use jobhost::storage::{Durability, Storage};
 
 const LATENCY_SAMPLES: usize = 100;
-/// Jobs scheduled for later in the second latency measurement.
+/// Syncs timed for the full-durability latency's comparison.
+const FSYNC_SAMPLES: usize = 50;
+/// Jobs scheduled for later in the last latency measurement.
 const SCHEDULED_LATER: usize = 20_000;
 /// The batched raw loop: jobs inserted per transaction, and jobs moved
 /// through each later step per transaction (the issue's "limit" loop).
@@ -415,11 +417,22 @@ pub async fn queue_throughput(args: &BenchArgs) -> anyhow::Result<()> {
 pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
     let compiled = SharedCache::new()?;
     let mut bench = start(args, &compiled, 8, Durability::Process).await?;
-    let mut measured = latencies(&mut bench).await?;
+    let measured = latencies(&mut bench).await?;
     println!(
         "## Latency, enqueue → `job:completed`, one 1-phase job at a time ({LATENCY_SAMPLES} jobs)"
     );
-    print_latencies(&mut measured);
+    measured.print();
+
+    // With full durability each commit waits for the disk: one sync of a
+    // page on the same file system is what to set it beside.
+    let mut full = start(args, &compiled, 8, Durability::Full).await?;
+    let measured = latencies(&mut full).await?;
+    println!(
+        "\n## The same with full durability (one 4 KiB write + `fdatasync` here: {:.2} ms, median of {FSYNC_SAMPLES})",
+        fsync_ms()?
+    );
+    measured.print();
+    let _ = full.queue.shutdown(std::time::Duration::from_secs(5)).await;
 
     // Scheduling work ahead is common, and a search for due jobs that read
     // the scheduled ones would slow every enqueue and claim.
@@ -436,9 +449,9 @@ pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
     }
     // Unread: the scheduled jobs' `job:created` events.
     bench.events = bench.queue.bus().subscribe();
-    let mut measured = latencies(&mut bench).await?;
+    let measured = latencies(&mut bench).await?;
     println!("\n## The same with {SCHEDULED_LATER} jobs scheduled an hour ahead");
-    print_latencies(&mut measured);
+    measured.print();
     let _ = bench
         .queue
         .shutdown(std::time::Duration::from_secs(5))
@@ -446,24 +459,62 @@ pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Enqueue → `job:completed` of LATENCY_SAMPLES jobs, one at a time, in ms.
-async fn latencies(bench: &mut Bench) -> anyhow::Result<Vec<f64>> {
-    let mut latencies = Vec::with_capacity(LATENCY_SAMPLES);
+/// The median time of a 4 KiB write and `fdatasync` of a file in the
+/// temporary directory, where the benches keep their databases.
+fn fsync_ms() -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt as _;
+    let file = tempfile::tempfile()?;
+    let page = [7u8; 4096];
+    let mut times = Vec::with_capacity(FSYNC_SAMPLES);
+    for _ in 0..FSYNC_SAMPLES {
+        let started = Instant::now();
+        file.write_all_at(&page, 0)?;
+        file.sync_data()?;
+        times.push(millis(started.elapsed()));
+    }
+    Ok(median(&mut times))
+}
+
+/// Enqueue → `job:completed` of jobs one at a time, and the storage
+/// writer's share of it.
+struct Latencies {
+    ms: Vec<f64>,
+    commits: u64,
+    writer_busy: Duration,
+}
+
+impl Latencies {
+    fn print(mut self) {
+        let jobs = self.ms.len() as f64;
+        println!(
+            "| p50 ms | p99 ms | max ms | writer µs per job | commits per job |\n\
+             |---:|---:|---:|---:|---:|"
+        );
+        println!(
+            "| {:.2} | {:.2} | {:.2} | {:.0} | {:.1} |",
+            percentile(&mut self.ms, 50.0),
+            percentile(&mut self.ms, 99.0),
+            percentile(&mut self.ms, 100.0),
+            micros(self.writer_busy) / jobs,
+            self.commits as f64 / jobs
+        );
+    }
+}
+
+/// Enqueue → `job:completed` of LATENCY_SAMPLES jobs, one at a time.
+async fn latencies(bench: &mut Bench) -> anyhow::Result<Latencies> {
+    let mut ms = Vec::with_capacity(LATENCY_SAMPLES);
+    let before = bench.storage.writer_stats();
     for _ in 0..LATENCY_SAMPLES {
         let started = Instant::now();
         bench.queue.enqueue(spec(1)).await?;
         completions(&mut bench.events, bench.storage.as_ref(), 1).await?;
-        latencies.push(millis(started.elapsed()));
+        ms.push(millis(started.elapsed()));
     }
-    Ok(latencies)
-}
-
-fn print_latencies(latencies: &mut [f64]) {
-    println!("| p50 ms | p99 ms | max ms |\n|---:|---:|---:|");
-    println!(
-        "| {:.2} | {:.2} | {:.2} |",
-        percentile(latencies, 50.0),
-        percentile(latencies, 99.0),
-        percentile(latencies, 100.0)
-    );
+    let after = bench.storage.writer_stats();
+    Ok(Latencies {
+        ms,
+        commits: after.commits - before.commits,
+        writer_busy: after.busy - before.busy,
+    })
 }
