@@ -29,8 +29,11 @@ pub async fn fairness(args: &BenchArgs) -> anyhow::Result<()> {
          {} ms, concurrency {CONCURRENCY} (ms)",
         SMALL_EVERY.as_millis()
     );
-    println!("| while pending | p50 | p99 | ratio of p99 to no backlog | backlog left |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| while pending | p50 | p99 | ratio of p99 to no backlog | backlog left | writer busy | \
+         µs per commit | writes per commit |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let backlog = args.jobs * BACKLOG_PER_JOB;
     // The second case is the floor under the backlog's load: the small
     // jobs outrank it, so they wait for a free worker and the writer only.
@@ -55,20 +58,26 @@ pub async fn fairness(args: &BenchArgs) -> anyhow::Result<()> {
         let mut p50s = Vec::new();
         let mut p99s = Vec::new();
         let mut left = Vec::new();
+        let (mut busy, mut per_commit, mut writes) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.samples.min(3) {
-            let (mut waits, backlog_left) =
-                small_waits(args, &compiled, backlog, key, priority).await?;
-            p50s.push(percentile(&mut waits, 50.0));
-            p99s.push(percentile(&mut waits, 99.0));
-            left.push(backlog_left as f64);
+            let mut small = small_waits(args, &compiled, backlog, key, priority).await?;
+            p50s.push(percentile(&mut small.waits, 50.0));
+            p99s.push(percentile(&mut small.waits, 99.0));
+            left.push(small.backlog_left as f64);
+            busy.push(small.writer_busy);
+            per_commit.push(small.micros_per_commit);
+            writes.push(small.writes_per_commit);
         }
         let p99 = median(&mut p99s);
         let base = *baseline.get_or_insert(p99);
         println!(
-            "| {name} | {:.2} | {p99:.2} | {:.1} | {:.0} |",
+            "| {name} | {:.2} | {p99:.2} | {:.1} | {:.0} | {:.0}% | {:.0} | {:.1} |",
             median(&mut p50s),
             p99 / base,
-            median(&mut left)
+            median(&mut left),
+            median(&mut busy) * 100.0,
+            median(&mut per_commit),
+            median(&mut writes)
         );
     }
 
@@ -103,17 +112,29 @@ fn keyed(key: String) -> JobSpec {
     }
 }
 
-/// The waits of the small key's jobs (of `priority`), in ms, with
-/// `backlog` jobs of key `big` enqueued first (while paused, so that all of
-/// it is there), and how many of those were still pending once the last
-/// small job started.
+/// What the small key's jobs met in one sample.
+struct SmallWaits {
+    /// Enqueue → `job:started` of each, in ms.
+    waits: Vec<f64>,
+    /// The backlog's jobs still pending once the last small job started.
+    backlog_left: u64,
+    /// The storage writer meanwhile: the share of the time it was busy,
+    /// and its commits' length and size. Every job waits for at least the
+    /// commit that stores it and the one that claims it.
+    writer_busy: f64,
+    micros_per_commit: f64,
+    writes_per_commit: f64,
+}
+
+/// The waits of the small key's jobs (of `priority`), with `backlog` jobs
+/// of key `big` enqueued first (while paused, so that all of it is there).
 async fn small_waits(
     args: &BenchArgs,
     compiled: &SharedCache,
     backlog: usize,
     small_key: &str,
     priority: i32,
-) -> anyhow::Result<(Vec<f64>, u64)> {
+) -> anyhow::Result<SmallWaits> {
     let bench = start(args, compiled, CONCURRENCY, Durability::Process).await?;
     bench.queue.pause().await?;
     for chunk in (0..backlog).collect::<Vec<_>>().chunks(500) {
@@ -129,6 +150,8 @@ async fn small_waits(
         .bus()
         .subscribe_batches(Topic::Kinds(KindSet::of(&[EventKind::JobStarted])));
     bench.queue.resume().await?;
+    let began = Instant::now();
+    let before = bench.storage.writer_stats();
     let mut submitted = HashMap::new();
     let mut waits = Vec::with_capacity(SMALL_JOBS);
     let mut ticker = tokio::time::interval(SMALL_EVERY);
@@ -153,9 +176,19 @@ async fn small_waits(
             }
         }
     }
-    let left = bench.storage.pending_count().await?;
+    let after = bench.storage.writer_stats();
+    let elapsed = began.elapsed();
+    let backlog_left = bench.storage.pending_count().await?;
     let _ = bench.queue.shutdown(Duration::from_secs(30)).await;
-    Ok((waits, left))
+    let commits = (after.commits - before.commits).max(1) as f64;
+    let busy = after.busy - before.busy;
+    Ok(SmallWaits {
+        waits,
+        backlog_left,
+        writer_busy: busy.as_secs_f64() / elapsed.as_secs_f64(),
+        micros_per_commit: busy.as_secs_f64() * 1e6 / commits,
+        writes_per_commit: (after.writes - before.writes) as f64 / commits,
+    })
 }
 
 /// Jobs per second through the queue, each job with one of `keys` keys
