@@ -231,7 +231,7 @@ pub(super) async fn throughput(
                 / (after.commits - before.commits).max(1) as f64,
         });
         if let Ok(queue) = Arc::try_unwrap(queue) {
-            let _ = queue.shutdown(std::time::Duration::from_secs(5)).await;
+            let _ = queue.shutdown(Duration::from_secs(5)).await;
         }
     }
     samples.sort_by(|a, b| a.jobs_per_second.total_cmp(&b.jobs_per_second));
@@ -432,7 +432,7 @@ pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
         fsync_ms()?
     );
     measured.print();
-    let _ = full.queue.shutdown(std::time::Duration::from_secs(5)).await;
+    let _ = full.queue.shutdown(Duration::from_secs(5)).await;
 
     // Scheduling work ahead is common, and a search for due jobs that read
     // the scheduled ones would slow every enqueue and claim.
@@ -452,10 +452,7 @@ pub async fn queue_latency(args: &BenchArgs) -> anyhow::Result<()> {
     let measured = latencies(&mut bench).await?;
     println!("\n## The same with {SCHEDULED_LATER} jobs scheduled an hour ahead");
     measured.print();
-    let _ = bench
-        .queue
-        .shutdown(std::time::Duration::from_secs(5))
-        .await;
+    let _ = bench.queue.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }
 
