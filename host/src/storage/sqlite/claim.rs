@@ -251,7 +251,7 @@ mod tests {
     use rusqlite::Connection;
     use serde_json::json;
 
-    use super::super::create::create;
+    use super::super::create::{INSERT_JOB, create};
     use super::super::writer::EventLog;
     use super::*;
     use crate::model::{BackoffPolicy, Json};
@@ -364,6 +364,46 @@ mod tests {
             many < 2 * few,
             "{few} SQLite steps with 5 jobs scheduled for later, {many} with 5,000"
         );
+    }
+
+    /// A keyed job leaves its key's row alone when the row already says the
+    /// key is ready as early and at a priority as high (migration 14): its
+    /// insert takes the SQLite steps of one without a key, not those of the
+    /// upsert, and the row still moves when a job is due earlier.
+    #[test]
+    fn a_keyed_job_behind_its_ready_key_leaves_the_keys_row_alone() {
+        let conn = writer_with_echo();
+        let mut log = EventLog::default();
+        let insert = [INSERT_JOB.to_owned()];
+        let mut steps = |id: &str, key: Option<&str>, run_at: i64| {
+            let job = NewJob {
+                id: id.into(),
+                run_at,
+                idempotency_key: None,
+                concurrency_key: key.map(Into::into),
+                ..two_phase_job("")
+            };
+            steps_of(&conn, &insert);
+            create(&conn, &mut log, &job).unwrap();
+            steps_of(&conn, &insert)
+        };
+        let unkeyed = steps("unkeyed", None, 10);
+        let first = steps("first", Some("tenant"), 10);
+        let behind = steps("behind", Some("tenant"), 20);
+        let earlier = steps("earlier", Some("tenant"), 5);
+        assert!(
+            behind < unkeyed + 40 && first > behind + 40 && earlier > behind + 40,
+            "SQLite steps of an insert: {unkeyed} without a key, {first} making the key's row, \
+             {behind} behind it, {earlier} moving it"
+        );
+        let ready_at: i64 = conn
+            .query_row(
+                "SELECT ready_at FROM concurrency_keys WHERE key = 'tenant'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(ready_at, 5);
     }
 
     /// A claim visits priorities only until it is full: with every pending

@@ -10,6 +10,11 @@ use super::writer::EventLog;
 use crate::model::EventBody;
 use crate::storage::{CreateOutcome, NewJob, Result};
 
+pub(super) const INSERT_JOB: &str = "
+    INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff, idempotency_key,
+                      webhook_url, webhook_secret, created_at, concurrency_key)
+    VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
 pub(super) fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Result<CreateOutcome> {
     if let Some(key) = &new.idempotency_key {
         let existing: Option<String> = conn
@@ -40,12 +45,7 @@ pub(super) fn create(conn: &Connection, log: &mut EventLog, new: &NewJob) -> Res
             None => return Ok(phase.unknown_plugin()),
         }
     }
-    conn.prepare_cached(
-        "INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff, idempotency_key,
-                           webhook_url, webhook_secret, created_at, concurrency_key)
-         VALUES (?1, 'pending', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?
-    .execute(params![
+    conn.prepare_cached(INSERT_JOB)?.execute(params![
         new.id,
         new.payload.as_str(),
         new.priority,

@@ -27,6 +27,16 @@ macro_rules! key_ready {
     };
 }
 
+/// Whether the row of `NEW`'s key is missing, or says the key is ready
+/// later or at a lower priority than `NEW`: only then does [`key_ready`]
+/// change it.
+macro_rules! key_behind {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM concurrency_keys k WHERE k.key = NEW.concurrency_key
+                        AND k.ready_priority >= NEW.priority AND k.ready_at <= NEW.run_at)"
+    };
+}
+
 pub(super) const MIGRATIONS: &[&str] = &[
     // 1: plugins, jobs, phases, attempt errors, the event log.
     "
@@ -369,6 +379,34 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER jobs_key_ready_on_update AFTER UPDATE OF status, run_at, priority ON jobs
         WHEN NEW.status = 'pending' AND NEW.concurrency_key IS NOT NULL
     BEGIN ", key_ready!(), " END;
+    "
+    ),
+    // 14: a keyed job that becomes pending leaves its key's row alone when
+    // the row already says what the job would make it say (ready as early,
+    // at a priority as high). The upsert rewrote the row and both of its
+    // indexes each time: a keyed insert took about 22 µs of the writer
+    // against 4 µs without a key. Sound on SQLite, whose one writer runs
+    // every claim that could empty the key before or after this check,
+    // never beside it (PostgreSQL keeps its upsert, whose row lock orders
+    // it after such a claim).
+    concat!(
+        "
+    DROP TRIGGER jobs_key_ready_on_insert;
+    DROP TRIGGER jobs_key_ready_on_update;
+    CREATE TRIGGER jobs_key_ready_on_insert AFTER INSERT ON jobs
+        WHEN NEW.status = 'pending' AND NEW.concurrency_key IS NOT NULL AND ",
+        key_behind!(),
+        "
+    BEGIN ",
+        key_ready!(),
+        " END;
+    CREATE TRIGGER jobs_key_ready_on_update AFTER UPDATE OF status, run_at, priority ON jobs
+        WHEN NEW.status = 'pending' AND NEW.concurrency_key IS NOT NULL AND ",
+        key_behind!(),
+        "
+    BEGIN ",
+        key_ready!(),
+        " END;
     "
     ),
 ];
