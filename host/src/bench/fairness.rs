@@ -85,7 +85,9 @@ pub async fn fairness(args: &BenchArgs) -> anyhow::Result<()> {
         "\n## What keys and plugin limits cost: {} 1-phase jobs, concurrency {CONCURRENCY}, jobs/s",
         args.jobs
     );
-    println!("| keys, plugin limit | jobs/s | ratio to neither |\n|---|---:|---:|");
+    println!(
+        "| keys, plugin limit | jobs/s | ratio to neither | writer µs per job |\n|---|---:|---:|---:|"
+    );
     let mut neither = None;
     for (name, keys, max_running) in [
         ("none", 0, None),
@@ -98,9 +100,12 @@ pub async fn fairness(args: &BenchArgs) -> anyhow::Result<()> {
         ),
         ("`echo` limited to 4 running", 0, Some(4)),
     ] {
-        let rate = throughput(args, &compiled, keys, max_running).await?;
+        let (rate, writer_micros) = throughput(args, &compiled, keys, max_running).await?;
         let base = *neither.get_or_insert(rate);
-        println!("| {name} | {rate:.0} | {:.2} |", rate / base);
+        println!(
+            "| {name} | {rate:.0} | {:.2} | {writer_micros:.0} |",
+            rate / base
+        );
     }
     Ok(())
 }
@@ -192,14 +197,15 @@ async fn small_waits(
 }
 
 /// Jobs per second through the queue, each job with one of `keys` keys
-/// (none for 0), `echo` limited to `max_running` phases at once.
+/// (none for 0), `echo` limited to `max_running` phases at once, and the
+/// storage writer's µs per job.
 async fn throughput(
     args: &BenchArgs,
     compiled: &SharedCache,
     keys: usize,
     max_running: Option<u32>,
-) -> anyhow::Result<f64> {
-    let mut rates = Vec::new();
+) -> anyhow::Result<(f64, f64)> {
+    let (mut rates, mut writer_micros) = (Vec::new(), Vec::new());
     for _ in 0..args.samples.min(3) {
         let mut bench = start(args, compiled, CONCURRENCY, Durability::Process).await?;
         if max_running.is_some() {
@@ -213,6 +219,7 @@ async fn throughput(
                 .await?;
         }
         let queue = std::sync::Arc::new(bench.queue);
+        let before = bench.storage.writer_stats();
         let began = Instant::now();
         let submitters: Vec<_> = (0..args.jobs)
             .map(|i| {
@@ -229,9 +236,11 @@ async fn throughput(
         }
         completions(&mut bench.events, bench.storage.as_ref(), args.jobs).await?;
         rates.push(args.jobs as f64 / began.elapsed().as_secs_f64());
+        let busy = bench.storage.writer_stats().busy - before.busy;
+        writer_micros.push(busy.as_secs_f64() * 1e6 / args.jobs as f64);
         if let Ok(queue) = std::sync::Arc::try_unwrap(queue) {
             let _ = queue.shutdown(Duration::from_secs(5)).await;
         }
     }
-    Ok(median(&mut rates))
+    Ok((median(&mut rates), median(&mut writer_micros)))
 }
