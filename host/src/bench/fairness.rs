@@ -181,18 +181,16 @@ async fn small_waits(
             }
         }
     }
-    let after = bench.storage.writer_stats();
+    let writer = bench.storage.writer_stats().since(before);
     let elapsed = began.elapsed();
     let backlog_left = bench.storage.pending_count().await?;
     let _ = bench.queue.shutdown(Duration::from_secs(30)).await;
-    let commits = (after.commits - before.commits).max(1) as f64;
-    let busy = after.busy - before.busy;
     Ok(SmallWaits {
         waits,
         backlog_left,
-        writer_busy: busy.as_secs_f64() / elapsed.as_secs_f64(),
-        micros_per_commit: busy.as_secs_f64() * 1e6 / commits,
-        writes_per_commit: (after.writes - before.writes) as f64 / commits,
+        writer_busy: writer.busy.as_secs_f64() / elapsed.as_secs_f64(),
+        micros_per_commit: writer.micros_per_commit(),
+        writes_per_commit: writer.writes_per_commit(),
     })
 }
 
@@ -236,7 +234,7 @@ async fn throughput(
         }
         completions(&mut bench.events, bench.storage.as_ref(), args.jobs).await?;
         rates.push(args.jobs as f64 / began.elapsed().as_secs_f64());
-        let busy = bench.storage.writer_stats().busy - before.busy;
+        let busy = bench.storage.writer_stats().since(before).busy;
         writer_micros.push(busy.as_secs_f64() * 1e6 / args.jobs as f64);
         if let Ok(queue) = std::sync::Arc::try_unwrap(queue) {
             let _ = queue.shutdown(Duration::from_secs(5)).await;

@@ -20,7 +20,7 @@ use jobhost::model::{JobSpec, JobStatus, PhaseSpec};
 use jobhost::plugins::PluginRegistry;
 use jobhost::queue::{Queue, QueueConfig};
 use jobhost::runtime::{Runtime, RuntimeConfig};
-use jobhost::storage::{Durability, Storage};
+use jobhost::storage::{Durability, Storage, WriterStats};
 
 const LATENCY_SAMPLES: usize = 100;
 /// Syncs timed for the full-durability latency's comparison.
@@ -221,14 +221,13 @@ pub(super) async fn throughput(
         }
         completions(&mut bench.events, bench.storage.as_ref(), args.jobs).await?;
         let elapsed = started.elapsed();
-        let after = bench.storage.writer_stats();
-        let busy = (after.busy - before.busy).as_secs_f64();
+        let writer = bench.storage.writer_stats().since(before);
+        let busy = writer.busy.as_secs_f64();
         samples.push(Throughput {
             jobs_per_second: args.jobs as f64 / elapsed.as_secs_f64(),
             writer_busy: busy / elapsed.as_secs_f64(),
             writer_micros_per_job: busy * 1e6 / args.jobs as f64,
-            writes_per_commit: (after.writes - before.writes) as f64
-                / (after.commits - before.commits).max(1) as f64,
+            writes_per_commit: writer.writes_per_commit(),
         });
         if let Ok(queue) = Arc::try_unwrap(queue) {
             let _ = queue.shutdown(Duration::from_secs(5)).await;
@@ -476,8 +475,7 @@ fn fsync_ms() -> anyhow::Result<f64> {
 /// writer's share of it.
 struct Latencies {
     ms: Vec<f64>,
-    commits: u64,
-    writer_busy: Duration,
+    writer: WriterStats,
 }
 
 impl Latencies {
@@ -492,8 +490,8 @@ impl Latencies {
             percentile(&mut self.ms, 50.0),
             percentile(&mut self.ms, 99.0),
             percentile(&mut self.ms, 100.0),
-            micros(self.writer_busy) / jobs,
-            self.commits as f64 / jobs
+            micros(self.writer.busy) / jobs,
+            self.writer.commits as f64 / jobs
         );
     }
 }
@@ -508,10 +506,8 @@ async fn latencies(bench: &mut Bench) -> anyhow::Result<Latencies> {
         completions(&mut bench.events, bench.storage.as_ref(), 1).await?;
         ms.push(millis(started.elapsed()));
     }
-    let after = bench.storage.writer_stats();
     Ok(Latencies {
         ms,
-        commits: after.commits - before.commits,
-        writer_busy: after.busy - before.busy,
+        writer: bench.storage.writer_stats().since(before),
     })
 }

@@ -168,3 +168,24 @@ pub struct WriterStats {
     /// Time spent from taking a batch to replying to its writes.
     pub busy: Duration,
 }
+
+impl WriterStats {
+    /// What the writer did between `earlier` and these.
+    pub fn since(self, earlier: WriterStats) -> WriterStats {
+        WriterStats {
+            commits: self.commits - earlier.commits,
+            writes: self.writes - earlier.writes,
+            busy: self.busy - earlier.busy,
+        }
+    }
+
+    /// Writes per commit (0 without commits).
+    pub fn writes_per_commit(&self) -> f64 {
+        self.writes as f64 / self.commits.max(1) as f64
+    }
+
+    /// Busy µs per commit (0 without commits).
+    pub fn micros_per_commit(&self) -> f64 {
+        self.busy.as_secs_f64() * 1e6 / self.commits.max(1) as f64
+    }
+}
