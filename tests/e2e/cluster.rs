@@ -2,13 +2,13 @@
 //! platform through crashes and freezes. Skipped, saying so, where no
 //! PostgreSQL runs (`JOBHOST_REQUIRE_POSTGRES=1` makes that a failure).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::server::{Server, TIMEOUT};
+use crate::server::{Received, Server, TIMEOUT};
 use crate::test_database::{self, TestDatabase};
 
 /// Jobs the three hosts run while one of them is killed again and again.
@@ -371,31 +371,40 @@ async fn two_hosts_with_sleep() -> Option<(TestDatabase, [Server; 2])> {
     Some((database, hosts))
 }
 
-/// Waits until the jobs `ids` completed, then the most of the (start, end)
-/// spans that `spans_sql` reads which ran at once: at each start, the spans
-/// started before it and not finished by then.
+/// Waits until the jobs `ids` completed, then reads the event log from the
+/// start, in the order the database committed its changes (the same on
+/// every host), and returns the most spans that were open at once. `span`
+/// says whether an event opens (`true`) or closes (`false`) a span, and
+/// which one; `spans` is how many there are. The spans' times are no
+/// measure: a host stamps a start before its write waits for the limit's
+/// lock, so a start may carry a time before the end that made room for it.
 async fn most_at_once(
-    database: &TestDatabase,
     hosts: &[Server; 2],
     ids: &[Value],
-    spans_sql: &str,
+    spans: usize,
+    span: impl Fn(&Received) -> Option<(String, bool)>,
 ) -> usize {
     for id in ids {
         let job = hosts[0].wait_finished(id.as_str().unwrap()).await;
         assert_eq!(job["status"], "completed", "{job}");
     }
-    let rows = connect(database).await.query(spans_sql, &[]).await.unwrap();
-    let spans: Vec<(i64, i64)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
-    spans
-        .iter()
-        .map(|&(start, _)| {
-            spans
-                .iter()
-                .filter(|&&(s, f)| s <= start && start < f)
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
+    let mut log = hosts[1].events("/events", Some(0)).await;
+    let (mut open, mut closed, mut most) = (HashSet::new(), 0, 0);
+    while closed < spans {
+        let event = log.next_event().await.expect("the log goes on");
+        match span(&event) {
+            Some((unit, true)) => {
+                open.insert(unit);
+                most = most.max(open.len());
+            }
+            Some((unit, false)) => {
+                assert!(open.remove(&unit), "{unit} ended before it started");
+                closed += 1;
+            }
+            None => {}
+        }
+    }
+    most
 }
 
 /// A key's limit holds across hosts: two hosts with free workers, six
@@ -404,7 +413,7 @@ async fn most_at_once(
 /// without a key run beside them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_limit_holds_across_hosts() {
-    let Some((database, hosts)) = two_hosts_with_sleep().await else {
+    let Some((_database, hosts)) = two_hosts_with_sleep().await else {
         return;
     };
     let (status, body) = hosts[1]
@@ -420,8 +429,16 @@ async fn a_keys_limit_holds_across_hosts() {
         ids.push(hosts[n % 2].submit(&nap(Some("shared"))).await["id"].clone());
         hosts[(n + 1) % 2].submit(&nap(None)).await;
     }
-    let sql = "SELECT started_at, finished_at FROM jobs WHERE concurrency_key = 'shared'";
-    let most = most_at_once(&database, &hosts, &ids, sql).await;
+    let most = most_at_once(&hosts, &ids, ids.len(), |event| {
+        let job = &event.data["job_id"];
+        let opens = match event.kind.as_str() {
+            "job:started" => true,
+            "job:completed" => false,
+            _ => return None,
+        };
+        ids.contains(job).then(|| (job.to_string(), opens))
+    })
+    .await;
     assert_eq!(most, 2, "the limit is 2");
 }
 
@@ -446,8 +463,15 @@ async fn a_plugins_limit_holds_across_hosts() {
     for n in 0..8 {
         ids.push(hosts[n % 2].submit(&job).await["id"].clone());
     }
-    let sql = "SELECT started_at, finished_at FROM phases WHERE plugin = 'sleep'";
-    let most = most_at_once(&database, &hosts, &ids, sql).await;
+    let most = most_at_once(&hosts, &ids, ids.len(), |event| {
+        let phase = format!("{} {}", event.data["job_id"], event.data["data"]["index"]);
+        match event.kind.as_str() {
+            "job:phase:started" if event.data["data"]["plugin"] == "sleep" => Some((phase, true)),
+            "job:phase:completed" if event.data["data"]["phase"] == "nap" => Some((phase, false)),
+            _ => None,
+        }
+    })
+    .await;
     assert_eq!(most, 2, "the limit is 2");
     let waited: i64 = connect(&database)
         .await
