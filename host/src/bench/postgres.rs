@@ -11,7 +11,7 @@ use super::queue::{SharedCache, completions, spec_with, start_on, trivial_payloa
 use super::stats::{median, millis, percentile};
 use jobhost::model::{EventKind, JobSpec, PhaseSpec};
 use jobhost::queue::{Cancelled, Queue};
-use jobhost::storage::{Durability, PgOptions, Storage};
+use jobhost::storage::{Durability, PgOptions, Storage, WriterStats};
 
 /// Concurrency of each host.
 const CONCURRENCY: usize = 64;
@@ -101,16 +101,27 @@ fn cpu_seconds() -> (f64, f64) {
     (postgres, own)
 }
 
+/// What one sample measured.
+#[derive(Clone, Copy)]
+struct Sample {
+    jobs_per_second: f64,
+    /// The machine's CPU share PostgreSQL's processes took meanwhile.
+    postgres_cpu: f64,
+    /// And this process's.
+    jobhost_cpu: f64,
+    /// The hosts' write transactions, summed.
+    writes: WriterStats,
+}
+
 /// One sample on a database of its own (dropped after, whatever the
-/// outcome): jobs/s, and the machine's CPU share PostgreSQL and jobhost
-/// took meanwhile.
+/// outcome).
 async fn sample(
     args: &BenchArgs,
     compiled: &SharedCache,
     count: usize,
     phases: usize,
     durability: Durability,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<Sample> {
     let database = Database::create(args).await?;
     let measured = measure(args, compiled, &database, count, phases, durability).await;
     database.drop().await?;
@@ -124,8 +135,9 @@ async fn measure(
     count: usize,
     phases: usize,
     durability: Durability,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<Sample> {
     let mut started = hosts(args, compiled, database, count, durability).await?;
+    let writes_before = writer_stats(&started);
     let (cpu_before, started_at) = (cpu_seconds(), Instant::now());
     let submissions = (0..args.jobs).map(|n| {
         let queue = &started[n % count].0;
@@ -140,13 +152,26 @@ async fn measure(
     let cpu_after = cpu_seconds();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let share = |before: f64, after: f64| (after - before) / (elapsed * cores);
-    let result = (
-        args.jobs as f64 / elapsed,
-        share(cpu_before.0, cpu_after.0),
-        share(cpu_before.1, cpu_after.1),
-    );
+    let result = Sample {
+        jobs_per_second: args.jobs as f64 / elapsed,
+        postgres_cpu: share(cpu_before.0, cpu_after.0),
+        jobhost_cpu: share(cpu_before.1, cpu_after.1),
+        writes: writer_stats(&started).since(writes_before),
+    };
     stop(started).await;
     Ok(result)
+}
+
+/// The write transactions of every host so far.
+fn writer_stats(hosts: &[(Queue, Arc<Storage>, jobhost::events::Subscription)]) -> WriterStats {
+    hosts.iter().fold(WriterStats::default(), |sum, (_, storage, _)| {
+        let host = storage.writer_stats();
+        WriterStats {
+            commits: sum.commits + host.commits,
+            writes: sum.writes + host.writes,
+            busy: sum.busy + host.busy,
+        }
+    })
 }
 
 async fn stop(hosts: Vec<(Queue, Arc<Storage>, jobhost::events::Subscription)>) {
@@ -162,8 +187,10 @@ pub async fn postgres_throughput(args: &BenchArgs) -> anyhow::Result<()> {
         "## PostgreSQL: {} trivial `echo` jobs submitted round-robin to each host, until the last completes; concurrency {CONCURRENCY} per host",
         args.jobs
     );
-    println!("| durability | hosts | phases | jobs/s | PostgreSQL CPU | jobhost CPU |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| durability | hosts | phases | jobs/s | PostgreSQL CPU | jobhost CPU | write transactions per job | writes per transaction | ms per transaction |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let runs = [
         (Durability::Process, 1, 1),
         (Durability::Full, 1, 1),
@@ -176,12 +203,17 @@ pub async fn postgres_throughput(args: &BenchArgs) -> anyhow::Result<()> {
         for _ in 0..args.samples.min(3) {
             samples.push(sample(args, &compiled, count, phases, durability).await?);
         }
-        samples.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (rate, postgres, own) = samples[samples.len() / 2];
+        samples.sort_by(|a, b| a.jobs_per_second.total_cmp(&b.jobs_per_second));
+        let median = samples[samples.len() / 2];
+        let writes = median.writes;
         println!(
-            "| {durability:?} | {count} | {phases} | {rate:.0} | {:.0}% | {:.0}% |",
-            postgres * 100.0,
-            own * 100.0
+            "| {durability:?} | {count} | {phases} | {:.0} | {:.0}% | {:.0}% | {:.2} | {:.1} | {:.2} |",
+            median.jobs_per_second,
+            median.postgres_cpu * 100.0,
+            median.jobhost_cpu * 100.0,
+            writes.commits as f64 / args.jobs as f64,
+            writes.writes_per_commit(),
+            writes.micros_per_commit() / 1000.0,
         );
     }
     cancel_across_hosts(args, &compiled).await

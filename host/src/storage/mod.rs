@@ -66,8 +66,9 @@ pub trait Store:
     /// calls fail with [`ErrorClass::Closed`].
     async fn close(&self);
 
-    /// How busy the backend's serial writer has been (zeros for a backend
-    /// without one).
+    /// How busy the backend's writes have been: SQLite's one serial
+    /// writer; on PostgreSQL, write transactions, their time summed over
+    /// those that ran at once.
     fn writer_stats(&self) -> WriterStats;
 
     /// Registers `handler` for what other hosts on a shared database ask

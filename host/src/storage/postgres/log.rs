@@ -144,8 +144,9 @@ impl Log {
 }
 
 /// Gives positions until every local write waiting has its own: again at
-/// once while that makes progress, and after a pause (doubling from 1 ms)
-/// while an older transaction, anywhere, holds the watermark back.
+/// once while that makes progress, and while an older transaction holds
+/// the watermark back, after the next local commit or a pause (doubling
+/// from 1 ms), whichever comes first.
 async fn stamp(db: &impl GenericClient, log: &Log, stop: &CancellationToken) -> Result<()> {
     let mut pause = Duration::from_millis(1);
     loop {
@@ -164,8 +165,11 @@ async fn stamp(db: &impl GenericClient, log: &Log, stop: &CancellationToken) -> 
             pause = Duration::from_millis(1);
             continue;
         }
+        // A local commit may be what held the watermark back: it wakes
+        // this at once.
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
+            _ = log.wake_stamper.notified() => {}
             _ = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(WATERMARK_RETRY);

@@ -15,6 +15,7 @@
 //!   itself, so a worker whose job was claimed again is fenced on every
 //!   host.
 
+mod batch;
 mod cluster;
 mod commands;
 mod create;
@@ -32,7 +33,7 @@ mod webhooks;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::future::BoxFuture;
@@ -125,6 +126,9 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 /// A transaction left idle this long (a frozen host) is ended by the
 /// server: it would hold back the event log's watermark for every host.
 const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
+/// Transactions of one kind of batched write that run at once (see
+/// [`batch`]).
+const LANES: usize = 4;
 /// How long a caller waits for a pooled connection before the call fails
 /// as retryable.
 const POOL_WAIT: Duration = Duration::from_secs(10);
@@ -312,6 +316,12 @@ impl WriteScope {
 pub struct PgStore {
     pool: Pool,
     host: Arc<str>,
+    /// Runs and counts write transactions.
+    committer: Arc<batch::Committer>,
+    /// Creates, batched with creates (see [`batch`]).
+    creates: Arc<batch::Coalescer>,
+    /// Phase completions, batched with completions.
+    completions: Arc<batch::Coalescer>,
     signals: Arc<cluster::Signals>,
     log: Arc<log::Log>,
     /// Notified after a commit that added a webhook delivery.
@@ -390,6 +400,9 @@ impl PgStore {
             tokio::spawn(host.heartbeat_loop(pool.clone(), signals.clone(), stop.clone())),
         ];
         Ok(PgStore {
+            committer: Arc::new(batch::Committer::new(pool.clone(), host_id.clone())),
+            creates: batch::Coalescer::new(LANES),
+            completions: batch::Coalescer::new(LANES),
             pool,
             host: host_id,
             signals,
@@ -414,33 +427,42 @@ impl PgStore {
         &self,
         f: impl for<'a> FnOnce(&'a Tx<'a>, &'a mut WriteScope) -> BoxFuture<'a, Result<R>> + Send,
     ) -> Result<R> {
+        let began = Instant::now();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let mut scope = WriteScope {
-            host: self.host.clone(),
-            events: Vec::new(),
-            webhook: false,
-            jobs_due: false,
-        };
+        let mut scope = self.committer.scope();
         let result = f(&tx, &mut scope).await?;
-        let events = std::mem::take(&mut scope.events);
-        let xid = match events.is_empty() {
-            false => Some(log::append(&tx, events, scope.jobs_due).await?),
-            true if scope.jobs_due => {
-                execute(&tx, log::NOTIFY_JOBS_DUE, &[]).await?;
-                None
-            }
-            true => None,
-        };
-        tx.commit().await?;
+        let xid = self.committer.commit(tx, &mut scope, 1, began).await?;
         drop(client);
-        if scope.webhook {
+        self.announce(xid, scope.webhook).await;
+        Ok(result)
+    }
+
+    /// Runs `write` in the next transaction of `kind`'s batches (see
+    /// [`batch`]); then announces what it wrote.
+    async fn write_batched<R: Send + 'static>(
+        &self,
+        kind: &Arc<batch::Coalescer>,
+        write: batch::Write<R>,
+    ) -> Result<R> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StorageError::closed());
+        }
+        let committed = kind.write(&self.committer, write).await?;
+        self.announce(committed.xid, committed.webhook).await;
+        Ok(committed.value)
+    }
+
+    /// After a commit: wakes the webhook sender if the write added a
+    /// delivery, and returns once its events have positions (readable, and
+    /// readers woken).
+    async fn announce(&self, xid: Option<i64>, webhook: bool) {
+        if webhook {
             self.webhook_added.notify_one();
         }
         if let Some(xid) = xid {
             self.log.appended(xid).await;
         }
-        Ok(result)
     }
 
     async fn shut(&self) {

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use super::commands::{cancel_if_pending, delete, delete_finished_before, recover, retry};
 use super::create::{claim, claim_created, create, other_job_due};
 use super::rows::{count, job_counts, job_status, list, load_job};
+use super::batch::Write;
 use super::{PgStore, query, query_one, transitions};
 use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::jobs::stopped_usage;
@@ -19,7 +20,10 @@ use crate::storage::{
 #[async_trait]
 impl JobStore for PgStore {
     async fn create_job(&self, new: NewJob, claim_at: Option<i64>) -> Result<CreateOutcome> {
-        self.write(move |tx, scope| {
+        // Batched with other creates: the check that no other job is due
+        // sees theirs, and the claim takes only this job.
+        let write: Write<CreateOutcome> = Box::new(move |tx, scope| {
+            let new = new.clone();
             Box::pin(async move {
                 match (create(tx, scope, &new).await?, claim_at) {
                     (CreateOutcome::Created(mut job, None), Some(now))
@@ -38,8 +42,8 @@ impl JobStore for PgStore {
                     }
                 }
             })
-        })
-        .await
+        });
+        self.write_batched(&self.creates, write).await
     }
 
     async fn claim_due_jobs(&self, now: i64, limit: usize) -> Result<Vec<Claimed>> {
@@ -95,10 +99,11 @@ impl JobStore for PgStore {
 
     async fn complete_phase(&self, lease: &Lease, done: PhaseDone) -> Result<Guarded<Completion>> {
         let lease = lease.clone();
-        self.write(move |tx, scope| {
+        let write: Write<Guarded<Completion>> = Box::new(move |tx, scope| {
+            let (lease, done) = (lease.clone(), done.clone());
             Box::pin(async move { transitions::complete_phase(tx, scope, &lease, &done).await })
-        })
-        .await
+        });
+        self.write_batched(&self.completions, write).await
     }
 
     async fn complete_job(&self, lease: &Lease, now: i64) -> Result<Guarded<()>> {
@@ -261,7 +266,7 @@ impl Store for PgStore {
     }
 
     fn writer_stats(&self) -> WriterStats {
-        WriterStats::default()
+        self.committer.stats()
     }
 
     fn on_signal(&self, handler: SignalHandler) {

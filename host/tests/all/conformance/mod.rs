@@ -56,6 +56,7 @@ use plugin_limits::a_plugins_rate_spaces_its_starts;
 use plugin_limits::concurrent_starts_respect_a_plugins_limit;
 use plugins::grants_replace_the_old_ones_and_go_with_the_plugin;
 use plugins::resources_are_set_on_the_plugin_and_logged;
+use races::a_bad_write_among_concurrent_creates_fails_alone;
 use races::a_cancel_racing_a_completion_ends_the_job_once;
 use races::a_transition_replayed_after_an_unknown_outcome_changes_nothing;
 use races::concurrent_claimers_never_share_a_job;
@@ -84,6 +85,7 @@ crate::fixture::on_each_backend! {
     the_log_reads_back_in_order_by_cursor_and_filter,
     concurrent_claimers_never_share_a_job,
     one_idempotency_key_submitted_at_once_creates_one_job,
+    a_bad_write_among_concurrent_creates_fails_alone,
     a_cancel_racing_a_completion_ends_the_job_once,
     a_transition_replayed_after_an_unknown_outcome_changes_nothing,
     grants_replace_the_old_ones_and_go_with_the_plugin,

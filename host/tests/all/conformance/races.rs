@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use jobhost::model::{EventKind, JobStatus};
-use jobhost::storage::{Completion, CreateOutcome, EventFilter, Guarded, NewJob};
+use jobhost::storage::{Completion, CreateOutcome, ErrorClass, EventFilter, Guarded, NewJob};
 
 use super::{create, done, fresh, job, kinds, running, with_echo};
 use crate::fixture::Backend;
@@ -77,6 +77,40 @@ pub async fn one_idempotency_key_submitted_at_once_creates_one_job(backend: Back
         }
     }
     assert_eq!(store.pending_count().await.unwrap(), 1);
+}
+
+/// Creates submitted at once share transactions (group commit); one of
+/// them that cannot be stored (its id is taken) fails alone: every other
+/// job is stored once, with its event logged once.
+pub async fn a_bad_write_among_concurrent_creates_fails_alone(backend: Backend) {
+    let (store, _dir) = fresh(backend).await;
+    with_echo(&store).await;
+    create(&store, job("taken", 1)).await;
+    let before = store.writer_stats();
+    let submits = (0..40).map(|i| {
+        let store = store.clone();
+        let id = if i == 20 { "taken".to_owned() } else { format!("new-{i}") };
+        tokio::spawn(async move { (id.clone(), store.create_job(job(&id, 1), None).await) })
+    });
+    let outcomes = futures::future::join_all(submits).await;
+    for outcome in outcomes {
+        let (id, outcome) = outcome.unwrap();
+        match (id.as_str(), outcome) {
+            ("taken", Err(error)) => assert_eq!(error.class(), ErrorClass::Conflict, "{error}"),
+            (_, Ok(CreateOutcome::Created(job, None))) => assert_eq!(job.id, id),
+            (id, other) => panic!("{id}: {other:?}"),
+        }
+    }
+    let writes = store.writer_stats().since(before);
+    assert!(
+        writes.writes > writes.commits,
+        "no two creates shared a transaction: {writes:?}"
+    );
+    assert_eq!(store.pending_count().await.unwrap(), 40);
+    for i in (0..40).filter(|i| *i != 20) {
+        assert_eq!(kinds(&store, &format!("new-{i}")).await, ["job:created"]);
+    }
+    assert_eq!(kinds(&store, "taken").await, ["job:created"]);
 }
 
 /// A cancel and the last phase's completion, at once: exactly one of them

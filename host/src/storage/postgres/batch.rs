@@ -1,0 +1,298 @@
+//! Group commit: writes of one kind that arrive while earlier ones of that
+//! kind are in flight share one transaction. PostgreSQL's cost is per
+//! transaction and per statement round trip far more than per row (see
+//! BENCHMARKS "PostgreSQL"), so under load a batch of k writes costs
+//! little more than one.
+//!
+//! - A write joins its kind's queue ([`Coalescer`]). While fewer than its
+//!   lanes run, a new lane takes everything queued (at most [`MAX_BATCH`])
+//!   into one transaction, and again until the queue is empty. A write
+//!   alone runs at once; under load, writes wait for one batch at most.
+//! - The members run together, their statements pipelined on the lane's
+//!   connection; their events are appended at the end, in one statement.
+//! - A statement that fails aborts the transaction: nothing of it
+//!   committed, and each member runs again alone, so a bad write fails only
+//!   itself. A member may therefore run twice: it is `Fn`.
+//! - Members see each other's uncommitted rows, so only writes for which
+//!   that is harmless share a queue: creates with creates (a create claims
+//!   only the job it inserted), completions with completions (a claim takes
+//!   only pending jobs, which a member's claim has made running).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use futures::future::{BoxFuture, join_all};
+use tokio::sync::{Semaphore, oneshot};
+
+use super::{Tx, WriteScope, log};
+use crate::storage::{Result, StorageError, WriterStats};
+
+/// Most writes in one transaction: a worker pool's completions at once.
+pub(super) const MAX_BATCH: usize = 64;
+
+/// A write that may share its transaction: it runs in `Tx`, and says what
+/// it emitted in its own scope.
+pub(super) type Write<R> = Box<
+    dyn for<'a> Fn(&'a Tx<'a>, &'a mut WriteScope) -> BoxFuture<'a, Result<R>> + Send + Sync,
+>;
+
+/// A write's outcome once its transaction committed.
+pub(super) struct Committed<R> {
+    pub(super) value: R,
+    /// The transaction's id, if the write emitted events.
+    pub(super) xid: Option<i64>,
+    /// The write added a webhook delivery.
+    pub(super) webhook: bool,
+}
+
+/// A queued write, whatever it returns.
+trait Member: Send {
+    fn run<'a>(&'a mut self, tx: &'a Tx<'a>, scope: &'a mut WriteScope)
+    -> BoxFuture<'a, Result<()>>;
+
+    /// Answers the caller (who may have gone) with the outcome of the
+    /// transaction the last run was in.
+    fn answer(self: Box<Self>, outcome: Result<(Option<i64>, bool)>);
+}
+
+struct Queued<R> {
+    write: Write<R>,
+    value: Option<R>,
+    reply: oneshot::Sender<Result<Committed<R>>>,
+}
+
+impl<R: Send> Member for Queued<R> {
+    fn run<'a>(
+        &'a mut self,
+        tx: &'a Tx<'a>,
+        scope: &'a mut WriteScope,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.value = Some((self.write)(tx, scope).await?);
+            Ok(())
+        })
+    }
+
+    fn answer(self: Box<Self>, outcome: Result<(Option<i64>, bool)>) {
+        let Queued { value, reply, .. } = *self;
+        let committed = outcome.and_then(|(xid, webhook)| {
+            let value =
+                value.ok_or_else(|| StorageError::corrupt("a committed write left no outcome"))?;
+            Ok(Committed {
+                value,
+                xid,
+                webhook,
+            })
+        });
+        let _ = reply.send(committed);
+    }
+}
+
+/// Runs transactions on the pool for one host, and counts them.
+pub(super) struct Committer {
+    pub(super) pool: Pool,
+    pub(super) host: Arc<str>,
+    commits: AtomicU64,
+    writes: AtomicU64,
+    busy_nanos: AtomicU64,
+}
+
+impl Committer {
+    pub(super) fn new(pool: Pool, host: Arc<str>) -> Self {
+        Committer {
+            pool,
+            host,
+            commits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn scope(&self) -> WriteScope {
+        WriteScope {
+            host: self.host.clone(),
+            events: Vec::new(),
+            webhook: false,
+            jobs_due: false,
+        }
+    }
+
+    /// Appends what `scope` emitted and commits `tx`: the transaction's id
+    /// if it appended events.
+    pub(super) async fn commit(
+        &self,
+        tx: Tx<'_>,
+        scope: &mut WriteScope,
+        writes: usize,
+        began: Instant,
+    ) -> Result<Option<i64>> {
+        let events = std::mem::take(&mut scope.events);
+        let xid = match events.is_empty() {
+            false => Some(log::append(&tx, events, scope.jobs_due).await?),
+            true if scope.jobs_due => {
+                super::execute(&tx, log::NOTIFY_JOBS_DUE, &[]).await?;
+                None
+            }
+            true => None,
+        };
+        let committed = tx.commit().await;
+        self.count(writes, began.elapsed());
+        committed?;
+        Ok(xid)
+    }
+
+    fn count(&self, writes: usize, busy: Duration) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
+        self.busy_nanos
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Transactions, the writes in them and the time they took, summed
+    /// over transactions that ran at once.
+    pub(super) fn stats(&self) -> WriterStats {
+        WriterStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            busy: Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Runs a batch and answers its members; if a statement failed, each
+    /// member again alone.
+    async fn run(&self, mut batch: Vec<Box<dyn Member>>) {
+        match self.attempt(&mut batch).await {
+            Attempt::Committed(xid, webhooks) => {
+                for (member, webhook) in batch.into_iter().zip(webhooks) {
+                    member.answer(Ok((xid, webhook)));
+                }
+            }
+            Attempt::Aborted(_) if batch.len() > 1 => {
+                for mut member in batch {
+                    let outcome = match self.attempt(std::slice::from_mut(&mut member)).await {
+                        Attempt::Committed(xid, webhooks) => Ok((xid, webhooks[0])),
+                        Attempt::Aborted(error) | Attempt::Unknown(error) => Err(error),
+                    };
+                    member.answer(outcome);
+                }
+            }
+            Attempt::Aborted(error) | Attempt::Unknown(error) => {
+                for member in batch {
+                    member.answer(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, members: &mut [Box<dyn Member>]) -> Attempt {
+        let began = Instant::now();
+        let mut client = match self.pool.get().await {
+            Ok(client) => client,
+            Err(error) => return Attempt::Aborted(error.into()),
+        };
+        let tx = match client.transaction().await {
+            Ok(tx) => tx,
+            Err(error) => return Attempt::Aborted(error.into()),
+        };
+        let mut scopes: Vec<WriteScope> = members.iter().map(|_| self.scope()).collect();
+        let ran = join_all(
+            members
+                .iter_mut()
+                .zip(scopes.iter_mut())
+                .map(|(member, scope)| member.run(&tx, scope)),
+        )
+        .await;
+        if let Some(error) = ran.into_iter().find_map(Result::err) {
+            // Dropping the transaction rolls it back.
+            return Attempt::Aborted(error);
+        }
+        let mut all = self.scope();
+        let webhooks = scopes.iter().map(|scope| scope.webhook).collect();
+        for scope in scopes {
+            all.events.extend(scope.events);
+            all.jobs_due |= scope.jobs_due;
+        }
+        match self.commit(tx, &mut all, members.len(), began).await {
+            Ok(xid) => Attempt::Committed(xid, webhooks),
+            Err(error) => Attempt::Unknown(error),
+        }
+    }
+}
+
+/// How a batch's transaction ended.
+enum Attempt {
+    /// With each member's webhook flag.
+    Committed(Option<i64>, Vec<bool>),
+    /// Before its commit: nothing of it is stored.
+    Aborted(StorageError),
+    /// At its commit, which may or may not have happened.
+    Unknown(StorageError),
+}
+
+/// The queue of one kind of write, and the lanes that run it.
+pub(super) struct Coalescer {
+    queue: Mutex<VecDeque<Box<dyn Member>>>,
+    lanes: Arc<Semaphore>,
+}
+
+impl Coalescer {
+    pub(super) fn new(lanes: usize) -> Arc<Self> {
+        Arc::new(Coalescer {
+            queue: Mutex::new(VecDeque::new()),
+            lanes: Arc::new(Semaphore::new(lanes)),
+        })
+    }
+
+    /// Runs `write` in the next batch of this kind.
+    pub(super) async fn write<R: Send + 'static>(
+        self: &Arc<Self>,
+        committer: &Arc<Committer>,
+        write: Write<R>,
+    ) -> Result<Committed<R>> {
+        let (reply, outcome) = oneshot::channel();
+        self.queue
+            .lock()
+            .expect("never poisoned")
+            .push_back(Box::new(Queued {
+                write,
+                value: None,
+                reply,
+            }));
+        self.open_lane(committer);
+        // A lane answers every member it took, unless the runtime is
+        // shutting down.
+        outcome.await.unwrap_or_else(|_| Err(StorageError::closed()))
+    }
+
+    /// Starts a lane if one is free; it runs batches until the queue is
+    /// empty. A lane runs on a task of its own, so a caller that goes away
+    /// does not abort the other members' transaction.
+    fn open_lane(self: &Arc<Self>, committer: &Arc<Committer>) {
+        let Ok(lane) = self.lanes.clone().try_acquire_owned() else {
+            return;
+        };
+        let (this, committer) = (self.clone(), committer.clone());
+        tokio::spawn(async move {
+            loop {
+                let batch: Vec<_> = {
+                    let mut queue = this.queue.lock().expect("never poisoned");
+                    let take = queue.len().min(MAX_BATCH);
+                    queue.drain(..take).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                committer.run(batch).await;
+            }
+            drop(lane);
+            // A write queued after the last look, while this lane was still
+            // taken, found none free: it needs one now.
+            if !this.queue.lock().expect("never poisoned").is_empty() {
+                this.open_lane(&committer);
+            }
+        });
+    }
+}
