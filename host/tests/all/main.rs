@@ -5,6 +5,7 @@ mod cache;
 mod cluster;
 mod conformance;
 mod fixture;
+mod group_commit;
 mod job_semantics;
 mod limits;
 mod moving_over;

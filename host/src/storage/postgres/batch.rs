@@ -35,9 +35,8 @@ pub(super) const MAX_BATCH: usize = 64;
 
 /// A write that may share its transaction: it runs in `Tx`, and says what
 /// it emitted in its own scope.
-pub(super) type Write<R> = Box<
-    dyn for<'a> Fn(&'a Tx<'a>, &'a mut WriteScope) -> BoxFuture<'a, Result<R>> + Send + Sync,
->;
+pub(super) type Write<R> =
+    Box<dyn for<'a> Fn(&'a Tx<'a>, &'a mut WriteScope) -> BoxFuture<'a, Result<R>> + Send + Sync>;
 
 /// A write's outcome once its transaction committed.
 pub(super) struct Committed<R> {
@@ -50,8 +49,11 @@ pub(super) struct Committed<R> {
 
 /// A queued write, whatever it returns.
 trait Member: Send {
-    fn run<'a>(&'a mut self, tx: &'a Tx<'a>, scope: &'a mut WriteScope)
-    -> BoxFuture<'a, Result<()>>;
+    fn run<'a>(
+        &'a mut self,
+        tx: &'a Tx<'a>,
+        scope: &'a mut WriteScope,
+    ) -> BoxFuture<'a, Result<()>>;
 
     /// Answers the caller (who may have gone) with the outcome of the
     /// transaction the last run was in.
@@ -264,7 +266,9 @@ impl Coalescer {
         self.open_lane(committer);
         // A lane answers every member it took, unless the runtime is
         // shutting down.
-        outcome.await.unwrap_or_else(|_| Err(StorageError::closed()))
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(StorageError::closed()))
     }
 
     /// Starts a lane if one is free; it runs batches until the queue is

@@ -151,15 +151,11 @@ async fn claim_pending(
     now: i64,
     limit: usize,
 ) -> Result<Vec<Claimed>> {
-    // Whether a key is ready is asked beside the claim, pipelined on the
-    // connection: no round trip more when nothing is due.
-    let (claimed, keys_ready) = futures::try_join!(
-        claim_picked(tx, scope, now, limit, Pick::Unkeyed { keys_ready: false }),
-        keys::any_ready(tx, now)
-    )?;
+    let claimed = claim_picked(tx, scope, now, limit, Pick::Unkeyed { keys_ready: false }).await?;
     // Nothing claimed: nothing is due, or a key is ready, whose turn it
-    // may be.
-    if !claimed.is_empty() || !keys_ready {
+    // may be. (Asked only then: a busy queue's claims take jobs, and each
+    // statement costs the database more than the round trip.)
+    if !claimed.is_empty() || !keys::any_ready(tx, now).await? {
         return Ok(claimed);
     }
     match keys::take_turns(tx, now, limit).await? {

@@ -3,7 +3,9 @@
 //!
 //! - A pool of connections (deadpool): every read takes one, every write
 //!   runs in one short transaction on one ([`PgStore::write`]); no
-//!   transaction waits on anything but the database.
+//!   transaction waits on anything but the database. The hot writes,
+//!   creates and phase completions, are group-committed: those that arrive
+//!   together share a transaction ([`batch`]).
 //! - The event log: a sequence is not commit order, so events are inserted
 //!   without a position, and a stamper (one at a time, under an advisory
 //!   lock) gives consecutive positions, transaction by transaction in `xid`
@@ -128,7 +130,7 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 /// Transactions of one kind of batched write that run at once (see
 /// [`batch`]).
-const LANES: usize = 4;
+pub const LANES: usize = 4;
 /// How long a caller waits for a pooled connection before the call fails
 /// as retryable.
 const POOL_WAIT: Duration = Duration::from_secs(10);

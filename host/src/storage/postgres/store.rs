@@ -3,10 +3,10 @@
 
 use async_trait::async_trait;
 
+use super::batch::Write;
 use super::commands::{cancel_if_pending, delete, delete_finished_before, recover, retry};
 use super::create::{claim, claim_created, create, other_job_due};
 use super::rows::{count, job_counts, job_status, list, load_job};
-use super::batch::Write;
 use super::{PgStore, query, query_one, transitions};
 use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::jobs::stopped_usage;

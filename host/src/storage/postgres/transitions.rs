@@ -5,7 +5,7 @@
 
 use super::plugin_limits;
 use super::webhooks::Target;
-use super::{Tx, WriteScope, corrupt, execute, query_opt};
+use super::{Tx, WriteScope, corrupt, execute, query_one, query_opt};
 use crate::model::event::{
     EndedAttempt, JobCancelled, JobCompleted, JobWaiting, PhaseCompleted, PhaseStarted,
 };
@@ -217,13 +217,29 @@ pub(super) async fn complete_phase(
 ) -> Result<Guarded<Completion>> {
     let usage = serde_json::to_string(&done.usage).map_err(|e| corrupt("usage", e))?;
     let (attempt, token) = lease_params(lease);
-    let changed = execute(
+    // Unless the next phase is to start, the job completes in the same
+    // statement when this was its last unfinished phase: its other phases
+    // are asked for, since the statement does not see its own update. It
+    // returns where the job's webhook goes.
+    let row = query_one(
         tx,
         &format!(
-            "WITH held AS ({LOCK_IF_HELD})
-             UPDATE phases SET status = 'completed', output = $5, error = NULL, usage = $6,
-                               finished_at = $7
-             WHERE job_id = $1 AND idx = $4 AND status = 'running' AND EXISTS (SELECT 1 FROM held)"
+            "WITH held AS ({LOCK_IF_HELD}), done AS (
+                 UPDATE phases SET status = 'completed', output = $5, error = NULL, usage = $6,
+                                   finished_at = $7
+                 WHERE job_id = $1 AND idx = $4 AND status = 'running'
+                   AND EXISTS (SELECT 1 FROM held)
+                 RETURNING 1
+             ), job AS (
+                 UPDATE jobs SET status = 'completed', finished_at = $7, error = NULL
+                 WHERE id = $1 AND $8 AND EXISTS (SELECT 1 FROM done)
+                   AND NOT EXISTS (SELECT 1 FROM phases
+                                   WHERE job_id = $1 AND idx <> $4 AND status <> 'completed')
+                 RETURNING {}
+             )
+             SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM job), job.*
+             FROM (SELECT 1) AS one LEFT JOIN job ON true",
+            Target::COLUMNS
         ),
         &[
             &lease.job_id,
@@ -233,10 +249,11 @@ pub(super) async fn complete_phase(
             &done.output.as_str(),
             &usage,
             &done.now,
+            &!done.start_next,
         ],
     )
     .await?;
-    if changed == 0 {
+    if row.get::<_, i64>(0) == 0 {
         return refused(tx, lease).await;
     }
     let completed = EventBody::PhaseCompleted(PhaseCompleted {
@@ -245,17 +262,26 @@ pub(super) async fn complete_phase(
         usage: done.usage,
     });
     job_event(tx, scope, &lease.job_id, completed, done.now).await?;
-    if done.start_next
-        && let Some(attempt) =
+    let job_completed = if row.get::<_, i64>(1) == 1 {
+        job_completed(tx, scope, &lease.job_id, Target::of_row(&row, 2), done.now).await?;
+        true
+    } else if done.start_next {
+        if let Some(attempt) =
             start_pending_phase(tx, scope, &lease.job_id, done.index + 1, false, done.now).await?
-    {
-        return Ok(Guarded::Applied(Completion::NextStarted(attempt)));
-    }
-    // The job completes in the same transaction when this was its last
-    // phase, and the worker may take its next job in it too.
-    let completed = complete_job(tx, scope, lease, done.now).await?;
+        {
+            return Ok(Guarded::Applied(Completion::NextStarted(attempt)));
+        }
+        // No phase left to start: the job may be complete.
+        complete_job(tx, scope, lease, done.now)
+            .await?
+            .applied()
+            .is_some()
+    } else {
+        false
+    };
+    // The worker may take its next job in the same transaction.
     if done.claim_next
-        && completed.applied().is_some()
+        && job_completed
         && let Some(next) = super::create::claim(tx, scope, done.now, 1).await?.pop()
     {
         return Ok(Guarded::Applied(Completion::Claimed(Box::new(next))));
@@ -287,20 +313,25 @@ pub(super) async fn complete_job(
     let Some(completed) = completed else {
         return refused(tx, lease).await;
     };
-    if let Some(target) = Target::of_row(&completed, 0) {
-        super::webhooks::add(
-            tx,
-            scope,
-            &lease.job_id,
-            EventKind::JobCompleted,
-            target,
-            now,
-        )
-        .await?;
+    job_completed(tx, scope, &lease.job_id, Target::of_row(&completed, 0), now).await?;
+    Ok(Guarded::Applied(()))
+}
+
+/// What a job's completion adds: its webhook delivery, if it has a
+/// target, and its event.
+async fn job_completed(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    job_id: &str,
+    webhook: Option<Target>,
+    now: i64,
+) -> Result<()> {
+    if let Some(target) = webhook {
+        super::webhooks::add(tx, scope, job_id, EventKind::JobCompleted, target, now).await?;
     }
     let body = EventBody::JobCompleted(JobCompleted {});
-    scope.emit(NewEvent::job(&lease.job_id, body), now);
-    Ok(Guarded::Applied(()))
+    scope.emit(NewEvent::job(job_id, body), now);
+    Ok(())
 }
 
 /// Phases that have not finished will not run: mark them cancelled.

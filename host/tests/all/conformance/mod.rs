@@ -11,7 +11,7 @@ mod events;
 mod jobs;
 mod plugin_limits;
 mod plugins;
-mod races;
+pub mod races;
 mod recovery;
 mod schedules;
 
