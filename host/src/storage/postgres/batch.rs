@@ -13,6 +13,9 @@
 //! - A statement that fails aborts the transaction: nothing of it
 //!   committed, and each member runs again alone, so a bad write fails only
 //!   itself. A member may therefore run twice: it is `Fn`.
+//! - A write may ask for a job for its worker ([`Outcome::wants_claim`]):
+//!   the batch claims them all in one statement after its writes, and
+//!   hands the jobs out in the writes' order.
 //! - Members see each other's uncommitted rows, so only writes for which
 //!   that is harmless share a queue: creates with creates (a create claims
 //!   only the job it inserted), completions with completions (a claim takes
@@ -28,10 +31,24 @@ use futures::future::{BoxFuture, join_all};
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{Tx, WriteScope, log};
-use crate::storage::{Result, StorageError, WriterStats};
+use crate::storage::{Claimed, CreateOutcome, Result, StorageError, WriterStats};
 
 /// Most writes in one transaction: a worker pool's completions at once.
 pub(super) const MAX_BATCH: usize = 64;
+
+/// What a batched write returns.
+pub(super) trait Outcome: Send + 'static {
+    /// The time at which the write wants a job claimed for its worker, if
+    /// it does.
+    fn wants_claim(&self) -> Option<i64> {
+        None
+    }
+
+    /// Takes the job claimed for it.
+    fn claimed(&mut self, _next: Claimed) {}
+}
+
+impl Outcome for CreateOutcome {}
 
 /// A write that may share its transaction: it runs in `Tx`, and says what
 /// it emitted in its own scope.
@@ -55,6 +72,11 @@ trait Member: Send {
         scope: &'a mut WriteScope,
     ) -> BoxFuture<'a, Result<()>>;
 
+    /// Whether (and when) its last run wants a job claimed.
+    fn wants_claim(&self) -> Option<i64>;
+
+    fn claimed(&mut self, next: Claimed);
+
     /// Answers the caller (who may have gone) with the outcome of the
     /// transaction the last run was in.
     fn answer(self: Box<Self>, outcome: Result<(Option<i64>, bool)>);
@@ -66,7 +88,7 @@ struct Queued<R> {
     reply: oneshot::Sender<Result<Committed<R>>>,
 }
 
-impl<R: Send> Member for Queued<R> {
+impl<R: Outcome> Member for Queued<R> {
     fn run<'a>(
         &'a mut self,
         tx: &'a Tx<'a>,
@@ -76,6 +98,16 @@ impl<R: Send> Member for Queued<R> {
             self.value = Some((self.write)(tx, scope).await?);
             Ok(())
         })
+    }
+
+    fn wants_claim(&self) -> Option<i64> {
+        self.value.as_ref().and_then(Outcome::wants_claim)
+    }
+
+    fn claimed(&mut self, next: Claimed) {
+        if let Some(value) = &mut self.value {
+            value.claimed(next);
+        }
     }
 
     fn answer(self: Box<Self>, outcome: Result<(Option<i64>, bool)>) {
@@ -95,8 +127,8 @@ impl<R: Send> Member for Queued<R> {
 
 /// Runs transactions on the pool for one host, and counts them.
 pub(super) struct Committer {
-    pub(super) pool: Pool,
-    pub(super) host: Arc<str>,
+    pool: Pool,
+    host: Arc<str>,
     commits: AtomicU64,
     writes: AtomicU64,
     busy_nanos: AtomicU64,
@@ -217,10 +249,36 @@ impl Committer {
             all.events.extend(scope.events);
             all.jobs_due |= scope.jobs_due;
         }
+        // After the writes' events: a job claimed here starts after the
+        // jobs they ended, in the log too.
+        if let Err(error) = self.claim_for(&tx, &mut all, members).await {
+            return Attempt::Aborted(error);
+        }
         match self.commit(tx, &mut all, members.len(), began).await {
             Ok(xid) => Attempt::Committed(xid, webhooks),
             Err(error) => Attempt::Unknown(error),
         }
+    }
+
+    /// Claims, in one statement, a job for each member that wants one (at
+    /// the latest time they asked for), in the members' order.
+    async fn claim_for(
+        &self,
+        tx: &Tx<'_>,
+        scope: &mut WriteScope,
+        members: &mut [Box<dyn Member>],
+    ) -> Result<()> {
+        let wanting: Vec<(usize, i64)> = (members.iter().enumerate())
+            .filter_map(|(n, member)| Some((n, member.wants_claim()?)))
+            .collect();
+        let Some(now) = wanting.iter().map(|(_, at)| *at).max() else {
+            return Ok(());
+        };
+        let claimed = super::create::claim(tx, scope, now, wanting.len()).await?;
+        for ((n, _), next) in wanting.into_iter().zip(claimed) {
+            members[n].claimed(next);
+        }
+        Ok(())
     }
 }
 
@@ -249,7 +307,7 @@ impl Coalescer {
     }
 
     /// Runs `write` in the next batch of this kind.
-    pub(super) async fn write<R: Send + 'static>(
+    pub(super) async fn write<R: Outcome>(
         self: &Arc<Self>,
         committer: &Arc<Committer>,
         write: Write<R>,

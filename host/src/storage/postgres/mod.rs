@@ -442,7 +442,7 @@ impl PgStore {
 
     /// Runs `write` in the next transaction of `kind`'s batches (see
     /// [`batch`]); then announces what it wrote.
-    async fn write_batched<R: Send + 'static>(
+    async fn write_batched<R: batch::Outcome>(
         &self,
         kind: &Arc<batch::Coalescer>,
         write: batch::Write<R>,

@@ -7,6 +7,7 @@ use super::batch::Write;
 use super::commands::{cancel_if_pending, delete, delete_finished_before, recover, retry};
 use super::create::{claim, claim_created, create, other_job_due};
 use super::rows::{count, job_counts, job_status, list, load_job};
+use super::transitions::PhaseCompletion;
 use super::{PgStore, query, query_one, transitions};
 use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::jobs::stopped_usage;
@@ -99,11 +100,11 @@ impl JobStore for PgStore {
 
     async fn complete_phase(&self, lease: &Lease, done: PhaseDone) -> Result<Guarded<Completion>> {
         let lease = lease.clone();
-        let write: Write<Guarded<Completion>> = Box::new(move |tx, scope| {
+        let write: Write<PhaseCompletion> = Box::new(move |tx, scope| {
             let (lease, done) = (lease.clone(), done.clone());
             Box::pin(async move { transitions::complete_phase(tx, scope, &lease, &done).await })
         });
-        self.write_batched(&self.completions, write).await
+        Ok(self.write_batched(&self.completions, write).await?.outcome)
     }
 
     async fn complete_job(&self, lease: &Lease, now: i64) -> Result<Guarded<()>> {

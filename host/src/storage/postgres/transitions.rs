@@ -3,6 +3,7 @@
 //! events each appends. A guard that does not hold changes nothing and
 //! says why.
 
+use super::batch::Outcome;
 use super::plugin_limits;
 use super::webhooks::Target;
 use super::{Tx, WriteScope, corrupt, execute, query_one, query_opt};
@@ -11,7 +12,7 @@ use crate::model::event::{
 };
 use crate::model::{EventBody, EventKind, JobStatus, NewEvent, Progress, event};
 use crate::storage::{
-    AfterFailure, Completion, Guarded, Lease, PhaseDone, PhaseFailed, PhaseStart, Result,
+    AfterFailure, Claimed, Completion, Guarded, Lease, PhaseDone, PhaseFailed, PhaseStart, Result,
 };
 
 /// The guard every worker write puts on the job's row, with the lease in
@@ -214,7 +215,7 @@ pub(super) async fn complete_phase(
     scope: &mut WriteScope,
     lease: &Lease,
     done: &PhaseDone,
-) -> Result<Guarded<Completion>> {
+) -> Result<PhaseCompletion> {
     let usage = serde_json::to_string(&done.usage).map_err(|e| corrupt("usage", e))?;
     let (attempt, token) = lease_params(lease);
     // Unless the next phase is to start, the job completes in the same
@@ -254,7 +255,7 @@ pub(super) async fn complete_phase(
     )
     .await?;
     if row.get::<_, i64>(0) == 0 {
-        return refused(tx, lease).await;
+        return Ok(refused(tx, lease).await?.into());
     }
     let completed = EventBody::PhaseCompleted(PhaseCompleted {
         phase: done.name.clone(),
@@ -269,7 +270,7 @@ pub(super) async fn complete_phase(
         if let Some(attempt) =
             start_pending_phase(tx, scope, &lease.job_id, done.index + 1, false, done.now).await?
         {
-            return Ok(Guarded::Applied(Completion::NextStarted(attempt)));
+            return Ok(Guarded::Applied(Completion::NextStarted(attempt)).into());
         }
         // No phase left to start: the job may be complete.
         complete_job(tx, scope, lease, done.now)
@@ -279,14 +280,38 @@ pub(super) async fn complete_phase(
     } else {
         false
     };
-    // The worker may take its next job in the same transaction.
-    if done.claim_next
-        && job_completed
-        && let Some(next) = super::create::claim(tx, scope, done.now, 1).await?.pop()
-    {
-        return Ok(Guarded::Applied(Completion::Claimed(Box::new(next))));
+    Ok(PhaseCompletion {
+        outcome: Guarded::Applied(Completion::Recorded),
+        claim_at: (done.claim_next && job_completed).then_some(done.now),
+    })
+}
+
+/// A phase's completion as a batched write: the worker's next job, if it
+/// may take one, is claimed by the batch (see `batch`).
+pub(super) struct PhaseCompletion {
+    pub(super) outcome: Guarded<Completion>,
+    /// When to claim the worker's next job, if the job ended and the worker
+    /// may take another.
+    claim_at: Option<i64>,
+}
+
+impl From<Guarded<Completion>> for PhaseCompletion {
+    fn from(outcome: Guarded<Completion>) -> Self {
+        PhaseCompletion {
+            outcome,
+            claim_at: None,
+        }
     }
-    Ok(Guarded::Applied(Completion::Recorded))
+}
+
+impl Outcome for PhaseCompletion {
+    fn wants_claim(&self) -> Option<i64> {
+        self.claim_at
+    }
+
+    fn claimed(&mut self, next: Claimed) {
+        self.outcome = Guarded::Applied(Completion::Claimed(Box::new(next)));
+    }
 }
 
 /// Completes the leased job if all its phases completed.
