@@ -1,50 +1,64 @@
-//! Group commit on PostgreSQL: creates that arrive while every lane of
-//! theirs is busy share one transaction, and one that fails there fails
-//! alone. A lock on `jobs`, held by the test, keeps the lanes busy.
+//! Group commit on PostgreSQL: writes that arrive while every lane of
+//! theirs is busy share one transaction; one that fails there fails alone;
+//! the jobs a batch of completions claims start after the jobs it ended.
+//! A lock on a table, held by the test, keeps the lanes busy.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use jobhost::model::EventKind;
 use jobhost::storage::postgres::LANES;
-use jobhost::storage::{CreateOutcome, Result, Storage};
+use jobhost::storage::{Completion, CreateOutcome, Guarded, PhaseDone, Result, Storage};
 
 use crate::conformance::races::assert_each_stored_but_the_taken_one;
-use crate::conformance::{create, fresh, job, kinds, with_echo};
+use crate::conformance::{create, done, fresh, job, kinds, with_echo};
 use crate::fixture::{Backend, postgres};
 
 /// Creates waiting behind the lanes, beyond the first one of each lane.
 const QUEUED: usize = 36;
 
-/// Creates the jobs `ids` names: the first [`LANES`] each take a lane and
-/// wait at the lock, then the others queue behind them, then the lock goes.
-/// Each id with its outcome.
-async fn behind_busy_lanes(
-    store: &Arc<Storage>,
+/// Runs `writes` (each one lane's kind): the first [`LANES`] each take a
+/// lane and wait at a lock on `table`, then the others queue behind them,
+/// then the lock goes. Their outcomes, in order.
+async fn behind_busy_lanes<W: Future + Unpin>(
     url: &str,
-    ids: Vec<String>,
-) -> Vec<(String, Result<CreateOutcome>)> {
+    table: &str,
+    mut writes: Vec<W>,
+) -> Vec<W::Output> {
     let locker = connect(url).await;
     locker
-        .batch_execute("BEGIN; LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"
+        ))
         .await
         .unwrap();
     // Another connection watches: one in a transaction sees the activity
     // of others as it was when it first looked.
     let watcher = connect(url).await;
-    let mut creates: Vec<_> = ids
-        .iter()
-        .map(|id| store.create_job(job(id, 1), None))
-        .collect();
-    for (n, create) in creates.iter_mut().enumerate() {
+    for (n, write) in writes.iter_mut().enumerate() {
         // Its first poll queues it.
-        assert!(futures::poll!(create.as_mut()).is_pending());
+        assert!(futures::poll!(&mut *write).is_pending());
         if n < LANES {
-            // One lane more waits at the lock, with this create alone.
+            // One lane more waits at the lock, with this write alone.
             wait_for_lock_waiters(&watcher, n + 1).await;
         }
     }
     locker.batch_execute("COMMIT").await.unwrap();
-    let outcomes = futures::future::join_all(creates).await;
+    futures::future::join_all(writes).await
+}
+
+/// Creates the jobs `ids` names behind busy lanes: each id with its
+/// outcome.
+async fn create_behind_busy_lanes(
+    store: &Arc<Storage>,
+    url: &str,
+    ids: Vec<String>,
+) -> Vec<(String, Result<CreateOutcome>)> {
+    let creates = ids
+        .iter()
+        .map(|id| store.create_job(job(id, 1), None))
+        .collect();
+    let outcomes = behind_busy_lanes(url, "jobs", creates).await;
     ids.into_iter().zip(outcomes).collect()
 }
 
@@ -79,7 +93,7 @@ async fn creates_that_arrive_while_the_lanes_are_busy_share_one_transaction() {
     with_echo(&store).await;
     let before = store.writer_stats();
     let ids = (0..LANES + QUEUED).map(|i| format!("new-{i}")).collect();
-    let outcomes = behind_busy_lanes(&store, &dir.database_url().unwrap(), ids).await;
+    let outcomes = create_behind_busy_lanes(&store, &dir.database_url().unwrap(), ids).await;
     assert_each_stored_but_the_taken_one(outcomes);
     let writes = store.writer_stats().since(before);
     // One transaction for each lane's first create, and one for the rest.
@@ -108,7 +122,8 @@ async fn a_create_that_fails_in_a_shared_transaction_fails_alone() {
             false => format!("new-{i}"),
         })
         .collect();
-    let outcomes = behind_busy_lanes(&store, &dir.database_url().unwrap(), ids.clone()).await;
+    let outcomes =
+        create_behind_busy_lanes(&store, &dir.database_url().unwrap(), ids.clone()).await;
     assert_each_stored_but_the_taken_one(outcomes);
     assert_eq!(
         store.pending_count().await.unwrap(),
@@ -118,4 +133,57 @@ async fn a_create_that_fails_in_a_shared_transaction_fails_alone() {
         // The shared attempt left nothing: each event is logged once.
         assert_eq!(kinds(&store, id).await, ["job:created"]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_a_batch_of_completions_claims_start_after_those_it_ended_in_the_log() {
+    if !postgres::available().await {
+        return;
+    }
+    let (store, dir) = fresh(Backend::Postgres).await;
+    with_echo(&store).await;
+    let running = LANES + QUEUED;
+    for i in 0..running {
+        create(&store, job(&format!("running-{i:02}"), 1)).await;
+    }
+    let claimed = store.claim_due_jobs(2_000, running).await.unwrap();
+    assert_eq!(claimed.len(), running);
+    for i in 0..QUEUED {
+        create(&store, job(&format!("next-{i:02}"), 1)).await;
+    }
+    // Each lane's first completion ends its job; the queued ones, batched,
+    // each claim their worker's next job.
+    let completions = claimed.iter().enumerate().map(|(n, claimed)| {
+        let done = PhaseDone {
+            claim_next: n >= LANES,
+            ..done(0, false, 3_000)
+        };
+        store.complete_phase(&claimed.lease, done)
+    });
+    let outcomes = behind_busy_lanes(
+        &dir.database_url().unwrap(),
+        "phases",
+        completions.collect(),
+    )
+    .await;
+    let next = outcomes
+        .iter()
+        .filter(|outcome| matches!(outcome, Ok(Guarded::Applied(Completion::Claimed(_)))));
+    assert_eq!(next.count(), QUEUED, "{outcomes:?}");
+    // Walking the log, the workers never run more jobs than there are.
+    let log = store.tail_log(0, 10_000).await.unwrap();
+    let (mut at_once, mut most) = (0_i64, 0_i64);
+    for event in &log {
+        match event.kind() {
+            EventKind::JobStarted => at_once += 1,
+            EventKind::JobCompleted => at_once -= 1,
+            _ => {}
+        }
+        most = most.max(at_once);
+    }
+    assert_eq!(
+        most, running as i64,
+        "jobs running at once, in the log's order"
+    );
+    assert_eq!(at_once, QUEUED as i64);
 }
