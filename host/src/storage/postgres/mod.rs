@@ -130,7 +130,7 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 /// Transactions of one kind of batched write that run at once (see
 /// [`batch`]).
-pub const LANES: usize = 4;
+pub const LANES: usize = 2;
 /// How long a caller waits for a pooled connection before the call fails
 /// as retryable.
 const POOL_WAIT: Duration = Duration::from_secs(10);
