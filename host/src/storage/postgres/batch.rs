@@ -18,8 +18,8 @@
 //!   hands the jobs out in the writes' order.
 //! - Members see each other's uncommitted rows, so only writes for which
 //!   that is harmless share a queue: creates with creates (a create claims
-//!   only the job it inserted), completions with completions (a claim takes
-//!   only pending jobs, which a member's claim has made running).
+//!   only the job it inserted), completions with completions (each changes
+//!   only its own job's rows; the batch's claim comes after them all).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +34,7 @@ use super::{Tx, WriteScope, log};
 use crate::storage::{Claimed, CreateOutcome, Result, StorageError, WriterStats};
 
 /// Most writes in one transaction: a worker pool's completions at once.
-pub(super) const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 64;
 
 /// What a batched write returns.
 pub(super) trait Outcome: Send + 'static {
