@@ -1,6 +1,8 @@
 //! The job side of the interface on PostgreSQL: each method is one
 //! transaction or one read.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use super::batch::Write;
@@ -22,7 +24,9 @@ use crate::storage::{
 impl JobStore for PgStore {
     async fn create_job(&self, new: NewJob, claim_at: Option<i64>) -> Result<CreateOutcome> {
         // Batched with other creates: the check that no other job is due
-        // sees theirs, and the claim takes only this job.
+        // sees theirs, and the claim takes only this job. A batched write
+        // may run twice: it shares its payload rather than copy it.
+        let new = Arc::new(new);
         let write: Write<CreateOutcome> = Box::new(move |tx, scope| {
             let new = new.clone();
             Box::pin(async move {
@@ -99,10 +103,13 @@ impl JobStore for PgStore {
     }
 
     async fn complete_phase(&self, lease: &Lease, done: PhaseDone) -> Result<Guarded<Completion>> {
-        let lease = lease.clone();
+        let completed = Arc::new((lease.clone(), done));
         let write: Write<PhaseCompletion> = Box::new(move |tx, scope| {
-            let (lease, done) = (lease.clone(), done.clone());
-            Box::pin(async move { transitions::complete_phase(tx, scope, &lease, &done).await })
+            let completed = completed.clone();
+            Box::pin(async move {
+                let (lease, done) = &*completed;
+                transitions::complete_phase(tx, scope, lease, done).await
+            })
         });
         Ok(self.write_batched(&self.completions, write).await?.outcome)
     }
