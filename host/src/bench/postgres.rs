@@ -164,16 +164,9 @@ async fn measure(
 
 /// The write transactions of every host so far.
 fn writer_stats(hosts: &[(Queue, Arc<Storage>, jobhost::events::Subscription)]) -> WriterStats {
-    hosts
-        .iter()
-        .fold(WriterStats::default(), |sum, (_, storage, _)| {
-            let host = storage.writer_stats();
-            WriterStats {
-                commits: sum.commits + host.commits,
-                writes: sum.writes + host.writes,
-                busy: sum.busy + host.busy,
-            }
-        })
+    (hosts.iter()).fold(WriterStats::default(), |sum, (_, storage, _)| {
+        sum + storage.writer_stats()
+    })
 }
 
 async fn stop(hosts: Vec<(Queue, Arc<Storage>, jobhost::events::Subscription)>) {

@@ -170,6 +170,19 @@ pub struct WriterStats {
     pub busy: Duration,
 }
 
+impl std::ops::Add for WriterStats {
+    type Output = WriterStats;
+
+    /// Two writers' work together (hosts on one database).
+    fn add(self, other: WriterStats) -> WriterStats {
+        WriterStats {
+            commits: self.commits + other.commits,
+            writes: self.writes + other.writes,
+            busy: self.busy + other.busy,
+        }
+    }
+}
+
 impl WriterStats {
     /// What the writer did between `earlier` and these.
     pub fn since(self, earlier: WriterStats) -> WriterStats {

@@ -12,10 +12,22 @@ use jobhost::storage::{Completion, CreateOutcome, Guarded, PhaseDone, Result, St
 
 use crate::conformance::races::assert_each_stored_but_the_taken_one;
 use crate::conformance::{create, done, fresh, job, kinds, with_echo};
-use crate::fixture::{Backend, postgres};
+use crate::fixture::{Backend, DataDir, postgres};
 
 /// Creates waiting behind the lanes, beyond the first one of each lane.
 const QUEUED: usize = 36;
+
+/// A fresh PostgreSQL store with `echo`, its data directory and its
+/// database's URL; none where no server runs.
+async fn store_with_echo() -> Option<(Arc<Storage>, DataDir, String)> {
+    if !postgres::available().await {
+        return None;
+    }
+    let (store, dir) = fresh(Backend::Postgres).await;
+    with_echo(&store).await;
+    let url = dir.database_url().expect("a PostgreSQL data directory");
+    Some((store, dir, url))
+}
 
 /// Runs `writes` (each one lane's kind): the first [`LANES`] each take a
 /// lane and wait at a lock on `table`, then the others queue behind them,
@@ -86,14 +98,12 @@ async fn wait_for_lock_waiters(watcher: &tokio_postgres::Client, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creates_that_arrive_while_the_lanes_are_busy_share_one_transaction() {
-    if !postgres::available().await {
+    let Some((store, _dir, url)) = store_with_echo().await else {
         return;
-    }
-    let (store, dir) = fresh(Backend::Postgres).await;
-    with_echo(&store).await;
+    };
     let before = store.writer_stats();
     let ids = (0..LANES + QUEUED).map(|i| format!("new-{i}")).collect();
-    let outcomes = create_behind_busy_lanes(&store, &dir.database_url().unwrap(), ids).await;
+    let outcomes = create_behind_busy_lanes(&store, &url, ids).await;
     assert_each_stored_but_the_taken_one(outcomes);
     let writes = store.writer_stats().since(before);
     // One transaction for each lane's first create, and one for the rest.
@@ -109,11 +119,9 @@ async fn creates_that_arrive_while_the_lanes_are_busy_share_one_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_that_fails_in_a_shared_transaction_fails_alone() {
-    if !postgres::available().await {
+    let Some((store, _dir, url)) = store_with_echo().await else {
         return;
-    }
-    let (store, dir) = fresh(Backend::Postgres).await;
-    with_echo(&store).await;
+    };
     create(&store, job("taken", 1)).await;
     // The taken id is queued with the others, in the middle.
     let ids: Vec<String> = (0..LANES + QUEUED)
@@ -122,8 +130,7 @@ async fn a_create_that_fails_in_a_shared_transaction_fails_alone() {
             false => format!("new-{i}"),
         })
         .collect();
-    let outcomes =
-        create_behind_busy_lanes(&store, &dir.database_url().unwrap(), ids.clone()).await;
+    let outcomes = create_behind_busy_lanes(&store, &url, ids.clone()).await;
     assert_each_stored_but_the_taken_one(outcomes);
     assert_eq!(
         store.pending_count().await.unwrap(),
@@ -137,11 +144,9 @@ async fn a_create_that_fails_in_a_shared_transaction_fails_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_a_batch_of_completions_claims_start_after_those_it_ended_in_the_log() {
-    if !postgres::available().await {
+    let Some((store, _dir, url)) = store_with_echo().await else {
         return;
-    }
-    let (store, dir) = fresh(Backend::Postgres).await;
-    with_echo(&store).await;
+    };
     let running = LANES + QUEUED;
     for i in 0..running {
         create(&store, job(&format!("running-{i:02}"), 1)).await;
@@ -160,16 +165,17 @@ async fn jobs_a_batch_of_completions_claims_start_after_those_it_ended_in_the_lo
         };
         store.complete_phase(&claimed.lease, done)
     });
-    let outcomes = behind_busy_lanes(
-        &dir.database_url().unwrap(),
-        "phases",
-        completions.collect(),
-    )
-    .await;
+    let before = store.writer_stats();
+    let outcomes = behind_busy_lanes(&url, "phases", completions.collect()).await;
     let next = outcomes
         .iter()
         .filter(|outcome| matches!(outcome, Ok(Guarded::Applied(Completion::Claimed(_)))));
     assert_eq!(next.count(), QUEUED, "{outcomes:?}");
+    // One transaction for each lane's first completion, one for the rest.
+    assert_eq!(
+        store.writer_stats().since(before).commits,
+        (LANES + 1) as u64
+    );
     // Walking the log, the workers never run more jobs than there are.
     let log = store.tail_log(0, 10_000).await.unwrap();
     let (mut at_once, mut most) = (0_i64, 0_i64);
