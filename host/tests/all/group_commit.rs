@@ -1,6 +1,7 @@
 //! Group commit on PostgreSQL: writes that arrive while every lane of
 //! theirs is busy share one transaction; one that fails there fails alone;
-//! the jobs a batch of completions claims start after the jobs it ended.
+//! the jobs a batch of completions claims start after the jobs it ended;
+//! a phase completed twice in one batch completes once.
 //! A lock on a table, held by the test, keeps the lanes busy.
 
 use std::sync::Arc;
@@ -192,4 +193,40 @@ async fn jobs_a_batch_of_completions_claims_start_after_those_it_ended_in_the_lo
         "jobs running at once, in the log's order"
     );
     assert_eq!(at_once, QUEUED as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phase_completed_twice_in_one_batch_completes_once() {
+    let Some((store, _dir, url)) = store_with_echo().await else {
+        return;
+    };
+    for i in 0..=LANES {
+        create(&store, job(&format!("job-{i}"), 1)).await;
+    }
+    let claimed = store.claim_due_jobs(2_000, LANES + 1).await.unwrap();
+    assert_eq!(claimed.len(), LANES + 1);
+    // Each lane's first completion waits at the lock; the last job's phase
+    // is completed twice under its lease, both queued for one batch.
+    let twice = &claimed[LANES];
+    let completions = (claimed.iter().chain([twice]))
+        .map(|claimed| store.complete_phase(&claimed.lease, done(0, false, 3_000)))
+        .collect();
+    let outcomes = behind_busy_lanes(&url, "phases", completions).await;
+    let recorded = |outcome: &&Result<Guarded<Completion>>| {
+        matches!(outcome, Ok(Guarded::Applied(Completion::Recorded)))
+    };
+    assert_eq!(
+        outcomes[LANES..].iter().filter(recorded).count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        (outcomes[LANES..].iter()).any(|outcome| matches!(outcome, Ok(Guarded::Stale))),
+        "{outcomes:?}"
+    );
+    let logged = kinds(&store, &twice.lease.job_id).await;
+    for kind in ["job:phase:completed", "job:completed"] {
+        let times = logged.iter().filter(|logged| **logged == kind).count();
+        assert_eq!(times, 1, "{kind} in {logged:?}");
+    }
 }

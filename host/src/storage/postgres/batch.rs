@@ -1,22 +1,24 @@
 //! Group commit: writes of one kind that arrive while earlier ones of that
 //! kind are in flight share one transaction. PostgreSQL's cost is per
-//! transaction and per statement round trip far more than per row (see
-//! BENCHMARKS "PostgreSQL"), so under load a batch of k writes costs
-//! little more than one.
+//! transaction and per statement far more than per row (see BENCHMARKS
+//! "PostgreSQL"), so under load a batch of k writes costs little more than
+//! one.
 //!
 //! - A write joins its kind's queue ([`Coalescer`]). While fewer than its
 //!   lanes run, a new lane takes everything queued (at most [`MAX_BATCH`])
 //!   into one transaction, and again until the queue is empty. A write
 //!   alone runs at once; under load, writes wait for one batch at most.
-//! - The members run together, their statements pipelined on the lane's
-//!   connection; their events are appended at the end, in one statement.
+//! - The kind runs its batch's writes together ([`Kind::run`]): as one
+//!   statement over them all where it can, else their statements pipelined
+//!   on the lane's connection. Their events are appended at the end, in one
+//!   statement.
 //! - A statement that fails aborts the transaction: nothing of it
-//!   committed, and each member runs again alone, so a bad write fails only
-//!   itself. A member may therefore run twice: it is `Fn`.
+//!   committed, and each write runs again alone, so a bad write fails only
+//!   itself.
 //! - A write may ask for a job for its worker ([`Outcome::wants_claim`]):
 //!   the batch claims them all in one statement after its writes, and
 //!   hands the jobs out in the writes' order.
-//! - Members see each other's uncommitted rows, so only writes for which
+//! - Writes see each other's uncommitted rows, so only writes for which
 //!   that is harmless share a queue: creates with creates (a create claims
 //!   only the job it inserted), completions with completions (each changes
 //!   only its own job's rows; the batch's claim comes after them all).
@@ -27,14 +29,31 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use futures::future::{BoxFuture, join_all};
+use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{Tx, WriteScope, log};
-use crate::storage::{Claimed, CreateOutcome, Result, StorageError, WriterStats};
+use crate::storage::{Claimed, Result, StorageError, WriterStats};
 
 /// Most writes in one transaction: a worker pool's completions at once.
 const MAX_BATCH: usize = 64;
+
+/// A kind of write that shares transactions with writes of its kind.
+pub(super) trait Kind: Send + Sync + 'static {
+    /// What one write asks for.
+    type Write: Send + Sync + 'static;
+    /// What one write returns.
+    type Outcome: Outcome;
+
+    /// Runs `writes` in `tx`, `writes[n]` emitting into `scopes[n]`, and
+    /// returns their outcomes in the same order. An error aborts the
+    /// transaction (then each write runs again alone).
+    fn run<'a>(
+        tx: &'a Tx<'a>,
+        writes: Vec<&'a Self::Write>,
+        scopes: &'a mut [WriteScope],
+    ) -> BoxFuture<'a, Result<Vec<Self::Outcome>>>;
+}
 
 /// What a batched write returns.
 pub(super) trait Outcome: Send + 'static {
@@ -48,81 +67,19 @@ pub(super) trait Outcome: Send + 'static {
     fn claimed(&mut self, _next: Claimed) {}
 }
 
-impl Outcome for CreateOutcome {}
-
-/// A write that may share its transaction: it runs in `Tx`, and says what
-/// it emitted in its own scope.
-pub(super) type Write<R> =
-    Box<dyn for<'a> Fn(&'a Tx<'a>, &'a mut WriteScope) -> BoxFuture<'a, Result<R>> + Send + Sync>;
-
 /// A write's outcome once its transaction committed.
 pub(super) struct Committed<R> {
     pub(super) value: R,
-    /// The transaction's id, if the write emitted events.
+    /// The transaction's id, if it appended events.
     pub(super) xid: Option<i64>,
     /// The write added a webhook delivery.
     pub(super) webhook: bool,
 }
 
-/// A queued write, whatever it returns.
-trait Member: Send {
-    fn run<'a>(
-        &'a mut self,
-        tx: &'a Tx<'a>,
-        scope: &'a mut WriteScope,
-    ) -> BoxFuture<'a, Result<()>>;
-
-    /// Whether (and when) its last run wants a job claimed.
-    fn wants_claim(&self) -> Option<i64>;
-
-    fn claimed(&mut self, next: Claimed);
-
-    /// Answers the caller (who may have gone) with the outcome of the
-    /// transaction the last run was in.
-    fn answer(self: Box<Self>, outcome: Result<(Option<i64>, bool)>);
-}
-
-struct Queued<R> {
-    write: Write<R>,
-    value: Option<R>,
-    reply: oneshot::Sender<Result<Committed<R>>>,
-}
-
-impl<R: Outcome> Member for Queued<R> {
-    fn run<'a>(
-        &'a mut self,
-        tx: &'a Tx<'a>,
-        scope: &'a mut WriteScope,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.value = Some((self.write)(tx, scope).await?);
-            Ok(())
-        })
-    }
-
-    fn wants_claim(&self) -> Option<i64> {
-        self.value.as_ref().and_then(Outcome::wants_claim)
-    }
-
-    fn claimed(&mut self, next: Claimed) {
-        if let Some(value) = &mut self.value {
-            value.claimed(next);
-        }
-    }
-
-    fn answer(self: Box<Self>, outcome: Result<(Option<i64>, bool)>) {
-        let Queued { value, reply, .. } = *self;
-        let committed = outcome.and_then(|(xid, webhook)| {
-            let value =
-                value.ok_or_else(|| StorageError::corrupt("a committed write left no outcome"))?;
-            Ok(Committed {
-                value,
-                xid,
-                webhook,
-            })
-        });
-        let _ = reply.send(committed);
-    }
+/// A write waiting for its batch, and its caller (who may have gone).
+struct Queued<K: Kind> {
+    write: K::Write,
+    reply: oneshot::Sender<Result<Committed<K::Outcome>>>,
 }
 
 /// Runs transactions on the pool for one host, and counts them.
@@ -195,33 +152,35 @@ impl Committer {
         }
     }
 
-    /// Runs a batch and answers its members; if a statement failed, each
-    /// member again alone.
-    async fn run(&self, mut batch: Vec<Box<dyn Member>>) {
-        match self.attempt(&mut batch).await {
-            Attempt::Committed(xid, webhooks) => {
-                for (member, webhook) in batch.into_iter().zip(webhooks) {
-                    member.answer(Ok((xid, webhook)));
+    /// Runs a batch and answers its writes; if a statement failed, each
+    /// write again alone.
+    async fn run<K: Kind>(&self, batch: Vec<Queued<K>>) {
+        match self.attempt(&batch).await {
+            Attempt::Committed(outcomes) => {
+                for (queued, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = queued.reply.send(Ok(outcome));
                 }
             }
             Attempt::Aborted(_) if batch.len() > 1 => {
-                for mut member in batch {
-                    let outcome = match self.attempt(std::slice::from_mut(&mut member)).await {
-                        Attempt::Committed(xid, webhooks) => Ok((xid, webhooks[0])),
+                for queued in batch {
+                    let outcome = match self.attempt(std::slice::from_ref(&queued)).await {
+                        Attempt::Committed(mut outcomes) => outcomes.pop().ok_or_else(|| {
+                            StorageError::corrupt("a committed write left no outcome")
+                        }),
                         Attempt::Aborted(error) | Attempt::Unknown(error) => Err(error),
                     };
-                    member.answer(outcome);
+                    let _ = queued.reply.send(outcome);
                 }
             }
             Attempt::Aborted(error) | Attempt::Unknown(error) => {
-                for member in batch {
-                    member.answer(Err(error.clone()));
+                for queued in batch {
+                    let _ = queued.reply.send(Err(error.clone()));
                 }
             }
         }
     }
 
-    async fn attempt(&self, members: &mut [Box<dyn Member>]) -> Attempt {
+    async fn attempt<K: Kind>(&self, batch: &[Queued<K>]) -> Attempt<K::Outcome> {
         let began = Instant::now();
         let mut client = match self.pool.get().await {
             Ok(client) => client,
@@ -231,61 +190,65 @@ impl Committer {
             Ok(tx) => tx,
             Err(error) => return Attempt::Aborted(error.into()),
         };
-        let mut scopes: Vec<WriteScope> = members.iter().map(|_| self.scope()).collect();
-        let ran = join_all(
-            members
-                .iter_mut()
-                .zip(scopes.iter_mut())
-                .map(|(member, scope)| member.run(&tx, scope)),
-        )
-        .await;
-        if let Some(error) = ran.into_iter().find_map(Result::err) {
+        let mut scopes: Vec<WriteScope> = batch.iter().map(|_| self.scope()).collect();
+        let writes = batch.iter().map(|queued| &queued.write).collect();
+        let mut values = match K::run(&tx, writes, &mut scopes).await {
+            Ok(values) if values.len() == batch.len() => values,
+            Ok(_) => return Attempt::Aborted(StorageError::corrupt("a batch lost a write")),
             // Dropping the transaction rolls it back.
-            return Attempt::Aborted(error);
-        }
+            Err(error) => return Attempt::Aborted(error),
+        };
         let mut all = self.scope();
-        let webhooks = scopes.iter().map(|scope| scope.webhook).collect();
+        let webhooks: Vec<bool> = scopes.iter().map(|scope| scope.webhook).collect();
         for scope in scopes {
             all.events.extend(scope.events);
             all.jobs_due |= scope.jobs_due;
         }
         // After the writes' events: a job claimed here starts after the
         // jobs they ended, in the log too.
-        if let Err(error) = self.claim_for(&tx, &mut all, members).await {
+        if let Err(error) = self.claim_for(&tx, &mut all, &mut values).await {
             return Attempt::Aborted(error);
         }
-        match self.commit(tx, &mut all, members.len(), began).await {
-            Ok(xid) => Attempt::Committed(xid, webhooks),
+        match self.commit(tx, &mut all, batch.len(), began).await {
+            Ok(xid) => Attempt::Committed(
+                (values.into_iter().zip(webhooks))
+                    .map(|(value, webhook)| Committed {
+                        value,
+                        xid,
+                        webhook,
+                    })
+                    .collect(),
+            ),
             Err(error) => Attempt::Unknown(error),
         }
     }
 
-    /// Claims, in one statement, a job for each member that wants one (at
-    /// the latest time they asked for), in the members' order.
+    /// Claims, in one statement, a job for each write that wants one (at
+    /// the latest time they asked for), in the writes' order.
     async fn claim_for(
         &self,
         tx: &Tx<'_>,
         scope: &mut WriteScope,
-        members: &mut [Box<dyn Member>],
+        values: &mut [impl Outcome],
     ) -> Result<()> {
-        let wanting: Vec<(usize, i64)> = (members.iter().enumerate())
-            .filter_map(|(n, member)| Some((n, member.wants_claim()?)))
+        let wanting: Vec<(usize, i64)> = (values.iter().enumerate())
+            .filter_map(|(n, value)| Some((n, value.wants_claim()?)))
             .collect();
         let Some(now) = wanting.iter().map(|(_, at)| *at).max() else {
             return Ok(());
         };
         let claimed = super::create::claim(tx, scope, now, wanting.len()).await?;
         for ((n, _), next) in wanting.into_iter().zip(claimed) {
-            members[n].claimed(next);
+            values[n].claimed(next);
         }
         Ok(())
     }
 }
 
 /// How a batch's transaction ended.
-enum Attempt {
-    /// With each member's webhook flag.
-    Committed(Option<i64>, Vec<bool>),
+enum Attempt<R> {
+    /// With each write's outcome.
+    Committed(Vec<Committed<R>>),
     /// Before its commit: nothing of it is stored.
     Aborted(StorageError),
     /// At its commit, which may or may not have happened.
@@ -293,12 +256,12 @@ enum Attempt {
 }
 
 /// The queue of one kind of write, and the lanes that run it.
-pub(super) struct Coalescer {
-    queue: Mutex<VecDeque<Box<dyn Member>>>,
+pub(super) struct Coalescer<K: Kind> {
+    queue: Mutex<VecDeque<Queued<K>>>,
     lanes: Arc<Semaphore>,
 }
 
-impl Coalescer {
+impl<K: Kind> Coalescer<K> {
     pub(super) fn new(lanes: usize) -> Arc<Self> {
         Arc::new(Coalescer {
             queue: Mutex::new(VecDeque::new()),
@@ -307,22 +270,15 @@ impl Coalescer {
     }
 
     /// Runs `write` in the next batch of this kind.
-    pub(super) async fn write<R: Outcome>(
+    pub(super) async fn write(
         self: &Arc<Self>,
         committer: &Arc<Committer>,
-        write: Write<R>,
-    ) -> Result<Committed<R>> {
+        write: K::Write,
+    ) -> Result<Committed<K::Outcome>> {
         let (reply, outcome) = oneshot::channel();
-        self.queue
-            .lock()
-            .expect("never poisoned")
-            .push_back(Box::new(Queued {
-                write,
-                value: None,
-                reply,
-            }));
+        (self.queue.lock().expect("never poisoned")).push_back(Queued { write, reply });
         self.open_lane(committer);
-        // A lane answers every member it took, unless the runtime is
+        // A lane answers every write it took, unless the runtime is
         // shutting down.
         outcome
             .await
@@ -331,7 +287,7 @@ impl Coalescer {
 
     /// Starts a lane if one is free; it runs batches until the queue is
     /// empty. A lane runs on a task of its own, so a caller that goes away
-    /// does not abort the other members' transaction.
+    /// does not abort the other writes' transaction.
     fn open_lane(self: &Arc<Self>, committer: &Arc<Committer>) {
         let Ok(lane) = self.lanes.clone().try_acquire_owned() else {
             return;

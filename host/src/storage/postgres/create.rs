@@ -2,6 +2,7 @@
 //! due jobs with `FOR UPDATE SKIP LOCKED`: claimers on every host take
 //! disjoint jobs without waiting for each other.
 
+use super::batch::{Kind, Outcome};
 use super::rows::{
     J_JOB_COLUMNS, LEASE_COLUMN, PHASE_COLUMNS, decode_job, decode_phase, must_load,
 };
@@ -11,85 +12,224 @@ use super::{keys, plugin_limits};
 use crate::model::event::JobStarted;
 use crate::model::{EventBody, Job, JobStatus, PhaseStatus};
 use crate::storage::{Claimed, CreateOutcome, Lease, NewJob, Result};
+use futures::future::{BoxFuture, join_all};
 use tokio_postgres::types::ToSql;
 
+/// Creates, batched with creates: one statement stores the batch's jobs
+/// and phases. Then each create is on its own, pipelined with the others:
+/// its event, or the job an idempotency key already named, and its claim.
+/// The check that no other job is due sees the batch's jobs, and a create
+/// claims only its own job.
+pub(super) struct Creates;
+
+/// A create, and the time at which its host may claim it for a free
+/// worker.
+pub(super) type CreateWrite = (NewJob, Option<i64>);
+
+impl Kind for Creates {
+    type Write = CreateWrite;
+    type Outcome = CreateOutcome;
+
+    fn run<'a>(
+        tx: &'a Tx<'a>,
+        writes: Vec<&'a CreateWrite>,
+        scopes: &'a mut [WriteScope],
+    ) -> BoxFuture<'a, Result<Vec<CreateOutcome>>> {
+        Box::pin(async move {
+            let (news, claims): (Vec<&NewJob>, Vec<Option<i64>>) =
+                writes.into_iter().map(|(new, at)| (new, *at)).unzip();
+            let inserted = insert(tx, &news).await?;
+            let outcomes = (news.into_iter().zip(inserted).zip(claims).zip(scopes)).map(
+                |(((new, inserted), claim_at), scope)| async move {
+                    let created = created(tx, scope, new, inserted).await?;
+                    claim_if_alone(tx, scope, created, claim_at).await
+                },
+            );
+            join_all(outcomes).await.into_iter().collect()
+        })
+    }
+}
+
+impl Outcome for CreateOutcome {}
+
+/// Claims a job just created at `claim_at` if it is due then and no other
+/// job is; otherwise hosts with free workers are told.
+async fn claim_if_alone(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    created: CreateOutcome,
+    claim_at: Option<i64>,
+) -> Result<CreateOutcome> {
+    match (created, claim_at) {
+        (CreateOutcome::Created(mut job, None), Some(now))
+            if job.run_at <= now
+                && job.concurrency_key.is_none()
+                && !other_job_due(tx, &job.id, now).await? =>
+        {
+            let lease = claim_created(tx, scope, &mut job, now).await?;
+            Ok(CreateOutcome::Created(job, Some(lease)))
+        }
+        (created, _) => {
+            scope.jobs_due |= matches!(created, CreateOutcome::Created(..));
+            Ok(created)
+        }
+    }
+}
+
+/// Stores one new job (see [`insert`]).
 pub(super) async fn create(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
     new: &NewJob,
 ) -> Result<CreateOutcome> {
-    let backoff = serde_json::to_string(&new.backoff).map_err(|e| corrupt("backoff", e))?;
-    let indexes: Vec<i32> = (0..new.phases.len() as i32).collect();
-    let names: Vec<&str> = new.phases.iter().map(|p| p.name.as_str()).collect();
-    let plugins: Vec<&str> = new.phases.iter().map(|p| p.plugin.as_str()).collect();
-    let wanted: Vec<Option<&str>> = new.phases.iter().map(|p| p.version.as_deref()).collect();
-    let configs: Vec<String> = new
-        .phases
-        .iter()
-        .map(|p| crate::model::json::text(&p.config))
+    let inserted = insert(tx, &[new]).await?.pop();
+    let inserted = inserted.ok_or_else(|| corrupt("a create without its row", &new.id))?;
+    created(tx, scope, new, inserted).await
+}
+
+/// What [`insert`] did with one job.
+struct Inserted {
+    /// Each phase's pinned version: `None` where the phase's plugin (or
+    /// the version it names) is unknown, and then the job was not stored.
+    pinned: Vec<Option<String>>,
+    /// The job was stored (else its idempotency key was taken).
+    stored: bool,
+}
+
+/// Stores jobs and their phases in one statement, each phase pinned to the
+/// version it names or its plugin's active one; a job is not stored if a
+/// phase has none. Two creates with one idempotency key: the second's row
+/// waits for the first's commit (or follows it in the statement), then
+/// is not inserted. Rows go in in key order, so two batches never wait for
+/// each other's keys in a cycle. A job's id that is taken fails the
+/// statement.
+async fn insert(tx: &Tx<'_>, news: &[&NewJob]) -> Result<Vec<Inserted>> {
+    let backoffs = (news.iter())
+        .map(|new| serde_json::to_string(&new.backoff))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| corrupt("backoff", e))?;
+    let jobs = |f: fn(&NewJob) -> Option<&str>| news.iter().map(|new| f(new)).collect::<Vec<_>>();
+    let (ids, payloads, keys, urls, secrets, concurrency) = (
+        jobs(|new| Some(new.id.as_str())),
+        jobs(|new| Some(new.payload.as_str())),
+        jobs(|new| new.idempotency_key.as_deref()),
+        jobs(|new| new.webhook_url.as_deref()),
+        jobs(|new| new.webhook_secret.as_deref()),
+        jobs(|new| new.concurrency_key.as_deref()),
+    );
+    let numbers = |f: fn(&NewJob) -> i64| news.iter().map(|new| f(new)).collect::<Vec<_>>();
+    let (priorities, run_ats, max_attempts, created_ats) = (
+        numbers(|new| new.priority.into()),
+        numbers(|new| new.run_at),
+        numbers(|new| new.max_attempts.into()),
+        numbers(|new| new.created_at),
+    );
+    // The phases of all jobs, each with its job's place in `news` (from 1).
+    let phases = || {
+        (news.iter().enumerate()).flat_map(|(n, new)| {
+            new.phases
+                .iter()
+                .enumerate()
+                .map(move |p| (n as i64 + 1, p))
+        })
+    };
+    let owners: Vec<i64> = phases().map(|(n, _)| n).collect();
+    let indexes: Vec<i64> = phases().map(|(_, (index, _))| index as i64).collect();
+    let names: Vec<&str> = phases().map(|(_, (_, p))| p.name.as_str()).collect();
+    let plugins: Vec<&str> = phases().map(|(_, (_, p))| p.plugin.as_str()).collect();
+    let wanted: Vec<Option<&str>> = phases().map(|(_, (_, p))| p.version.as_deref()).collect();
+    let configs: Vec<String> = phases()
+        .map(|(_, (_, p))| crate::model::json::text(&p.config))
         .collect();
-    let timeouts: Vec<i64> = new.phases.iter().map(|p| p.timeout_ms as i64).collect();
-    // The job and its phases in one statement, each phase pinned to the
-    // version it names or its plugin's active one; nothing is stored if a
-    // phase has none. Two requests with one idempotency key at once: the
-    // second's insert waits for the first's commit, then inserts nothing,
-    // and it returns the first job. Rows: each phase's pinned version, and
-    // how many phases were stored.
+    let timeouts: Vec<i64> = phases().map(|(_, (_, p))| p.timeout_ms as i64).collect();
     let rows = query(
         tx,
-        "WITH wanted AS (
-             SELECT w.idx, w.name, w.plugin, w.config, w.timeout_ms,
+        "WITH input AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[],
+                                  $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[],
+                                  $10::bigint[], $11::text[])
+                 WITH ORDINALITY
+                 AS i(id, payload, priority, run_at, max_attempts, backoff, idempotency_key,
+                      webhook_url, webhook_secret, created_at, concurrency_key, n)
+         ), wanted AS (
+             SELECT w.n, w.idx, w.name, w.plugin, w.config, w.timeout_ms,
                     CASE WHEN w.version IS NULL THEN pl.active_version ELSE v.version END
                         AS version
-             FROM unnest($11::int[], $12::text[], $13::text[], $14::text[], $15::text[],
-                         $16::bigint[]) AS w(idx, name, plugin, version, config, timeout_ms)
+             FROM unnest($12::bigint[], $13::bigint[], $14::text[], $15::text[], $16::text[],
+                         $17::text[], $18::bigint[])
+                 AS w(n, idx, name, plugin, version, config, timeout_ms)
              LEFT JOIN plugins pl ON pl.name = w.plugin
              LEFT JOIN plugin_versions v ON v.plugin = w.plugin AND v.version = w.version
          ), job AS (
              INSERT INTO jobs (id, status, payload, priority, run_at, max_attempts, backoff,
                                idempotency_key, webhook_url, webhook_secret, created_at,
                                concurrency_key)
-             SELECT $1, 'pending', $2, $3, $4, $5, $6, $7, $8, $9, $10, $17
-             WHERE NOT EXISTS (SELECT 1 FROM wanted WHERE version IS NULL)
+             SELECT id, 'pending', payload, priority, run_at, max_attempts, backoff,
+                    idempotency_key, webhook_url, webhook_secret, created_at, concurrency_key
+             FROM input i
+             WHERE NOT EXISTS (SELECT 1 FROM wanted w WHERE w.n = i.n AND w.version IS NULL)
+             ORDER BY i.idempotency_key, i.n
              ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING id
          ), stored AS (
              INSERT INTO phases (job_id, idx, name, plugin, version, config, timeout_ms, status)
-             SELECT job.id, idx, name, plugin, version, config, timeout_ms, 'pending'
-             FROM job, wanted
-             RETURNING 1
+             SELECT i.id, w.idx, w.name, w.plugin, w.version, w.config, w.timeout_ms, 'pending'
+             FROM job JOIN input i ON i.id = job.id JOIN wanted w ON w.n = i.n
          )
-         SELECT version, (SELECT count(*) FROM stored) FROM wanted ORDER BY idx",
+         SELECT i.id IN (SELECT id FROM job),
+                array_agg(w.version ORDER BY w.idx) FILTER (WHERE w.n IS NOT NULL)
+         FROM input i LEFT JOIN wanted w ON w.n = i.n
+         GROUP BY i.n, i.id ORDER BY i.n",
         &[
-            &new.id,
-            &new.payload.as_str(),
-            &new.priority,
-            &new.run_at,
-            &(new.max_attempts as i32),
-            &backoff,
-            &new.idempotency_key,
-            &new.webhook_url,
-            &new.webhook_secret,
-            &new.created_at,
+            &ids,
+            &payloads,
+            &priorities,
+            &run_ats,
+            &max_attempts,
+            &backoffs,
+            &keys,
+            &urls,
+            &secrets,
+            &created_ats,
+            &concurrency,
+            &owners,
             &indexes,
             &names,
             &plugins,
             &wanted,
             &configs,
             &timeouts,
-            &new.concurrency_key,
         ],
     )
     .await?;
-    let mut pinned = Vec::with_capacity(rows.len());
-    for (row, phase) in rows.iter().zip(&new.phases) {
-        match row.get::<_, Option<String>>(0) {
+    if rows.len() != news.len() {
+        return Err(corrupt("a batch of creates", "a job without its row"));
+    }
+    Ok((rows.iter())
+        .map(|row| Inserted {
+            stored: row.get(0),
+            pinned: row.get::<_, Option<_>>(1).unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// What a create that [`insert`] ran comes to: the job stored, with its
+/// event; or the phase whose plugin is unknown; or the job its idempotency
+/// key already named.
+async fn created(
+    tx: &Tx<'_>,
+    scope: &mut WriteScope,
+    new: &NewJob,
+    inserted: Inserted,
+) -> Result<CreateOutcome> {
+    let mut pinned = Vec::with_capacity(inserted.pinned.len());
+    for (version, phase) in inserted.pinned.into_iter().zip(&new.phases) {
+        match version {
             Some(version) => pinned.push(version),
             None => return Ok(phase.unknown_plugin()),
         }
     }
-    let inserted = rows.first().map_or(0, |row| row.get::<_, i64>(1));
-    if inserted == 0 {
+    if !inserted.stored {
         let row = query_opt(
             tx,
             "SELECT id FROM jobs WHERE idempotency_key = $1",
@@ -107,7 +247,7 @@ pub(super) async fn create(
 
 /// Whether a pending job other than `job_id` is due at `now` (for a key,
 /// one with room).
-pub(super) async fn other_job_due(tx: &Tx<'_>, job_id: &str, now: i64) -> Result<bool> {
+async fn other_job_due(tx: &Tx<'_>, job_id: &str, now: i64) -> Result<bool> {
     let sql = format!(
         "SELECT EXISTS (SELECT 1 FROM jobs
                         WHERE status = 'pending' AND concurrency_key IS NULL
@@ -277,7 +417,7 @@ const STARTED_COLUMN: usize = LEASE_COLUMN + 1;
 
 /// Claims the job just created, which the caller knows is due and the only
 /// job due: the job and its first phase started in one statement.
-pub(super) async fn claim_created(
+async fn claim_created(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
     job: &mut Job,

@@ -321,9 +321,9 @@ pub struct PgStore {
     /// Runs and counts write transactions.
     committer: Arc<batch::Committer>,
     /// Creates, batched with creates (see [`batch`]).
-    creates: Arc<batch::Coalescer>,
+    creates: Arc<batch::Coalescer<create::Creates>>,
     /// Phase completions, batched with completions.
-    completions: Arc<batch::Coalescer>,
+    completions: Arc<batch::Coalescer<transitions::Completions>>,
     signals: Arc<cluster::Signals>,
     log: Arc<log::Log>,
     /// Notified after a commit that added a webhook delivery.
@@ -442,11 +442,11 @@ impl PgStore {
 
     /// Runs `write` in the next transaction of `kind`'s batches (see
     /// [`batch`]); then announces what it wrote.
-    async fn write_batched<R: batch::Outcome>(
+    async fn write_batched<K: batch::Kind>(
         &self,
-        kind: &Arc<batch::Coalescer>,
-        write: batch::Write<R>,
-    ) -> Result<R> {
+        kind: &Arc<batch::Coalescer<K>>,
+        write: K::Write,
+    ) -> Result<K::Outcome> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(StorageError::closed());
         }

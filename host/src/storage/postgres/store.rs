@@ -1,15 +1,11 @@
 //! The job side of the interface on PostgreSQL: each method is one
 //! transaction or one read.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 
-use super::batch::Write;
 use super::commands::{cancel_if_pending, delete, delete_finished_before, recover, retry};
-use super::create::{claim, claim_created, create, other_job_due};
+use super::create::claim;
 use super::rows::{count, job_counts, job_status, list, load_job};
-use super::transitions::PhaseCompletion;
 use super::{PgStore, query, query_one, transitions};
 use crate::model::{Job, JobStatus, Progress, ResourceUsage};
 use crate::storage::jobs::stopped_usage;
@@ -23,32 +19,7 @@ use crate::storage::{
 #[async_trait]
 impl JobStore for PgStore {
     async fn create_job(&self, new: NewJob, claim_at: Option<i64>) -> Result<CreateOutcome> {
-        // Batched with other creates: the check that no other job is due
-        // sees theirs, and the claim takes only this job. A batched write
-        // may run twice: it shares its payload rather than copy it.
-        let new = Arc::new(new);
-        let write: Write<CreateOutcome> = Box::new(move |tx, scope| {
-            let new = new.clone();
-            Box::pin(async move {
-                match (create(tx, scope, &new).await?, claim_at) {
-                    (CreateOutcome::Created(mut job, None), Some(now))
-                        if job.run_at <= now
-                            && job.concurrency_key.is_none()
-                            && !other_job_due(tx, &job.id, now).await? =>
-                    {
-                        let lease = claim_created(tx, scope, &mut job, now).await?;
-                        Ok(CreateOutcome::Created(job, Some(lease)))
-                    }
-                    (created, _) => {
-                        // Waiting to be claimed: hosts with free workers
-                        // are told.
-                        scope.jobs_due |= matches!(created, CreateOutcome::Created(..));
-                        Ok(created)
-                    }
-                }
-            })
-        });
-        self.write_batched(&self.creates, write).await
+        self.write_batched(&self.creates, (new, claim_at)).await
     }
 
     async fn claim_due_jobs(&self, now: i64, limit: usize) -> Result<Vec<Claimed>> {
@@ -103,15 +74,8 @@ impl JobStore for PgStore {
     }
 
     async fn complete_phase(&self, lease: &Lease, done: PhaseDone) -> Result<Guarded<Completion>> {
-        let completed = Arc::new((lease.clone(), done));
-        let write: Write<PhaseCompletion> = Box::new(move |tx, scope| {
-            let completed = completed.clone();
-            Box::pin(async move {
-                let (lease, done) = &*completed;
-                transitions::complete_phase(tx, scope, lease, done).await
-            })
-        });
-        Ok(self.write_batched(&self.completions, write).await?.outcome)
+        let completion = self.write_batched(&self.completions, (lease.clone(), done));
+        Ok(completion.await?.outcome)
     }
 
     async fn complete_job(&self, lease: &Lease, now: i64) -> Result<Guarded<()>> {

@@ -3,16 +3,19 @@
 //! events each appends. A guard that does not hold changes nothing and
 //! says why.
 
-use super::batch::Outcome;
+use futures::future::{BoxFuture, join_all};
+
+use super::batch::{Kind, Outcome};
 use super::plugin_limits;
 use super::webhooks::Target;
-use super::{Tx, WriteScope, corrupt, execute, query_one, query_opt};
+use super::{Tx, WriteScope, corrupt, execute, query, query_opt};
 use crate::model::event::{
     EndedAttempt, JobCancelled, JobCompleted, JobWaiting, PhaseCompleted, PhaseStarted,
 };
 use crate::model::{EventBody, EventKind, JobStatus, NewEvent, Progress, event};
 use crate::storage::{
-    AfterFailure, Claimed, Completion, Guarded, Lease, PhaseDone, PhaseFailed, PhaseStart, Result,
+    AfterFailure, Claimed, Completion, ErrorClass, Guarded, Lease, PhaseDone, PhaseFailed,
+    PhaseStart, Result, StorageError,
 };
 
 /// The guard every worker write puts on the job's row, with the lease in
@@ -210,61 +213,142 @@ pub(super) async fn record_progress(
     Ok(())
 }
 
-pub(super) async fn complete_phase(
+/// Phase completions, batched with completions: one statement completes
+/// the batch's phases, and the jobs they end, each guarded by its lease.
+/// What follows a completion (the next phase, a webhook delivery, why a
+/// guard did not hold) is asked per write, pipelined.
+pub(super) struct Completions;
+
+/// The lease under which a phase completed, and what it did.
+pub(super) type CompletionWrite = (Lease, PhaseDone);
+
+impl Kind for Completions {
+    type Write = CompletionWrite;
+    type Outcome = PhaseCompletion;
+
+    fn run<'a>(
+        tx: &'a Tx<'a>,
+        writes: Vec<&'a CompletionWrite>,
+        scopes: &'a mut [WriteScope],
+    ) -> BoxFuture<'a, Result<Vec<PhaseCompletion>>> {
+        Box::pin(complete_phases(tx, writes, scopes))
+    }
+}
+
+async fn complete_phases(
+    tx: &Tx<'_>,
+    writes: Vec<&CompletionWrite>,
+    scopes: &mut [WriteScope],
+) -> Result<Vec<PhaseCompletion>> {
+    let job_ids: Vec<&str> = (writes.iter())
+        .map(|(lease, _)| lease.job_id.as_str())
+        .collect();
+    // A statement updates a row once however many of its inputs match it,
+    // and would report each as done: a batch with one job twice (a fenced
+    // worker beside its successor, or a repeated completion) runs each
+    // write alone.
+    let mut distinct = job_ids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() < job_ids.len() {
+        return Err(StorageError::new(
+            ErrorClass::Retryable,
+            "one job's phase completed twice in a batch",
+        ));
+    }
+    let usages = (writes.iter())
+        .map(|(_, done)| serde_json::to_string(&done.usage))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| corrupt("usage", e))?;
+    let column = |f: fn(&CompletionWrite) -> i64| writes.iter().map(|w| f(w)).collect::<Vec<_>>();
+    let (attempts, tokens, indexes, nows) = (
+        column(|(lease, _)| lease.attempt as i64),
+        column(|(lease, _)| lease.token),
+        column(|(_, done)| done.index as i64),
+        column(|(_, done)| done.now),
+    );
+    let outputs: Vec<&str> = (writes.iter())
+        .map(|(_, done)| done.output.as_str())
+        .collect();
+    let ends: Vec<bool> = (writes.iter()).map(|(_, done)| !done.start_next).collect();
+    // Unless its next phase is to start, a job completes in the statement
+    // when the phase was its last unfinished one: its other phases are
+    // asked for, since the statement does not see its own update. Rows, in
+    // the writes' order: whether the phase completed, and the job's id and
+    // where its webhook goes if the job did. Leases are locked in job order,
+    // as every batch does: two batches never wait for each other in a cycle.
+    let rows = query(
+        tx,
+        &format!(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[],
+                                      $5::text[], $6::text[], $7::bigint[], $8::boolean[])
+                     WITH ORDINALITY
+                     AS i(job_id, held_attempt, held_lease, idx, output, usage, at, ends, n)
+             ), held AS (
+                 SELECT j.id FROM jobs j JOIN input i ON j.id = i.job_id
+                 WHERE j.status = 'running' AND j.attempt = i.held_attempt
+                   AND j.lease = i.held_lease
+                 ORDER BY j.id FOR UPDATE OF j
+             ), done AS (
+                 UPDATE phases p SET status = 'completed', output = i.output, error = NULL,
+                                     usage = i.usage, finished_at = i.at
+                 FROM input i
+                 WHERE p.job_id = i.job_id AND p.idx = i.idx AND p.status = 'running'
+                   AND i.job_id IN (SELECT id FROM held)
+                 RETURNING p.job_id
+             ), job AS (
+                 UPDATE jobs j SET status = 'completed', finished_at = i.at, error = NULL
+                 FROM input i
+                 WHERE j.id = i.job_id AND i.ends AND i.job_id IN (SELECT job_id FROM done)
+                   AND NOT EXISTS (SELECT 1 FROM phases q
+                                   WHERE q.job_id = i.job_id AND q.idx <> i.idx
+                                     AND q.status <> 'completed')
+                 RETURNING j.id, {}
+             )
+             SELECT i.job_id IN (SELECT job_id FROM done), job.*
+             FROM input i LEFT JOIN job ON job.id = i.job_id ORDER BY i.n",
+            Target::COLUMNS
+        ),
+        &[
+            &job_ids, &attempts, &tokens, &indexes, &outputs, &usages, &nows, &ends,
+        ],
+    )
+    .await?;
+    if rows.len() != writes.len() {
+        return Err(corrupt("a batch of completions", "a write without its row"));
+    }
+    let followed = (writes.into_iter().zip(rows).zip(scopes)).map(
+        |(((lease, done), row), scope)| async move {
+            if !row.get::<_, bool>(0) {
+                return Ok(refused(tx, lease).await?.into());
+            }
+            let ended = row.get::<_, Option<&str>>(1).is_some();
+            let webhook = Target::of_row(&row, 2);
+            after_completion(tx, scope, lease, done, ended.then_some(webhook)).await
+        },
+    );
+    join_all(followed).await.into_iter().collect()
+}
+
+/// What follows a phase's completion: its event, and the job's completion
+/// if the statement `ended` it (with where its webhook goes), or else its
+/// next phase if it is to start.
+async fn after_completion(
     tx: &Tx<'_>,
     scope: &mut WriteScope,
     lease: &Lease,
     done: &PhaseDone,
+    ended: Option<Option<Target>>,
 ) -> Result<PhaseCompletion> {
-    let usage = serde_json::to_string(&done.usage).map_err(|e| corrupt("usage", e))?;
-    let (attempt, token) = lease_params(lease);
-    // Unless the next phase is to start, the job completes in the same
-    // statement when this was its last unfinished phase: its other phases
-    // are asked for, since the statement does not see its own update. It
-    // returns where the job's webhook goes.
-    let row = query_one(
-        tx,
-        &format!(
-            "WITH held AS ({LOCK_IF_HELD}), done AS (
-                 UPDATE phases SET status = 'completed', output = $5, error = NULL, usage = $6,
-                                   finished_at = $7
-                 WHERE job_id = $1 AND idx = $4 AND status = 'running'
-                   AND EXISTS (SELECT 1 FROM held)
-                 RETURNING 1
-             ), job AS (
-                 UPDATE jobs SET status = 'completed', finished_at = $7, error = NULL
-                 WHERE id = $1 AND $8 AND EXISTS (SELECT 1 FROM done)
-                   AND NOT EXISTS (SELECT 1 FROM phases
-                                   WHERE job_id = $1 AND idx <> $4 AND status <> 'completed')
-                 RETURNING {}
-             )
-             SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM job), job.*
-             FROM (SELECT 1) AS one LEFT JOIN job ON true",
-            Target::COLUMNS
-        ),
-        &[
-            &lease.job_id,
-            &attempt,
-            &token,
-            &(done.index as i32),
-            &done.output.as_str(),
-            &usage,
-            &done.now,
-            &!done.start_next,
-        ],
-    )
-    .await?;
-    if row.get::<_, i64>(0) == 0 {
-        return Ok(refused(tx, lease).await?.into());
-    }
     let completed = EventBody::PhaseCompleted(PhaseCompleted {
         phase: done.name.clone(),
         index: done.index,
         usage: done.usage,
     });
     job_event(tx, scope, &lease.job_id, completed, done.now).await?;
-    let job_completed = if row.get::<_, i64>(1) == 1 {
-        job_completed(tx, scope, &lease.job_id, Target::of_row(&row, 2), done.now).await?;
+    let job_completed = if let Some(webhook) = ended {
+        job_completed(tx, scope, &lease.job_id, webhook, done.now).await?;
         true
     } else if done.start_next {
         if let Some(attempt) =
