@@ -1,7 +1,8 @@
 //! Group commit on PostgreSQL: writes that arrive while every lane of
 //! theirs is busy share one transaction; one that fails there fails alone;
 //! the jobs a batch of completions claims start after the jobs it ended;
-//! a phase completed twice in one batch completes once.
+//! a phase completed twice in one batch completes once; two creates with
+//! one idempotency key in one batch store one job.
 //! A lock on a table, held by the test, keeps the lanes busy.
 
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use jobhost::model::EventKind;
 use jobhost::storage::postgres::LANES;
-use jobhost::storage::{Completion, CreateOutcome, Guarded, PhaseDone, Result, Storage};
+use jobhost::storage::{Completion, CreateOutcome, Guarded, NewJob, PhaseDone, Result, Storage};
 
 use crate::conformance::races::assert_each_stored_but_the_taken_one;
 use crate::conformance::{create, done, fresh, job, kinds, with_echo};
@@ -116,6 +117,40 @@ async fn creates_that_arrive_while_the_lanes_are_busy_share_one_transaction() {
         store.pending_count().await.unwrap(),
         (LANES + QUEUED) as u64
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_with_one_idempotency_key_in_one_batch_store_one_job() {
+    let Some((store, _dir, url)) = store_with_echo().await else {
+        return;
+    };
+    let keyed = |id: &str| NewJob {
+        idempotency_key: Some("once".into()),
+        ..job(id, 1)
+    };
+    let before = store.writer_stats();
+    // Each lane's first create waits at the lock; the two keyed ones queue
+    // for one batch, so one statement inserts both.
+    let news = (0..LANES)
+        .map(|i| job(&format!("first-{i}"), 1))
+        .chain([keyed("keyed-a"), keyed("keyed-b")]);
+    let creates = news.map(|new| store.create_job(new, None)).collect();
+    let outcomes = behind_busy_lanes(&url, "jobs", creates).await;
+    match (&outcomes[LANES], &outcomes[LANES + 1]) {
+        (Ok(CreateOutcome::Created(created, _)), Ok(CreateOutcome::Existing(existing))) => {
+            assert_eq!(
+                (created.id.as_str(), existing.id.as_str()),
+                ("keyed-a", "keyed-a")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.writer_stats().since(before).commits,
+        (LANES + 1) as u64
+    );
+    assert_eq!(store.pending_count().await.unwrap(), (LANES + 1) as u64);
+    assert_eq!(kinds(&store, "keyed-b").await, Vec::<&str>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
