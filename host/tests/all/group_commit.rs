@@ -1,8 +1,9 @@
 //! Group commit on PostgreSQL: writes that arrive while every lane of
 //! theirs is busy share one transaction; one that fails there fails alone;
 //! the jobs a batch of completions claims start after the jobs it ended;
-//! a phase completed twice in one batch completes once; two creates with
-//! one idempotency key in one batch store one job.
+//! a phase completed twice in one batch completes once, and one under a
+//! lost lease changes nothing beside the others; two creates with one
+//! idempotency key in one batch store one job.
 //! A lock on a table, held by the test, keeps the lanes busy.
 
 use std::sync::Arc;
@@ -10,7 +11,9 @@ use std::time::Duration;
 
 use jobhost::model::EventKind;
 use jobhost::storage::postgres::LANES;
-use jobhost::storage::{Completion, CreateOutcome, Guarded, NewJob, PhaseDone, Result, Storage};
+use jobhost::storage::{
+    Completion, CreateOutcome, Guarded, Lease, NewJob, PhaseDone, Result, Storage,
+};
 
 use crate::conformance::races::assert_each_stored_but_the_taken_one;
 use crate::conformance::{create, done, fresh, job, kinds, with_echo};
@@ -243,6 +246,7 @@ async fn a_phase_completed_twice_in_one_batch_completes_once() {
     // Each lane's first completion waits at the lock; the last job's phase
     // is completed twice under its lease, both queued for one batch.
     let twice = &claimed[LANES];
+    let before = store.writer_stats();
     let completions = (claimed.iter().chain([twice]))
         .map(|claimed| store.complete_phase(&claimed.lease, done(0, false, 3_000)))
         .collect();
@@ -259,9 +263,60 @@ async fn a_phase_completed_twice_in_one_batch_completes_once() {
         (outcomes[LANES..].iter()).any(|outcome| matches!(outcome, Ok(Guarded::Stale))),
         "{outcomes:?}"
     );
+    // In one batch: the second completion's statement saw the first's.
+    assert_eq!(
+        store.writer_stats().since(before).commits,
+        (LANES + 1) as u64
+    );
     let logged = kinds(&store, &twice.lease.job_id).await;
     for kind in ["job:phase:completed", "job:completed"] {
         let times = logged.iter().filter(|logged| **logged == kind).count();
         assert_eq!(times, 1, "{kind} in {logged:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_under_a_lost_lease_in_a_batch_changes_nothing() {
+    let Some((store, _dir, url)) = store_with_echo().await else {
+        return;
+    };
+    for i in 0..LANES + 2 {
+        create(&store, job(&format!("job-{i}"), 1)).await;
+    }
+    let claimed = store.claim_due_jobs(2_000, LANES + 2).await.unwrap();
+    assert_eq!(claimed.len(), LANES + 2);
+    // The job's lease has moved on (as when another host took it over).
+    let lost = Lease {
+        token: claimed[LANES].lease.token + 1,
+        ..claimed[LANES].lease.clone()
+    };
+    let leases = (claimed.iter().map(|claimed| &claimed.lease))
+        .enumerate()
+        .map(|(n, lease)| if n == LANES { &lost } else { lease });
+    let before = store.writer_stats();
+    let completions = leases
+        .map(|lease| store.complete_phase(lease, done(0, false, 3_000)))
+        .collect();
+    let outcomes = behind_busy_lanes(&url, "phases", completions).await;
+    assert!(
+        matches!(outcomes[LANES], Ok(Guarded::Fenced)),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(
+            outcomes[LANES + 1],
+            Ok(Guarded::Applied(Completion::Recorded))
+        ),
+        "{outcomes:?}"
+    );
+    // In one batch, not each write alone.
+    assert_eq!(
+        store.writer_stats().since(before).commits,
+        (LANES + 1) as u64
+    );
+    let untouched = kinds(&store, &lost.job_id).await;
+    assert_eq!(
+        untouched,
+        ["job:created", "job:started", "job:phase:started"]
+    );
 }

@@ -100,9 +100,10 @@ struct Inserted {
 /// version it names or its plugin's active one; a job is not stored if a
 /// phase has none. Two creates with one idempotency key: the second's row
 /// waits for the first's commit (or follows it in the statement), then
-/// is not inserted. Rows go in in key order, so two batches never wait for
-/// each other's keys in a cycle. A job's id that is taken fails the
-/// statement.
+/// is not inserted. Rows go in in key order, so two batches do not wait for
+/// each other's idempotency keys in a cycle (a deadlock on anything else
+/// fails the statement, and the batch's writes run again alone). A job's
+/// id that is taken fails the statement.
 async fn insert(tx: &Tx<'_>, news: &[&NewJob]) -> Result<Vec<Inserted>> {
     let backoffs = (news.iter())
         .map(|new| serde_json::to_string(&new.backoff))

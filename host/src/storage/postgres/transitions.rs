@@ -3,6 +3,8 @@
 //! events each appends. A guard that does not hold changes nothing and
 //! says why.
 
+use std::collections::HashMap;
+
 use futures::future::{BoxFuture, join_all};
 
 use super::batch::{Kind, Outcome};
@@ -14,8 +16,7 @@ use crate::model::event::{
 };
 use crate::model::{EventBody, EventKind, JobStatus, NewEvent, Progress, event};
 use crate::storage::{
-    AfterFailure, Claimed, Completion, ErrorClass, Guarded, Lease, PhaseDone, PhaseFailed,
-    PhaseStart, Result, StorageError,
+    AfterFailure, Claimed, Completion, Guarded, Lease, PhaseDone, PhaseFailed, PhaseStart, Result,
 };
 
 /// The guard every worker write puts on the job's row, with the lease in
@@ -240,22 +241,60 @@ async fn complete_phases(
     writes: Vec<&CompletionWrite>,
     scopes: &mut [WriteScope],
 ) -> Result<Vec<PhaseCompletion>> {
+    // A statement updates a row once however many of its inputs match it,
+    // and would report each as done: a job's second write in a batch (a
+    // repeated completion, or a fenced worker beside its successor) goes
+    // in a second statement, which sees what the first did.
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (n, (lease, _)) in writes.iter().enumerate() {
+        let round = seen.entry(lease.job_id.as_str()).or_default();
+        if *round == rounds.len() {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(n);
+        *round += 1;
+    }
+    let mut statuses: Vec<Option<PhaseOutcome>> = writes.iter().map(|_| None).collect();
+    for round in rounds {
+        let part: Vec<&CompletionWrite> = round.iter().map(|&n| writes[n]).collect();
+        for (n, status) in round.into_iter().zip(complete_distinct(tx, &part).await?) {
+            statuses[n] = Some(status);
+        }
+    }
+    let followed = (writes.into_iter().zip(statuses).zip(scopes)).map(
+        |(((lease, done), status), scope)| async move {
+            match status.ok_or_else(|| corrupt("a batch of completions", "a write left out"))? {
+                PhaseOutcome::Completed { ended } => {
+                    after_completion(tx, scope, lease, done, ended).await
+                }
+                PhaseOutcome::Refused(refusal) => Ok(refusal.into()),
+            }
+        },
+    );
+    join_all(followed).await.into_iter().collect()
+}
+
+/// What [`complete_distinct`] did with one write.
+enum PhaseOutcome {
+    /// The phase completed; with where the job's webhook goes if the job
+    /// completed with it.
+    Completed { ended: Option<Option<Target>> },
+    /// The lease no longer held, or the phase was not running.
+    Refused(Guarded<Completion>),
+}
+
+/// Completes the phases of writes for distinct jobs, in one statement.
+/// Unless its next phase is to start, a job completes in the statement
+/// when the phase was its last unfinished one: its other phases are asked
+/// for, since the statement does not see its own update. Every write's job
+/// is locked, in job order as in every batch (two batches never wait for
+/// each other's jobs in a cycle), and its lease is checked on the row
+/// locked: the latest, should the lock have waited.
+async fn complete_distinct(tx: &Tx<'_>, writes: &[&CompletionWrite]) -> Result<Vec<PhaseOutcome>> {
     let job_ids: Vec<&str> = (writes.iter())
         .map(|(lease, _)| lease.job_id.as_str())
         .collect();
-    // A statement updates a row once however many of its inputs match it,
-    // and would report each as done: a batch with one job twice (a fenced
-    // worker beside its successor, or a repeated completion) runs each
-    // write alone.
-    let mut distinct = job_ids.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    if distinct.len() < job_ids.len() {
-        return Err(StorageError::new(
-            ErrorClass::Retryable,
-            "one job's phase completed twice in a batch",
-        ));
-    }
     let usages = (writes.iter())
         .map(|(_, done)| serde_json::to_string(&done.usage))
         .collect::<Result<Vec<_>, _>>()
@@ -271,12 +310,10 @@ async fn complete_phases(
         .map(|(_, done)| done.output.as_str())
         .collect();
     let ends: Vec<bool> = (writes.iter()).map(|(_, done)| !done.start_next).collect();
-    // Unless its next phase is to start, a job completes in the statement
-    // when the phase was its last unfinished one: its other phases are
-    // asked for, since the statement does not see its own update. Rows, in
-    // the writes' order: whether the phase completed, and the job's id and
-    // where its webhook goes if the job did. Leases are locked in job order,
-    // as every batch does: two batches never wait for each other in a cycle.
+    // Rows, in the writes' order: whether the phase completed; the job's
+    // status, attempt and lease as locked; and the job's id and where its
+    // webhook goes if it completed. (The input's columns are named apart
+    // from the job's, which `Target::COLUMNS` names unqualified.)
     let rows = query(
         tx,
         &format!(
@@ -285,11 +322,13 @@ async fn complete_phases(
                                       $5::text[], $6::text[], $7::bigint[], $8::boolean[])
                      WITH ORDINALITY
                      AS i(job_id, held_attempt, held_lease, idx, output, usage, at, ends, n)
-             ), held AS (
-                 SELECT j.id FROM jobs j JOIN input i ON j.id = i.job_id
-                 WHERE j.status = 'running' AND j.attempt = i.held_attempt
-                   AND j.lease = i.held_lease
+             ), locked AS (
+                 SELECT j.id, j.status, j.attempt, j.lease FROM jobs j JOIN input i ON j.id = i.job_id
                  ORDER BY j.id FOR UPDATE OF j
+             ), held AS (
+                 SELECT l.id FROM locked l JOIN input i ON l.id = i.job_id
+                 WHERE l.status = 'running' AND l.attempt = i.held_attempt
+                   AND l.lease = i.held_lease
              ), done AS (
                  UPDATE phases p SET status = 'completed', output = i.output, error = NULL,
                                      usage = i.usage, finished_at = i.at
@@ -306,8 +345,9 @@ async fn complete_phases(
                                      AND q.status <> 'completed')
                  RETURNING j.id, {}
              )
-             SELECT i.job_id IN (SELECT job_id FROM done), job.*
-             FROM input i LEFT JOIN job ON job.id = i.job_id ORDER BY i.n",
+             SELECT i.job_id IN (SELECT job_id FROM done), l.status, l.attempt, l.lease, job.*
+             FROM input i LEFT JOIN locked l ON l.id = i.job_id
+             LEFT JOIN job ON job.id = i.job_id ORDER BY i.n",
             Target::COLUMNS
         ),
         &[
@@ -318,17 +358,23 @@ async fn complete_phases(
     if rows.len() != writes.len() {
         return Err(corrupt("a batch of completions", "a write without its row"));
     }
-    let followed = (writes.into_iter().zip(rows).zip(scopes)).map(
-        |(((lease, done), row), scope)| async move {
-            if !row.get::<_, bool>(0) {
-                return Ok(refused(tx, lease).await?.into());
-            }
-            let ended = row.get::<_, Option<&str>>(1).is_some();
-            let webhook = Target::of_row(&row, 2);
-            after_completion(tx, scope, lease, done, ended.then_some(webhook)).await
-        },
-    );
-    join_all(followed).await.into_iter().collect()
+    let statuses = (writes.iter().zip(&rows)).map(|((lease, _), row)| {
+        if row.get::<_, bool>(0) {
+            let ended = row.get::<_, Option<&str>>(4).is_some();
+            return PhaseOutcome::Completed {
+                ended: ended.then(|| Target::of_row(row, 5)),
+            };
+        }
+        // As `refused` says it: fenced if another lease runs the job.
+        let running = row.get::<_, Option<&str>>(1) == Some(JobStatus::Running.as_str());
+        let held = (row.get::<_, Option<i32>>(2), row.get::<_, Option<i64>>(3));
+        let (attempt, token) = lease_params(lease);
+        PhaseOutcome::Refused(match running && held != (Some(attempt), Some(token)) {
+            true => Guarded::Fenced,
+            false => Guarded::Stale,
+        })
+    });
+    Ok(statuses.collect())
 }
 
 /// What follows a phase's completion: its event, and the job's completion
