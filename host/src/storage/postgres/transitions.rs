@@ -58,16 +58,22 @@ async fn hold_lease(tx: &Tx<'_>, lease: &Lease) -> Result<Guarded<()>> {
         &[&lease.job_id],
     )
     .await?;
-    Ok(match row {
-        Some(row) if row.get::<_, &str>(0) == JobStatus::Running.as_str() => {
-            if (row.get::<_, i32>(1), row.get::<_, i64>(2)) == lease_params(lease) {
-                Guarded::Applied(())
-            } else {
-                Guarded::Fenced
+    let job = row.as_ref().map(|row| (row.get(0), row.get(1), row.get(2)));
+    Ok(lease_holds(lease, job))
+}
+
+/// Whether a job, as its row reads (status, attempt, lease; none if it is
+/// gone), still runs under `lease`; if not, why.
+fn lease_holds(lease: &Lease, job: Option<(&str, i32, i64)>) -> Guarded<()> {
+    match job {
+        Some((status, attempt, token)) if status == JobStatus::Running.as_str() => {
+            match (attempt, token) == lease_params(lease) {
+                true => Guarded::Applied(()),
+                false => Guarded::Fenced,
             }
         }
         _ => Guarded::Stale,
-    })
+    }
 }
 
 /// A lease check that did not hold, as the outcome of any write.
@@ -79,13 +85,18 @@ fn refusal<T>(held: Guarded<()>) -> Option<Guarded<T>> {
     }
 }
 
-/// Why a guarded write changed nothing: the lease is gone (fenced or
-/// stale), or the phase had moved on under it (stale).
-async fn refused<T>(tx: &Tx<'_>, lease: &Lease) -> Result<Guarded<T>> {
-    Ok(match hold_lease(tx, lease).await? {
+/// Why a guarded write changed nothing, given its lease check: the lease
+/// is gone (fenced or stale), or the phase had moved on under it (stale).
+fn why_refused<T>(held: Guarded<()>) -> Guarded<T> {
+    match held {
         Guarded::Fenced => Guarded::Fenced,
         Guarded::Applied(()) | Guarded::Stale => Guarded::Stale,
-    })
+    }
+}
+
+/// [`why_refused`], the job's row read (and locked) for it.
+async fn refused<T>(tx: &Tx<'_>, lease: &Lease) -> Result<Guarded<T>> {
+    Ok(why_refused(hold_lease(tx, lease).await?))
 }
 
 /// The condition on a phase (`p`) that its plugin has no limits: only
@@ -365,14 +376,9 @@ async fn complete_distinct(tx: &Tx<'_>, writes: &[&CompletionWrite]) -> Result<V
                 ended: ended.then(|| Target::of_row(row, 5)),
             };
         }
-        // As `refused` says it: fenced if another lease runs the job.
-        let running = row.get::<_, Option<&str>>(1) == Some(JobStatus::Running.as_str());
-        let held = (row.get::<_, Option<i32>>(2), row.get::<_, Option<i64>>(3));
-        let (attempt, token) = lease_params(lease);
-        PhaseOutcome::Refused(match running && held != (Some(attempt), Some(token)) {
-            true => Guarded::Fenced,
-            false => Guarded::Stale,
-        })
+        // The job as locked (none if it is gone).
+        let job = (row.get::<_, Option<&str>>(1)).map(|status| (status, row.get(2), row.get(3)));
+        PhaseOutcome::Refused(why_refused(lease_holds(lease, job)))
     });
     Ok(statuses.collect())
 }
