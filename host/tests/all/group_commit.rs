@@ -1,5 +1,6 @@
 //! Group commit on PostgreSQL: writes that arrive while every lane of
-//! theirs is busy share one transaction; one that fails there fails alone;
+//! theirs is busy share one transaction, at most `MAX_BATCH` of them; one
+//! that fails there fails alone;
 //! the jobs a batch of completions claims start after the jobs it ended;
 //! a phase completed twice in one batch completes once, and one under a
 //! lost lease changes nothing beside the others; two creates with one
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jobhost::model::EventKind;
-use jobhost::storage::postgres::LANES;
+use jobhost::storage::postgres::{LANES, MAX_BATCH};
 use jobhost::storage::{
     Completion, CreateOutcome, Guarded, Lease, NewJob, PhaseDone, Result, Storage,
 };
@@ -119,6 +120,24 @@ async fn creates_that_arrive_while_the_lanes_are_busy_share_one_transaction() {
     assert_eq!(
         store.pending_count().await.unwrap(),
         (LANES + QUEUED) as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_holds_at_most_max_batch_writes() {
+    let Some((store, _dir, url)) = store_with_echo().await else {
+        return;
+    };
+    let before = store.writer_stats();
+    let queued = MAX_BATCH + 1;
+    let ids = (0..LANES + queued).map(|i| format!("new-{i}")).collect();
+    let outcomes = create_behind_busy_lanes(&store, &url, ids).await;
+    assert_each_stored_but_the_taken_one(outcomes);
+    // The queued creates take two transactions: a full one, and one more.
+    let writes = store.writer_stats().since(before);
+    assert_eq!(
+        (writes.commits, writes.writes),
+        ((LANES + 2) as u64, (LANES + queued) as u64)
     );
 }
 

@@ -32,11 +32,8 @@ use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, oneshot};
 
-use super::{Tx, WriteScope, log};
+use super::{MAX_BATCH, Tx, WriteScope, log};
 use crate::storage::{Claimed, Result, StorageError, WriterStats};
-
-/// Most writes in one transaction: a worker pool's completions at once.
-const MAX_BATCH: usize = 64;
 
 /// A kind of write that shares transactions with writes of its kind.
 pub(super) trait Kind: Send + Sync + 'static {

@@ -131,6 +131,9 @@ const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 /// Transactions of one kind of batched write that run at once (see
 /// [`batch`]).
 pub const LANES: usize = 2;
+/// Most writes in one batched transaction: a worker pool's completions at
+/// once.
+pub const MAX_BATCH: usize = 64;
 /// How long a caller waits for a pooled connection before the call fails
 /// as retryable.
 const POOL_WAIT: Duration = Duration::from_secs(10);
